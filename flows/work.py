@@ -1,0 +1,113 @@
+"""Claiming work and recording failures, so several workers share one store safely.
+
+The scheme (works the same on SQLite and PostgreSQL):
+- A worker computes the items of a stage that have no output row yet, then claims a batch
+  of them by inserting `claim` rows (`INSERT ... ON CONFLICT DO NOTHING`): a key already
+  claimed by someone else is not inserted, so exactly one worker holds each item.
+- A claim is a lease. It is taken over when it has expired, or when its worker ran on this
+  host and that process is gone (a SIGKILLed `cai generate` does not block its own rerun).
+- The outputs of a batch and the deletion of its claims are committed in one transaction,
+  so an item is either done (its row exists) or still pending; never half-written.
+- A failing item gets a `failure` row (error, attempts); after MAX_ATTEMPTS it is quarantined:
+  skipped by later runs and reported by `cai status`, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from datetime import timedelta
+
+from sqlalchemy import delete, update
+from sqlmodel import Session, select
+
+from store.models import MAX_ATTEMPTS, Claim, Failure, utcnow
+from store.upsert import insert_ignore
+
+
+def _dead_local(worker: str) -> bool:
+    """True if `worker` ran on this host and its process no longer exists."""
+    host, _, rest = worker.partition(":")
+    if host != socket.gethostname():
+        return False
+    try:
+        pid = int(rest.split(":", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def quarantined(session: Session, stage: str) -> set[str]:
+    rows = session.exec(select(Failure.item_key).where(Failure.stage == stage, Failure.quarantined == True))  # noqa: E712
+    return set(rows)
+
+
+def claim(session: Session, stage: str, keys: list[str], worker: str, lease_s: float = 900) -> list[str]:
+    """Claim as many of `keys` as nobody else holds; returns the ones this worker now holds.
+
+    Commits, so other workers see the claims at once.
+    """
+    if not keys:
+        return []
+    now = utcnow()
+    expires = now + timedelta(seconds=lease_s)
+    insert_ignore(session, Claim, [Claim(stage=stage, item_key=k, worker=worker, expires_at=expires) for k in keys])
+    session.commit()
+    held = session.exec(select(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys))).all()
+    stale = [c.item_key for c in held if c.worker != worker and (c.expires_at <= now or _dead_local(c.worker))]
+    if stale:
+        # the WHERE re-checks the lease, so two workers cannot both take over one stale claim
+        session.exec(update(Claim).where(Claim.stage == stage, Claim.item_key.in_(stale),
+                                         Claim.worker.in_({c.worker for c in held if c.item_key in stale}))
+                     .values(worker=worker, expires_at=expires))
+        session.commit()
+        held = session.exec(select(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys))).all()
+    mine = {c.item_key for c in held if c.worker == worker}
+    return [k for k in keys if k in mine]
+
+
+def release(session: Session, stage: str, keys: Iterable[str], worker: str) -> None:
+    """Drop this worker's claims (in the caller's transaction, with the batch's outputs)."""
+    keys = list(keys)
+    if keys:
+        session.exec(delete(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys), Claim.worker == worker))
+
+
+def held_by_others(session: Session, stage: str, keys: list[str], worker: str) -> set[str]:
+    if not keys:
+        return set()
+    rows = session.exec(select(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys))).all()
+    return {c.item_key for c in rows if c.worker != worker}
+
+
+def record_failure(session: Session, stage: str, key: str, error: str, run_id: str | None) -> int:
+    """Count one more failed attempt; quarantine at MAX_ATTEMPTS. Returns the attempt count."""
+    row = session.get(Failure, (stage, key))
+    if row is None:
+        insert_ignore(session, Failure, [Failure(stage=stage, item_key=key, error=error[:4000], attempts=0,
+                                                 run_id=run_id)])
+        row = session.get(Failure, (stage, key))
+    row.attempts += 1
+    row.error = error[:4000]
+    row.quarantined = row.attempts >= MAX_ATTEMPTS
+    row.run_id = run_id
+    row.updated_at = utcnow()
+    session.add(row)
+    return row.attempts
+
+
+def clear_failures(session: Session, stage: str, keys: Iterable[str]) -> None:
+    """An item that finally succeeded keeps no failure row that would count against it."""
+    keys = list(keys)
+    if keys:
+        session.exec(delete(Failure).where(Failure.stage == stage, Failure.item_key.in_(keys),
+                                           Failure.quarantined == False))  # noqa: E712

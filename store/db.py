@@ -1,0 +1,125 @@
+"""Database setup: SQLite by default (./cai.db), any SQLAlchemy URL via CAI_DATABASE_URL.
+
+SQLite gets WAL, foreign keys and a busy timeout so a reader and a writer can share it.
+Migrations (Alembic) are applied automatically on first use, or with `cai db upgrade`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, create_engine
+
+DEFAULT_URL = "sqlite:///cai.db"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be reached or opened; the message says which and how to fix it."""
+
+
+def database_url(url: str | None = None) -> str:
+    url = url or os.environ.get("CAI_DATABASE_URL") or DEFAULT_URL
+    # plain postgresql:// means psycopg2 to SQLAlchemy; we ship psycopg 3
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_engine(url: str | None = None) -> Engine:
+    url = database_url(url)
+    if url.startswith("sqlite"):
+        eng = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(eng, "connect", _sqlite_pragmas)
+    else:
+        eng = create_engine(url, pool_pre_ping=True)
+    return eng
+
+
+def _alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
+
+
+def current_revision(eng: Engine) -> str | None:
+    with eng.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def upgrade(eng: Engine) -> str:
+    """Apply pending migrations; safe to call from several processes at once."""
+    from alembic import command
+
+    cfg = _alembic_config(eng.url.render_as_string(hide_password=False))
+    with eng.begin() as conn:
+        if eng.dialect.name == "postgresql":
+            # one migrator at a time across workers; released at commit
+            conn.execute(text("SELECT pg_advisory_xact_lock(715517)"))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return head_revision()
+
+
+@lru_cache(maxsize=8)
+def _engine_for(url: str) -> Engine:
+    eng = make_engine(url)
+    try:
+        rev = current_revision(eng)
+    except Exception as exc:  # noqa: BLE001 - turned into a message a person can act on
+        raise DatabaseError(
+            f"cannot open the database {eng.url.render_as_string(hide_password=True)}: "
+            f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
+            "Check CAI_DATABASE_URL (e.g. postgresql+psycopg://user@host:5432/db) and that the server is up."
+        ) from exc
+    if rev != head_revision():
+        upgrade(eng)
+    return eng
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The engine for `url` (or CAI_DATABASE_URL, or ./cai.db), migrated to the latest schema."""
+    return _engine_for(database_url(url))
+
+
+def reset_engines() -> None:
+    """Forget cached engines (tests switch databases between cases)."""
+    _engine_for.cache_clear()
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """One transaction: commit on success, roll back on error."""
+    with Session(get_engine(url), expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise

@@ -1,0 +1,118 @@
+"""Shared fixtures: temp databases (SQLite and the real PostgreSQL), temp Prefect home,
+and a tiny random-weight model with the bundled SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+# Prefect reads these when it is imported: point them at a temp dir first, or cached task
+# results leak between test runs.
+_PREFECT_TMP = tempfile.mkdtemp(prefix="cai-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_TMP
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_TMP, "results")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.pop("CAI_DATABASE_URL", None)
+
+import pytest  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+PG_URL = os.environ.get("CAI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REQUIRE_PG = os.environ.get("CAI_REQUIRE_PG") == "1"
+
+
+def _pg_available() -> str | None:
+    try:
+        eng = sa.create_engine(PG_URL)
+        with eng.connect() as c:
+            c.execute(sa.text("SELECT 1"))
+        eng.dispose()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    err = _pg_available()
+    if err:
+        if REQUIRE_PG:
+            pytest.fail(f"PostgreSQL is required (CAI_REQUIRE_PG=1) but {PG_URL} is unreachable: {err}")
+        pytest.skip(f"PostgreSQL unreachable at {PG_URL}: {err}")
+    return PG_URL
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"cai_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    from store.db import reset_engines
+
+    reset_engines()
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    yield f"sqlite:///{tmp_path / 'cai.db'}"
+    from store.db import reset_engines
+
+    reset_engines()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request) -> str:
+    """Runs the test once on SQLite and once on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def use_db(db_url: str, monkeypatch) -> str:
+    """Make db_url the default database (CAI_DATABASE_URL) for code under test."""
+    monkeypatch.setenv("CAI_DATABASE_URL", db_url)
+    return db_url
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    from engines.bundled import gguf_tokenizer_dir
+
+    return gguf_tokenizer_dir()
+
+
+def make_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A random-weight Llama with the SmolLM2 tokenizer: same interface, milliseconds per step."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer_dir)
