@@ -223,8 +223,221 @@ def db_upgrade() -> None:
 
 # --- stages (each command is a thin wrapper around a flow) ---------------------------------
 # generate / schedule: flows/generate.py, flows/schedule.py
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _preflight_model(spec: str) -> None:
+    """Fail before starting Prefect when a local model path is wrong."""
+    from engines.bundled import resolve
+
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
+        resolve(spec)
+
+
+@app.command("generate")
+@guarded
+def generate(
+    constitution: str = typer.Option("harmless", help="Name, NAME@VERSION, or a YAML path."),
+    prompts: list[str] = typer.Option(["red-team"], help="Prompt tag(s); bundled sets import themselves."),
+    rounds: int = typer.Option(2, min=1, help="Critique/revision rounds per prompt."),
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m, an HF directory, a .gguf file or a hub id."),
+    engine: str = typer.Option("auto", help="hf | vllm | auto."),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N prompts (by id)."),
+    seed: int = typer.Option(0, help="Fixes principle draws and sampling."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Cap every stage's output length."),
+    chunk_size: int = typer.Option(64, min=1, help="Items per engine call and per transaction."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Only do what is missing (always on: rows are keyed by content)."),
+) -> None:
+    """SL-CAI: initial answers, then critique -> revision rounds; stores revision pairs."""
+    from flows.generate import GenerateConfig, _load
+
+    cfg = GenerateConfig(constitution=constitution, prompts=_split(prompts), rounds=rounds, model=model,
+                         engine=engine, limit=limit, seed=seed, chunk_size=chunk_size)
+    if max_new_tokens:
+        for k in ("initial", "critique", "revision"):
+            getattr(cfg, k).max_new_tokens = min(getattr(cfg, k).max_new_tokens, max_new_tokens)
+    _load(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
+    _preflight_model(model)
+    from flows.generate import generate_flow
+
+    summary = generate_flow(cfg)
+    _print_summary("generate", summary)
+
+
+def _print_summary(flow_name: str, summary: dict) -> None:
+    table = Table("stage", "items", "already done", "computed", "failed", "quarantined", "tokens", "engine s",
+                  "total s", title=f"{flow_name} summary (run {summary.get('run_id', '')[:12]})")
+    for name, st in summary.get("stages", {}).items():
+        table.add_row(name, str(st["items"]), str(st["done_before"]), str(st["computed"]), str(st["failed"]),
+                      str(st["quarantined"]), str(st["tokens"]), f"{st['engine_s']:.1f}", f"{st['total_s']:.1f}")
+    console.print(table)
+    extras = {k: v for k, v in summary.items() if k not in ("stages",)}
+    console.print(" ".join(f"{k}={v}" for k, v in extras.items()), highlight=False)
+
+
+@app.command("schedule")
+@guarded
+def schedule(
+    flow_name: str = typer.Argument(..., metavar="FLOW", help="generate | label | train | export | run"),
+    cron: str = typer.Option(..., help='Cron expression, e.g. "0 3 * * *".'),
+    constitution: str | None = typer.Option(None, help="Constitution for the scheduled runs."),
+    prompts: list[str] = typer.Option([], help="Prompt tag(s)."),
+    name: str | None = typer.Option(None, help="Deployment name (default: from flow, constitution, tags)."),
+    setting: list[str] = typer.Option([], "--set", help="Other config fields as key=value (JSON values ok)."),
+    limit_runs: int | None = typer.Option(None, "--max-concurrent", help="At most this many runs at once."),
+) -> None:
+    """Create a Prefect deployment with a cron schedule and serve it (needs `prefect server start`)."""
+    from flows.schedule import serve_schedule
+
+    params: dict = {}
+    if constitution:
+        params["constitution"] = constitution
+    if prompts:
+        params["prompts"] = _split(prompts)
+    for item in setting:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set {item!r}: expected key=value")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    serve_schedule(flow_name, cron, params, name=name, limit=limit_runs)
+
 # label / judge-report: flows/label.py, flows/judge_report.py
+
+@app.command("label")
+@guarded
+def label(
+    constitution: str = typer.Option("harmless", help="Name, NAME@VERSION, or a YAML path."),
+    prompts: list[str] = typer.Option(["red-team"], help="Prompt tag(s); bundled sets import themselves."),
+    policy: str = typer.Option("smollm2-135m", help="Model sampled for candidates (with --source store: "
+                                                    "whose stored responses are used)."),
+    judge: str = typer.Option("smollm2-135m", help="Feedback model that picks (A) or (B)."),
+    source: str = typer.Option("samples", help="samples (fresh policy samples) | store (stored responses)."),
+    kinds: list[str] = typer.Option(["initial", "final-revision"],
+                                    help="With --source store: response kinds to pair (initial, "
+                                         "final-revision, revision, sample, ...)."),
+    samples: int = typer.Option(2, help="Policy samples per prompt (every unordered pair is judged)."),
+    principles_per_pair: int = typer.Option(4, help="Preference principles per pair, each judged in both "
+                                                    "orders."),
+    cot: bool = typer.Option(False, "--cot/--no-cot", help="The judge reasons before answering."),
+    cot_clamp: str = typer.Option("0.4,0.6", help="LO,HI bounds for chain-of-thought probabilities."),
+    min_margin: float = typer.Option(0.05, help="Labels closer than this to 0.5 are ties."),
+    seed: int = typer.Option(0, help="Fixes samples and principle draws."),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N prompts (by id)."),
+    engine: str = typer.Option("auto", help="hf | vllm | auto."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Length of each policy sample."),
+    chunk_size: int = typer.Option(64, min=1, help="Items per engine call and per transaction."),
+) -> None:
+    """RL-CAI: the judge labels pairs of responses by (A)/(B) log-probs; stores soft-labelled pairs."""
+    from flows.label import load_inputs, make_config
+
+    lo, sep, hi = cot_clamp.partition(",")
+    try:
+        bounds = (float(lo), float(hi))
+    except ValueError:
+        fail(f"--cot-clamp {cot_clamp!r}: expected LO,HI such as 0.4,0.6")
+    if not sep:
+        fail(f"--cot-clamp {cot_clamp!r}: expected LO,HI such as 0.4,0.6")
+    cfg = make_config(constitution=constitution, prompts=_split(prompts), policy=policy, judge=judge,
+                      source=source, kinds=_split(kinds), samples=samples,
+                      principles_per_pair=principles_per_pair, cot=cot, cot_clamp=bounds,
+                      min_margin=min_margin, seed=seed, limit=limit, engine=engine,
+                      max_new_tokens=max_new_tokens, chunk_size=chunk_size)
+    load_inputs(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
+    if cfg.source == "samples":
+        _preflight_model(policy)
+    _preflight_model(judge)
+    from flows.label import label_flow
+
+    summary = label_flow(cfg)
+    _print_summary("label", summary)
+
+
+@app.command("judge-report")
+@guarded
+def judge_report(
+    constitution: str | None = typer.Option(None, help="NAME or NAME@VERSION (default: every AI-labelled "
+                                                       "pair)."),
+    judge: str | None = typer.Option(None, help="Only pairs labelled by this judge model."),
+    out: Path = typer.Option(Path("reports/judge"), help="Directory for the PNG plots and figures.json."),
+) -> None:
+    """How reliable the AI labels are: position consistency, label spread, per-principle agreement."""
+    from flows.judge_report import compute, load, render, write
+
+    with _session() as s:
+        pairs, judgments = load(s, constitution, judge)
+    fig = compute(pairs, judgments)
+    render(fig, console, title=f"judge report ({constitution or 'all constitutions'})")
+    paths = write(fig, out)
+    console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
+
 # train: flows/train.py
+
+@app.command("train")
+@guarded
+def train(
+    base: str = typer.Option("smollm2-135m", help="Start and reference model: smollm2-135m, an HF dir or hub id."),
+    constitution: str | None = typer.Option(None, help="Only pairs of NAME or NAME@VERSION (default: any)."),
+    method: list[str] = typer.Option(["revision", "ai"], help="Pair sources, e.g. revision,ai."),
+    status: list[str] = typer.Option(["ok"], help="Pair statuses to use (ok, tie, position-inconsistent)."),
+    min_label_prob: float | None = typer.Option(None, help="Drop AI labels less sure than this."),
+    soft_labels: bool = typer.Option(True, "--soft-labels/--hard-labels",
+                                     help="AI pairs train with label smoothing 1 - label_prob."),
+    dataset: Path | None = typer.Option(None, help="Train on a saved HF dataset dir or .jsonl instead of the store."),
+    split: str = typer.Option("train_prefs", help="Split of --dataset to read."),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N selected pairs."),
+    beta: float = typer.Option(0.1, help="KL strength; lower drifts further from the base model."),
+    loss_type: str = typer.Option("sigmoid", help="sigmoid | ipo | hinge."),
+    epochs: int = typer.Option(1, min=1, help="Passes over the training pairs."),
+    max_steps: int | None = typer.Option(None, min=1, help="Optimizer steps (overrides --epochs)."),
+    lr: float = typer.Option(5e-6, help="Peak learning rate."),
+    batch_size: int = typer.Option(4, min=1, help="Pairs per forward."),
+    grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
+    scheduler: str = typer.Option("linear", help="linear | cosine | constant."),
+    warmup_ratio: float = typer.Option(0.1, help="Share of steps to ramp the lr up."),
+    max_length: int = typer.Option(512, help="Tokens per prompt + answer."),
+    max_prompt_length: int = typer.Option(256, help="Prompt tokens kept (from the end)."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 (autocast)."),
+    seed: int = typer.Option(0, help="Data order and anything random."),
+    eval_fraction: float = typer.Option(0.1, help="Held-out share of prompts."),
+    early_stop_patience: int | None = typer.Option(None, help="Stop after N evals without improvement."),
+    checkpoint_every: int = typer.Option(0, help="Steps between checkpoints (0: none)."),
+    gradient_checkpointing: bool = typer.Option(False, help="Less memory, ~30% more compute."),
+    out: Path = typer.Option(Path("runs/dpo"), help="Output directory for the trained model."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT."),
+) -> None:
+    """DPO on the stored preference pairs; writes a HF model directory and metrics.png to OUT."""
+    from flows.train import TrainConfig, load_examples
+
+    cfg = TrainConfig(base=base, constitution=constitution, methods=_split(method), statuses=_split(status),
+                      min_label_prob=min_label_prob, use_soft_labels=soft_labels,
+                      dataset=str(dataset) if dataset else None, dataset_split=split, limit=limit, beta=beta,
+                      loss_type=loss_type, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
+                      grad_accum=grad_accum, scheduler=scheduler, warmup_ratio=warmup_ratio, max_length=max_length,
+                      max_prompt_length=max_prompt_length, dtype=dtype, seed=seed, eval_fraction=eval_fraction,
+                      early_stop_patience=early_stop_patience, checkpoint_every=checkpoint_every,
+                      gradient_checkpointing=gradient_checkpointing, out=str(out), resume=resume)
+    try:
+        cfg.trainer_config().validate()
+    except ValueError as exc:
+        fail(f"bad training settings: {exc}")
+    load_examples(cfg)  # no pairs / bad dataset / unreachable database: fail before Prefect starts
+    _preflight_model(base)
+    from flows.train import train_flow
+
+    s = train_flow(cfg)
+    final = s.get("final_train", {})
+    console.print(f"trained {s['steps']} steps on {s['n_train']} pairs ({s['n_eval']} held out); "
+                  f"reference log-probs {s['ref_computed']} computed, {s['ref_reused']} reused; "
+                  f"final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
+                  f"{final.get('rewards/accuracies', float('nan')):.2f}; model in {s['out']}, plot {s['plot']}",
+                  highlight=False)
+
 # export: flows/export.py
 # run / eval / report: flows/pipeline.py, flows/evaluate.py, flows/report.py
 

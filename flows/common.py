@@ -99,11 +99,11 @@ _ENGINE_LOCK = threading.Lock()
 
 def cached_engine(spec: str, backend: str = "auto", **settings: Any):
     """Load an engine once per process: tasks call this instead of taking a model as input."""
-    from engines import load
-
     key = (spec, backend, tuple(sorted(settings.items())))
     with _ENGINE_LOCK:
         if key not in _ENGINES:
+            from engines import load
+
             try:
                 _ENGINES[key] = load(spec, engine=backend, **settings)
             except Exception as exc:  # noqa: BLE001 - one line a person can act on
@@ -111,6 +111,12 @@ def cached_engine(spec: str, backend: str = "auto", **settings: Any):
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local HF directory, "
                                 "a .gguf file, or `smollm2-135m` for the bundled model") from exc
         return _ENGINES[key]
+
+
+def register_engine(spec: str, engine: Any, backend: str = "auto", **settings: Any) -> None:
+    """Make `cached_engine(spec, ...)` return `engine` (tests plug in scripted engines this way)."""
+    with _ENGINE_LOCK:
+        _ENGINES[(spec, backend, tuple(sorted(settings.items())))] = engine
 
 
 def drop_engines() -> None:

@@ -1,0 +1,78 @@
+"""Schedules: a Prefect deployment with a cron schedule, served by this process.
+
+    prefect server start                       # in another terminal; UI at http://127.0.0.1:4200
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    cai schedule generate --cron "0 3 * * *" --constitution harmless --prompts red-team
+
+Prefect creates the scheduled flow runs on its server; `serve` polls for them and runs each
+in this process. Watch them in the UI under Deployments -> <flow>/<name> -> Runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from flows.common import UserError
+
+# flow name -> (module, flow object, config class); each flow takes one typed config `cfg`
+FLOWS: dict[str, tuple[str, str, str]] = {
+    "generate": ("flows.generate", "generate_flow", "GenerateConfig"),
+    "label": ("flows.label", "label_flow", "LabelConfig"),
+    "train": ("flows.train", "train_flow", "TrainConfig"),
+    "export": ("flows.export", "export_flow", "ExportConfig"),
+    "run": ("flows.pipeline", "pipeline_flow", "PipelineConfig"),
+}
+
+
+def resolve_flow(name: str):
+    if name not in FLOWS:
+        raise UserError(f"cannot schedule {name!r}: choose one of {', '.join(FLOWS)}")
+    module, flow_attr, cfg_attr = FLOWS[name]
+    try:
+        mod = importlib.import_module(module)
+        return getattr(mod, flow_attr), getattr(mod, cfg_attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"flow {name!r} is not available in this install ({exc})") from None
+
+
+def check_server() -> str:
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        try:
+            from prefect.settings import PREFECT_API_URL
+
+            url = PREFECT_API_URL.value()
+        except Exception:  # noqa: BLE001
+            url = None
+    if not url:
+        raise UserError("schedules need a running Prefect server: start one with `prefect server start` "
+                        "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return url
+
+
+def deployment_name(flow_name: str, params: dict[str, Any]) -> str:
+    bits = [flow_name, str(params.get("constitution", "")), ",".join(params.get("prompts", []) or [])]
+    return "-".join(b for b in bits if b).replace("@", "-").replace("/", "-")[:60]
+
+
+def serve_schedule(flow_name: str, cron: str, params: dict[str, Any], name: str | None = None,
+                   limit: int | None = None) -> None:
+    """Create (or update) the deployment with this cron schedule and serve it; blocks."""
+    url = check_server()
+    flow_obj, cfg_cls = resolve_flow(flow_name)
+    try:
+        cfg = cfg_cls(**params)
+    except Exception as exc:  # noqa: BLE001 - pydantic says which field
+        raise UserError(f"bad settings for {flow_name}: {exc}") from None
+    try:
+        from prefect.client.schemas.schedules import construct_schedule
+
+        construct_schedule(cron=cron)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"--cron {cron!r} is not a valid cron expression ({exc})") from None
+    dep_name = name or deployment_name(flow_name, params)
+    print(f"serving deployment {flow_obj.name}/{dep_name} on {cron!r} against {url}", flush=True)
+    flow_obj.serve(name=dep_name, cron=cron, parameters={"cfg": cfg.model_dump()}, limit=limit,
+                   print_starting_message=True)

@@ -1,0 +1,86 @@
+"""Pure functions of the SL-CAI stage: conversations, principle draws, content keys.
+
+No database, no Prefect, no model: `flows/generate.py` wires these to the store and engine,
+and tests call them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from constitution.load import Constitution, Principle
+from store.keys import content_hash
+
+Message = dict[str, str]
+
+
+def few_shot_prefix(c: Constitution) -> list[Message]:
+    """The constitution's examples as chat turns; identical for every item of a stage, so the
+    engine can compute its KV cache once and reuse it across the batch."""
+    msgs: list[Message] = []
+    for ex in c.few_shot:
+        p = c.principle(ex.principle)
+        msgs += [
+            {"role": "user", "content": ex.prompt},
+            {"role": "assistant", "content": ex.response},
+            {"role": "user", "content": p.critique},
+            {"role": "assistant", "content": ex.critique},
+            {"role": "user", "content": p.revision},
+            {"role": "assistant", "content": ex.revision},
+        ]
+    return msgs
+
+
+def critique_conversation(c: Constitution, prompt: list[Message], response: str, p: Principle) -> list[Message]:
+    return few_shot_prefix(c) + list(prompt) + [
+        {"role": "assistant", "content": response},
+        {"role": "user", "content": p.critique},
+    ]
+
+
+def revision_conversation(c: Constitution, prompt: list[Message], response: str, p: Principle,
+                          critique: str) -> list[Message]:
+    return critique_conversation(c, prompt, response, p) + [
+        {"role": "assistant", "content": critique},
+        {"role": "user", "content": p.revision},
+    ]
+
+
+def draw_principle(c: Constitution, seed: int, prompt_id: str, round_: int) -> Principle:
+    """One principle per (prompt, round), drawn by a seeded hash of the ids.
+
+    Drawing by id (not by text) means editing a principle's wording does not reshuffle which
+    prompts use which principle, so only the rows that used the edited one are redone.
+    """
+    ids = sorted(p.id for p in c.principles)
+    idx = int(content_hash("draw", seed, prompt_id, round_, length=16), 16) % len(ids)
+    return c.principle(ids[idx])
+
+
+def response_key(kind: str, prompt_id: str, parent_id: str | None, round_: int, model: str,
+                 sampling: dict, conversation: list[Message]) -> str:
+    """What produced a row; the exact conversation covers principle text and parent text."""
+    return content_hash("response", kind, prompt_id, parent_id, round_, model, sampling, conversation)
+
+
+def revision_pair_key(constitution_version: str, prompt_id: str, chosen_id: str, rejected_id: str) -> str:
+    return content_hash("pair", "revision", constitution_version, prompt_id, chosen_id, rejected_id)
+
+
+@dataclass
+class WorkItem:
+    """One pending model call of a stage."""
+
+    key: str
+    prompt_id: str
+    kind: str  # initial | critique | revision
+    round: int
+    conversation: list[Message]
+    parent_id: str | None = None
+    critique_id: str | None = None
+    critique: str | None = None
+    principle: Principle | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(len(m["content"]) for m in self.conversation)

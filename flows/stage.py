@@ -1,0 +1,148 @@
+"""Run one stage of a flow over every pending item: claim, compute in chunks, write, repeat.
+
+Shared by the generate, label and eval flows. The caller supplies plain functions:
+`done(session, keys)` says which outputs exist, `compute(items)` calls the engine for one
+chunk (returning a result or an Exception per item), `write(session, pairs)` stores results.
+Everything a chunk produced, plus the release of its claims, is one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlmodel import Session
+
+from flows import work
+from store.db import session_scope
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger("cai.stage")
+
+
+@dataclass
+class StageStats:
+    stage: str
+    items: int = 0  # items this stage needed in total
+    done_before: int = 0  # already in the store when the stage started
+    computed: int = 0  # computed by this worker now
+    failed: int = 0  # failed attempts by this worker
+    quarantined: int = 0
+    by_others: int = 0  # finished by other workers while this one ran
+    engine_s: float = 0.0
+    write_s: float = 0.0
+    total_s: float = 0.0
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.engine_s if self.engine_s else 0.0
+
+
+@dataclass
+class Stage(Generic[T, R]):
+    name: str  # failure/claim namespace, e.g. "generate.critique"
+    key: Callable[[T], str]
+    done: Callable[[Session, list[str]], set[str]]
+    compute: Callable[[list[T]], Sequence[R | Exception]]
+    write: Callable[[Session, list[tuple[T, R]]], None]
+    tokens: Callable[[R], int] = lambda _r: 0
+    size: Callable[[T], int] = lambda _t: 0  # sort key: similar lengths share a batch
+
+
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow run
+        return log
+
+
+def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | None, chunk_size: int = 64,
+              lease_s: float = 900, url: str | None = None, show_progress: bool = True,
+              poll_s: float = 1.0) -> StageStats:
+    """Compute every item of `items` that has no output yet; return what happened."""
+    t_start = time.perf_counter()
+    stats = StageStats(stage.name, items=len(items))
+    logger = _logger()
+    by_key = {stage.key(i): i for i in items}
+    keys = list(by_key)
+    first_pass = True
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
+                        disable=not show_progress or not console.is_terminal, transient=False)
+    with progress:
+        bar = progress.add_task(stage.name, total=len(keys), rate="")
+        while True:
+            with session_scope(url) as s:
+                done = stage.done(s, keys)
+                bad = work.quarantined(s, stage.name)
+            pending = [k for k in keys if k not in done and k not in bad]
+            if first_pass:
+                stats.done_before = len(done)
+                first_pass = False
+            progress.update(bar, completed=len(keys) - len(pending))
+            if not pending:
+                break
+            pending.sort(key=lambda k: stage.size(by_key[k]))
+            did_any = False
+            for start in range(0, len(pending), chunk_size):
+                chunk_keys = pending[start:start + chunk_size]
+                with session_scope(url) as s:
+                    mine = work.claim(s, stage.name, chunk_keys, worker, lease_s)
+                    # another worker may have finished some since we looked
+                    finished = stage.done(s, mine)
+                    if finished:
+                        work.release(s, stage.name, finished, worker)
+                mine = [k for k in mine if k not in finished]
+                if not mine:
+                    continue
+                did_any = True
+                chunk = [by_key[k] for k in mine]
+                t0 = time.perf_counter()
+                try:
+                    results: Sequence[R | Exception] = stage.compute(chunk)
+                    if len(results) != len(chunk):
+                        raise RuntimeError(f"engine returned {len(results)} results for {len(chunk)} items")
+                except Exception as exc:  # noqa: BLE001 - recorded per item, the flow goes on
+                    results = [exc] * len(chunk)
+                    logger.warning("%s: chunk of %d failed: %s", stage.name, len(chunk), exc)
+                    log.debug("%s", traceback.format_exc())
+                stats.engine_s += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                good = [(item, r) for item, r in zip(chunk, results, strict=True) if not isinstance(r, Exception)]
+                bad_items = [(item, r) for item, r in zip(chunk, results, strict=True) if isinstance(r, Exception)]
+                with session_scope(url) as s:
+                    stage.write(s, good)
+                    for item, exc in bad_items:
+                        attempts = work.record_failure(s, stage.name, stage.key(item),
+                                                       f"{exc.__class__.__name__}: {exc}", run_id)
+                        stats.failed += 1
+                        if attempts >= work.MAX_ATTEMPTS:
+                            stats.quarantined += 1
+                    work.clear_failures(s, stage.name, [stage.key(i) for i, _ in good])
+                    work.release(s, stage.name, mine, worker)
+                stats.write_s += time.perf_counter() - t1
+                stats.computed += len(good)
+                stats.tokens += sum(stage.tokens(r) for _, r in good)
+                progress.update(bar, advance=len(good),
+                                rate=f"{stats.tok_s:,.0f} tok/s" if stats.tokens else "")
+                logger.info("%s: wrote %d rows (%d failed) in %.1fs", stage.name, len(good), len(bad_items),
+                            time.perf_counter() - t0)
+            if not did_any:
+                # everything left is claimed by live workers: wait for them
+                time.sleep(poll_s)
+    with session_scope(url) as s:
+        stats.by_others = max(0, len(stage.done(s, keys)) - stats.done_before - stats.computed)
+    stats.total_s = time.perf_counter() - t_start
+    return stats
