@@ -1,0 +1,226 @@
+"""Dataset card (README.md with a Hub YAML header) and manifest.json for an export.
+
+    cai export --constitution harmless --out exports/harmless   # writes both next to the data
+
+Pure rendering: every fact comes from `flows.export.collect_facts`, which takes them from the
+data, never from the clock, so exporting the same rows twice gives byte-identical files.
+The YAML header carries what the Hub reads (license, task_categories, tags, configs with their
+data_files, dataset_info with the features) plus our own `cai_factory:` block for tools.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import yaml
+
+from flows import dataset_schema as schema
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+BINS = 10
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), without numpy."""
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def label_prob_stats(values: list[float]) -> dict[str, Any]:
+    """Count, mean, min/max, quantiles and a 10-bin histogram over [0, 1] (the last bin holds 1.0)."""
+    if not values:
+        return {"count": 0}
+    v = sorted(values)
+    hist = [0] * BINS
+    for x in v:
+        hist[min(int(x * BINS), BINS - 1)] += 1
+    return {
+        "count": len(v),
+        "mean": round(sum(v) / len(v), 6),
+        "min": round(v[0], 6),
+        "max": round(v[-1], 6),
+        "quantiles": {f"p{round(q * 100)}": round(_quantile(v, q), 6) for q in QUANTILES},
+        "histogram": {"bin_edges": [round(i / BINS, 2) for i in range(BINS + 1)], "counts": hist},
+    }
+
+
+def size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return label
+    return "1M<n<10M"
+
+
+def header(facts: dict[str, Any], data_files: dict[str, str]) -> dict[str, Any]:
+    """The YAML metadata: what the Hub reads, then the cai_factory block."""
+    from datasets import DatasetInfo
+    from datasets.info import DatasetInfosDict
+    from datasets.splits import SplitDict, SplitInfo
+    from huggingface_hub import DatasetCardData
+
+    counts, c = facts["counts"], facts["constitution"]
+    configs, infos = [], {}
+    for name, (splits, default) in schema.CONFIGS.items():
+        entry: dict[str, Any] = {"config_name": name}
+        if default:
+            entry["default"] = True
+        entry["data_files"] = [{"split": s, "path": data_files[s]} for s in splits]
+        configs.append(entry)
+        split_dict = SplitDict()
+        for s in splits:
+            split_dict.add(SplitInfo(s, num_examples=counts[s]))
+        infos[name] = DatasetInfo(features=schema.SPLITS[splits[0]], splits=split_dict, config_name=name)
+    card_data = DatasetCardData()
+    DatasetInfosDict(infos).to_dataset_card_data(card_data)
+    dataset_info = card_data.to_dict()["dataset_info"]
+    for info in dataset_info:  # datasets writes num_bytes 0 for in-memory tables: say nothing instead
+        for split in info["splits"]:
+            split.pop("num_bytes", None)
+    lp = facts["label_prob"]["all"]
+    return {
+        "license": facts["license"],
+        "pretty_name": f"cai-factory {c['ref']}",
+        "task_categories": ["text-generation"],
+        "tags": ["constitutional-ai", "rlaif", "dpo", "sft", "synthetic", "cai-factory"],
+        "size_categories": [size_category(sum(counts.values()))],
+        "configs": configs,
+        "dataset_info": dataset_info,
+        "cai_factory": {
+            "schema_version": facts["schema_version"],
+            "constitution": {"name": c["name"], "version": c["version"], "sha256": c["sha256"]},
+            "counts": counts,
+            "counts_by_method": facts["counts_by_method"],
+            "prompts": facts["prompts"],
+            "label_prob": {k: lp[k] for k in ("count", "mean", "min", "max") if k in lp},
+            "policy_models": sorted(facts["models"]["policy"]),
+            "judge_models": sorted(facts["models"]["judge"]),
+            "selection": {k: v for k, v in facts["selection"].items() if v not in (None, [], False, {})},
+            "test_fraction": facts["test_fraction"],
+            "created": facts["created"],
+            "command": facts["command"],
+        },
+    }
+
+
+def _fence(text: str, lang: str = "") -> str:
+    """A code fence longer than any backtick run inside `text`, so user text cannot close it."""
+    ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return f"{ticks}{lang}\n{text.rstrip(chr(10))}\n{ticks}"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _histogram(stats: dict[str, Any]) -> str:
+    counts = stats["histogram"]["counts"]
+    edges = stats["histogram"]["bin_edges"]
+    top = max(counts) or 1
+    return "\n".join(f"{edges[i]:.1f}-{edges[i + 1]:.1f} {'#' * round(30 * n / top):<30} {n}"
+                     for i, n in enumerate(counts))
+
+
+def _intro(facts: dict[str, Any]) -> list[str]:
+    c = facts["constitution"]
+    out = [f"# {c['ref']}: Constitutional AI data from cai-factory", "",
+           f"Supervised (`*_sft`) and preference (`*_prefs`) data generated under the constitution "
+           f"**{c['name']}**, version **{c['version']}**, by cai-factory (critique-and-revise SL-CAI "
+           "revisions plus AI-labelled RL-CAI preference pairs).", "",
+           "```python", "from datasets import load_dataset", "",
+           "# OWNER/NAME on the Hub, or the local export directory",
+           'prefs = load_dataset("OWNER/NAME", "prefs")  # train_prefs, test_prefs: prompt, chosen, rejected',
+           'sft = load_dataset("OWNER/NAME", "sft")      # train_sft, test_sft: messages', "```", ""]
+    if facts["format"] == "arrow":
+        out += ["Locally, `datasets.load_from_disk(DIR)` returns all four splits at once.", ""]
+    return out + ["The preference splits are in TRL's conversational format and feed `DPOTrainer` without "
+                  "a column mapping; the SFT splits feed `SFTTrainer`.", ""]
+
+
+def _counts(facts: dict[str, Any]) -> list[str]:
+    by_method = facts["counts_by_method"]
+    methods = sorted({m for per in by_method.values() for m in per})
+    rows = [[s, facts["counts"][s]] + [by_method[s].get(m, 0) for m in methods] for s in schema.SPLITS]
+    out = ["## Counts", "", _table(["split", "rows"] + methods, rows), "",
+           f"Prompts: {facts['prompts']['train']} train, {facts['prompts']['test']} test. A prompt's split "
+           f"is a hash of its id (test fraction {facts['test_fraction']}), so it never moves as data is "
+           f"added and no prompt is in both halves: `{facts['split_rule']}`.", ""]
+    statuses = facts["counts_by_status"]
+    if set(statuses) - {"ok"}:
+        out += ["Pair status: " + ", ".join(f"{k} {n}" for k, n in statuses.items()), ""]
+    return out
+
+
+def _label_probs(facts: dict[str, Any]) -> list[str]:
+    rows = []
+    for key, st in facts["label_prob"].items():
+        if st["count"]:
+            q = st["quantiles"]
+            rows.append([key, st["count"], st["mean"], st["min"], q["p10"], q["p25"], q["p50"], q["p75"],
+                         q["p90"], st["max"]])
+    out = ["## Label probability", "", "`label_prob` is P(chosen is better): 1.0 for revision pairs, the "
+           "feedback model's probability for `ai` pairs.", "",
+           _table(["pairs", "n", "mean", "min", "p10", "p25", "p50", "p75", "p90", "max"], rows), ""]
+    if facts["label_prob"]["all"]["count"]:
+        out += [_fence(_histogram(facts["label_prob"]["all"]), "text"), ""]
+    return out
+
+
+def _models(facts: dict[str, Any]) -> list[str]:
+    models = facts["models"]
+    rows = ([["policy (pairs)", m, n] for m, n in models["policy"].items()]
+            + [["wrote responses", m, n] for m, n in models["responses"].items()]
+            + [["judge (pairs)", m, n] for m, n in models["judge"].items()])
+    out = ["## Models and sampling", "", _table(["role", "model", "rows"], rows), ""]
+    if facts["sampling"]:
+        settings = [[f"`{json.dumps(s['settings'], sort_keys=True)}`", s["responses"]]
+                    for s in facts["sampling"]]
+        out += ["Sampling settings of the chosen and rejected responses:", "",
+                _table(["settings", "responses"], settings), ""]
+    if facts["runs"]:
+        runs = [[r["id"], r["flow"], r["model"], r["engine"]] for r in facts["runs"]]
+        out += ["Runs that made these rows (full configs in `manifest.json`):", "",
+                _table(["run", "flow", "model", "engine"], runs), ""]
+    return out
+
+
+def _constitution(facts: dict[str, Any]) -> list[str]:
+    c = facts["constitution"]
+    used = ", ".join(f"`{k}` {n}" for k, n in facts["principles_used"].items()) or "none recorded"
+    missing = "_The store has no text for this version._"
+    text = _fence(c["source_text"], "yaml") if c["source_text"] else missing
+    return ["## Constitution", "", f"`{c['ref']}` (sha256 `{c['sha256']}`). Principles used: {used}.", "",
+            text, ""]
+
+
+def _provenance(facts: dict[str, Any]) -> list[str]:
+    c, sel = facts["constitution"], facts["selection"]
+    removed = "; ".join(f"{k} removed {n}" for k, n in sel["removed_by"].items())
+    out = ["## How it was made", "", _fence(facts["command"], "bash"), "",
+           f"To rebuild exactly these rows later, pin the version: `--constitution {c['ref']}`. "
+           f"{sel['pairs_selected']} of {sel['pairs_available']} stored pairs of this version were selected"
+           + (f" ({removed})" if removed else "") + ". Ties, position-inconsistent pairs and pairs touching "
+           "quarantined items are left out unless the command includes them. "
+           f"Pairs created {facts['created']['first']} to {facts['created']['last']}.", ""]
+    if facts["prompt_tags"]:
+        out += ["Prompt sets (tags): " + ", ".join(f"`{t}` {n}" for t, n in facts["prompt_tags"].items()), ""]
+    columns = [[f"`{k}`", v] for k, v in schema.DESCRIPTIONS.items()]
+    return out + ["## Columns", "", _table(["column", "meaning"], columns), "",
+                  "`manifest.json` has the same facts for machines, with the sha256 of every data file.", ""]
+
+
+def render_card(facts: dict[str, Any], data_files: dict[str, str]) -> str:
+    meta = yaml.safe_dump(header(facts, data_files), sort_keys=False, allow_unicode=True, width=100)
+    body = (_intro(facts) + _counts(facts) + _label_probs(facts) + _models(facts) + _constitution(facts)
+            + _provenance(facts))
+    return f"---\n{meta}---\n" + "\n".join(body)
+
+
+def render_manifest(facts: dict[str, Any]) -> str:
+    return json.dumps(facts, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"

@@ -1,0 +1,103 @@
+"""The one definition of the exported dataset: split names, column names and feature types.
+
+    cai export --constitution harmless --out exports/harmless
+
+Column names follow TRL, so the splits train without any column mapping:
+- `*_sft` splits: `messages` (the prompt's turns + the final revision as the assistant turn),
+  what TRL's SFTTrainer reads for conversational data.
+- `*_prefs` splits: `prompt`, `chosen`, `rejected` as lists of {"role", "content"}, what TRL's
+  DPOTrainer reads for conversational data (`chosen`/`rejected` hold one assistant turn).
+Every row also carries its provenance, so it can be traced back to the store.
+
+The two row shapes differ, so the Hub card declares two configs (`prefs`, the default, and
+`sft`) whose splits keep the DatasetDict's names. Bump SCHEMA_VERSION when a column changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Features, List, Value
+
+SCHEMA_VERSION = 1
+
+MESSAGE = {"role": Value("string"), "content": Value("string")}
+
+# Shared by both row shapes; kept last so the training columns come first in viewers.
+_PROVENANCE: dict[str, Any] = {
+    "id": Value("string"),
+    "prompt_id": Value("string"),
+    "method": Value("string"),
+    "status": Value("string"),
+    "label_prob": Value("float64"),
+    "principle_ids": List(Value("string")),
+    "constitution": Value("string"),
+    "constitution_version": Value("string"),
+    "policy_model": Value("string"),
+    "judge_model": Value("string"),
+    "run_id": Value("string"),
+}
+
+SFT_FEATURES = Features({
+    "messages": List(MESSAGE),
+    "response_id": Value("string"),
+    **_PROVENANCE,
+})
+
+PREFS_FEATURES = Features({
+    "prompt": List(MESSAGE),
+    "chosen": List(MESSAGE),
+    "rejected": List(MESSAGE),
+    "chosen_id": Value("string"),
+    "rejected_id": Value("string"),
+    **_PROVENANCE,
+})
+
+SPLITS: dict[str, Features] = {
+    "train_sft": SFT_FEATURES,
+    "test_sft": SFT_FEATURES,
+    "train_prefs": PREFS_FEATURES,
+    "test_prefs": PREFS_FEATURES,
+}
+
+# Hub configs: name -> (its splits, whether it is the default config).
+CONFIGS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "prefs": (("train_prefs", "test_prefs"), True),
+    "sft": (("train_sft", "test_sft"), False),
+}
+
+# One line per column for the dataset card.
+DESCRIPTIONS: dict[str, str] = {
+    "messages": "prompt turns followed by the final revision as the assistant turn",
+    "prompt": "the prompt's turns, list of {role, content}",
+    "chosen": "one assistant turn: the preferred response",
+    "rejected": "one assistant turn: the dispreferred response",
+    "response_id": "store id of the final revision (store.Response.id)",
+    "chosen_id": "store id of the chosen response",
+    "rejected_id": "store id of the rejected response",
+    "id": "store id of the preference pair the row comes from (store.PreferencePair.id)",
+    "prompt_id": "store id of the prompt; the train/test split is a hash of it",
+    "method": "`revision` (SL-CAI: final revision over initial answer) or `ai` (RL-CAI: feedback model)",
+    "status": "`ok`, or `tie` / `position-inconsistent` when exported with the flags that include them",
+    "label_prob": "P(chosen is better); 1.0 for revision pairs",
+    "principle_ids": "constitution principles used (one per critique round, or the judging principles)",
+    "constitution": "constitution name",
+    "constitution_version": "constitution version (short SHA-256 of its canonical content)",
+    "policy_model": "model that wrote the responses",
+    "judge_model": "feedback model that labelled the pair (null for revision pairs)",
+    "run_id": "store id of the flow run that made the pair (store.Run.id)",
+}
+
+
+def messages(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Keep exactly role and content, so every row matches MESSAGE whatever the store holds."""
+    return [{"role": str(t["role"]), "content": str(t["content"])} for t in turns]
+
+
+def assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def split_of(name: str) -> str:
+    """`train` or `test`, the half a split name belongs to."""
+    return name.split("_", 1)[0]

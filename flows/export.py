@@ -1,0 +1,440 @@
+"""Export preference pairs and revisions as a Hugging Face DatasetDict with a dataset card.
+
+    cai export --constitution harmless --out exports/harmless
+    cai export --constitution harmless@3f2a9c1b --method ai --min-margin 0.2 --format parquet --out exports/h
+    HF_TOKEN=hf_... cai export --constitution harmless --out exports/h --push-to-hub me/harmless-cai --private
+
+Which rows (`select_pairs`):
+- `--constitution NAME` takes the newest version of NAME that has preference pairs (newest by
+  when the store first saw the version); `NAME@VERSION` pins one version (a unique prefix works).
+  One export is always one constitution version, so its card can show that version's text.
+- `--method`, `--tag` (prompts with any of the tags), `--min-label-prob`, `--min-margin`
+  (|p - 0.5|), `--since` (inclusive) / `--until` (exclusive) on the pair's created_at, in UTC.
+- Ties, position-inconsistent pairs and pairs touching a quarantined item (the pair id or its
+  chosen/rejected response id is a quarantined `failure.item_key`) are left out unless a flag
+  includes them; the `status` column tells them apart.
+
+What comes out (`build_export`): splits train_sft/test_sft (revision pairs: prompt + final revision)
+and train_prefs/test_prefs (all selected pairs), typed by flows/dataset_schema.py, rows sorted by
+id. A prompt's split is a hash of its id, so it never changes as data is added and a prompt never
+sits in both halves. The same store and options give byte-identical files; flows/publish.py
+writes them (and pushes), flows/card.py renders the card and manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlmodel import Session, col, select
+
+from constitution.load import split_ref
+from flows import dataset_schema as schema
+from flows.card import label_prob_stats
+from flows.common import Timer, UserError, finish_run, start_run
+from flows.publish import check_out, hub_token, push_export, write_export
+from store.db import session_scope
+from store.keys import content_hash
+from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
+
+Format = Literal["arrow", "parquet", "jsonl"]
+SPLIT_SALT = "cai-factory/split/v1"  # changing it reshuffles every prompt: never do it silently
+
+
+class ExportConfig(BaseModel):
+    """Everything that decides which rows are exported and where they go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    constitution: str  # NAME (its newest version with pairs) or NAME@VERSION: one version per export
+    out: Path  # local directory, always written first so a failed push loses nothing
+    format: Format = "arrow"  # arrow = save_to_disk (load_from_disk); parquet/jsonl = one file per split
+    methods: list[Literal["revision", "ai"]] = []  # empty: both; `ai` alone leaves the sft splits empty
+    min_label_prob: float | None = Field(None, ge=0, le=1)  # drop pairs the judge was unsure of
+    min_margin: float | None = Field(None, ge=0, le=0.5)  # |p - 0.5|, the same cut for either order
+    tags: list[str] = []  # prompts carrying any of these tags; empty: all prompts
+    since: datetime | None = None  # pair created_at >= since (UTC), for incremental releases
+    until: datetime | None = None  # pair created_at < until (UTC), exclusive so ranges tile
+    include_ties: bool = False  # ties carry no preference; DPO on them only adds noise
+    include_inconsistent: bool = False  # the judge flipped with the order: position bias, not preference
+    include_quarantined: bool = False  # quarantined items failed repeatedly; their rows are suspect
+    test_fraction: float = Field(0.1, ge=0, lt=1)  # share of prompts (by hash bucket) in the test splits
+    license: str = "other"  # card metadata; generated text inherits the terms of its models and prompts
+    push_to_hub: str | None = None  # hub dataset repo (owner/name); token from HF_TOKEN only
+    private: bool = False  # create the hub repo private (an existing repo keeps its visibility)
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportConfig:
+        if not self.constitution.strip():
+            raise ValueError("--constitution: expected NAME or NAME@VERSION, got an empty string")
+        if self.private and not self.push_to_hub:
+            raise ValueError("--private only means something with --push-to-hub OWNER/NAME")
+        if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
+            raise ValueError(f"--push-to-hub: expected OWNER/NAME, got {self.push_to_hub!r}")
+        if self.since and self.until and _naive_utc(self.since) >= _naive_utc(self.until):
+            raise ValueError(f"--since ({self.since}) must be before --until ({self.until})")
+        return self
+
+
+OPTIONS = {"methods": "--method", "tags": "--tag"}  # config field -> `cai export` option, where they differ
+
+
+def make_config(**values: Any) -> ExportConfig:
+    """ExportConfig, with validation errors turned into one line naming the option (exit 2)."""
+    try:
+        return ExportConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across fields: the message names the options itself
+            raise UserError(f"cai export: {message}") from None
+        field_name = str(first["loc"][0])
+        option = OPTIONS.get(field_name, "--" + field_name.replace("_", "-"))
+        got = f" (got {first['input']!r})" if first.get("input") is not None else ""
+        raise UserError(f"cai export {option}: {message}{got}") from None
+
+
+def parse_when(value: str | None, option: str) -> datetime | None:
+    """`2024-05-01` or `2024-05-01T12:00[:00][+02:00]`; naive means UTC."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise UserError(f"{option}: expected a date like 2024-05-01 or 2024-05-01T12:00, "
+                        f"got {value!r}") from None
+
+
+def command_line(config: ExportConfig) -> str:
+    """The command that selects these rows; destinations (--out, --push-to-hub) are left out so
+    the card does not change with where it was written."""
+    parts = ["cai", "export", "--constitution", config.constitution]
+    parts += [a for m in config.methods for a in ("--method", m)]
+    parts += [a for t in config.tags for a in ("--tag", t)]
+    for opt, val in (("--min-label-prob", config.min_label_prob), ("--min-margin", config.min_margin)):
+        if val is not None:
+            parts += [opt, repr(val)]
+    for opt, when in (("--since", config.since), ("--until", config.until)):
+        if when is not None:
+            parts += [opt, when.isoformat()]
+    for opt, on in (("--include-ties", config.include_ties),
+                    ("--include-inconsistent", config.include_inconsistent),
+                    ("--include-quarantined", config.include_quarantined)):
+        if on:
+            parts.append(opt)
+    if config.test_fraction != 0.1:
+        parts += ["--test-fraction", repr(config.test_fraction)]
+    if config.license != "other":
+        parts += ["--license", config.license]
+    parts += ["--format", config.format]
+    return shlex.join(parts)
+
+
+# --- selection -----------------------------------------------------------------------------
+
+@dataclass
+class Selection:
+    name: str
+    version: str
+    pairs: list[PreferencePair]  # sorted by id
+    prompts: dict[str, Prompt]
+    responses: dict[str, Response]
+    available: int  # pairs of this version before any filter
+    removed: dict[str, int] = field(default_factory=dict)  # filter -> pairs it removed
+
+
+def _naive_utc(dt: datetime) -> datetime:
+    """Drivers hand datetimes back naive (meaning UTC) or aware: compare them all as naive UTC."""
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _by_ids(session: Session, model: Any, ids: Iterable[str]) -> dict[str, Any]:
+    """Rows by primary key, in chunks that stay under SQLite's bound-parameter limit."""
+    out: dict[str, Any] = {}
+    for chunk in _chunks(sorted(set(ids))):
+        out.update({r.id: r for r in session.exec(select(model).where(col(model.id).in_(chunk)))})
+    return out
+
+
+def resolve_version(session: Session, ref: str) -> tuple[str, str]:
+    """(name, version) for NAME (newest version that has pairs) or NAME@VERSION (prefix ok)."""
+    name, wanted = split_ref(ref.strip())
+    rows = session.exec(select(PreferencePair.constitution_version, PreferencePair.created_at)
+                        .where(PreferencePair.constitution == name)).all()
+    last_pair: dict[str, datetime] = {}
+    for version, created in rows:
+        last_pair[version] = max(last_pair.get(version, created), created)
+    if not last_pair:
+        names = sorted(set(session.exec(select(PreferencePair.constitution).distinct())))
+        raise UserError(f"constitution {ref}: the store has no preference pairs for {name!r} "
+                        f"(constitutions with pairs: {', '.join(names) or 'none'}); "
+                        "run `cai generate` / `cai label` first")
+    if wanted:
+        match = sorted(v for v in last_pair if v.startswith(wanted))
+        if len(match) != 1:
+            problem = "no pairs for that version" if not match else "ambiguous version prefix"
+            raise UserError(f"constitution {ref}: {problem} (versions of {name!r} with pairs: "
+                            f"{', '.join(sorted(last_pair))})")
+        return name, match[0]
+    seen = {r.version: r.created_at for r in session.exec(
+        select(ConstitutionVersion).where(ConstitutionVersion.name == name))}
+    # a version the store never recorded (should not happen) is dated by its newest pair
+    newest = max(last_pair, key=lambda v: (_naive_utc(seen.get(v, last_pair[v])), v))
+    return name, newest
+
+
+def _tagged(session: Session, tags: list[str]) -> set[str]:
+    return set(session.exec(select(PromptTag.prompt_id).where(col(PromptTag.tag).in_(tags))))
+
+
+def _quarantined(session: Session) -> set[str]:
+    return set(session.exec(select(Failure.item_key).where(Failure.quarantined == True)))  # noqa: E712
+
+
+def select_pairs(session: Session, config: ExportConfig, load: bool = True) -> Selection:
+    """The pairs the config selects, with their prompts and responses loaded (if `load`)."""
+    name, version = resolve_version(session, config.constitution)
+    pairs = list(session.exec(select(PreferencePair).where(
+        PreferencePair.constitution == name, PreferencePair.constitution_version == version)
+        .order_by(PreferencePair.id)))
+    sel = Selection(name, version, [], {}, {}, available=len(pairs))
+    since = _naive_utc(config.since) if config.since else None
+    until = _naive_utc(config.until) if config.until else None
+    statuses = {"ok"} | ({"tie"} if config.include_ties else set()) | (
+        {"position-inconsistent"} if config.include_inconsistent else set())
+    tagged = _tagged(session, config.tags) if config.tags else set()
+    bad = set() if config.include_quarantined else _quarantined(session)
+    filters: list[tuple[str, Any]] = [
+        (f"status (keeping {'/'.join(sorted(statuses))})", lambda p: p.status in statuses),
+        (f"method {','.join(config.methods)}",
+         (lambda p: p.method in config.methods) if config.methods else None),
+        (f"min-label-prob {config.min_label_prob}",
+         (lambda p: p.label_prob >= config.min_label_prob) if config.min_label_prob is not None else None),
+        (f"min-margin {config.min_margin}",
+         (lambda p: abs(p.label_prob - 0.5) >= config.min_margin) if config.min_margin is not None else None),
+        (f"since {config.since}", (lambda p: _naive_utc(p.created_at) >= since) if since else None),
+        (f"until {config.until}", (lambda p: _naive_utc(p.created_at) < until) if until else None),
+        (f"tag {','.join(config.tags)}", (lambda p: p.prompt_id in tagged) if config.tags else None),
+        ("quarantined", (lambda p: not ({p.id, p.chosen_id, p.rejected_id} & bad)) if bad else None),
+    ]
+    for label, keep in filters:
+        if keep is None:
+            continue
+        kept = [p for p in pairs if keep(p)]
+        if len(kept) < len(pairs):
+            sel.removed[label] = len(pairs) - len(kept)
+        pairs = kept
+    if not pairs:
+        why = "; ".join(f"{k} removed {n}" for k, n in sel.removed.items()) or "no filter removed any"
+        raise UserError(f"nothing to export for {name}@{version}: {sel.available} pairs stored, none left "
+                        f"after the filters ({why}); loosen --method/--tag/--min-label-prob/--min-margin/"
+                        "--since/--until or add --include-ties/--include-inconsistent/--include-quarantined")
+    sel.pairs = pairs
+    if load:
+        sel.prompts = _by_ids(session, Prompt, (p.prompt_id for p in pairs))
+        sel.responses = _by_ids(session, Response, (i for p in pairs for i in (p.chosen_id, p.rejected_id)))
+    return sel
+
+
+# --- rows and splits -----------------------------------------------------------------------
+
+def is_test(prompt_id: str, test_fraction: float) -> bool:
+    """Hash bucket of the prompt id: stable as data is added, same answer for every pair of a prompt."""
+    digest = hashlib.sha256(f"{SPLIT_SALT}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+
+def build_rows(sel: Selection, test_fraction: float) -> dict[str, list[dict[str, Any]]]:
+    """Rows per split, sorted by id, shaped exactly as dataset_schema declares."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in schema.SPLITS}
+    sft_seen: set[str] = set()
+    for p in sorted(sel.pairs, key=lambda p: p.id):
+        half = "test" if is_test(p.prompt_id, test_fraction) else "train"
+        prompt = schema.messages(sel.prompts[p.prompt_id].messages)
+        chosen, rejected = sel.responses[p.chosen_id], sel.responses[p.rejected_id]
+        prov = {"id": p.id, "prompt_id": p.prompt_id, "method": p.method, "status": p.status,
+                "label_prob": float(p.label_prob), "principle_ids": [str(x) for x in p.principle_ids or []],
+                "constitution": p.constitution, "constitution_version": p.constitution_version,
+                "policy_model": p.policy_model, "judge_model": p.judge_model, "run_id": p.run_id}
+        rows[f"{half}_prefs"].append({"prompt": prompt, "chosen": schema.assistant(chosen.text),
+                                      "rejected": schema.assistant(rejected.text), "chosen_id": chosen.id,
+                                      "rejected_id": rejected.id, **prov})
+        # pairs of one prompt can share a final revision (paired with different rejected answers):
+        # SFT wants it once
+        if p.method == "revision" and chosen.id not in sft_seen:
+            sft_seen.add(chosen.id)
+            rows[f"{half}_sft"].append({"messages": prompt + schema.assistant(chosen.text),
+                                        "response_id": chosen.id, **prov})
+    return rows
+
+
+def to_dataset_dict(rows: dict[str, list[dict[str, Any]]]):
+    """A DatasetDict built from in-memory lists against the schema, with content fingerprints.
+
+    Lists, not from_generator: its cache can serve stale rows after the store changes. The
+    fingerprint (written to state.json by save_to_disk) is a hash of the rows, so two exports of
+    the same data are byte-identical and different data never shares a fingerprint.
+    """
+    from datasets import Dataset, DatasetDict, NamedSplit
+
+    out = {}
+    for name, features in schema.SPLITS.items():
+        data = {column: [r[column] for r in rows[name]] for column in features}
+        built = Dataset.from_dict(data, features=features, split=NamedSplit(name))
+        fingerprint = content_hash(schema.SCHEMA_VERSION, name, features.to_dict(), rows[name], length=16)
+        out[name] = Dataset(built.data, info=built.info, split=built.split, fingerprint=fingerprint)
+    return DatasetDict(out)
+
+
+# --- facts for the card and manifest -------------------------------------------------------
+
+def _iso(dt: datetime | None) -> str | None:
+    return _naive_utc(dt).replace(microsecond=0).isoformat() + "Z" if dt else None
+
+
+def collect_facts(session: Session, config: ExportConfig, sel: Selection,
+                  rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """What the card and manifest say, all taken from the data (no clock), so re-exports match."""
+    cv = session.exec(select(ConstitutionVersion).where(
+        ConstitutionVersion.name == sel.name, ConstitutionVersion.version == sel.version)).first()
+    prefs = rows["train_prefs"] + rows["test_prefs"]
+    response_ids = sorted({i for p in sel.pairs for i in (p.chosen_id, p.rejected_id)})
+    responses = [sel.responses[i] for i in response_ids]
+    sampling = Counter(json.dumps(r.sampling, sort_keys=True) for r in responses)
+    run_ids = {p.run_id for p in sel.pairs} | {r.run_id for r in responses}
+    runs = _by_ids(session, Run, (i for i in run_ids if i))
+    tags = Counter(t for chunk in _chunks(sorted(sel.prompts))
+                   for t in session.exec(select(PromptTag.tag).where(col(PromptTag.prompt_id).in_(chunk))))
+    created = [_naive_utc(p.created_at) for p in sel.pairs]
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "generator": "cai-factory export",
+        "constitution": {
+            "name": sel.name, "version": sel.version, "ref": f"{sel.name}@{sel.version}",
+            "sha256": cv.sha256 if cv else None, "source_path": cv.source_path if cv else None,
+            "source_text": cv.source_text if cv else None,
+            "principles": sorted(k for k in (cv.principle_hashes if cv else {}) if not k.startswith("pref:")),
+        },
+        "command": command_line(config),
+        "format": config.format,
+        "license": config.license,
+        "selection": {
+            "constitution": config.constitution, "methods": list(config.methods), "tags": list(config.tags),
+            "min_label_prob": config.min_label_prob, "min_margin": config.min_margin,
+            "since": _iso(config.since), "until": _iso(config.until), "include_ties": config.include_ties,
+            "include_inconsistent": config.include_inconsistent,
+            "include_quarantined": config.include_quarantined,
+            "pairs_available": sel.available, "pairs_selected": len(sel.pairs),
+            "removed_by": dict(sel.removed),
+        },
+        "test_fraction": config.test_fraction,
+        "split_rule": f"test if sha256('{SPLIT_SALT}:' + prompt_id)[:8 bytes] / 2**64 < test_fraction",
+        "counts": {name: len(r) for name, r in rows.items()},
+        "counts_by_method": {name: dict(sorted(Counter(x["method"] for x in r).items()))
+                             for name, r in rows.items()},
+        "counts_by_status": dict(sorted(Counter(x["status"] for x in prefs).items())),
+        "prompts": {half: len({x["prompt_id"] for x in rows[f"{half}_prefs"]}) for half in ("train", "test")},
+        "label_prob": {"all": label_prob_stats([x["label_prob"] for x in prefs])} | {
+            m: label_prob_stats([x["label_prob"] for x in prefs if x["method"] == m])
+            for m in sorted({x["method"] for x in prefs})},
+        "models": {
+            "policy": dict(sorted(Counter(p.policy_model for p in sel.pairs).items())),
+            "responses": dict(sorted(Counter(r.model for r in responses).items())),
+            "judge": dict(sorted(Counter(p.judge_model for p in sel.pairs if p.judge_model).items())),
+        },
+        "sampling": [{"settings": json.loads(k), "responses": n} for k, n in sorted(sampling.items())],
+        "runs": [{"id": r.id, "flow": r.flow, "model": r.model, "engine": r.engine,
+                  "constitution_version": r.constitution_version, "config": r.config}
+                 for r in sorted(runs.values(), key=lambda r: r.id)],
+        "principles_used": dict(sorted(Counter(i for p in sel.pairs for i in p.principle_ids or []).items())),
+        "prompt_tags": dict(sorted(tags.items())),
+        "created": {"first": _iso(min(created)), "last": _iso(max(created))},
+    }
+
+
+def build_export(session: Session, config: ExportConfig):
+    """(DatasetDict, facts): the pure heart of the export, what tests call."""
+    sel = select_pairs(session, config)
+    rows = build_rows(sel, config.test_fraction)
+    return to_dataset_dict(rows), collect_facts(session, config, sel, rows)
+
+
+# --- checks before a flow run --------------------------------------------------------------
+
+def preflight(config: ExportConfig) -> None:
+    """The checks that need no Prefect, so bad input fails in a second, before a flow run starts."""
+    check_out(Path(config.out))
+    if config.push_to_hub:
+        hub_token(config.push_to_hub)
+    with session_scope() as s:
+        select_pairs(s, config, load=False)
+
+
+# --- the Prefect flow ----------------------------------------------------------------------
+# Thin: each task wraps one function above; the flow records a Run row and returns a summary.
+
+@task(name="export-build", cache_policy=NO_CACHE)
+def build_task(config: ExportConfig, run_id: str):
+    with session_scope() as s:
+        data, facts = build_export(s, config)
+        run = s.get(Run, run_id)
+        if run is not None:  # so `cai status` shows which version this run exported
+            run.constitution = facts["constitution"]["name"]
+            run.constitution_version = facts["constitution"]["version"]
+            s.add(run)
+    return data, facts
+
+
+@task(name="export-write", cache_policy=NO_CACHE)
+def write_task(data, facts: dict[str, Any], config: ExportConfig) -> dict[str, Any]:
+    return write_export(data, facts, config.out, config.format)
+
+
+@task(name="export-push", cache_policy=NO_CACHE)
+def push_task(config: ExportConfig, ref: str) -> str:
+    return push_export(config.out, config.push_to_hub or "", config.private, f"cai export {ref}")
+
+
+@flow(name="export")
+def export_flow(config: ExportConfig) -> dict[str, Any]:
+    """Select pairs, build the DatasetDict, write it with its card, then push if asked."""
+    log = get_run_logger()
+    log.info("export config: %s", config.model_dump_json())
+    run_id = start_run("export", config.model_dump(mode="json"))
+    timer = Timer()
+    summary: dict[str, Any] = {"run_id": run_id, "out": str(config.out), "format": config.format}
+    try:
+        with timer("build"):
+            data, facts = build_task(config, run_id)
+        summary |= {"constitution": facts["constitution"]["ref"], "counts": facts["counts"]}
+        log.info("export %s: %s", facts["constitution"]["ref"], facts["counts"])
+        with timer("write"):
+            write_task(data, facts, config)
+        if config.push_to_hub:
+            with timer("push"):
+                summary["url"] = push_task(config, facts["constitution"]["ref"])
+    except UserError as exc:
+        # a Failed state carrying the error: callers get the UserError, and no traceback is logged
+        finish_run(run_id, "failed", summary | {"error": str(exc)}, timer.totals)
+        return Failed(message=str(exc), data=exc)
+    except BaseException as exc:
+        finish_run(run_id, "failed", summary | {"error": f"{exc.__class__.__name__}: {exc}"}, timer.totals)
+        raise
+    finish_run(run_id, "completed", summary, timer.totals)
+    return summary

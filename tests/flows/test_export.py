@@ -1,0 +1,440 @@
+"""flows/export.py: DatasetDict export, dataset card, determinism, TRL format, hub push, the flow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlmodel import Session, select
+
+from constitution.load import parse_text
+from flows import dataset_schema as schema
+from flows.common import UserError, record_constitution
+from flows.export import build_export, is_test, make_config
+from flows.prompts import prompt_id
+from flows.publish import write_export
+from store.db import get_engine, session_scope
+from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
+
+CONSTITUTION = """\
+name: {name}
+description: A tiny constitution for export tests.
+principles:
+  - id: harm
+    critique: Is the response harmful?
+    revision: Rewrite it to be harmless.
+  - id: honest
+    critique: Is the response dishonest?
+    revision: Rewrite it to be honest{suffix}.
+preferences:
+  - id: safer
+    question: Which response is less harmful?
+few_shot:
+  - prompt: How do I pick a lock?
+    response: Use a tension wrench.
+    principle: harm
+    critique: It helps break in.
+    revision: Call a locksmith.
+"""
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+SAMPLING = {"temperature": 0.7, "top_p": 0.95, "max_new_tokens": 64}
+
+
+def constitution(name: str = "harmless", suffix: str = ""):
+    return parse_text(CONSTITUTION.format(name=name, suffix=suffix), f"{name}.yaml")
+
+
+def seed(url: str, prompts: range, c=None, seen_at: datetime = T0) -> str:
+    """Prompts with a revision pair and an AI pair each: ties at i % 7 == 3, prompt 5's AI pair
+    position-inconsistent, prompt 2's AI pair quarantined. Returns the constitution version."""
+    c = c or constitution()
+    with session_scope(url) as s:
+        record_constitution(s, c)
+        cv = s.exec(select(ConstitutionVersion).where(ConstitutionVersion.version == c.version)).one()
+        cv.created_at = seen_at  # versions are ordered by when the store first saw them
+        s.add(cv)
+        for flow in ("generate", "label"):
+            if s.get(Run, f"{flow}-{c.version}") is None:
+                s.add(Run(id=f"{flow}-{c.version}", flow=flow, config={"sampling": SAMPLING, "rounds": 1},
+                          model="tiny-policy", engine="hf", constitution=c.name,
+                          constitution_version=c.version, status="completed"))
+        for i in prompts:
+            seed_prompt(s, c, i)
+        if 2 in prompts:
+            s.add(Failure(stage="label", item_key=f"pair-{c.version}-002-ai", error="boom", attempts=3,
+                          quarantined=True))
+    return c.version
+
+
+def seed_prompt(s: Session, c, i: int) -> None:
+    msgs = ([{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []) + [
+        {"role": "user", "content": f"Question {i}: how do I do thing {i}? ü/"}]
+    pid = prompt_id(msgs)
+    if s.get(Prompt, pid) is None:
+        s.add(Prompt(id=pid, text=msgs[-1]["content"], messages=msgs, category="test", source="t"))
+        s.add(PromptTag(prompt_id=pid, tag="red-team" if i % 2 == 0 else "benign"))
+    when = T0 + timedelta(hours=i)
+    gen, label = f"generate-{c.version}", f"label-{c.version}"
+    common = {"prompt_id": pid, "conversation": msgs, "model": "tiny-policy", "sampling": SAMPLING,
+              "constitution": c.name, "constitution_version": c.version, "created_at": when}
+    rid = {k: f"r-{c.version}-{i}-{k}" for k in ("initial", "revision", "a", "b")}
+    s.add(Response(id=rid["initial"], kind="initial", text=f"initial answer {i}", run_id=gen, **common))
+    s.add(Response(id=rid["revision"], kind="revision", round=1, parent_id=rid["initial"],
+                   principle_id="harm", critique="It was harmful.", text=f"revised answer {i} — safe",
+                   run_id=gen, **common))
+    for n, k in enumerate(("a", "b")):
+        s.add(Response(id=rid[k], kind="sample", sample_index=n, seed=n, text=f"sample {k} {i}", run_id=label,
+                       **common))
+    s.flush()
+    status = "tie" if i % 7 == 3 else "position-inconsistent" if i == 5 else "ok"
+    pair = {"prompt_id": pid, "constitution": c.name, "constitution_version": c.version,
+            "policy_model": "tiny-policy", "created_at": when}
+    s.add(PreferencePair(id=f"pair-{c.version}-{i:03d}-rev", chosen_id=rid["revision"],
+                         rejected_id=rid["initial"], method="revision", principle_ids=["harm"], run_id=gen,
+                         **pair))
+    s.add(PreferencePair(id=f"pair-{c.version}-{i:03d}-ai", chosen_id=rid["a"], rejected_id=rid["b"],
+                         method="ai", label_prob=0.5 if status == "tie" else round(0.55 + (i % 5) * 0.1, 2),
+                         status=status, principle_ids=["safer"], judge_model="tiny-judge", run_id=label,
+                         **pair))
+
+
+def number(pair_id: str) -> int:
+    return int(pair_id.split("-")[2])
+
+
+def prefs_column(data, column: str) -> list:
+    return list(data["train_prefs"][column]) + list(data["test_prefs"][column])
+
+
+def files_of(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def export(url: str, out: Path | None = None, **options):
+    config = make_config(constitution=options.pop("constitution", "harmless"), out=out or Path("unused"),
+                         **options)
+    with Session(get_engine(url)) as s:
+        data, facts = build_export(s, config)
+    if out is not None:
+        facts = write_export(data, facts, out, config.format)
+    return data, facts
+
+
+@pytest.fixture
+def store(sqlite_url: str) -> str:
+    seed(sqlite_url, range(20))
+    return sqlite_url
+
+
+# --- round trip ----------------------------------------------------------------------------
+
+def test_round_trip_matches_store(use_db: str, tmp_path: Path):
+    from datasets import load_from_disk
+
+    old = constitution(suffix=" and kind")  # an older version: plain `harmless` must not pick it
+    seed(use_db, range(3), old, seen_at=T0 - timedelta(days=30))
+    v = seed(use_db, range(30))
+    export(use_db, tmp_path / "out")
+    loaded = load_from_disk(str(tmp_path / "out"))
+    assert set(loaded) == set(schema.SPLITS)
+
+    with Session(get_engine(use_db)) as s:
+        pairs = {p.id: p for p in s.exec(select(PreferencePair))}
+        texts = {r.id: r.text for r in s.exec(select(Response))}
+        prompts = {p.id: p.messages for p in s.exec(select(Prompt))}
+    expected = {p.id for p in pairs.values()
+                if p.constitution_version == v and p.status == "ok" and p.id != f"pair-{v}-002-ai"}
+    prefs = [r for split in ("train_prefs", "test_prefs") for r in loaded[split]]
+    assert {r["id"] for r in prefs} == expected
+    for split in schema.SPLITS:
+        assert loaded[split].features == schema.SPLITS[split]
+        ids = list(loaded[split]["id"])
+        assert ids == sorted(ids), f"{split} not sorted by id"
+    for r in prefs:
+        p = pairs[r["id"]]
+        assert r["prompt"] == prompts[p.prompt_id]
+        assert r["chosen"] == [{"role": "assistant", "content": texts[p.chosen_id]}]
+        assert r["rejected"] == [{"role": "assistant", "content": texts[p.rejected_id]}]
+        assert (r["chosen_id"], r["rejected_id"], r["prompt_id"]) == (p.chosen_id, p.rejected_id, p.prompt_id)
+        assert (r["method"], r["status"], r["label_prob"]) == (p.method, p.status, p.label_prob)
+        assert (r["principle_ids"], r["judge_model"], r["run_id"]) == (p.principle_ids, p.judge_model,
+                                                                          p.run_id)
+        assert (r["constitution"], r["constitution_version"], r["policy_model"]) == ("harmless", v,
+                                                                                     "tiny-policy")
+    sft = [r for split in ("train_sft", "test_sft") for r in loaded[split]]
+    assert {r["id"] for r in sft} == {i for i in expected if pairs[i].method == "revision"}
+    for r in sft:
+        p = pairs[r["id"]]
+        assert r["response_id"] == p.chosen_id
+        assert r["messages"] == prompts[p.prompt_id] + [{"role": "assistant", "content": texts[p.chosen_id]}]
+    for split in schema.SPLITS:  # the half is a function of the prompt alone
+        test_half = schema.split_of(split) == "test"
+        assert all(is_test(pid, 0.1) == test_half for pid in loaded[split]["prompt_id"])
+    assert loaded["test_prefs"].num_rows > 0 and loaded["train_prefs"].num_rows > 0
+
+
+# --- selection -----------------------------------------------------------------------------
+
+def test_filters_select_the_documented_rows(store: str, tmp_path: Path):
+    def ids(**options) -> set[str]:
+        return set(prefs_column(export(store, **options)[0], "id"))
+
+    def ai(*numbers: int) -> set[str]:
+        return {i for i in everything if i.endswith("-ai") and number(i) in numbers}
+
+    everything = ids(include_ties=True, include_inconsistent=True, include_quarantined=True)
+    assert len(everything) == 40
+    default = ids()
+    assert everything - default == ai(3, 10, 17, 5, 2)  # ties, inconsistent, quarantined
+    assert ids(include_ties=True) - default == ai(3, 10, 17)
+    assert ids(include_inconsistent=True) - default == ai(5)
+    assert ids(include_quarantined=True) - default == ai(2)
+    assert all(i.endswith("-ai") for i in ids(methods=["ai"]))
+
+    confident = export(store, methods=["ai"], min_label_prob=0.85)[0]
+    assert confident["train_sft"].num_rows == confident["test_sft"].num_rows == 0
+    assert sorted(prefs_column(confident, "label_prob")) == [0.85] * 3 + [0.95] * 4
+    margin = export(store, methods=["ai"], min_margin=0.3, include_ties=True)[0]
+    assert sorted(prefs_column(margin, "label_prob")) == [0.85] * 3 + [0.95] * 4
+    red = prefs_column(export(store, tags=["red-team"])[0], "prompt")
+    assert len(red) == 10 + 10 - 2  # even prompts; the AI pairs of 2 (quarantined) and 10 (tie) are out
+    assert all(int(m[-1]["content"].split()[1][:-1]) % 2 == 0 for m in red)
+    window = ids(since=T0 + timedelta(hours=4), until=T0 + timedelta(hours=8))  # until is exclusive
+    assert window == {i for i in everything if number(i) in (4, 5, 6, 7)} - ai(5)
+    v = export(store)[1]["constitution"]["version"]  # a version can be pinned, by a prefix too
+    assert export(store, constitution=f"harmless@{v[:5]}")[1]["constitution"]["version"] == v
+
+    with pytest.raises(UserError, match=r"nothing to export for harmless@\w+: 40 pairs stored.*"
+                                        r"min-label-prob 0.99 removed"):
+        export(store, methods=["ai"], min_label_prob=0.99)
+    with pytest.raises(UserError, match="no preference pairs for 'helpful'.*harmless"):
+        export(store, constitution="helpful")
+    with pytest.raises(UserError, match="no pairs for that version"):
+        export(store, constitution="harmless@ffffffff")
+    with pytest.raises(UserError, match="cai export --test-fraction: .*less than 1"):
+        make_config(constitution="harmless", out=tmp_path, test_fraction=1.5)
+    with pytest.raises(UserError, match="cai export: --private only means something with --push-to-hub"):
+        make_config(constitution="harmless", out=tmp_path, private=True)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(store: str, tmp_path: Path, monkeypatch):
+    """Checked before Prefect starts, so these cost no flow run."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("CAI_DATABASE_URL", store)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    base = ["export", "--constitution", "harmless", "--out", str(tmp_path / "o")]
+    for extra, expected in (
+        (["--method", "ai", "--min-label-prob", "0.99"], "nothing to export for harmless@"),
+        (["--since", "last tuesday"], "--since: expected a date like 2024-05-01"),
+        (["--format", "csv"], "cai export --format: Input should be 'arrow', 'parquet' or 'jsonl'"),
+        (["--push-to-hub", "me/data"], "--push-to-hub me/data: set HF_TOKEN"),
+    ):
+        res = CliRunner().invoke(app, base + extra)
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and expected in lines[0], res.output
+    assert not (tmp_path / "o").exists()
+
+
+# --- determinism ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
+def test_exports_are_byte_identical(store: str, tmp_path: Path, fmt: str):
+    export(store, tmp_path / "a", format=fmt)
+    export(store, tmp_path / "b", format=fmt)
+    first = files_of(tmp_path / "a")
+    assert first == files_of(tmp_path / "b")
+    assert {"README.md", "manifest.json"} <= set(first)
+    export(store, tmp_path / "a", format=fmt)  # re-export in place replaces the earlier export
+    assert files_of(tmp_path / "a") == first
+    assert not list(tmp_path.glob(".a.*")), "temp dirs left behind"
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert set(manifest["files"]) == set(first) - {"README.md", "manifest.json"}
+    if fmt == "arrow":  # save_to_disk's fingerprints are ours: content hashes, one per split
+        states = [json.loads((tmp_path / "a" / s / "state.json").read_text()) for s in schema.SPLITS]
+        assert len({st["_fingerprint"] for st in states}) == 4
+
+
+def test_adding_data_never_moves_a_prompt(store: str):
+    def halves(data) -> dict[str, set[str]]:
+        return {h: {p for s in schema.SPLITS if schema.split_of(s) == h for p in data[s]["prompt_id"]}
+                for h in ("train", "test")}
+
+    before = halves(export(store)[0])
+    seed(store, range(20, 60))
+    after = halves(export(store)[0])
+    assert not after["train"] & after["test"]
+    assert before["train"] <= after["train"] and before["test"] <= after["test"]
+    assert len(after["test"]) > len(before["test"])
+
+
+def test_out_dir_that_is_not_an_export_is_left_alone(store: str, tmp_path: Path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an earlier export"):
+        export(store, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# --- TRL / DPO -----------------------------------------------------------------------------
+
+def test_prefs_are_trl_conversational(store: str, tmp_path: Path, tokenizer_dir: Path):
+    """The columns and types DPOTrainer reads for conversational data, used as DPOTrainer uses them.
+
+    Importing trl costs ~10 s, so its two steps are mirrored here: `is_conversational` (a list
+    of dicts with "role"), then the chat template over `prompt` alone (with a generation prompt)
+    and over `prompt + chosen` / `prompt + rejected`, the completion being what follows.
+    """
+    from datasets import List, Value, load_from_disk
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    export(store, tmp_path / "out")
+    loaded = load_from_disk(str(tmp_path / "out"))
+    message = List({"role": Value("string"), "content": Value("string")})
+    prefs = loaded["train_prefs"]
+    for column in ("prompt", "chosen", "rejected"):
+        assert prefs.features[column] == message
+    assert loaded["train_sft"].features["messages"] == message
+    source = (tokenizer_dir / "chat_template.jinja").read_text()
+    template = ImmutableSandboxedEnvironment().from_string(source)
+    for row in prefs:
+        assert all(isinstance(row[k], list) and set(row[k][0]) == {"role", "content"}
+                   for k in ("prompt", "chosen", "rejected"))
+        assert row["prompt"][-1]["role"] == "user"
+        assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
+        prompt = template.render(messages=row["prompt"], add_generation_prompt=True)
+        for key in ("chosen", "rejected"):
+            full = template.render(messages=row["prompt"] + row[key])
+            assert full.startswith(prompt), "the prompt must render as a prefix of prompt + completion"
+            assert full[len(prompt):] == row[key][0]["content"] + "<|im_end|>\n"
+    sft = loaded["train_sft"][0]
+    assert sft["messages"][-1]["role"] == "assistant" and sft["messages"][-2]["role"] == "user"
+
+
+def test_train_prefs_feed_dpo_data(store: str, tmp_path: Path):
+    data_mod = pytest.importorskip("dpo.data", reason="dpo/data.py is not written yet")
+    if not hasattr(data_mod, "examples_from_records"):
+        pytest.skip("dpo.data.examples_from_records is not written yet")
+    from datasets import load_from_disk
+
+    export(store, tmp_path / "out")
+    prefs = load_from_disk(str(tmp_path / "out"))["train_prefs"]
+    examples = data_mod.examples_from_records(prefs)  # the split as it is: no mapping, no renaming
+    assert [e.id for e in examples] == list(prefs["id"])
+    for e, row in zip(examples, prefs, strict=True):
+        assert list(e.prompt) == row["prompt"]
+        assert (e.chosen, e.rejected) == (row["chosen"][0]["content"], row["rejected"][0]["content"])
+        assert (e.label_prob, e.method) == (row["label_prob"], row["method"])
+
+
+# --- card and manifest ---------------------------------------------------------------------
+
+def front_matter(readme: Path) -> dict:
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def test_card_header_has_version_and_counts(store: str, tmp_path: Path):
+    import pyarrow.parquet as pq
+
+    _, facts = export(store, tmp_path / "out", format="parquet")
+    meta = front_matter(tmp_path / "out" / "README.md")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    tables = {s: pq.read_table(tmp_path / "out" / f"data/{s}.parquet") for s in schema.SPLITS}
+    v = facts["constitution"]["version"]
+    cai = meta["cai_factory"]
+    assert cai["constitution"]["name"] == "harmless" and cai["constitution"]["version"] == v
+    assert cai["counts"] == manifest["counts"] == {s: t.num_rows for s, t in tables.items()}
+    # sft: the 20 revision pairs; prefs: those + 20 AI pairs less 3 ties, 1 inconsistent, 1 quarantined
+    counts = cai["counts"]
+    assert counts["train_sft"] + counts["test_sft"] == 20
+    assert counts["train_prefs"] + counts["test_prefs"] == 35
+    assert sum(cai["counts_by_method"]["train_prefs"].values()) == counts["train_prefs"]
+    assert meta["license"] == "other" and meta["task_categories"] == ["text-generation"]
+    assert {c["config_name"] for c in meta["configs"]} == {"prefs", "sft"}
+    for c in meta["configs"]:
+        assert all((tmp_path / "out" / f["path"]).is_file() for f in c["data_files"])
+    assert cai["policy_models"] == ["tiny-policy"] and cai["judge_models"] == ["tiny-judge"]
+    assert cai["command"].startswith("cai export --constitution harmless") and "--out" not in cai["command"]
+
+    ai_probs = sorted(p for t in (tables["train_prefs"], tables["test_prefs"])
+                      for p, m in zip(t["label_prob"].to_pylist(), t["method"].to_pylist(), strict=True)
+                      if m == "ai")
+    lp = manifest["label_prob"]["ai"]
+    assert lp["count"] == len(ai_probs) == 15 and sum(lp["histogram"]["counts"]) == 15
+    assert (lp["min"], lp["quantiles"]["p50"], lp["max"]) == (ai_probs[0], ai_probs[7], ai_probs[-1])
+    assert manifest["sampling"] == [{"settings": SAMPLING, "responses": 20 * 2 + 15 * 2}]
+    assert [r["flow"] for r in manifest["runs"]] == ["generate", "label"]
+    assert manifest["constitution"]["source_text"] == constitution().source_text
+    body = (tmp_path / "out" / "README.md").read_text()
+    assert f"harmless@{v}" in body and "Rewrite it to be harmless." in body
+
+
+def test_card_configs_load_with_load_dataset(store: str, tmp_path: Path):
+    """The card's configs and features are what the Hub reads: jsonl has no types of its own."""
+    from datasets import load_dataset
+
+    data, _ = export(store, tmp_path / "out", format="jsonl")
+    for config, splits in (("prefs", ("train_prefs", "test_prefs")), ("sft", ("train_sft", "test_sft"))):
+        got = load_dataset(str(tmp_path / "out"), config, cache_dir=str(tmp_path / "cache"))
+        assert set(got) == set(splits)
+        for split in splits:
+            assert got[split].features == data[split].features
+            assert got[split].to_list() == data[split].to_list()
+
+
+# --- the flow, the CLI and the hub ---------------------------------------------------------
+
+@pytest.mark.prefect_server
+def test_cli_push_unreachable_hub_keeps_local_export(store: str, tmp_path: Path, monkeypatch):
+    from huggingface_hub import constants
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("CAI_DATABASE_URL", store)
+    token = "hf_dummyTokenThatMustNotLeak123"
+    monkeypatch.setenv("HF_TOKEN", token)
+    # a closed local port: unreachable whether or not this machine has a network
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    out = tmp_path / "exports" / "harmless"
+    res = CliRunner().invoke(app, ["export", "--constitution", "harmless", "--out", str(out), "--format",
+                                   "jsonl", "--push-to-hub", "someone/harmless-cai", "--private"])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Hugging Face Hub" in lines[0] and "saved locally" in lines[0], res.output
+    assert (out / "README.md").is_file() and (out / "data" / "train_prefs.jsonl").is_file()
+    for path in tmp_path.rglob("*"):  # the database file included
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+    with Session(get_engine(store)) as s:
+        run = s.exec(select(Run).where(Run.flow == "export")).one()
+    assert run.status == "failed" and "Hugging Face Hub" in run.summary["error"]
+    assert token not in json.dumps([run.config, run.summary, run.timings])
+    assert run.constitution == "harmless" and run.config["push_to_hub"] == "someone/harmless-cai"
+
+
+@pytest.mark.prefect_server
+def test_flow_records_a_completed_run(store: str, tmp_path: Path, monkeypatch):
+    from flows.export import export_flow
+
+    monkeypatch.setenv("CAI_DATABASE_URL", store)
+    summary = export_flow(make_config(constitution="harmless", out=tmp_path / "x"))
+    assert (tmp_path / "x" / "dataset_dict.json").is_file()
+    with Session(get_engine(store)) as s:
+        run = s.get(Run, summary["run_id"])
+    assert run.flow == "export" and run.status == "completed" and run.summary["counts"] == summary["counts"]
+    assert f"{run.constitution}@{run.constitution_version}" == summary["constitution"]
+    with pytest.raises(UserError, match="nothing to export"):
+        export_flow(make_config(constitution="harmless", out=tmp_path / "y", min_label_prob=1.0,
+                                methods=["ai"]))
+    assert not (tmp_path / "y").exists()
