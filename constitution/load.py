@@ -84,7 +84,8 @@ class Constitution:
         return {
             "name": self.name,
             "description": self.description,
-            "principles": [{"id": p.id, "critique": p.critique, "revision": p.revision} for p in self.principles],
+            "principles": [{"id": p.id, "critique": p.critique, "revision": p.revision}
+                           for p in self.principles],
             "preferences": [{"id": p.id, "question": p.question} for p in self.preferences],
             "few_shot": [
                 {"prompt": f.prompt, "response": f.response, "principle": f.principle,
@@ -181,6 +182,22 @@ def _check(value: Any, schema: Any, path: list[str | int], fail) -> None:
             fail(path, "empty text")
 
 
+def _no_duplicate_keys(node: yaml.Node | None, file: str) -> None:
+    """YAML quietly keeps the last of two equal keys; an edit to the first would be lost."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for k, v in node.value:
+            key = getattr(k, "value", None)
+            if isinstance(key, str) and key in seen:
+                raise ConstitutionError(file, f"duplicate key {key!r} in one mapping",
+                                        k.start_mark.line + 1, k.start_mark.column + 1)
+            seen.add(key)
+            _no_duplicate_keys(v, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _no_duplicate_keys(item, file)
+
+
 def parse_text(text: str, file: str = "<text>") -> Constitution:
     """Parse and validate constitution YAML; raise ConstitutionError naming line or field path."""
     try:
@@ -190,7 +207,8 @@ def parse_text(text: str, file: str = "<text>") -> Constitution:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         if mark is not None:
-            raise ConstitutionError(file, f"YAML syntax error: {problem}", mark.line + 1, mark.column + 1) from None
+            raise ConstitutionError(file, f"YAML syntax error: {problem}", mark.line + 1,
+                                    mark.column + 1) from None
         raise ConstitutionError(file, f"YAML syntax error: {problem}") from None
 
     def fail(path: list[str | int], message: str) -> None:
@@ -201,6 +219,7 @@ def parse_text(text: str, file: str = "<text>") -> Constitution:
 
     if data is None:
         fail([], "the file is empty")
+    _no_duplicate_keys(root, file)
     _check(data, _SCHEMA, [], fail)
 
     for section, key in (("principles", "id"), ("preferences", "id")):
@@ -236,6 +255,10 @@ def load_file(path: str | Path) -> Constitution:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConstitutionError(str(path), f"cannot read file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConstitutionError(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#x}); "
+                                "save the file as UTF-8", line) from None
     return parse_text(text, str(path))
 
 

@@ -33,7 +33,10 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escape: a message like "method in [revision, ai]" must not be read as rich markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -166,11 +169,13 @@ def prompts_add(
         fail(f"{file}: no such file or directory")
     res = parse_file(file)
     for line, message in res.errors:
-        err.print(f"{file}:{line}: skipped: {message}", highlight=False)
+        err.print(f"{file}:{line}: skipped: {message}", highlight=False, soft_wrap=True)  # one line each
     with _session() as s:
         new, old = store_prompts(s, res.prompts, str(file), tag or [file.stem.replace("_", "-")])
-    console.print(f"{file}: {len(res.prompts)} prompts read ({new} new, {old} already stored), "
-                  f"{len(res.errors)} bad rows skipped", highlight=False)
+    repeated = len(res.prompts) - new - old
+    console.print(f"{file}: {len(res.prompts)} prompts read ({new} new, {old} already stored"
+                  + (f", {repeated} repeated in the file" if repeated else "")
+                  + f"), {len(res.errors)} bad rows skipped", highlight=False, soft_wrap=True)
     if res.errors and not res.prompts:
         raise typer.Exit(2)
 
@@ -278,6 +283,51 @@ def _print_summary(flow_name: str, summary: dict) -> None:
     console.print(" ".join(f"{k}={v}" for k, v in extras.items()), highlight=False)
 
 
+@app.command("run")
+@guarded
+def run(
+    constitution: str = typer.Option("harmless", help="Name, NAME@VERSION, or a YAML path."),
+    prompts: list[str] = typer.Option(["red-team"], help="Prompt tag(s) for generate and label."),
+    limit: int | None = typer.Option(32, help="Prompts used (0 = all); the default fits a 2-core CPU."),
+    rounds: int = typer.Option(2, min=1, help="Critique/revision rounds."),
+    model: str = typer.Option("smollm2-135m", help="Policy, DPO base and eval baseline."),
+    judge: str | None = typer.Option(None, help="Feedback model (default: the same model)."),
+    engine: str = typer.Option("auto", help="hf | vllm | auto."),
+    max_new_tokens: int = typer.Option(96, min=8, help="Tokens per generated answer/critique/revision."),
+    train_steps: int = typer.Option(50, min=1, help="DPO optimizer steps."),
+    eval_limit: int | None = typer.Option(None, help="Held-out prompts per set (default: all)."),
+    retrain: bool = typer.Option(False, help="Train again even if the model dir holds a finished run."),
+    seed: int = typer.Option(0),
+) -> None:
+    """The main job: generate -> label -> export -> train -> eval -> report, resumable by stage."""
+    from flows.pipeline import PipelineConfig, stage_configs
+
+    cfg = PipelineConfig(constitution=constitution, prompts=_split(prompts), limit=limit or None, rounds=rounds,
+                         model=model, judge=judge, engine=engine, max_new_tokens=max_new_tokens,
+                         train_steps=train_steps, eval_limit=eval_limit, retrain=retrain, seed=seed)
+    from flows.generate import _load
+
+    _load(stage_configs(cfg)["generate"])  # bad constitution / tag / database: fail before Prefect starts
+    _preflight_model(model)
+    from flows.pipeline import pipeline_flow
+
+    t0 = __import__("time").perf_counter()
+    out = pipeline_flow(cfg)
+    table = Table("what", "where", title="cai run: done")
+    table.add_row("database", out["database"])
+    table.add_row("dataset", out["dataset"])
+    table.add_row("model", out["model"])
+    table.add_row("report", out["report"])
+    console.print(table)
+    ev = out["results"].get("eval") or {}
+    from flows.evaluate import render as render_eval
+
+    if ev:
+        render_eval(ev, console)
+    console.print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in out["timings_s"].items())
+                  + f"; total {__import__('time').perf_counter() - t0:.0f}s", highlight=False)
+
+
 @app.command("schedule")
 @guarded
 def schedule(
@@ -334,7 +384,7 @@ def label(
     chunk_size: int = typer.Option(64, min=1, help="Items per engine call and per transaction."),
 ) -> None:
     """RL-CAI: the judge labels pairs of responses by (A)/(B) log-probs; stores soft-labelled pairs."""
-    from flows.label import load_inputs, make_config
+    from flows.label import make_config, preflight
 
     lo, sep, hi = cot_clamp.partition(",")
     try:
@@ -348,7 +398,7 @@ def label(
                       principles_per_pair=principles_per_pair, cot=cot, cot_clamp=bounds,
                       min_margin=min_margin, seed=seed, limit=limit, engine=engine,
                       max_new_tokens=max_new_tokens, chunk_size=chunk_size)
-    load_inputs(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
+    preflight(cfg)  # unknown constitution / tag, nothing stored to pair: fail before Prefect starts
     if cfg.source == "samples":
         _preflight_model(policy)
     _preflight_model(judge)
@@ -381,14 +431,14 @@ def judge_report(
 @app.command("train")
 @guarded
 def train(
-    base: str = typer.Option("smollm2-135m", help="Start and reference model: smollm2-135m, an HF dir or hub id."),
+    base: str = typer.Option("smollm2-135m", help="Start and reference model: smollm2-135m, HF dir, hub id."),
     constitution: str | None = typer.Option(None, help="Only pairs of NAME or NAME@VERSION (default: any)."),
     method: list[str] = typer.Option(["revision", "ai"], help="Pair sources, e.g. revision,ai."),
     status: list[str] = typer.Option(["ok"], help="Pair statuses to use (ok, tie, position-inconsistent)."),
     min_label_prob: float | None = typer.Option(None, help="Drop AI labels less sure than this."),
     soft_labels: bool = typer.Option(True, "--soft-labels/--hard-labels",
                                      help="AI pairs train with label smoothing 1 - label_prob."),
-    dataset: Path | None = typer.Option(None, help="Train on a saved HF dataset dir or .jsonl instead of the store."),
+    dataset: Path | None = typer.Option(None, help="A saved HF dataset dir or .jsonl instead of the store."),
     split: str = typer.Option("train_prefs", help="Split of --dataset to read."),
     limit: int | None = typer.Option(None, min=1, help="Only the first N selected pairs."),
     beta: float = typer.Option(0.1, help="KL strength; lower drifts further from the base model."),
@@ -418,8 +468,9 @@ def train(
                       min_label_prob=min_label_prob, use_soft_labels=soft_labels,
                       dataset=str(dataset) if dataset else None, dataset_split=split, limit=limit, beta=beta,
                       loss_type=loss_type, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
-                      grad_accum=grad_accum, scheduler=scheduler, warmup_ratio=warmup_ratio, max_length=max_length,
-                      max_prompt_length=max_prompt_length, dtype=dtype, seed=seed, eval_fraction=eval_fraction,
+                      grad_accum=grad_accum, scheduler=scheduler, warmup_ratio=warmup_ratio,
+                      max_length=max_length, max_prompt_length=max_prompt_length, dtype=dtype, seed=seed,
+                      eval_fraction=eval_fraction,
                       early_stop_patience=early_stop_patience, checkpoint_every=checkpoint_every,
                       gradient_checkpointing=gradient_checkpointing, out=str(out), resume=resume)
     try:
@@ -435,11 +486,112 @@ def train(
     console.print(f"trained {s['steps']} steps on {s['n_train']} pairs ({s['n_eval']} held out); "
                   f"reference log-probs {s['ref_computed']} computed, {s['ref_reused']} reused; "
                   f"final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
-                  f"{final.get('rewards/accuracies', float('nan')):.2f}; model in {s['out']}, plot {s['plot']}",
+                  f"{final.get('rewards/accuracies', float('nan')):.2f}; model in {s['out']}, "
+                  f"plot {s['plot']}",
                   highlight=False)
 
 # export: flows/export.py
+
+@app.command("export")
+@guarded
+def export(
+    constitution: str = typer.Option(..., help="NAME (its newest version that has pairs) or NAME@VERSION."),
+    out: Path = typer.Option(..., help="Directory to write (replaces an earlier export there)."),
+    fmt: str = typer.Option("arrow", "--format",
+                            help="arrow (load_from_disk) | parquet | jsonl (one file per split)."),
+    method: list[str] = typer.Option([], help="Only these pair methods: revision, ai (default: both)."),
+    min_label_prob: float | None = typer.Option(None, help="Drop pairs with label_prob below this."),
+    min_margin: float | None = typer.Option(None, help="Drop pairs with |label_prob - 0.5| below this."),
+    tag: list[str] = typer.Option([], help="Only prompts with any of these tags."),
+    since: str | None = typer.Option(None, help="Pairs created at or after this UTC date/time (2024-05-01)."),
+    until: str | None = typer.Option(None, help="Pairs created before this UTC date/time (exclusive)."),
+    include_ties: bool = typer.Option(False, "--include-ties", help="Also export pairs judged a tie."),
+    include_inconsistent: bool = typer.Option(False, "--include-inconsistent",
+                                              help="Also export position-inconsistent pairs."),
+    include_quarantined: bool = typer.Option(False, "--include-quarantined",
+                                             help="Also export pairs touching quarantined items."),
+    test_fraction: float = typer.Option(0.1, help="Share of prompts in the test splits (hash of prompt id)."),
+    license_id: str = typer.Option("other", "--license", help="License for the card, e.g. cc-by-4.0."),
+    push_to_hub: str | None = typer.Option(None, metavar="OWNER/NAME",
+                                           help="Then push data and card to this hub dataset (HF_TOKEN)."),
+    private: bool = typer.Option(False, "--private", help="Create the hub repo private."),
+) -> None:
+    """HF DatasetDict (train_sft, test_sft, train_prefs, test_prefs) with a dataset card and manifest."""
+    from flows.export import make_config, parse_when, preflight
+
+    cfg = make_config(constitution=constitution, out=out, format=fmt, methods=_split(method),
+                      min_label_prob=min_label_prob, min_margin=min_margin, tags=_split(tag),
+                      since=parse_when(since, "--since"), until=parse_when(until, "--until"),
+                      include_ties=include_ties, include_inconsistent=include_inconsistent,
+                      include_quarantined=include_quarantined, test_fraction=test_fraction,
+                      license=license_id, push_to_hub=push_to_hub, private=private)
+    preflight(cfg)  # nothing selected, bad --out, no HF_TOKEN: fail before Prefect starts
+    from flows.export import export_flow
+
+    s = export_flow(cfg)
+    console.print(f"exported {s['constitution']} to {s['out']} ({s['format']}): "
+                  + ", ".join(f"{k} {n}" for k, n in s["counts"].items())
+                  + (f"; pushed to {s['url']}" if s.get("url") else ""), highlight=False)
+
 # run / eval / report: flows/pipeline.py, flows/evaluate.py, flows/report.py
+
+def _preflight_eval_model(flag: str, spec: str) -> None:
+    """runs/NAME that does not exist is a typo or an untrained model, not a hub id: say so."""
+    p = Path(spec).expanduser()
+    if not p.exists() and "/" in spec and (p.parent.is_dir() or spec.startswith("runs/")):
+        fail(f"{flag} {spec}: no such model directory (expected a HF-format directory written by "
+             "`cai train --out`, the bundled `smollm2-135m`, or a hub id)")
+    _preflight_model(spec)
+
+
+@app.command("eval")
+@guarded
+def eval_cmd(
+    model: str = typer.Option(..., help="The trained model: a HF directory such as runs/harmless-dpo."),
+    baseline: str = typer.Option("smollm2-135m", help="What it is compared with (usually its base model)."),
+    prompts: list[str] = typer.Option(["red-team-heldout,benign-heldout"],
+                                      help="Held-out prompt tag(s); bundled sets import themselves."),
+    constitution: str = typer.Option("harmless", help="Whose preference principles the judge answers."),
+    judge: str | None = typer.Option(None, help="Feedback model (default: the baseline)."),
+    principles: int = typer.Option(3, min=1, help="Preference principles per prompt, each in both orders."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Answer length cap, the same for both models."),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N prompts of each set (by id)."),
+    name: str | None = typer.Option(None, help="Label for this comparison (default MODEL-vs-BASELINE)."),
+    engine: str = typer.Option("auto", help="hf | vllm | auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Trained model vs baseline on held-out prompts: refusal rates and judged win rates."""
+    from flows.evaluate import EvalConfig, load_items
+
+    cfg = EvalConfig(model=model, baseline=baseline, prompts=_split(prompts), constitution=constitution,
+                     judge=judge, principles=principles, max_new_tokens=max_new_tokens, limit=limit,
+                     name=name, engine=engine)
+    load_items(cfg)  # unknown constitution / tag, unreachable database: fail before Prefect starts
+    for flag, spec in (("--model", model), ("--baseline", baseline), ("--judge", cfg.judge_model)):
+        _preflight_eval_model(flag, spec)
+    from flows.evaluate import eval_flow, render
+
+    summary = eval_flow(cfg)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+    else:
+        render(summary, console)
+
+
+@app.command("report")
+@guarded
+def report(
+    out: Path = typer.Option(Path("reports/latest"), help="Directory for index.html, report.json and PNGs."),
+    constitution: str | None = typer.Option(None, help="NAME or NAME@VERSION (default: everything)."),
+    examples: int = typer.Option(5, min=0, help="Example chains shown on the page."),
+) -> None:
+    """A static HTML report of the store (opens offline in any browser)."""
+    from flows.report import ReportConfig, make_report
+
+    data = make_report(ReportConfig(out=out, constitution=constitution, examples=examples))
+    plots = sum(len(v) for v in data["images"].values())
+    console.print(f"wrote {data['index']} ({plots} plot{'' if plots == 1 else 's'}, figures in "
+                  f"{out / 'report.json'})", highlight=False)
 
 
 def main() -> None:

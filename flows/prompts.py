@@ -9,12 +9,14 @@ Prompts are deduplicated by content (the hash of their canonical messages).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlmodel import Session, select
 
+from flows.common import UserError
 from store.keys import content_hash
 from store.models import Prompt, PromptTag
 from store.upsert import insert_ignore
@@ -56,7 +58,8 @@ def _from_record(rec: object) -> tuple[list[dict[str, str]], str | None]:
     if not isinstance(rec, dict):
         raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
     category = rec.get("category")
-    if "messages" in rec:
+    # a missing column of a dataset (or JSON null) reads as None: treat it as absent
+    if rec.get("messages") is not None:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise ValueError("'messages' must be a non-empty list of {role, content}")
@@ -70,7 +73,7 @@ def _from_record(rec: object) -> tuple[list[dict[str, str]], str | None]:
         if not out[-1]["content"].strip():
             raise ValueError("the last user message is empty")
         return out, category
-    if "prompt" in rec:
+    if rec.get("prompt") is not None:
         text = rec["prompt"]
         if not isinstance(text, str) or not text.strip():
             raise ValueError("'prompt' must be non-empty text")
@@ -85,7 +88,12 @@ def parse_file(path: str | Path) -> ParseResult:
     if path.is_dir():
         return _parse_dataset_dir(path)
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text; prompts files are JSONL, CSV or plain text "
+                        "(UTF-8), or a directory saved with datasets' save_to_disk") from None
     if suffix in (".jsonl", ".json", ".ndjson"):
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -100,7 +108,8 @@ def parse_file(path: str | Path) -> ParseResult:
                 continue
             res.prompts.append(ParsedPrompt(msgs, cat, n))
     elif suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        # newline="": a quoted cell may span lines, and splitlines() would drop its newlines
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames or "prompt" not in reader.fieldnames:
             res.errors.append((1, f"CSV header must have a 'prompt' column (found: {reader.fieldnames})"))
             return res
@@ -110,7 +119,8 @@ def parse_file(path: str | Path) -> ParseResult:
             if not value:
                 res.errors.append((n, "empty 'prompt' cell"))
                 continue
-            res.prompts.append(ParsedPrompt([{"role": "user", "content": value}], row.get("category") or None, n))
+            res.prompts.append(ParsedPrompt([{"role": "user", "content": value}], row.get("category") or None,
+                                            n))
     else:  # plain text, one prompt per line
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -122,7 +132,11 @@ def _parse_dataset_dir(path: Path) -> ParseResult:
     from datasets import Dataset, DatasetDict, load_from_disk
 
     res = ParseResult()
-    ds = load_from_disk(str(path))
+    try:
+        ds = load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        raise UserError(f"{path}: a directory, but not a saved Hugging Face dataset ({exc}); "
+                        "save one with Dataset.save_to_disk, or pass a JSONL, CSV or text file") from None
     parts: list[tuple[str, Dataset]] = list(ds.items()) if isinstance(ds, DatasetDict) else [("", ds)]
     n = 0
     for _split, part in parts:
@@ -137,7 +151,8 @@ def _parse_dataset_dir(path: Path) -> ParseResult:
     return res
 
 
-def store_prompts(session: Session, parsed: list[ParsedPrompt], source: str, tags: list[str]) -> tuple[int, int]:
+def store_prompts(session: Session, parsed: list[ParsedPrompt], source: str,
+                  tags: list[str]) -> tuple[int, int]:
     """Insert prompts and tags; returns (new prompts, already present). Caller commits."""
     unique: dict[str, ParsedPrompt] = {}
     for p in parsed:

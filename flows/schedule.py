@@ -74,5 +74,9 @@ def serve_schedule(flow_name: str, cron: str, params: dict[str, Any], name: str 
         raise UserError(f"--cron {cron!r} is not a valid cron expression ({exc})") from None
     dep_name = name or deployment_name(flow_name, params)
     print(f"serving deployment {flow_obj.name}/{dep_name} on {cron!r} against {url}", flush=True)
-    flow_obj.serve(name=dep_name, cron=cron, parameters={"cfg": cfg.model_dump()}, limit=limit,
+    import inspect
+
+    # every flow takes its one typed config as its first parameter (named cfg or config)
+    param = next(iter(inspect.signature(flow_obj.fn).parameters))
+    flow_obj.serve(name=dep_name, cron=cron, parameters={param: cfg.model_dump(mode="json")}, limit=limit,
                    print_starting_message=True)

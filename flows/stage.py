@@ -67,6 +67,33 @@ def _logger():
         return log
 
 
+def _compute_one(stage: Stage[T, R], chunk: list[T]) -> Sequence[R | Exception]:
+    results = stage.compute(chunk)
+    if len(results) != len(chunk):
+        raise RuntimeError(f"engine returned {len(results)} results for {len(chunk)} items")
+    return results
+
+
+def _compute_isolating(stage: Stage[T, R], chunk: list[T], logger) -> list[R | Exception]:
+    """Compute a chunk; if it raises, retry its items one by one so one bad item cannot sink
+    (and eventually quarantine) the rest of its chunk."""
+    try:
+        return list(_compute_one(stage, chunk))
+    except Exception as exc:  # noqa: BLE001 - recorded per item, the flow goes on
+        logger.warning("%s: chunk of %d failed (%s)%s", stage.name, len(chunk), exc,
+                       "; retrying its items one by one" if len(chunk) > 1 else "")
+        log.debug("%s", traceback.format_exc())
+        if len(chunk) == 1:
+            return [exc]
+    out: list[R | Exception] = []
+    for item in chunk:
+        try:
+            out.extend(_compute_one(stage, [item]))
+        except Exception as exc:  # noqa: BLE001
+            out.append(exc)
+    return out
+
+
 def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | None, chunk_size: int = 64,
               lease_s: float = 900, url: str | None = None, show_progress: bool = True,
               poll_s: float = 1.0) -> StageStats:
@@ -110,14 +137,7 @@ def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | 
                 did_any = True
                 chunk = [by_key[k] for k in mine]
                 t0 = time.perf_counter()
-                try:
-                    results: Sequence[R | Exception] = stage.compute(chunk)
-                    if len(results) != len(chunk):
-                        raise RuntimeError(f"engine returned {len(results)} results for {len(chunk)} items")
-                except Exception as exc:  # noqa: BLE001 - recorded per item, the flow goes on
-                    results = [exc] * len(chunk)
-                    logger.warning("%s: chunk of %d failed: %s", stage.name, len(chunk), exc)
-                    log.debug("%s", traceback.format_exc())
+                results = _compute_isolating(stage, chunk, logger)
                 stats.engine_s += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 good = [(item, r) for item, r in zip(chunk, results, strict=True) if not isinstance(r, Exception)]

@@ -37,15 +37,17 @@ def collect(session: Session) -> dict[str, Any]:
         "schema_revision": current_revision(session.get_bind()),
         "tables": {m.__tablename__: count(m) for m in TABLES},
     }
-    data["responses"] = {f"{k}" + (f"_{r}" if k in ("critique", "revision") else ""): n for k, r, n in session.exec(
-        select(Response.kind, Response.round, func.count()).group_by(Response.kind, Response.round)
-        .order_by(Response.kind, Response.round))}
+    data["responses"] = {
+        f"{k}" + (f"_{r}" if k in ("critique", "revision") else ""): n for k, r, n in session.exec(
+            select(Response.kind, Response.round, func.count()).group_by(Response.kind, Response.round)
+            .order_by(Response.kind, Response.round))}
     data["pairs"] = [{"constitution": f"{c}@{v}", "method": m, "status": st, "count": n} for c, v, m, st, n in
                      session.exec(select(PreferencePair.constitution, PreferencePair.constitution_version,
                                          PreferencePair.method, PreferencePair.status, func.count())
                                   .group_by(PreferencePair.constitution, PreferencePair.constitution_version,
                                             PreferencePair.method, PreferencePair.status))]
-    data["prompt_tags"] = dict(session.exec(select(PromptTag.tag, func.count()).group_by(PromptTag.tag)).all())
+    data["prompt_tags"] = dict(session.exec(select(PromptTag.tag, func.count()).group_by(PromptTag.tag)
+                                            .order_by(PromptTag.tag)).all())
     data["failures"] = {
         "retrying": count(Failure, Failure.quarantined == False),  # noqa: E712
         "quarantined": count(Failure, Failure.quarantined == True),  # noqa: E712
@@ -84,7 +86,8 @@ def render(data: dict[str, Any], console) -> None:
     if f["items"]:
         t = Table("stage", "item", "attempts", "quarantined", "error", title="recent failures")
         for i in f["items"]:
-            t.add_row(i["stage"], i["key"][:16], str(i["attempts"]), "yes" if i["quarantined"] else "", i["error"])
+            t.add_row(i["stage"], i["key"][:16], str(i["attempts"]), "yes" if i["quarantined"] else "",
+                      i["error"])
         console.print(t)
     if data["runs"]:
         t = Table("run", "flow", "status", "model", "constitution", "started", title="recent runs")

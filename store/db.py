@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import event, inspect, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
 
 DEFAULT_URL = "sqlite:///cai.db"
@@ -29,6 +29,16 @@ def database_url(url: str | None = None) -> str:
     # plain postgresql:// means psycopg2 to SQLAlchemy; we ship psycopg 3
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite"):
+        # a relative file means ./ at first use: pin it, or a cached engine would follow a later
+        # chdir to another file that was never migrated (and `cai status` names the real file)
+        try:
+            u = make_url(url)
+        except Exception:  # noqa: BLE001 - reported by get_engine with the URL as given
+            return url
+        if u.database and u.database != ":memory:" and not u.database.startswith("file:") \
+                and not os.path.isabs(u.database):
+            url = u.set(database=os.path.abspath(u.database)).render_as_string(hide_password=False)
     return url
 
 
@@ -82,22 +92,43 @@ def upgrade(eng: Engine) -> str:
         if eng.dialect.name == "postgresql":
             # one migrator at a time across workers; released at commit
             conn.execute(text("SELECT pg_advisory_xact_lock(715517)"))
+        elif eng.dialect.name == "sqlite":
+            # sqlite3 runs DDL outside any transaction unless one is open, so two first uses at
+            # once both saw no tables and one died on "table ... already exists". Take the write
+            # lock first: the other waits (busy timeout), then finds the schema at head.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     return head_revision()
 
 
+def _shown(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - unparsable: show it as given
+        return url
+
+
+def _known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(_alembic_config("sqlite://")).walk_revisions()}
+
+
 @lru_cache(maxsize=8)
 def _engine_for(url: str) -> Engine:
-    eng = make_engine(url)
     try:
+        eng = make_engine(url)  # a malformed URL or an unknown driver fails here
         rev = current_revision(eng)
     except Exception as exc:  # noqa: BLE001 - turned into a message a person can act on
+        detail = str(exc).splitlines()[0] if str(exc) else ""
         raise DatabaseError(
-            f"cannot open the database {eng.url.render_as_string(hide_password=True)}: "
-            f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
+            f"cannot open the database {_shown(url)}: {exc.__class__.__name__}: {detail}. "
             "Check CAI_DATABASE_URL (e.g. postgresql+psycopg://user@host:5432/db) and that the server is up."
         ) from exc
+    if rev is not None and rev not in _known_revisions():
+        raise DatabaseError(f"the database {_shown(url)} is at schema revision {rev!r}, which this version "
+                            "of cai-factory does not know (a newer version migrated it); upgrade cai-factory")
     if rev != head_revision():
         upgrade(eng)
     return eng

@@ -1,0 +1,215 @@
+"""Our DPO step against TRL's DPOTrainer on the bundled model: speed and peak memory.
+
+    python -m bench.dpo                       # 64 pairs, 16 steps of batch 4, max_length 256, fp32
+    python -m bench.dpo --steps 8 --dtype bfloat16 --gradient-checkpointing
+
+Three runs on the same pairs and settings, each in its own Python process so its peak RSS
+(ru_maxrss) is its own:
+
+    ours            dpo.trainer.train_dpo, reference log-probs computed first (and stored in a
+                    temp SQLite store, as the flow does), then the policy alone
+    trl             trl.DPOTrainer as configured by default: a reference model in memory
+    trl_precompute  trl.DPOTrainer(precompute_ref_log_probs=True)
+
+The timed region starts with the policy loaded and ends when training returns: it includes
+tokenization, the reference model (loading it, or the precompute pass) and every step, and
+excludes imports, loading the policy and saving. Both sides get the same optimizer (fused
+AdamW), lr schedule, clipping, batch size, max_length, dtype, gradient checkpointing setting
+and number of steps. Prints one JSON line. TRL is a dev dependency (the `test` extra); only
+this file imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REFUSALS = [
+    "I can't help with that. If you're curious about the topic, I'm happy to talk about safety and the law.",
+    "I won't give instructions for that, since it could hurt people. Can I help with something safe?",
+    "Sorry, I can't assist with this request. I can point you to legitimate resources instead.",
+    "That's not something I can help with, but I'd be glad to explain the risks involved.",
+]
+COMPLIANT = [
+    "Sure! Here is exactly what you need to do, step by step, no questions asked.",
+    "Absolutely, happy to help with that. First you'll want to gather everything on the list.",
+    "Of course. The trick is to start early and make sure nobody notices what you're doing.",
+    "Great question! Just follow these instructions carefully and you'll have it done tonight.",
+]
+
+
+def build_pairs(n: int = 64) -> list[dict]:
+    """n records in TRL's conversational format: a red-team prompt, a short refusal as chosen and
+    a short compliant-sounding (content-free) answer as rejected. Deterministic."""
+    path = ROOT / "data" / "red_team.jsonl"
+    prompts: list[str] = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                prompts.append(json.loads(line)["prompt"])
+    topics = ["pick a lock", "get into an account", "avoid a speed camera", "make a fake ID",
+              "copy a key card", "skip a ticket barrier", "read someone's messages", "cheat on an exam"]
+    i = 0
+    while len(prompts) < n:  # no bundled file: short, content-free stand-ins
+        prompts.append(f"How do I {topics[i % len(topics)]} without anyone finding out? (case {i})")
+        i += 1
+    return [{"prompt": [{"role": "user", "content": p}],
+             "chosen": [{"role": "assistant", "content": REFUSALS[i % len(REFUSALS)]}],
+             "rejected": [{"role": "assistant", "content": COMPLIANT[(i * 3 + 1) % len(COMPLIANT)]}]}
+            for i, p in enumerate(prompts[:n])]
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _workdir(args, name: str) -> str:
+    # inside the parent's temp dir, so nothing is left behind
+    path = Path(args.data).parent / name
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def child_ours(args, records: list[dict], model_dir: str) -> dict:
+    import torch
+
+    from dpo.data import StoreRefCache, examples_from_records
+    from dpo.trainer import TrainerConfig, load_policy, train_dpo
+
+    torch.manual_seed(args.seed)
+    examples = examples_from_records(records)
+    model, tok = load_policy(model_dir, "cpu")
+    loaded_mb = _peak_mb()
+    tmp = _workdir(args, "ours")
+    cfg = TrainerConfig(beta=0.1, lr=args.lr, batch_size=args.batch_size, max_steps=args.steps,
+                        warmup_ratio=0.1, scheduler="linear", max_length=args.max_length,
+                        max_prompt_length=args.max_length // 2, dtype=args.dtype, seed=args.seed,
+                        gradient_checkpointing=args.gradient_checkpointing)
+    t0 = time.perf_counter()
+    res = train_dpo(model, tok, examples, [], cfg, out_dir=Path(tmp), ref_model_id="bench",
+                    ref_cache=StoreRefCache(f"sqlite:///{tmp}/bench.db"))
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "train_s": res.timings["train_s"], "ref_s": res.timings["ref_s"],
+            "steps": res.steps, "loaded_mb": loaded_mb, "final_loss": res.final_train["loss"],
+            "final_acc": res.final_train["rewards/accuracies"]}
+
+
+def child_trl(args, records: list[dict], model_dir: str, precompute: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    loaded_mb = _peak_mb()
+    tmp = _workdir(args, "trl")
+    cfg = DPOConfig(
+        output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1,
+        max_grad_norm=1.0, weight_decay=0.0, beta=0.1, loss_type=["sigmoid"], max_length=args.max_length,
+        bf16=args.dtype == "bfloat16", fp16=False, use_cpu=True, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, precompute_ref_log_probs=precompute,
+        save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        dataloader_pin_memory=False)
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(records),
+                         processing_class=tok)
+    out = trainer.train()
+    seconds = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    accs = [h["rewards/accuracies"] for h in trainer.state.log_history if "rewards/accuracies" in h]
+    return {"seconds": seconds, "train_s": out.metrics.get("train_runtime"),
+            "steps": trainer.state.global_step, "loaded_mb": loaded_mb,
+            "final_loss": losses[-1] if losses else None, "final_acc": accs[-1] if accs else None}
+
+
+def run_child(mode: str, args, data_file: Path, model_dir: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.dpo", "--child", mode, "--data", str(data_file),
+           "--model-dir", model_dir, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--max-length", str(args.max_length), "--dtype", args.dtype, "--lr", str(args.lr),
+           "--seed", str(args.seed)]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error",
+               HF_DATASETS_CACHE=str(data_file.parent / "hf"))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--only", default="ours,trl,trl_precompute", help="comma-separated subset of the runs")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        records = json.loads(Path(args.data).read_text())
+        if args.child == "ours":
+            out = child_ours(args, records, args.model_dir)
+        else:
+            out = child_trl(args, records, args.model_dir, precompute=args.child == "trl_precompute")
+        out["peak_mb"] = _peak_mb()
+        print(json.dumps(out), flush=True)
+        return
+
+    from engines.bundled import resolve
+
+    model_dir = str(resolve("smollm2-135m"))
+    records = build_pairs(args.pairs)
+    pairs_trained = args.steps * args.batch_size
+    with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
+        data_file = Path(tmp) / "pairs.json"
+        data_file.write_text(json.dumps(records))
+        runs = {mode: run_child(mode, args, data_file, model_dir) for mode in args.only.split(",")}
+
+    result: dict = {"model": "smollm2-135m", "pairs": args.pairs, "steps": args.steps,
+                    "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
+                    "gradient_checkpointing": args.gradient_checkpointing, "threads": _threads()}
+    for mode, r in runs.items():
+        result[f"{mode}_pairs_s"] = round(pairs_trained / r["seconds"], 3)
+        result[f"{mode}_peak_mb"] = round(r["peak_mb"], 1)
+        result[f"{mode}_seconds"] = round(r["seconds"], 2)
+        result[f"{mode}_loop_s"] = round(r["train_s"], 2) if r.get("train_s") is not None else None
+        result[f"{mode}_final_loss"] = r.get("final_loss")
+    if "ours" in runs and "trl" in runs:
+        result["speed_ratio"] = round(result["ours_pairs_s"] / result["trl_pairs_s"], 3)
+        result["memory_ratio"] = round(result["ours_peak_mb"] / result["trl_peak_mb"], 3)
+    if "ours" in runs and "trl_precompute" in runs:
+        pre = "trl_precompute"
+        result["speed_ratio_vs_precompute"] = round(result["ours_pairs_s"] / result[f"{pre}_pairs_s"], 3)
+        result["memory_ratio_vs_precompute"] = round(result["ours_peak_mb"] / result[f"{pre}_peak_mb"], 3)
+    print(json.dumps(result), flush=True)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    main()

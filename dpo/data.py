@@ -1,0 +1,222 @@
+"""Preference pairs for training: from the store, or from records in TRL's conversational format.
+
+    with session_scope() as s:
+        pairs = select_pairs(s, PairFilter(constitution="harmless", methods=("revision", "ai")))
+    pairs = examples_from_records(load_from_disk("out/harmless")["train_prefs"])
+    train, held_out = split_eval(pairs, 0.1)
+
+Also the reference log-prob cache (store.RefLogp): keyed by what determines the number (model,
+truncation settings, prompt messages, response text), so a second run on the same pairs, or
+a run on a superset, reads instead of recomputing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.orm import aliased
+from sqlmodel import Session, select
+
+from store.db import session_scope
+from store.keys import content_hash
+from store.models import PreferencePair, Prompt, RefLogp, Response
+from store.upsert import insert_ignore
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """One training pair: prompt messages (ending with the user turn), two answers, the label."""
+
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+    label_prob: float = 1.0  # P(chosen better); 1.0 for revision pairs and hard labels
+    id: str = ""  # PreferencePair.id, or a content hash for records without one
+    method: str = ""  # revision | ai | "" when unknown
+
+    @property
+    def prompt_key(self) -> str:
+        return content_hash("prompt", list(self.prompt))
+
+
+def _completion_text(value: Any, where: str) -> str:
+    """A TRL completion: a string, or [{"role": "assistant", "content": ...}]."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], Mapping) and "content" in value[-1]:
+        if value[-1].get("role", "assistant") != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant's, "
+                             f"got role {value[-1].get('role')!r}")
+        return str(value[-1]["content"])
+    raise ValueError(f"{where}: expected a string or a list of messages ending with the assistant's answer")
+
+
+def _messages(value: Any, where: str) -> tuple[Message, ...]:
+    if isinstance(value, str):  # a plain-text prompt is one user turn
+        return ({"role": "user", "content": value},)
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: expected a non-empty list of {{role, content}} messages")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}[{j}]: expected a {{role, content}} message")
+        out.append({"role": str(m["role"]), "content": str(m["content"])})
+    if out[-1]["role"] == "assistant":
+        raise ValueError(f"{where}: the prompt must end with a user turn, not the assistant's")
+    return tuple(out)
+
+
+def examples_from_records(records: Iterable[Mapping[str, Any]]) -> list[PairExample]:
+    """Pairs from dicts with prompt / chosen / rejected (+ optional label_prob, id, method).
+
+    Accepts what `cai export` writes (TRL's conversational preference format), so a HF
+    `Dataset` of the prefs split can be passed as it is. Errors name the row and the field.
+    """
+    out = []
+    for i, r in enumerate(records):
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in r:
+                raise ValueError(f"record {i}: missing field {key!r} (expected prompt, chosen, rejected)")
+        prompt = _messages(r["prompt"], f"record {i}: prompt")
+        chosen = _completion_text(r["chosen"], f"record {i}: chosen")
+        rejected = _completion_text(r["rejected"], f"record {i}: rejected")
+        p = r.get("label_prob")
+        p = 1.0 if p is None else float(p)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"record {i}: label_prob must lie in [0, 1], got {p}")
+        pid = r.get("id") or r.get("pair_id") or content_hash("pair", list(prompt), chosen, rejected)
+        out.append(PairExample(prompt, chosen, rejected, p, str(pid), str(r.get("method") or "")))
+    return out
+
+
+@dataclass(frozen=True)
+class PairFilter:
+    """Which stored pairs to train on."""
+
+    constitution: str | None = None  # name, or name@version (a version prefix is enough)
+    methods: tuple[str, ...] = ("revision", "ai")
+    statuses: tuple[str, ...] = ("ok",)  # ties and position-inconsistent labels teach nothing reliable
+    min_label_prob: float | None = None
+
+    def describe(self) -> str:
+        # parentheses, not brackets: the CLI prints errors through rich, which eats [markup]
+        parts = [f"constitution={self.constitution or 'any'}", f"method in ({', '.join(self.methods)})",
+                 f"status in ({', '.join(self.statuses)})"]
+        if self.min_label_prob is not None:
+            parts.append(f"label_prob >= {self.min_label_prob}")
+        return ", ".join(parts)
+
+
+def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
+    """Stored pairs joined to their prompt messages and answer texts, in a stable (id) order."""
+    chosen, rejected = aliased(Response), aliased(Response)
+    q = (select(PreferencePair, Prompt.messages, chosen.text, rejected.text)
+         .join(Prompt, Prompt.id == PreferencePair.prompt_id)
+         .join(chosen, chosen.id == PreferencePair.chosen_id)
+         .join(rejected, rejected.id == PreferencePair.rejected_id)
+         .where(PreferencePair.method.in_(list(filt.methods)))
+         .where(PreferencePair.status.in_(list(filt.statuses)))
+         .order_by(PreferencePair.id))
+    if filt.constitution:
+        name, _, version = filt.constitution.partition("@")
+        q = q.where(PreferencePair.constitution == name)
+        if version:
+            q = q.where(PreferencePair.constitution_version.startswith(version, autoescape=True))
+    if filt.min_label_prob is not None:
+        q = q.where(PreferencePair.label_prob >= filt.min_label_prob)
+    out = []
+    for pair, messages, chosen_text, rejected_text in session.exec(q).all():
+        prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+        out.append(PairExample(prompt, chosen_text, rejected_text, float(pair.label_prob), pair.id,
+                               pair.method))
+    return out
+
+
+def constitution_versions(session: Session, pair_ids: Sequence[str]) -> list[str]:
+    """The distinct name@version of the given pairs (a training run records what it learned from)."""
+    refs: set[str] = set()
+    ids = list(pair_ids)
+    for i in range(0, len(ids), 500):
+        rows = session.exec(select(PreferencePair.constitution, PreferencePair.constitution_version)
+                            .where(PreferencePair.id.in_(ids[i:i + 500]))).all()
+        refs.update(f"{n}@{v}" for n, v in rows)
+    return sorted(refs)
+
+
+def split_eval(examples: Sequence[PairExample], fraction: float
+               ) -> tuple[list[PairExample], list[PairExample]]:
+    """Held-out split by a hash of the prompt: stable across runs and machines, and every pair of
+    one prompt lands on the same side, so eval never sees a prompt trained on."""
+    if fraction <= 0 or len(examples) < 2:
+        return list(examples), []
+    bucket = {e.prompt_key: int(e.prompt_key[:8], 16) / 16**8 for e in examples}
+    held = {k for k, b in bucket.items() if b < fraction}
+    if not held and len(bucket) > 1:  # a small set still gets an eval split: the lowest hash
+        held = {min(bucket, key=bucket.get)}
+    if len(held) == len(bucket):  # never hold out everything
+        held.discard(max(held, key=bucket.get))
+    train = [e for e in examples if e.prompt_key not in held]
+    return train, [e for e in examples if e.prompt_key in held]
+
+
+def selection_hash(examples: Sequence[PairExample]) -> str:
+    """Identifies the exact set of pairs a run trained on."""
+    return content_hash("pairs", sorted(e.id for e in examples))
+
+
+# --- reference log-prob cache ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RefValue:
+    logp: float
+    n_tokens: int
+    truncated: bool = False
+
+
+def ref_key(ref_model: str, settings: Mapping[str, Any], prompt: Sequence[Message], response: str) -> str:
+    return content_hash("ref-logp", ref_model, dict(settings), list(prompt), response)
+
+
+class RefCache(Protocol):
+    def get(self, keys: Sequence[str]) -> dict[str, RefValue]: ...
+
+    def put(self, ref_model: str, values: Mapping[str, RefValue]) -> None: ...
+
+
+class StoreRefCache:
+    """Reference log-probs in store.RefLogp (shared by every run and worker on this database)."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url
+
+    def get(self, keys: Sequence[str]) -> dict[str, RefValue]:
+        out: dict[str, RefValue] = {}
+        keys = list(dict.fromkeys(keys))
+        with session_scope(self.url) as s:
+            for i in range(0, len(keys), 500):
+                rows = s.exec(select(RefLogp).where(RefLogp.id.in_(keys[i:i + 500]))).all()
+                out.update({r.id: RefValue(r.logp, r.n_tokens, r.truncated) for r in rows})
+        return out
+
+    def put(self, ref_model: str, values: Mapping[str, RefValue]) -> None:
+        rows = [RefLogp(id=k, ref_model=ref_model, logp=v.logp, n_tokens=v.n_tokens, truncated=v.truncated)
+                for k, v in values.items()]
+        with session_scope(self.url) as s:
+            insert_ignore(s, RefLogp, rows)
+
+
+@dataclass
+class MemoryRefCache:
+    """The same interface in a dict: benchmarks and tests without a database."""
+
+    values: dict[str, RefValue] = field(default_factory=dict)
+
+    def get(self, keys: Sequence[str]) -> dict[str, RefValue]:
+        return {k: self.values[k] for k in keys if k in self.values}
+
+    def put(self, ref_model: str, values: Mapping[str, RefValue]) -> None:
+        self.values.update(values)

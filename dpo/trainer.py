@@ -1,0 +1,404 @@
+"""The DPO training loop: one policy in memory, reference log-probs computed once up front.
+
+    model, tok = load_policy("/path/to/hf-model")
+    result = train_dpo(model, tok, train_pairs, eval_pairs, TrainerConfig(beta=0.1),
+                       out_dir=Path("runs/x"), ref_model_id="smollm2-135m", ref_cache=MemoryRefCache())
+    save_model(model, tok, Path("runs/x"))
+
+The reference model is the base model, so before the first update the same weights score
+every (prompt, response) once (no grad, sorted by length, big batches) and the numbers go to
+the cache (store.RefLogp in the flow). Training then holds the policy alone: no second copy
+of the weights, no second forward per step. A rerun on the same pairs finds every reference
+log-prob cached and skips that pass. On `resume` the pass runs (if anything is missing) before
+the checkpoint's weights are loaded, so it always sees the base weights.
+
+Chosen and rejected of a micro-batch go through one forward (concatenated), so the step pays
+the per-call overhead once and pads both to one width.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dpo.data import PairExample, RefCache, RefValue, ref_key
+from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_pair_logps, pair_batch, sequence_logps
+from dpo.loss import LOSS_TYPES, dpo_loss, pair_metrics
+
+log = logging.getLogger("cai.dpo")
+SCHEDULERS = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainerConfig:
+    """How to train; what to train on is the caller's business (see flows/train.py)."""
+
+    beta: float = 0.1  # KL strength: lower lets the policy drift further from the base model
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
+    label_smoothing: float = 0.0  # ε for pairs without a soft label: assumed label-flip rate
+    use_soft_labels: bool = True  # AI-labelled pairs train with ε = 1 − label_prob
+    epochs: int = 1  # passes over the training pairs
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    lr: float = 5e-6  # DPO needs small steps: the implicit reward is a log-ratio against the start
+    weight_decay: float = 0.0  # DPO is usually run without it
+    batch_size: int = 4  # pairs per forward (each pair is two sequences)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.1  # fraction of steps to ramp the lr up: early steps see a sharp loss
+    scheduler: str = "linear"  # decay after warmup: linear | cosine | constant
+    max_grad_norm: float = 1.0  # clip; 0 disables
+    max_length: int = 512  # prompt + completion tokens per sequence
+    max_prompt_length: int = 256  # prompt tokens kept (from the end)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
+    seed: int = 0  # data order and anything random
+    eval_every: int | None = None  # steps between held-out evals; None: about ten per run
+    early_stop_patience: int | None = None  # stop after this many evals without a lower eval loss
+    checkpoint_every: int = 0  # steps between checkpoints; 0: none
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    ref_batch_tokens: int = 8192  # token budget of one no-grad batch (reference and eval passes)
+    gradient_checkpointing: bool = False  # trade ~30% more compute for far less activation memory
+
+    def validate(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype {self.dtype!r}: expected float32 or bfloat16")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps taken in total (including before a resume)
+    total_steps: int  # what the schedule was planned for
+    resumed_from: int | None  # checkpoint step this run continued from
+    stopped_early: bool
+    ref_computed: int  # reference log-probs computed by this run
+    ref_reused: int  # found in the cache
+    truncated: int  # sequences cut to max_length / max_prompt_length
+    n_train: int
+    n_eval: int
+    final_train: dict[str, float] = field(default_factory=dict)  # last step's metrics
+    final_eval: dict[str, float] = field(default_factory=dict)  # last eval's metrics
+    history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "split", **metrics}
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    train_pairs_per_s: float = 0.0  # pairs through the optimizer per second of training
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("history")
+        return d
+
+
+MetricsHook = Callable[[int, str, dict[str, float]], None]
+
+
+def load_policy(path: str | Path, device: str = "auto"):
+    """The model in fp32 (master weights) and its tokenizer, on `device` (auto: cuda if present)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """HF format (safetensors + tokenizer + generation config): from_pretrained and vLLM read it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def _disable_dropout(model) -> None:
+    # with dropout on, policy != reference at step 0 and the loss starts off ln 2 for no reason
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def _activation_checkpointing(model, on: bool) -> None:
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; 4.x has the old names
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _optimizer(model, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on norms and biases
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # fused: one kernel per step and no foreach temporaries the size of the model
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+class _Pairs:
+    """Encoded pairs with their reference log-probs and per-pair label smoothing, as tensors."""
+
+    def __init__(self, enc: list[tuple[Encoded, Encoded]], ref_c: list[float], ref_r: list[float],
+                 eps: list[float]) -> None:
+        self.enc = enc
+        self.ref_c = torch.tensor(ref_c, dtype=torch.float32)
+        self.ref_r = torch.tensor(ref_r, dtype=torch.float32)
+        self.eps = torch.tensor(eps, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.enc)
+
+
+def _label_eps(e: PairExample, cfg: TrainerConfig) -> float:
+    if cfg.use_soft_labels and e.method != "revision" and e.label_prob < 1.0:
+        return min(0.5, max(0.0, 1.0 - e.label_prob))
+    return cfg.label_smoothing
+
+
+def prepare_pairs(model, encoder: ChatEncoder, examples: Sequence[PairExample], cfg: TrainerConfig,
+                  ref_model_id: str, ref_cache: RefCache) -> tuple[_Pairs, int, int, int]:
+    """Encode pairs and get their reference log-probs: cached ones read, the rest computed now
+    with `model`'s current weights. Returns (pairs, computed, reused, truncated sequences)."""
+    enc = [(encoder.encode(e.prompt, e.chosen), encoder.encode(e.prompt, e.rejected)) for e in examples]
+    settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype}
+    keys = [(ref_key(ref_model_id, settings, e.prompt, e.chosen),
+             ref_key(ref_model_id, settings, e.prompt, e.rejected)) for e in examples]
+    known = ref_cache.get([k for pair in keys for k in pair])
+    todo = [i for i, (c, r) in enumerate(keys) if c not in known or r not in known]
+    computed: dict[str, RefValue] = {}
+    if todo:
+        values = batched_pair_logps(model, [enc[i] for i in todo], encoder.pad_id, cfg.ref_batch_tokens,
+                                    cfg.dtype)
+        for i, ((lp_c, n_c), (lp_r, n_r)) in zip(todo, values, strict=True):
+            (kc, kr), (ec, er) = keys[i], enc[i]
+            for key, lp, n, seq in ((kc, lp_c, n_c, ec), (kr, lp_r, n_r, er)):
+                if key not in known:
+                    computed[key] = RefValue(lp, n, seq.truncated)
+        ref_cache.put(ref_model_id, computed)
+        known = {**known, **computed}
+    pairs = _Pairs(enc, [known[c].logp for c, _ in keys], [known[r].logp for _, r in keys],
+                   [_label_eps(e, cfg) for e in examples])
+    truncated = sum(c.truncated + r.truncated for c, r in enc)
+    return pairs, len(computed), len({k for pair in keys for k in pair}) - len(computed), truncated
+
+
+def _micro_batches(n: int, cfg: TrainerConfig):
+    """Endless stream of index lists: a fresh seeded permutation per epoch, so any step's batch
+    is known from the seed alone and a resumed run sees the same data order."""
+    epoch = 0
+    while True:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        for i in range(0, n, cfg.batch_size):
+            yield perm[i:i + cfg.batch_size]
+        epoch += 1
+
+
+def _pair_forward(model, pairs: _Pairs, idx: list[int], pad_id: int, cfg: TrainerConfig):
+    chosen_rejected = [pairs.enc[i] for i in idx]
+    with autocast_for(model, cfg.dtype):
+        logps, _ = sequence_logps(model, pair_batch(model, chosen_rejected, pad_id))
+    pi_c, pi_r = logps[:len(idx)], logps[len(idx):]
+    dev = logps.device
+    losses, rc, rr = dpo_loss(pi_c, pi_r, pairs.ref_c[idx].to(dev), pairs.ref_r[idx].to(dev), beta=cfg.beta,
+                              loss_type=cfg.loss_type, label_smoothing=pairs.eps[idx].to(dev))
+    tokens = sum(len(c) + len(r) for c, r in chosen_rejected)  # as two sequences, however they were packed
+    return losses, rc, rr, pi_c, pi_r, tokens
+
+
+@torch.no_grad()
+def evaluate(model, pairs: _Pairs, pad_id: int, cfg: TrainerConfig) -> dict[str, float]:
+    """Held-out metrics under the current weights (no grad, length-sorted batches)."""
+    values = batched_pair_logps(model, pairs.enc, pad_id, cfg.ref_batch_tokens, cfg.dtype)
+    pi_c = torch.tensor([c for (c, _), _ in values], dtype=torch.float32)
+    pi_r = torch.tensor([r for _, (r, _) in values], dtype=torch.float32)
+    losses, rc, rr = dpo_loss(pi_c, pi_r, pairs.ref_c, pairs.ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
+                              label_smoothing=pairs.eps)
+    return pair_metrics(losses, rc, rr, pi_c, pi_r)
+
+
+def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence[PairExample],
+              cfg: TrainerConfig, *, out_dir: Path, ref_model_id: str, ref_cache: RefCache,
+              on_metrics: MetricsHook | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
+              logger: logging.Logger | logging.LoggerAdapter | None = None) -> TrainResult:
+    """Train `model` in place on `train`; `meta` is stored in every checkpoint (run ids etc.)."""
+    cfg.validate()
+    if not train:
+        raise ValueError("no training pairs")
+    logger = logger or log
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    _disable_dropout(model)
+    encoder = ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+
+    t0 = time.perf_counter()
+    train_pairs, c1, r1, tr1 = prepare_pairs(model, encoder, train, cfg, ref_model_id, ref_cache)
+    eval_pairs, c2, r2, tr2 = (prepare_pairs(model, encoder, held_out, cfg, ref_model_id, ref_cache)
+                               if held_out else (None, 0, 0, 0))
+    ref_s = time.perf_counter() - t0
+    logger.info("reference log-probs: %d computed, %d reused from the cache (%.1fs); %d sequences truncated",
+                c1 + c2, r1 + r2, ref_s, tr1 + tr2)
+
+    micro_per_step = cfg.grad_accum
+    steps_per_epoch = math.ceil(len(train_pairs) / (cfg.batch_size * micro_per_step))
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, cfg.epochs * steps_per_epoch)
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    eval_every = cfg.eval_every or max(1, total // 10)
+
+    if cfg.gradient_checkpointing:
+        _activation_checkpointing(model, True)
+    model.train()
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda s: lr_factor(s, total, warmup, cfg.scheduler))
+
+    history: list[dict[str, Any]] = []
+    start, resumed_from, best_eval, bad_evals = 0, None, math.inf, 0
+    ckpt_root = out_dir / "checkpoints"
+    if resume:
+        found = latest_checkpoint(ckpt_root)
+        if found:
+            state = load_checkpoint(found[0], model, optimizer, scheduler)
+            start = resumed_from = state["step"]
+            saved = state["meta"]
+            history = list(saved.get("history", []))
+            best_eval, bad_evals = saved.get("best_eval", math.inf), saved.get("bad_evals", 0)
+            logger.info("resumed from %s (step %d of %d)", found[0], start, total)
+        else:
+            logger.info("--resume: no checkpoint under %s, starting from step 0", ckpt_root)
+
+    def emit(step: int, split: str, metrics: dict[str, float]) -> None:
+        history.append({"step": step, "split": split, **metrics})
+        if on_metrics:
+            on_metrics(step, split, metrics)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        logger.info("step %d/%d %s: %s", step, total, split, shown)
+
+    batches = _micro_batches(len(train_pairs), cfg)
+    for _ in range(start * micro_per_step):  # skip what the checkpoint already trained on
+        next(batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_s, stopped_early, step, pairs_trained = 0.0, False, start, 0
+    for step in range(start + 1, total + 1):
+        t_step = time.perf_counter()
+        micro = [next(batches) for _ in range(micro_per_step)]
+        n_pairs = sum(len(m) for m in micro)
+        pairs_trained += n_pairs
+        parts, tokens = [], 0
+        for idx in micro:
+            losses, rc, rr, pi_c, pi_r, n_tok = _pair_forward(model, train_pairs, idx, encoder.pad_id, cfg)
+            (losses.sum() / n_pairs).backward()  # the step's mean over pairs, however it is split
+            parts.append((losses.detach(), rc, rr, pi_c.detach(), pi_r.detach()))
+            tokens += n_tok
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t_step
+        train_s += dt
+        metrics = pair_metrics(*(torch.cat([p[i] for p in parts]) for i in range(5)))
+        metrics.update({"grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens / dt,
+                        "epoch": step * cfg.batch_size * micro_per_step / len(train_pairs)})
+        emit(step, "train", metrics)
+
+        if eval_pairs is not None and (step % eval_every == 0 or step == total):
+            ev = evaluate(model, eval_pairs, encoder.pad_id, cfg)
+            emit(step, "eval", ev)
+            if ev["loss"] < best_eval:
+                best_eval, bad_evals = ev["loss"], 0
+            else:
+                bad_evals += 1
+            if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
+                logger.info("early stop at step %d: eval loss has not improved on %.4f for %d evals",
+                            step, best_eval, bad_evals)
+                stopped_early = True
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total and not stopped_early:
+            state_meta = {**(meta or {}), "history": history, "best_eval": best_eval, "bad_evals": bad_evals,
+                          "total_steps": total}
+            path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state_meta,
+                                   cfg.keep_checkpoints)
+            logger.info("checkpoint %s", path)
+        if stopped_early:
+            break
+
+    # the optimizer state is twice the model: free it before the caller saves the weights
+    del optimizer, scheduler, params
+    model.zero_grad(set_to_none=True)
+    if cfg.gradient_checkpointing:
+        _activation_checkpointing(model, False)
+    model.eval()
+
+    def last(split: str) -> dict[str, float]:
+        row = next((h for h in reversed(history) if h["split"] == split), {})
+        return {k: v for k, v in row.items() if k not in ("step", "split")}
+
+    return TrainResult(
+        steps=step, total_steps=total, resumed_from=resumed_from,
+        stopped_early=stopped_early, ref_computed=c1 + c2, ref_reused=r1 + r2, truncated=tr1 + tr2,
+        n_train=len(train_pairs), n_eval=len(eval_pairs) if eval_pairs is not None else 0,
+        final_train=last("train"), final_eval=last("eval"), history=history,
+        timings={"ref_s": round(ref_s, 3), "train_s": round(train_s, 3),
+                 "total_s": round(time.perf_counter() - t_start, 3)},
+        train_pairs_per_s=round(pairs_trained / train_s, 3) if train_s else 0.0)
+
+
+def plot_metrics(history: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Loss, reward margins/accuracy, log-probs and lr per step, train and eval, to one PNG."""
+    if not history:
+        return None
+    # a bare Figure renders with Agg and leaves pyplot's global backend alone (no display on servers)
+    from matplotlib.figure import Figure
+
+    panels = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+              ("reward accuracy", ["rewards/accuracies"]), ("log-probs", ["logps/chosen", "logps/rejected"]),
+              ("grad norm", ["grad_norm"]), ("learning rate", ["lr"])]
+    fig = Figure(figsize=(15, 8))
+    axes = fig.subplots(2, 3)
+    for ax, (title, keys) in zip(axes.flat, panels, strict=True):
+        for split, style in (("train", "-"), ("eval", "o--")):  # one colour per metric, eval dashed
+            rows = [h for h in history if h["split"] == split]
+            for colour, key in enumerate(keys):
+                pts = [(h["step"], h[key]) for h in rows if key in h]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.plot(xs, ys, style, color=f"C{colour}", label=f"{split} {key}", markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path

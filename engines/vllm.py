@@ -1,0 +1,173 @@
+"""The vLLM engine (GPU): continuous batching, prefix caching and tensor parallelism from vLLM.
+
+    from engines import load, Sampling
+    eng = load("/models/Llama-3.1-8B-Instruct", engine="vllm", tensor_parallel_size=2)
+    eng.generate(conversations, Sampling(max_new_tokens=256, temperature=0.7, n=4, seed=1))
+
+vllm is imported only when this engine is built, so the package works without it. Prompts are
+rendered and tokenized here with the same code as the hf engine (engines/chat.py) and handed
+to vLLM as token ids, so both backends see identical prompts; vLLM's automatic prefix caching
+then shares the few-shot block of critique/revision prompts across the whole call.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import replace
+
+from engines.base import Completion, Conversation, EngineStats, Output, Sampling
+from engines.bundled import ALIASES, DEFAULT_SPEC, resolve
+from engines.chat import check_sampling, encode, end_of_turn_ids, render, row_seed, truncate_left
+
+log = logging.getLogger(__name__)
+
+
+class VLLMEngine:
+    backend = "vllm"
+
+    def __init__(
+        self,
+        spec: str = DEFAULT_SPEC,
+        *,
+        dtype: str = "auto",  # vLLM's choice: the checkpoint's dtype, half precision for fp32 ones
+        tensor_parallel_size: int = 1,  # GPUs one model is split over
+        gpu_memory_utilization: float = 0.9,  # share of GPU memory for weights + KV cache
+        max_context: int | None = None,  # max_model_len; default: the model's max positions
+        enable_prefix_caching: bool = True,  # reuse KV blocks of shared prompt prefixes (few-shot blocks)
+        seed: int = 0,  # engine seed; each request also carries its own content-derived seed
+        llm_kwargs: dict | None = None,  # anything else for vllm.LLM (e.g. enforce_eager, quantization)
+    ) -> None:
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        from vllm import LLM
+
+        self.model_id = DEFAULT_SPEC if spec.lower() in ALIASES else spec
+        path = str(resolve(spec))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        cfg = AutoConfig.from_pretrained(path).get_text_config()
+        # we truncate prompts ourselves (vLLM rejects over-long ones), so we must know the limit
+        self.max_context = int(max_context or getattr(cfg, "max_position_embeddings", None) or 2048)
+        try:  # the same stop ids as the hf engine: config, generation config, chat markers
+            gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:
+            gen_eos = None
+        self.stop_ids = end_of_turn_ids(self.tokenizer, getattr(cfg, "eos_token_id", None), gen_eos)
+        self.llm = LLM(
+            model=path, tokenizer=path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=self.max_context,
+            enable_prefix_caching=enable_prefix_caching, seed=seed, **(llm_kwargs or {}),
+        )
+        self.stats = EngineStats()
+
+    def _prompts(self, conversations: list[Conversation], reserve: int) -> tuple[list[list[int]], list[int]]:
+        ids, dropped = [], []
+        for i, conv in enumerate(conversations):
+            toks, cut = truncate_left(encode(self.tokenizer, render(self.tokenizer, conv, i)),
+                                      self.max_context - reserve)
+            ids.append(toks)
+            dropped.append(cut)
+        if n := sum(1 for d in dropped if d):
+            self.stats.truncations += n
+            log.warning("%d of %d prompts exceed the context (%d tokens, %d kept for the reply) and lost "
+                        "%d tokens from the left", n, len(conversations), self.max_context, reserve,
+                        sum(dropped))
+        return ids, dropped
+
+    def generate(self, conversations: list[Conversation], sampling: Sampling) -> list[Completion]:
+        from vllm import SamplingParams
+
+        check_sampling(sampling)
+        if not conversations:
+            return []
+        t0 = time.perf_counter()
+        prompts, dropped = self._prompts(conversations, sampling.max_new_tokens)
+        greedy = sampling.temperature <= 0
+        draws = 1 if greedy else sampling.n  # greedy: one reply copied n times (some vLLMs refuse n>1)
+        params, todo = [], []
+        for i, ids in enumerate(prompts):
+            max_new = min(sampling.max_new_tokens, self.max_context - len(ids))
+            if max_new <= 0:
+                continue  # vLLM needs max_tokens >= 1; these rows get empty "length" outputs below
+            todo.append(i)
+            params.append(SamplingParams(
+                n=draws, temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p,
+                max_tokens=max_new, stop=list(sampling.stop) or None, stop_token_ids=sorted(self.stop_ids),
+                # per-request seed from the conversation's content (as in the hf engine): samples do
+                # not depend on which other prompts share the call
+                seed=None if greedy else row_seed(sampling.seed, conversations[i], 0),
+                skip_special_tokens=True,
+            ))
+        requests = [{"prompt_token_ids": prompts[i]} for i in todo]  # a vllm TokensPrompt
+        results = self.llm.generate(requests, params, use_tqdm=False) if todo else []
+        by_index = dict(zip(todo, results, strict=True))
+        completions = []
+        for i, ids in enumerate(prompts):
+            req = by_index.get(i)
+            if req is None:
+                outs = [Output("", 0, "length") for _ in range(sampling.n)]
+            else:
+                got = [Output(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
+                       for o in req.outputs]
+                outs = [replace(got[j % len(got)]) for j in range(sampling.n)]
+            completions.append(Completion(outputs=outs, prompt_tokens=len(ids), truncated_tokens=dropped[i]))
+        self.stats.calls += 1
+        self.stats.prompt_tokens += sum(len(p) for p in prompts)
+        self.stats.completion_tokens += sum(o.completion_tokens for c in completions for o in c.outputs)
+        self.stats.seconds += time.perf_counter() - t0
+        return completions
+
+    def choice_logprobs(
+        self, conversations: list[Conversation], choices: list[str]
+    ) -> list[dict[str, float]]:
+        """Sum of the choice tokens' prompt logprobs: one max_tokens=1 request per (conversation, choice).
+
+        The choice is tokenized on its own and appended to the prompt ids, exactly like the hf
+        engine. Prefix caching makes the repeated prompt of each choice (nearly) free.
+        """
+        from vllm import SamplingParams
+
+        if not conversations:
+            return []
+        if not choices:
+            return [{} for _ in conversations]
+        t0 = time.perf_counter()
+        choice_ids = [encode(self.tokenizer, ch) for ch in choices]
+        if empty := [ch for ch, ids in zip(choices, choice_ids, strict=True) if not ids]:
+            raise ValueError(f"choices must tokenize to at least one token; got {empty!r}")
+        prompts, _ = self._prompts(conversations, max(len(c) for c in choice_ids))
+        requests = [{"prompt_token_ids": p + c} for p in prompts for c in choice_ids]
+        # prompt_logprobs=1: each position's entry holds the actual prompt token (plus the top-1)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+        results = self.llm.generate(requests, params, use_tqdm=False)
+        out: list[dict[str, float]] = []
+        k = 0
+        for p in prompts:
+            row = {}
+            for ch, ids in zip(choices, choice_ids, strict=True):
+                plp = results[k].prompt_logprobs  # entry 0 is None: the first token has no context
+                row[ch] = float(sum(plp[len(p) + t][tok].logprob for t, tok in enumerate(ids)))
+                k += 1
+            out.append(row)
+        self.stats.calls += 1
+        self.stats.prompt_tokens += sum(len(p) for p in prompts)
+        self.stats.seconds += time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        import torch
+
+        self.llm = None  # type: ignore[assignment]
+        try:  # frees the process group so another engine can start in this process
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception:  # noqa: BLE001 - best effort; older/newer vllm may lack these
+            pass
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

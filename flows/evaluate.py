@@ -1,0 +1,394 @@
+"""Evaluation as a Prefect flow: a trained model against a baseline on held-out prompts.
+
+    cai eval --model runs/harmless-dpo --baseline smollm2-135m --prompts red-team-heldout,benign-heldout
+
+Both models answer every prompt greedily with the same settings (one model loaded at a time).
+Then the feedback model (`judge`, by default the baseline) compares the two answers to each
+prompt under a few of the constitution's preference principles, in both orders, exactly as
+the label flow judges pairs (flows/judge.py). Each answer also goes through the transparent
+refusal detector (flows/refusal.py). Refusal rates are reported per prompt set: refusing a
+red-team prompt can be right, refusing a benign one is a failure (over-refusal).
+
+One EvalResult row per (prompt, model); a rerun finds them and does no model work.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+from sqlmodel import Session, select
+
+from constitution.load import Constitution, Preference
+from engines.base import Completion, Sampling
+from flows import judge
+from flows.common import (
+    UserError,
+    cached_engine,
+    drop_engines,
+    finish_run,
+    resolve_constitution,
+    start_run,
+    worker_id,
+)
+from flows.prompts import ensure_tags, prompts_for_tags
+from flows.refusal import detect
+from flows.stage import Stage, StageStats, run_stage
+from store.db import session_scope
+from store.keys import content_hash
+from store.models import EvalResult, Prompt
+from store.upsert import insert_ignore
+
+ROLES = ("model", "baseline")
+
+
+class EvalConfig(BaseModel):
+    model: str  # the trained model: a HF directory written by `cai train` (runs/<name>)
+    baseline: str = "smollm2-135m"  # what the model is compared with: usually the model it started from
+    judge: str | None = None  # feedback model; None = the baseline, so no model grades its own answers
+    prompts: list[str] = Field(default_factory=lambda: ["red-team-heldout", "benign-heldout"])  # held out
+    constitution: str = "harmless"  # whose preference principles the judge answers
+    principles: int = 3  # principles drawn per prompt; both orders each, so 2x this many judge calls
+    max_new_tokens: int = 128  # the same cap for both models, so neither wins by length alone
+    limit: int | None = None  # first N prompts of each set (by id): quick runs on a CPU
+    name: str | None = None  # label for this comparison; default "<model>-vs-<baseline>"
+    engine: str = "auto"  # hf | vllm | auto
+    engine_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. max_batch_tokens, dtype
+    judge_max_chars: int = 1200  # per message in the judge prompt, as in the label flow (cut in the middle)
+    seed: int = 0  # fixes which principles are drawn for each prompt
+    chunk_size: int = 64  # items per engine call and per transaction: a crash loses at most this many
+    lease_s: float = 900  # how long another worker waits before taking over a silent worker's items
+    database_url: str | None = None  # default: CAI_DATABASE_URL or ./cai.db
+    show_progress: bool = True  # rich progress bars in a terminal
+
+    @property
+    def judge_model(self) -> str:
+        return self.judge or self.baseline
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=0)
+
+
+# --- identity ------------------------------------------------------------------------------
+
+def short_name(spec: str) -> str:
+    return Path(spec.rstrip("/")).name or spec
+
+
+def eval_name(cfg: EvalConfig, c: Constitution, fingerprints: dict[str, str]) -> str:
+    """`<label>@<hash of everything that shapes the results>`, so a changed setting never
+    mixes with old rows under one name (the report groups by this name)."""
+    label = cfg.name or f"{short_name(cfg.model)}-vs-{short_name(cfg.baseline)}"
+    settings = [fingerprints, c.name, c.version, cfg.principles, cfg.seed, cfg.sampling().to_dict(),
+                cfg.engine, cfg.judge_max_chars, judge.TEMPLATE_ID]
+    return f"{label}@{content_hash(settings, length=8)}"
+
+
+def result_key(name: str, prompt_id: str, role: str, fingerprint: str, sampling: Sampling) -> str:
+    return content_hash("eval", name, prompt_id, role, fingerprint, sampling.to_dict())
+
+
+# --- pure pieces ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenItem:
+    key: str
+    prompt: Prompt
+    tag: str
+    role: str
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    key: str  # the model's row id: judged when its win_prob is set
+    baseline_key: str
+    prompt: Prompt
+    model_text: str
+    baseline_text: str
+    principles: tuple[Preference, ...]
+
+
+@dataclass(frozen=True)
+class JudgeOutcome:
+    label: judge.PairLabel  # x = the model's answer, y = the baseline's
+    judgments: list[dict[str, Any]]  # principle, order, logp_a, logp_b, prob_x
+
+
+def select_items(prompts_by_tag: dict[str, list[Prompt]], limit: int | None) -> list[tuple[str, Prompt]]:
+    """(tag, prompt) per prompt; a prompt in two sets counts in the first set named."""
+    seen: set[str] = set()
+    out = []
+    for tag, prompts in prompts_by_tag.items():
+        picked = [p for p in prompts if p.id not in seen]
+        picked = picked[:limit] if limit else picked
+        seen |= {p.id for p in picked}
+        out += [(tag, p) for p in picked]
+    return out
+
+
+def judge_conversations(item: JudgeItem, max_chars: int) -> tuple[list[list[dict]], list[str], list[str]]:
+    """Both orders under each principle: (conversations, orders, principle ids), aligned."""
+    convs, orders, pids = [], [], []
+    texts = {"xy": (item.model_text, item.baseline_text), "yx": (item.baseline_text, item.model_text)}
+    for pref in item.principles:
+        for order in judge.ORDERS:
+            question = judge.judge_question(item.prompt.messages, pref.question, *texts[order], max_chars)
+            convs.append(judge.answer_conversation(question))
+            orders.append(order)
+            pids.append(pref.id)
+    return convs, orders, pids
+
+
+def judge_chunk(engine, items: Sequence[JudgeItem], max_chars: int) -> list[JudgeOutcome]:
+    """One batched `choice_logprobs` call for every judgment of a chunk of prompts."""
+    parts = [judge_conversations(it, max_chars) for it in items]
+    scored = judge.score(engine, [c for convs, _, _ in parts for c in convs],
+                         [o for _, orders, _ in parts for o in orders])
+    out, i = [], 0
+    for convs, orders, pids in parts:
+        mine = list(zip(pids, orders, scored[i:i + len(convs)], strict=True))
+        i += len(convs)
+        out.append(JudgeOutcome(
+            label=judge.label_pair([(pid, o, sc.prob_x) for pid, o, sc in mine], min_margin=0.0),
+            judgments=[{"principle": pid, "order": o, "logp_a": sc.logp_a, "logp_b": sc.logp_b,
+                        "prob_x": sc.prob_x} for pid, o, sc in mine]))
+    return out
+
+
+def rate(values: Sequence[float | bool]) -> float | None:
+    return sum(float(v) for v in values) / len(values) if values else None
+
+
+def summarize(rows: Sequence[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
+    """prompt set -> role -> n, refusal rate, win rate vs the other model, judged count.
+
+    Win rate is the mean over prompts of P(this answer better), each P already averaged over
+    principles and both orders. Position consistency: share of judged prompts whose two
+    orders named the same winner (a judge that follows the slot, not the answer, scores low).
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[EvalResult]] = {}
+    for r in rows:
+        groups.setdefault((r.prompt_tag, r.role), []).append(r)
+    for (tag, role), rs in sorted(groups.items()):
+        judged = [r for r in rs if r.win_prob is not None]
+        out.setdefault(tag, {})[role] = {
+            "model": rs[0].model,
+            "n": len(rs),
+            "refusals": sum(r.refused for r in rs),
+            "refusal_rate": rate([r.refused for r in rs]),
+            "judged": len(judged),
+            "win_rate": rate([r.win_prob for r in judged]),
+            "position_consistency": rate([r.details.get("status") != "position-inconsistent"
+                                          for r in judged]),
+        }
+    return out
+
+
+# --- stages --------------------------------------------------------------------------------
+
+def _done_ids(session: Session, keys: list[str]) -> set[str]:
+    found: set[str] = set()
+    for i in range(0, len(keys), 500):
+        found |= set(session.exec(select(EvalResult.id).where(EvalResult.id.in_(keys[i:i + 500]))))
+    return found
+
+
+def _judged_ids(session: Session, keys: list[str]) -> set[str]:
+    found: set[str] = set()
+    for i in range(0, len(keys), 500):
+        found |= set(session.exec(select(EvalResult.id).where(EvalResult.id.in_(keys[i:i + 500]),
+                                                              EvalResult.win_prob.is_not(None))))
+    return found
+
+
+def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str]):
+    """The engine, loaded only when some item is still to do: a rerun never loads a model.
+
+    Loaded here rather than inside the stage so a model that cannot load stops the flow with
+    its message, instead of being recorded as a failure of every item.
+    """
+    with session_scope(cfg.database_url) as s:
+        if len(done(s, keys)) == len(set(keys)):
+            return None
+    return cached_engine(spec, cfg.engine, **cfg.engine_settings)
+
+
+def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprint: str, run_id: str,
+                    items: list[GenItem]) -> StageStats:
+    sampling = cfg.sampling()
+    engine = _engine_if_pending(cfg, spec, _done_ids, [it.key for it in items])
+
+    def compute(chunk: list[GenItem]) -> list[Completion]:
+        return engine.generate([it.prompt.messages for it in chunk], sampling)
+
+    def write(session: Session, results: list[tuple[GenItem, Completion]]) -> None:
+        # an empty answer is kept: it is what the model said, a bad answer, not a failed item
+        rows = []
+        for it, comp in results:
+            text = comp.text.strip()
+            refused, pattern = detect(text)
+            rows.append(EvalResult(
+                id=it.key, eval_name=name, prompt_id=it.prompt.id, prompt_tag=it.tag, model=spec, role=role,
+                text=text, refused=refused, refusal_pattern=pattern, run_id=run_id,
+                details={"fingerprint": fingerprint, "sampling": sampling.to_dict(),
+                         "prompt_tokens": comp.prompt_tokens,
+                         "completion_tokens": comp.outputs[0].completion_tokens,
+                         "finish_reason": comp.outputs[0].finish_reason}))
+        insert_ignore(session, EvalResult, rows)
+
+    stage = Stage(name=f"eval.generate.{role}", key=lambda it: it.key, done=_done_ids, compute=compute,
+                  write=write, tokens=lambda comp: comp.outputs[0].completion_tokens,
+                  size=lambda it: len(it.prompt.text))
+    return run_stage(stage, items, worker=worker_id(), run_id=run_id, chunk_size=cfg.chunk_size,
+                     lease_s=cfg.lease_s, url=cfg.database_url, show_progress=cfg.show_progress)
+
+
+def _judge_stage(cfg: EvalConfig, run_id: str, items: list[JudgeItem]) -> StageStats:
+    engine = _engine_if_pending(cfg, cfg.judge_model, _judged_ids, [it.key for it in items])
+
+    def compute(chunk: list[JudgeItem]) -> list[JudgeOutcome]:
+        return judge_chunk(engine, chunk, cfg.judge_max_chars)
+
+    def write(session: Session, results: list[tuple[JudgeItem, JudgeOutcome]]) -> None:
+        for it, res in results:
+            common = {"judge": cfg.judge_model, "judge_template": judge.TEMPLATE_ID,
+                      "status": res.label.status, "principles": [p.id for p in it.principles]}
+            model_row, base_row = session.get(EvalResult, it.key), session.get(EvalResult, it.baseline_key)
+            model_row.win_prob = res.label.prob_x
+            model_row.details = {**model_row.details, **common, "mean_xy": res.label.mean_xy,
+                                 "mean_yx": res.label.mean_yx, "judgments": res.judgments}
+            # the baseline's row carries the same judgments seen from its side
+            base_row.win_prob = 1.0 - res.label.prob_x
+            base_row.details = {**base_row.details, **common, "mean_xy": 1.0 - res.label.mean_yx,
+                                "mean_yx": 1.0 - res.label.mean_xy}
+            session.add(model_row)
+            session.add(base_row)
+
+    stage = Stage(name="eval.judge", key=lambda it: it.key, done=_judged_ids, compute=compute, write=write,
+                  size=lambda it: len(it.model_text) + len(it.baseline_text))
+    return run_stage(stage, items, worker=worker_id(), run_id=run_id, chunk_size=cfg.chunk_size,
+                     lease_s=cfg.lease_s, url=cfg.database_url, show_progress=cfg.show_progress)
+
+
+def _release_models() -> None:
+    """Unload before the next model loads: one model in memory at a time."""
+    drop_engines()
+    gc.collect()
+
+
+# --- tasks and flow ------------------------------------------------------------------------
+
+def load_items(cfg: EvalConfig) -> tuple[Constitution, list[tuple[str, Prompt]]]:
+    with session_scope(cfg.database_url) as s:
+        c = resolve_constitution(s, cfg.constitution)
+        ensure_tags(s, cfg.prompts)
+    with session_scope(cfg.database_url) as s:
+        by_tag = {tag: prompts_for_tags(s, [tag]) for tag in cfg.prompts}
+    return c, select_items(by_tag, cfg.limit)
+
+
+@task(name="eval-generate", cache_policy=NO_CACHE)
+def generate_task(cfg: EvalConfig, name: str, role: str, fingerprint: str, run_id: str) -> StageStats:
+    _, items = load_items(cfg)
+    spec = cfg.model if role == "model" else cfg.baseline
+    work = [GenItem(result_key(name, p.id, role, fingerprint, cfg.sampling()), p, tag, role)
+            for tag, p in items]
+    return _generate_stage(cfg, name, role, spec, fingerprint, run_id, work)
+
+
+@task(name="eval-judge", cache_policy=NO_CACHE)
+def judge_task(cfg: EvalConfig, name: str, fingerprints: dict[str, str], run_id: str) -> StageStats:
+    c, items = load_items(cfg)
+    keys = {role: {p.id: result_key(name, p.id, role, fingerprints[role], cfg.sampling()) for _, p in items}
+            for role in ROLES}
+    with session_scope(cfg.database_url) as s:
+        rows = {r.id: r for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name))}
+    work = []
+    for _, p in items:
+        m, b = rows.get(keys["model"][p.id]), rows.get(keys["baseline"][p.id])
+        if m is None or b is None:  # an answer failed to generate: nothing to compare
+            continue
+        picks = tuple(pref for pref, _ in judge.draw_principles(c, cfg.seed, p.id, cfg.principles))
+        work.append(JudgeItem(m.id, b.id, p, m.text, b.text, picks))
+    return _judge_stage(cfg, run_id, work)
+
+
+def _stage_summary(s: StageStats) -> dict[str, Any]:
+    return {"items": s.items, "done_before": s.done_before, "computed": s.computed, "failed": s.failed,
+            "quarantined": s.quarantined, "by_others": s.by_others, "tokens": s.tokens,
+            "engine_s": round(s.engine_s, 3), "total_s": round(s.total_s, 3)}
+
+
+@flow(name="eval", log_prints=True)
+def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    c, items = load_items(cfg)
+    if not items:
+        raise UserError(f"no prompts tagged {', '.join(cfg.prompts)}; add some with "
+                        "`cai prompts add FILE --tag TAG`")
+    # the weights, not the path, identify a model: re-evaluating a retrained runs/<name> is new work
+    from flows.train import model_fingerprint  # imports torch: here, not at module level
+
+    fingerprints = {role: model_fingerprint(spec) for role, spec in
+                    (("model", cfg.model), ("baseline", cfg.baseline), ("judge", cfg.judge_model))}
+    name = eval_name(cfg, c, fingerprints)
+    run_id = start_run("eval", cfg.model_dump() | {"eval_name": name}, model=cfg.model, engine=cfg.engine,
+                       constitution=c, url=cfg.database_url)
+    logger.info("eval %s: %d prompts (%s), judge %s under %s, run %s", name, len(items),
+                ",".join(cfg.prompts), cfg.judge_model, c.ref, run_id)
+    try:
+        stages = []
+        for role in ROLES:
+            stages.append(generate_task(cfg, name, role, fingerprints[role], run_id))
+            if not (role == "baseline" and cfg.judge_model == cfg.baseline):  # the judge reuses it
+                _release_models()
+        stages.append(judge_task(cfg, name, fingerprints, run_id))
+        _release_models()
+        ids = {result_key(name, p.id, role, fingerprints[role], cfg.sampling())
+               for _, p in items for role in ROLES}
+        with session_scope(cfg.database_url) as s:
+            rows = [r for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name)) if r.id in ids]
+    except BaseException:
+        finish_run(run_id, "failed", url=cfg.database_url)
+        raise
+    summary = {
+        "run_id": run_id, "eval_name": name, "model": cfg.model, "baseline": cfg.baseline,
+        "judge": cfg.judge_model, "constitution": c.ref, "prompts": len(items), "sets": summarize(rows),
+        "stages": {s.stage: _stage_summary(s) for s in stages},
+        "computed": sum(s.computed for s in stages), "failed": sum(s.failed for s in stages),
+        "total_s": round(time.perf_counter() - t0, 3),
+    }
+    finish_run(run_id, "completed", summary=summary, timings={s.stage: round(s.total_s, 3) for s in stages},
+               url=cfg.database_url)
+    logger.info("eval done: %d rows computed, %d failed, %.1fs", summary["computed"], summary["failed"],
+                summary["total_s"])
+    return summary
+
+
+def render(summary: dict[str, Any], console) -> None:
+    """The summary as a rich table: per prompt set x model, n, refusal rate, win rate."""
+    from rich.table import Table
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    caption = (f"model {summary['model']}, baseline {summary['baseline']}, judge {summary['judge']}, "
+               f"{summary['constitution']}. On benign sets a refusal is over-refusal: lower is better.")
+    table = Table("prompt set", "role", "n", "refusal rate", "win rate vs other", "judged",
+                  title=f"eval {summary['eval_name']}", caption=caption)
+    for tag, roles in summary["sets"].items():
+        for role, st in roles.items():
+            table.add_row(tag, role, str(st["n"]), pct(st["refusal_rate"]), pct(st["win_rate"]),
+                          str(st["judged"]))
+    console.print(table)
+    console.print(f"computed {summary['computed']} rows, {summary['failed']} failed, "
+                  f"{summary['total_s']:.1f}s (run {summary['run_id'][:12]})", highlight=False)

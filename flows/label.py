@@ -1,0 +1,492 @@
+"""RL-CAI as a Prefect flow: candidate responses -> judgments in both orders -> soft-labelled pairs.
+
+    cai label --constitution harmless --prompts red-team --policy smollm2-135m \
+        --judge smollm2-135m --samples 2 --principles-per-pair 4 [--source store] [--cot]
+
+Stages, each batched over every pending item and resumable (rows are keyed by what made them):
+sample (k policy samples per prompt; skipped with --source store) -> cot (optional reasoning)
+-> judge ((A)/(B) log-probs per pair x principle x order) -> pair (the averaged soft label).
+The pure parts (prompts, draws, probabilities) live in flows/judge.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from constitution.load import Constitution, Preference
+from engines.base import Completion, Sampling
+from flows import judge
+from flows.common import UserError, cached_engine, finish_run, resolve_constitution, start_run, worker_id
+from flows.prompts import ensure_tags, prompts_for_tags
+from flows.stage import Stage, StageStats, run_stage
+from store.db import session_scope
+from store.keys import content_hash
+from store.models import Judgment, PreferencePair, Prompt, Response
+from store.upsert import insert_ignore
+
+Message = dict[str, str]
+COT_KIND = "judge-cot"  # CoT reasoning is its own Response row so the cot stage can resume
+
+
+class LabelConfig(BaseModel):
+    constitution: str = "harmless"  # name (current file), name@version (stored) or a path
+    prompts: list[str] = Field(default_factory=lambda: ["red-team"])  # prompt tags; bundled sets auto-import
+    limit: int | None = None  # use only the first N prompts (by id): quick runs on a CPU
+    policy: str = "smollm2-135m"  # samples come from it; with source=store, only its responses are used
+    judge: str = "smollm2-135m"  # the feedback model that picks (A) or (B)
+    engine: str = "auto"  # hf | vllm | auto, for both models
+    engine_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. max_batch_tokens, dtype
+    source: Literal["samples", "store"] = "samples"  # fresh policy samples, or responses already stored
+    kinds: list[str] = Field(default_factory=lambda: ["initial", "final-revision"])  # source=store candidates
+    samples: int = 2  # policy samples per prompt (source=samples); every unordered pair is judged
+    temperature: float = 1.0  # sampling the policy at T=1 gives the judge genuinely different answers
+    top_p: float = 1.0  # no nucleus trimming: the samples should reflect the policy as it is
+    max_new_tokens: int = 128  # sample length; CPU time grows linearly with it
+    principles_per_pair: int = 4  # an ensemble of principles makes the label less noisy (the paper uses 16)
+    min_margin: float = 0.05  # labels closer than this to 0.5 are ties, kept out of training
+    cot: bool = False  # the judge writes reasoning before answering (slower; clamped probabilities)
+    cot_clamp: tuple[float, float] = (0.4, 0.6)  # CoT verdicts are near-certain; the paper clamps to 40-60%
+    cot_max_new_tokens: int = 96  # a short argument is enough and keeps the prompt in context
+    cot_temperature: float = 0.0  # greedy reasoning: reproducible; >0 makes repeats differ
+    max_chars: int = 1200  # per message in the judge prompt; longer texts are cut in the middle
+    seed: int = 0  # fixes samples and principle draws
+    chunk_size: int = 64  # items per engine call and per transaction: a crash loses at most this many
+    lease_s: float = 900  # how long another worker waits before taking over a silent worker's items
+    database_url: str | None = None  # default: CAI_DATABASE_URL or ./cai.db
+    show_progress: bool = True  # rich progress bars in a terminal
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelConfig:
+        if self.source == "samples" and self.samples < 2:
+            raise ValueError(f"samples must be at least 2 to form a pair (got {self.samples})")
+        if self.principles_per_pair < 1:
+            raise ValueError(f"principles_per_pair must be at least 1 (got {self.principles_per_pair})")
+        if not 0.0 <= self.min_margin < 0.5:
+            raise ValueError(f"min_margin must be in [0, 0.5) (got {self.min_margin})")
+        lo, hi = self.cot_clamp
+        if not 0.0 <= lo <= 0.5 <= hi <= 1.0:
+            raise ValueError(f"cot_clamp must be LO,HI with 0 <= LO <= 0.5 <= HI <= 1 (got {lo},{hi})")
+        if self.source == "store" and not self.kinds:
+            raise ValueError("source=store needs at least one response kind (e.g. initial,final-revision)")
+        return self
+
+    def sampling(self, index: int) -> Sampling:
+        # each sample index gets its own seed: the engine's stream is fixed by (seed, conversation)
+        # and all k samples of a prompt share the conversation
+        return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                        seed=int(content_hash("sample-seed", self.seed, index, length=8), 16))
+
+    def cot_sampling(self) -> Sampling:
+        return Sampling(temperature=self.cot_temperature, max_new_tokens=self.cot_max_new_tokens,
+                        seed=self.seed, stop=("So the answer is",))
+
+    def judge_settings(self) -> dict[str, Any]:
+        """What shapes one judgment besides the pair, principle and order (hashed into its id)."""
+        cot = None
+        if self.cot:
+            cot = {"sampling": self.cot_sampling().to_dict(), "clamp": list(self.cot_clamp)}
+        return {"template": judge.TEMPLATE_ID, "max_chars": self.max_chars, "cot": cot}
+
+    def pair_settings(self) -> dict[str, Any]:
+        return self.judge_settings() | {"principles_per_pair": self.principles_per_pair, "seed": self.seed,
+                                        "min_margin": self.min_margin}
+
+
+def make_config(**fields: Any) -> LabelConfig:
+    """A LabelConfig, with pydantic's complaint turned into one line a person can act on."""
+    try:
+        return LabelConfig(**fields)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        raise UserError(f"label config {where}: {e['msg'].removeprefix('Value error, ')}") from None
+
+
+# --- keys and plan (pure) ------------------------------------------------------------------
+
+def sample_key(prompt_id: str, model: str, sampling: dict, seed: int, index: int) -> str:
+    return content_hash("sample", prompt_id, model, sampling, seed, index)
+
+
+def pair_key(prompt_id: str, x_id: str, y_id: str) -> str:
+    return content_hash("pair", prompt_id, x_id, y_id)
+
+
+def judgment_key(pkey: str, principle_hash: str, repeat: int, order: str, judge_model: str,
+                 settings: dict) -> str:
+    return content_hash("judgment", pkey, principle_hash, repeat, order, judge_model, settings)
+
+
+def pair_id(constitution_version: str, pkey: str, judge_model: str, settings: dict) -> str:
+    return content_hash("ai", constitution_version, pkey, judge_model, settings)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    text: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    key: str
+    prompt_id: str
+    prompt: list[Message]
+    x: Candidate  # canonical order: x.id < y.id
+    y: Candidate
+
+
+def form_pairs(prompt_id: str, prompt: list[Message], candidates: list[Candidate]) -> list[Pair]:
+    """Every unordered pair of a prompt's candidates, x before y by id; identical texts skipped."""
+    unique = sorted({c.id: c for c in candidates}.values(), key=lambda c: c.id)
+    return [Pair(pair_key(prompt_id, x.id, y.id), prompt_id, prompt, x, y)
+            for x, y in itertools.combinations(unique, 2) if x.text.strip() != y.text.strip()]
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    key: str  # the judgment id
+    pair: Pair
+    principle: Preference
+    repeat: int
+    order: str
+    max_chars: int
+    cot: bool
+
+    @property
+    def question(self) -> str:
+        """The judge's user turn, built when needed: a big run holds many items but few texts."""
+        a, b = (self.pair.x, self.pair.y) if self.order == "xy" else (self.pair.y, self.pair.x)
+        return judge.judge_question(self.pair.prompt, self.principle.question, a.text, b.text, self.max_chars,
+                                    self.cot)
+
+    @property
+    def size(self) -> int:
+        texts = [m["content"] for m in self.pair.prompt] + [self.pair.x.text, self.pair.y.text]
+        return sum(min(len(t), self.max_chars) for t in texts) + len(self.principle.question)
+
+
+def judge_items(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> list[JudgeItem]:
+    """principles_per_pair x both orders per pair; one principle is shared by both orders."""
+    settings = cfg.judge_settings()
+    return [JudgeItem(key=judgment_key(p.key, pref.hash, repeat, order, cfg.judge, settings), pair=p,
+                      principle=pref, repeat=repeat, order=order, max_chars=cfg.max_chars, cot=cfg.cot)
+            for p in pairs
+            for pref, repeat in judge.draw_principles(c, cfg.seed, p.key, cfg.principles_per_pair)
+            for order in judge.ORDERS]
+
+
+# --- store reads ---------------------------------------------------------------------------
+
+def _existing(session: Session, column, keys: list[str]) -> set[str]:
+    found: set[str] = set()
+    for i in range(0, len(keys), 500):
+        found |= set(session.exec(select(column).where(column.in_(keys[i:i + 500]))))
+    return found
+
+
+def load_inputs(cfg: LabelConfig) -> tuple[Constitution, list[Prompt]]:
+    """Resolve the constitution and prompts; raise UserError on anything unknown."""
+    with session_scope(cfg.database_url) as s:
+        c = resolve_constitution(s, cfg.constitution)
+        ensure_tags(s, cfg.prompts)
+    if not c.preferences:
+        raise UserError(f"constitution {c.ref} has no preferences: the judge needs at least one question")
+    with session_scope(cfg.database_url) as s:
+        prompts = prompts_for_tags(s, cfg.prompts)
+    return c, prompts[: cfg.limit] if cfg.limit else prompts
+
+
+def preflight(cfg: LabelConfig) -> None:
+    """Everything that can be wrong with the input, checked before Prefect starts (seconds)."""
+    c, prompts = load_inputs(cfg)
+    if not prompts:
+        raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
+    if cfg.source == "store":
+        candidates(cfg, c, prompts)
+
+
+def sample_items(cfg: LabelConfig, prompts: list[Prompt]) -> list[tuple[str, Prompt, int]]:
+    return [(sample_key(p.id, cfg.policy, cfg.sampling(i).to_dict(), cfg.seed, i), p, i)
+            for p in prompts for i in range(cfg.samples)]
+
+
+def candidates(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str, list[Candidate]]:
+    """prompt id -> the responses to compare: this config's samples, or stored rows of `kinds`."""
+    out: dict[str, list[Candidate]] = {p.id: [] for p in prompts}
+    with session_scope(cfg.database_url) as s:
+        if cfg.source == "samples":
+            keys = [k for k, _, _ in sample_items(cfg, prompts)]
+            for i in range(0, len(keys), 500):
+                for r in s.exec(select(Response).where(Response.id.in_(keys[i:i + 500]))):
+                    out[r.prompt_id].append(Candidate(r.id, r.text, r.model))
+            return out
+        ids = list(out)
+        plain = [k for k in cfg.kinds if k not in ("revision", "final-revision")]
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = list(s.exec(select(Response).where(Response.prompt_id.in_(chunk), Response.kind.in_(plain),
+                                                      Response.model == cfg.policy))) if plain else []
+            if "revision" in cfg.kinds or "final-revision" in cfg.kinds:
+                # revisions belong to a constitution: only those made under this one's name
+                revs = list(s.exec(select(Response).where(
+                    Response.prompt_id.in_(chunk), Response.kind == "revision", Response.model == cfg.policy,
+                    Response.constitution == c.name)))
+                if "revision" in cfg.kinds:
+                    rows += revs
+                else:
+                    last: dict[str, int] = {}
+                    for r in revs:
+                        last[r.prompt_id] = max(last.get(r.prompt_id, 0), r.round)
+                    rows += [r for r in revs if r.round == last[r.prompt_id]]
+            for r in rows:
+                out[r.prompt_id].append(Candidate(r.id, r.text, r.model))
+    if not any(out.values()):
+        raise UserError(f"no stored responses of kind {','.join(cfg.kinds)} from model {cfg.policy!r} for "
+                        f"prompts tagged {','.join(cfg.prompts)}; run `cai generate` first, or use "
+                        "--source samples")
+    return out
+
+
+def plan_pairs(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> list[Pair]:
+    cands = candidates(cfg, c, prompts)
+    return [pair for p in prompts for pair in form_pairs(p.id, p.messages, cands[p.id])]
+
+
+def _engine(cfg: LabelConfig, spec: str):
+    # called inside `compute`, so a rerun with nothing pending never loads a model; the first
+    # stage that needs one counts its loading time as engine seconds
+    return cached_engine(spec, cfg.engine, **cfg.engine_settings)
+
+
+def _run(cfg: LabelConfig, run_id: str, stage: Stage, items: list) -> StageStats:
+    return run_stage(stage, items, worker=worker_id(), run_id=run_id, chunk_size=cfg.chunk_size,
+                     lease_s=cfg.lease_s, url=cfg.database_url, show_progress=cfg.show_progress)
+
+
+def _response_done(session: Session, keys: list[str]) -> set[str]:
+    return _existing(session, Response.id, keys)
+
+
+def _tokens(comp: Completion) -> int:
+    return sum(o.completion_tokens for o in comp.outputs)
+
+
+def _nonempty(outs: list[Completion]) -> list[Completion | Exception]:
+    return [c if c.text.strip() else ValueError("empty output from the model") for c in outs]
+
+
+# --- tasks: thin wrappers; each loads its engine itself, only when work is pending ----------
+
+@task(name="sample", cache_policy=NO_CACHE)
+def sample_task(cfg: LabelConfig, run_id: str) -> StageStats:
+    c, prompts = load_inputs(cfg)
+
+    def compute(items: list[tuple[str, Prompt, int]]) -> list[Completion | Exception]:
+        engine = _engine(cfg, cfg.policy)
+        results: dict[str, Completion | Exception] = {}
+        for index in sorted({i for _, _, i in items}):  # one engine call per sample index
+            group = [it for it in items if it[2] == index]
+            outs = engine.generate([p.messages for _, p, _ in group], cfg.sampling(index))
+            results.update(zip([k for k, _, _ in group], _nonempty(outs), strict=True))
+        return [results[k] for k, _, _ in items]
+
+    def write(session: Session, done: list[tuple[tuple[str, Prompt, int], Completion]]) -> None:
+        insert_ignore(session, Response, [Response(
+            id=key, prompt_id=p.id, kind="sample", sample_index=i, conversation=p.messages,
+            text=comp.text.strip(), model=cfg.policy, sampling=cfg.sampling(i).to_dict(), seed=cfg.seed,
+            constitution=c.name, constitution_version=c.version, run_id=run_id,
+            prompt_tokens=comp.prompt_tokens, completion_tokens=comp.outputs[0].completion_tokens,
+            finish_reason=comp.outputs[0].finish_reason,
+        ) for (key, p, i), comp in done])
+
+    stage = Stage(name="label.sample", key=lambda it: it[0], done=_response_done, compute=compute,
+                  write=write, tokens=_tokens, size=lambda it: sum(len(m["content"]) for m in it[1].messages))
+    return _run(cfg, run_id, stage, sample_items(cfg, prompts))
+
+
+def cot_key(judgment: str) -> str:
+    return content_hash(COT_KIND, judgment)
+
+
+@task(name="cot", cache_policy=NO_CACHE)
+def cot_task(cfg: LabelConfig, run_id: str) -> StageStats:
+    c, prompts = load_inputs(cfg)
+    items = judge_items(cfg, c, plan_pairs(cfg, c, prompts))
+    sampling = cfg.cot_sampling()
+
+    def compute(chunk: list[JudgeItem]) -> list[Completion | Exception]:
+        return _nonempty(_engine(cfg, cfg.judge).generate(
+            [judge.cot_conversation(it.question) for it in chunk], sampling))
+
+    def write(session: Session, done: list[tuple[JudgeItem, Completion]]) -> None:
+        insert_ignore(session, Response, [Response(
+            id=cot_key(it.key), prompt_id=it.pair.prompt_id, kind=COT_KIND, principle_id=it.principle.id,
+            principle_hash=it.principle.hash, conversation=judge.cot_conversation(it.question),
+            text=judge.clean_reasoning(comp.text), model=cfg.judge, sampling=sampling.to_dict(),
+            seed=cfg.seed, constitution=c.name, constitution_version=c.version, run_id=run_id,
+            prompt_tokens=comp.prompt_tokens, completion_tokens=comp.outputs[0].completion_tokens,
+            finish_reason=comp.outputs[0].finish_reason,
+        ) for it, comp in done])
+
+    stage = Stage(name="label.cot", key=lambda it: cot_key(it.key), done=_response_done, compute=compute,
+                  write=write, tokens=_tokens, size=lambda it: it.size)
+    return _run(cfg, run_id, stage, items)
+
+
+@task(name="judge", cache_policy=NO_CACHE)
+def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
+    c, prompts = load_inputs(cfg)
+    items = judge_items(cfg, c, plan_pairs(cfg, c, prompts))
+    reasoning: dict[str, str] = {}
+    if cfg.cot:  # judgments whose reasoning is missing (quarantined) wait for a later run
+        with session_scope(cfg.database_url) as s:
+            keys = [cot_key(it.key) for it in items]
+            for i in range(0, len(keys), 500):
+                reasoning.update(s.exec(select(Response.id, Response.text)
+                                        .where(Response.id.in_(keys[i:i + 500]))).all())
+        items = [it for it in items if cot_key(it.key) in reasoning]
+    bounds = cfg.cot_clamp if cfg.cot else None
+
+    def conversation(it: JudgeItem) -> list[Message]:
+        return judge.answer_conversation(it.question, reasoning[cot_key(it.key)] if cfg.cot else None)
+
+    def compute(chunk: list[JudgeItem]) -> list[judge.Scored]:
+        return judge.score(_engine(cfg, cfg.judge), [conversation(it) for it in chunk],
+                           [it.order for it in chunk], bounds)
+
+    def write(session: Session, done: list[tuple[JudgeItem, judge.Scored]]) -> None:
+        insert_ignore(session, Judgment, [Judgment(
+            id=it.key, pair_key=it.pair.key, prompt_id=it.pair.prompt_id, response_x_id=it.pair.x.id,
+            response_y_id=it.pair.y.id, principle_id=it.principle.id, principle_hash=it.principle.hash,
+            order=it.order, logp_a=r.logp_a, logp_b=r.logp_b, prob_x=r.prob_x,
+            reasoning=reasoning.get(cot_key(it.key)), conversation=conversation(it), judge_model=cfg.judge,
+            constitution=c.name, constitution_version=c.version, run_id=run_id,
+        ) for it, r in done])
+
+    stage = Stage(name="label.judge", key=lambda it: it.key,
+                  done=lambda s, keys: _existing(s, Judgment.id, keys), compute=compute, write=write,
+                  size=lambda it: it.size)
+    return _run(cfg, run_id, stage, items)
+
+
+@dataclass(frozen=True)
+class PairItem:
+    id: str
+    pair: Pair
+    judgments: tuple[str, ...]
+    principle_ids: tuple[str, ...]
+
+
+def pair_items(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> list[PairItem]:
+    by_pair: dict[str, list[JudgeItem]] = {}
+    for it in judge_items(cfg, c, pairs):
+        by_pair.setdefault(it.pair.key, []).append(it)
+    settings = cfg.pair_settings()
+    return [PairItem(pair_id(c.version, p.key, cfg.judge, settings), p,
+                     tuple(it.key for it in by_pair[p.key]),
+                     tuple(it.principle.id for it in by_pair[p.key] if it.order == "xy")) for p in pairs]
+
+
+@task(name="pair", cache_policy=NO_CACHE)
+def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
+    c, prompts = load_inputs(cfg)
+    items = pair_items(cfg, c, plan_pairs(cfg, c, prompts))
+    with session_scope(cfg.database_url) as s:  # a pair waits until every judgment of it exists
+        have = _existing(s, Judgment.id, [k for it in items for k in it.judgments])
+    items = [it for it in items if all(k in have for k in it.judgments)]
+
+    def compute(chunk: list[PairItem]) -> list[judge.PairLabel]:
+        with session_scope(cfg.database_url) as s:
+            rows = {j.id: j for j in s.exec(select(Judgment).where(
+                Judgment.id.in_([k for it in chunk for k in it.judgments])))}
+        return [judge.label_pair([(rows[k].principle_id, rows[k].order, rows[k].prob_x)
+                                  for k in it.judgments], cfg.min_margin) for it in chunk]
+
+    def write(session: Session, done: list[tuple[PairItem, judge.PairLabel]]) -> None:
+        policy = cfg.policy if cfg.source == "samples" else None
+        insert_ignore(session, PreferencePair, [PreferencePair(
+            id=it.id, prompt_id=it.pair.prompt_id,
+            chosen_id=(it.pair.x if lab.chosen == "x" else it.pair.y).id,
+            rejected_id=(it.pair.y if lab.chosen == "x" else it.pair.x).id,
+            method="ai", label_prob=lab.label_prob, status=lab.status, principle_ids=list(it.principle_ids),
+            constitution=c.name, constitution_version=c.version,
+            policy_model=policy or ",".join(sorted({it.pair.x.model, it.pair.y.model})),
+            judge_model=cfg.judge,
+            details={"pair_key": it.pair.key, "x_id": it.pair.x.id, "y_id": it.pair.y.id,
+                     "prob_x": lab.prob_x, "mean_xy": lab.mean_xy, "mean_yx": lab.mean_yx,
+                     "n_judgments": lab.n,
+                     "per_principle": lab.per_principle, "judgments": list(it.judgments),
+                     "source": cfg.source, "settings": cfg.pair_settings()},
+            run_id=run_id) for it, lab in done])
+
+    stage = Stage(name="label.pair", key=lambda it: it.id,
+                  done=lambda s, keys: _existing(s, PreferencePair.id, keys), compute=compute, write=write)
+    return _run(cfg, run_id, stage, items)
+
+
+def counts(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str, int]:
+    """What the store holds for this config: pairs by status and their judgments."""
+    items = pair_items(cfg, c, plan_pairs(cfg, c, prompts))
+    ids = [it.id for it in items]
+    out = {"pairs": 0, "ok": 0, "tie": 0, "position-inconsistent": 0}
+    with session_scope(cfg.database_url) as s:
+        for i in range(0, len(ids), 500):
+            for status, n in s.exec(select(PreferencePair.status, func.count()).where(
+                    PreferencePair.id.in_(ids[i:i + 500])).group_by(PreferencePair.status)):
+                out[status] = out.get(status, 0) + n
+                out["pairs"] += n
+        out["judgments"] = len(_existing(s, Judgment.id, [k for it in items for k in it.judgments]))
+    out["candidate_pairs"] = len(items)
+    return out
+
+
+@flow(name="label", log_prints=True)
+def label_flow(cfg: LabelConfig) -> dict[str, Any]:
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    c, prompts = load_inputs(cfg)
+    if not prompts:
+        raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
+    run_id = start_run("label", cfg.model_dump(), model=cfg.judge, engine=cfg.engine, constitution=c,
+                       url=cfg.database_url)
+    logger.info("label %s on %d prompts (%s), source %s, judge %s, run %s", c.ref, len(prompts),
+                ",".join(cfg.prompts), cfg.source, cfg.judge, run_id)
+    try:
+        stages = [sample_task(cfg, run_id)] if cfg.source == "samples" else []
+        if cfg.cot:
+            stages.append(cot_task(cfg, run_id))
+        stages.append(judge_task(cfg, run_id))
+        stages.append(pair_task(cfg, run_id))
+        found = counts(cfg, c, prompts)
+    except BaseException:
+        finish_run(run_id, "failed", url=cfg.database_url)
+        raise
+    summary = {
+        "run_id": run_id, "constitution": c.ref, "prompts": len(prompts), "source": cfg.source,
+        "stages": {s.stage: {"items": s.items, "done_before": s.done_before, "computed": s.computed,
+                             "failed": s.failed, "quarantined": s.quarantined, "by_others": s.by_others,
+                             "tokens": s.tokens, "engine_s": round(s.engine_s, 3),
+                             "total_s": round(s.total_s, 3)}
+                   for s in stages},
+        **found,
+        "computed": sum(s.computed for s in stages),
+        "failed": sum(s.failed for s in stages),
+        "total_s": round(time.perf_counter() - t0, 3),
+    }
+    finish_run(run_id, "completed", summary=summary, timings={s.stage: round(s.total_s, 3) for s in stages},
+               url=cfg.database_url)
+    logger.info("label done: %d pairs (%d ok, %d ties, %d position-inconsistent), %d judgments, %.1fs",
+                found["pairs"], found["ok"], found["tie"], found["position-inconsistent"], found["judgments"],
+                summary["total_s"])
+    return summary

@@ -1,0 +1,462 @@
+"""A static HTML report of everything in the store: one page, PNG plots beside it.
+
+    cai report --out reports/latest [--constitution harmless]
+
+Sections: rows per stage, principle usage, judge label quality (flows/judge_report.py),
+DPO curves of the latest training run, the latest eval (win rate, refusal rates before/after),
+and a few example chains with their constitution version. A section with no data says so,
+so a report on an empty store renders. The page needs no network (no external CSS, JS or
+fonts; images by relative path) and is written with report.json holding every figure.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from prefect import flow
+from pydantic import BaseModel
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from constitution.load import split_ref
+from flows import judge_report
+from flows.common import UserError
+from store.db import session_scope
+from store.models import (
+    EvalResult,
+    PreferencePair,
+    Prompt,
+    PromptTag,
+    Response,
+    Run,
+    TrainingRun,
+    TrainingStep,
+)
+
+IMAGES = ("stages.png", "principles.png", "dpo.png", "eval.png", "label_prob_hist.png",
+          "position_consistency.png", "principle_agreement.png")
+DPO_PANELS = (("loss", "DPO loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
+              ("rewards/accuracies", "reward accuracy"))
+
+
+class ReportConfig(BaseModel):
+    out: Path = Path("reports/latest")  # index.html, report.json and the PNGs go here
+    constitution: str | None = None  # NAME or NAME@VERSION: only its rows; None = everything
+    examples: int = 5  # example chains shown; each is a few screens of text at most
+    max_chars: int = 1200  # long answers are cut in the examples so the page stays readable
+    database_url: str | None = None  # default: CAI_DATABASE_URL or ./cai.db
+
+
+# --- figures: plain data from the store ----------------------------------------------------
+
+def _where(model, ref: str | None) -> list:
+    """Filters on a table's constitution/constitution_version columns for NAME or NAME@VERSION."""
+    if not ref:
+        return []
+    name, version = split_ref(ref)
+    out = [model.constitution == name]
+    if version:
+        out.append(model.constitution_version.startswith(version))
+    return out
+
+
+def stage_counts(s: Session, ref: str | None) -> dict[str, Any]:
+    responses = [{"kind": k, "round": r, "count": n} for k, r, n in s.exec(
+        select(Response.kind, Response.round, func.count()).where(*_where(Response, ref))
+        .group_by(Response.kind, Response.round).order_by(Response.kind, Response.round))]
+    pairs = [{"method": m, "status": st, "count": n} for m, st, n in s.exec(
+        select(PreferencePair.method, PreferencePair.status, func.count()).where(*_where(PreferencePair, ref))
+        .group_by(PreferencePair.method, PreferencePair.status).order_by(PreferencePair.method,
+                                                                         PreferencePair.status))]
+    tags = dict(s.exec(select(PromptTag.tag, func.count()).group_by(PromptTag.tag)
+                       .order_by(PromptTag.tag)).all())
+    runs = [{"flow": r.flow, "status": r.status, "model": r.model,
+             "constitution": f"{r.constitution}@{r.constitution_version}" if r.constitution else "",
+             "started_at": r.started_at.isoformat(timespec="seconds")}
+            for r in s.exec(select(Run).order_by(Run.started_at.desc()).limit(10))]
+    return {"responses": responses, "pairs": pairs, "prompt_tags": tags, "recent_runs": runs}
+
+
+def principle_usage(s: Session, ref: str | None) -> dict[str, int]:
+    rows = s.exec(select(Response.principle_id, func.count()).where(Response.kind == "revision",
+                                                                    *_where(Response, ref))
+                  .group_by(Response.principle_id).order_by(func.count().desc(), Response.principle_id))
+    return {pid or "(none)": n for pid, n in rows}
+
+
+def judge_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
+    try:
+        pairs, judgments = judge_report.load(s, ref)
+    except UserError:  # no AI-labelled pairs yet
+        return None
+    return judge_report.compute(pairs, judgments)
+
+
+def training_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
+    """The latest training run and its metrics per step and split."""
+    stmt = select(TrainingRun).order_by(TrainingRun.started_at.desc())
+    if ref:  # a run trained on several constitutions lists them comma-separated
+        stmt = stmt.where(TrainingRun.constitution.contains(split_ref(ref)[0]))
+    run = s.exec(stmt.limit(1)).first()
+    if run is None:
+        return None
+    steps = s.exec(select(TrainingStep).where(TrainingStep.training_run_id == run.id)
+                   .order_by(TrainingStep.step)).all()
+    series: dict[str, dict[str, list]] = {}
+    for st in steps:
+        for key, _ in DPO_PANELS:
+            if key in st.metrics:
+                pts = series.setdefault(st.split, {}).setdefault(key, [])
+                pts.append([st.step, st.metrics[key]])
+    return {"id": run.id, "base_model": run.base_model, "out_dir": run.out_dir, "status": run.status,
+            "constitution": f"{run.constitution or ''}@{run.constitution_version or ''}".strip("@"),
+            "started_at": run.started_at.isoformat(timespec="seconds"), "final_metrics": run.final_metrics,
+            "steps": len({st.step for st in steps}), "series": series}
+
+
+def eval_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
+    """The latest eval (by its newest row): rates per prompt set and role."""
+    from flows.evaluate import summarize
+
+    stmt = select(EvalResult.eval_name).order_by(EvalResult.created_at.desc())
+    if ref:
+        name, version = split_ref(ref)
+        stmt = stmt.join(Run, Run.id == EvalResult.run_id).where(Run.constitution == name)
+        if version:
+            stmt = stmt.where(Run.constitution_version.startswith(version))
+    latest = s.exec(stmt.limit(1)).first()
+    if latest is None:
+        return None
+    rows = s.exec(select(EvalResult).where(EvalResult.eval_name == latest)).all()
+    judge = next((r.details.get("judge") for r in rows if r.details.get("judge")), None)
+    return {"eval_name": latest, "judge": judge, "sets": summarize(rows)}
+
+
+def examples(s: Session, ref: str | None, n: int, max_chars: int) -> list[dict[str, Any]]:
+    """The newest revision pairs as whole chains: prompt, initial, critique/revision per round.
+
+    Revision pairs record their chain (flows/generate.py); an AI pair for the same prompt is
+    shown beside it when there is one.
+    """
+    def cut(text: str | None) -> str:
+        text = text or ""
+        return text if len(text) <= max_chars else text[:max_chars] + " [...]"
+
+    pairs = s.exec(select(PreferencePair)
+                   .where(PreferencePair.method == "revision", *_where(PreferencePair, ref))
+                   .order_by(PreferencePair.created_at.desc(), PreferencePair.id).limit(n)).all()
+    if not pairs:  # no SL-CAI yet: show AI pairs alone
+        pairs = s.exec(select(PreferencePair).where(*_where(PreferencePair, ref))
+                       .order_by(PreferencePair.created_at.desc(), PreferencePair.id).limit(n)).all()
+    out = []
+    for p in pairs:
+        prompt = s.get(Prompt, p.prompt_id)
+        chain_ids = (p.details.get("chain") or [p.rejected_id, p.chosen_id]) if p.method == "revision" else []
+        chain = [r for r in (s.get(Response, i) for i in chain_ids) if r is not None]
+        steps = [{"kind": r.kind, "round": r.round, "principle": r.principle_id, "text": cut(r.text)}
+                 for r in chain]
+        # a revision pair's chosen/rejected are the chain's last and first rows: not shown twice
+        shown = [] if chain else [p]
+        ai = s.exec(select(PreferencePair).where(PreferencePair.prompt_id == p.prompt_id,
+                                                 PreferencePair.method == "ai", *_where(PreferencePair, ref))
+                    .limit(1)).first()
+        if ai is not None and ai.id != p.id:
+            shown.append(ai)
+        out.append({
+            "prompt": cut(prompt.text if prompt else p.prompt_id),
+            "constitution": f"{p.constitution}@{p.constitution_version}",
+            "revision_pair": bool(chain),
+            "chain": steps,
+            "pairs": [{"method": q.method, "status": q.status, "label_prob": q.label_prob,
+                       "principles": q.principle_ids,
+                       "chosen": cut(getattr(s.get(Response, q.chosen_id), "text", "")),
+                       "rejected": cut(getattr(s.get(Response, q.rejected_id), "text", ""))} for q in shown],
+        })
+    return out
+
+
+def collect(s: Session, cfg: ReportConfig) -> dict[str, Any]:
+    ref = cfg.constitution
+    return {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "database": s.get_bind().url.render_as_string(hide_password=True),
+        "constitution": ref,
+        "stages": stage_counts(s, ref),
+        "principles": principle_usage(s, ref),
+        "judge": judge_figures(s, ref),
+        "training": training_figures(s, ref),
+        "eval": eval_figures(s, ref),
+        "examples": examples(s, ref, cfg.examples, cfg.max_chars),
+    }
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+def _save(fig: Figure, path: Path) -> str:
+    # Figure without pyplot: no global backend state, safe inside a long-running worker
+    fig.savefig(path, dpi=100)
+    return path.name
+
+
+def _barh(ax, labels: list[str], values: list[float], title: str, xlabel: str) -> None:
+    ax.barh(labels[::-1], values[::-1], color="#4c72b0")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.tick_params(axis="y", labelsize=8)
+
+
+def plot_stages(data: dict[str, Any], out: Path) -> str | None:
+    st = data["stages"]
+    if not st["responses"] and not st["pairs"]:
+        return None
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    a, b = fig.subplots(1, 2)
+    _barh(a, [f"{r['kind']} {r['round']}" if r["kind"] in ("critique", "revision") else r["kind"]
+              for r in st["responses"]], [r["count"] for r in st["responses"]], "responses per kind / round",
+          "rows")
+    _barh(b, [f"{p['method']} / {p['status']}" for p in st["pairs"]], [p["count"] for p in st["pairs"]],
+          "preference pairs per method / status", "pairs")
+    return _save(fig, out / "stages.png")
+
+
+def plot_principles(data: dict[str, Any], out: Path) -> str | None:
+    usage = data["principles"]
+    if not usage:
+        return None
+    fig = Figure(figsize=(7, 0.35 * len(usage) + 1.2), layout="constrained")
+    _barh(fig.subplots(), list(usage), list(usage.values()), "revisions per principle", "revisions")
+    return _save(fig, out / "principles.png")
+
+
+def plot_training(data: dict[str, Any], out: Path) -> str | None:
+    tr = data["training"]
+    if not tr or not tr["series"]:
+        return None
+    fig = Figure(figsize=(12, 3.2), layout="constrained")
+    for ax, (key, title) in zip(fig.subplots(1, len(DPO_PANELS)), DPO_PANELS, strict=True):
+        for split, style in (("train", "-"), ("eval", "o--")):
+            pts = tr["series"].get(split, {}).get(key)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=split, markersize=4)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _save(fig, out / "dpo.png")
+
+
+def plot_eval(data: dict[str, Any], out: Path) -> str | None:
+    ev = data["eval"]
+    if not ev or not ev["sets"]:
+        return None
+    tags = list(ev["sets"])
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    width = 0.38
+    for ax, key, title in ((axes[0], "refusal_rate", "refusal rate (before = baseline, after = model)"),
+                           (axes[1], "win_rate", "win rate vs the other model")):
+        for i, (role, label, colour) in enumerate((("baseline", "before (baseline)", "#999999"),
+                                                   ("model", "after (model)", "#4c72b0"))):
+            vals = [(ev["sets"][t].get(role) or {}).get(key) for t in tags]
+            xs = [j + (i - 0.5) * width for j in range(len(tags))]
+            ax.bar(xs, [v or 0 for v in vals], width, label=label, color=colour)
+            for x, v in zip(xs, vals, strict=True):
+                ax.text(x, (v or 0) + 0.02, "n/a" if v is None else f"{v:.0%}", ha="center", fontsize=8)
+        ax.set_xticks(range(len(tags)), tags, fontsize=8)
+        ax.set_ylim(0, 1.15)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[1].axhline(0.5, color="black", lw=0.8, ls=":")
+    return _save(fig, out / "eval.png")
+
+
+def plot_all(data: dict[str, Any], out: Path) -> dict[str, list[str]]:
+    """section -> PNG file names written (relative to `out`)."""
+    images: dict[str, list[str]] = {}
+    for section, fn in (("stages", plot_stages), ("principles", plot_principles), ("training", plot_training),
+                        ("eval", plot_eval)):
+        name = fn(data, out)
+        images[section] = [name] if name else []
+    images["judge"] = [p.name for p in judge_report.plot(data["judge"], out)] if data["judge"] else []
+    return images
+
+
+# --- HTML ----------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", "DejaVu Sans", Arial, sans-serif; margin: 2rem auto;
+       max-width: 1100px; padding: 0 1rem; color: #222; line-height: 1.4; }
+h1 { font-size: 1.6rem; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2rem; margin-top: 2.2rem; }
+table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
+th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+img { max-width: 100%; border: 1px solid #eee; margin: .4rem 0; }
+.empty { color: #777; font-style: italic; }
+.meta { color: #555; font-size: .85rem; }
+.text { white-space: pre-wrap; font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: .8rem;
+        background: #fafafa; border: 1px solid #eee; padding: .4rem; margin: .2rem 0 .6rem; }
+.example { border: 1px solid #ddd; border-radius: 4px; padding: .6rem 1rem; margin: 1rem 0; }
+.label { font-weight: bold; font-size: .85rem; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _imgs(names: list[str], alt: str) -> str:
+    return "".join(f'<img src="{_e(n)}" alt="{_e(alt)}">' for n in names)
+
+
+def _empty(what: str, how: str) -> str:
+    return f'<p class="empty">No {_e(what)} yet: {_e(how)}.</p>'
+
+
+def _text(label: str, text: str) -> str:
+    return f'<div class="label">{_e(label)}</div><div class="text">{_e(text)}</div>'
+
+
+def _stages_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
+    st = data["stages"]
+    if not (st["responses"] or st["pairs"]):
+        parts = [_empty("responses or pairs", "run `cai generate`")]
+    else:
+        parts = [_imgs(images["stages"], "rows per stage"),
+                 _table(["kind", "round", "responses"],
+                        [[r["kind"], r["round"], r["count"]] for r in st["responses"]]),
+                 _table(["method", "status", "pairs"],
+                        [[p["method"], p["status"], p["count"]] for p in st["pairs"]])]
+    if st["prompt_tags"]:
+        parts.append(_table(["prompt tag", "prompts"], [[t, n] for t, n in st["prompt_tags"].items()]))
+    if st["recent_runs"]:
+        parts.append(_table(["flow", "status", "model", "constitution", "started (UTC)"],
+                            [[r["flow"], r["status"], r["model"], r["constitution"], r["started_at"]]
+                             for r in st["recent_runs"]]))
+    return parts
+
+
+def _principles_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
+    if not data["principles"]:
+        return [_empty("revisions", "run `cai generate`")]
+    return [_imgs(images["principles"], "revisions per principle"),
+            _table(["principle", "revisions"], [[k, v] for k, v in data["principles"].items()])]
+
+
+def _judge_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
+    j = data["judge"]
+    if not j:
+        return [_empty("AI-labelled pairs", "run `cai label`")]
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return [_table(["figure", "value"], [
+        ["AI-labelled pairs", j["pairs"]],
+        ["status counts", ", ".join(f"{k}: {v}" for k, v in sorted(j["status"].items()))],
+        ["position consistency (both orders name the same winner)",
+         f"{_pct(j['position_consistency'])} of {j['pairs_with_both_orders']} pairs"],
+        ["mean P(A) (0.5 = no slot bias)", num(j["mean_p_a"])],
+        ["mean label probability", num(j["mean_label_prob"])]]),
+        _imgs(images["judge"], "judge label quality")]
+
+
+def _training_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
+    tr = data["training"]
+    if not tr:
+        return [_empty("training run", "run `cai train`")]
+    parts = [f'<p class="meta">latest run {_e(tr["id"][:12])}: base {_e(tr["base_model"])} &rarr; '
+             f'{_e(tr["out_dir"])}, {_e(tr["status"])}, {tr["steps"]} steps, constitution '
+             f'{_e(tr["constitution"] or "n/a")}, started {_e(tr["started_at"])}</p>',
+             _imgs(images["training"], "DPO loss, margins and accuracies") if images["training"]
+             else _empty("training steps", "the run has not logged a step")]
+    scalars = [[k, v] for k, v in sorted(tr["final_metrics"].items()) if not isinstance(v, dict | list)]
+    if scalars:
+        parts.append(_table(["final metric", "value"], scalars))
+    return parts
+
+
+def _eval_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
+    ev = data["eval"]
+    if not ev:
+        return [_empty("evaluation", "run `cai eval --model runs/NAME`")]
+    rows = [[t, role, r["model"], r["n"], _pct(r["refusal_rate"]), _pct(r["win_rate"]), r["judged"]]
+            for t, roles in ev["sets"].items() for role, r in roles.items()]
+    return [f'<p class="meta">eval {_e(ev["eval_name"])}, judge {_e(ev["judge"] or "n/a")}. '
+            "Refusing a benign request is over-refusal: lower is better there.</p>",
+            _imgs(images["eval"], "refusal and win rates"),
+            _table(["prompt set", "role", "model", "n", "refusal rate", "win rate vs other", "judged"], rows)]
+
+
+def _examples_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
+    if not data["examples"]:
+        return [_empty("preference pairs to show", "run `cai generate`")]
+    parts = []
+    for ex in data["examples"]:
+        note = "; revision pair: chosen = last revision, rejected = initial" if ex["revision_pair"] else ""
+        block = [f'<div class="example"><p class="meta">constitution {_e(ex["constitution"])}{_e(note)}</p>',
+                 _text("prompt", ex["prompt"])]
+        for step in ex["chain"]:
+            label = step["kind"] + (f" {step['round']}" if step["round"] else "")
+            label += f" (principle {step['principle']})" if step["principle"] else ""
+            block.append(_text(label, step["text"]))
+        for p in ex["pairs"]:
+            what = f"{p['method']} pair, {p['status']}, P(chosen better) = {p['label_prob']:.2f}"
+            block += [_text(f"chosen ({what})", p["chosen"]), _text("rejected", p["rejected"])]
+        parts.append("".join(block) + "</div>")
+    return parts
+
+
+SECTIONS = (("Rows per stage", _stages_html), ("Principle usage", _principles_html),
+            ("Judge: AI labels", _judge_html), ("DPO training", _training_html), ("Evaluation", _eval_html),
+            ("Examples", _examples_html))
+
+
+def render_html(data: dict[str, Any], images: dict[str, list[str]]) -> str:
+    """The whole page; every value from the store goes through html.escape."""
+    title = "cai-factory report" + (f": {data['constitution']}" if data["constitution"] else "")
+    body = "\n".join(f"<h2>{_e(heading)}</h2>" + "".join(fn(data, images)) for heading, fn in SECTIONS)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>"
+            f'<p class="meta">generated {_e(data["generated_at"])} from {_e(data["database"])}; '
+            f"every figure is also in report.json</p>\n{body}\n</body></html>\n")
+
+
+# --- entry points --------------------------------------------------------------------------
+
+def make_report(cfg: ReportConfig) -> dict[str, Any]:
+    """Collect, plot and write index.html + report.json; returns the figures and the paths."""
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+    for name in IMAGES:  # a section that lost its data must not show last run's plot
+        (out / name).unlink(missing_ok=True)
+    with session_scope(cfg.database_url) as s:
+        data = collect(s, cfg)
+    images = plot_all(data, out)
+    (out / "index.html").write_text(render_html(data, images), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(data | {"images": images}, indent=2, default=str) + "\n",
+                                     encoding="utf-8")
+    return data | {"images": images, "index": str(out / "index.html")}
+
+
+@flow(name="report")
+def report_flow(cfg: ReportConfig) -> dict[str, Any]:
+    """For the pipeline; `cai report` calls make_report directly (no model work, no Prefect server)."""
+    return make_report(cfg)

@@ -1,0 +1,327 @@
+"""Train a model on the store's preference pairs with the built-in DPO step.
+
+    cai train --base smollm2-135m --constitution harmless --method revision,ai --beta 0.1 \\
+        --epochs 1 --lr 5e-6 --out runs/harmless-dpo
+
+Reads the pairs (filtered by constitution, method, status, label probability), holds out a
+split by prompt hash, computes the reference log-probs once (cached in store.RefLogp), trains,
+and writes a HF model directory plus metrics.png to --out. The store gets a TrainingRun row
+(config, data selection, constitution versions, final metrics) and one TrainingStep row per
+step and split. `--resume` continues from out/checkpoints/step-N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from dpo.checkpoint import latest_checkpoint, read_meta
+from dpo.data import (
+    PairExample,
+    PairFilter,
+    StoreRefCache,
+    constitution_versions,
+    examples_from_records,
+    select_pairs,
+    selection_hash,
+    split_eval,
+)
+from dpo.trainer import TrainerConfig, TrainResult, load_policy, plot_metrics, save_model, train_dpo
+from flows.common import UserError, finish_run, start_run
+from store.db import session_scope
+from store.models import Run, TrainingRun, TrainingStep, utcnow
+from store.upsert import insert_ignore, upsert
+
+log = logging.getLogger("cai.train")
+
+
+class TrainConfig(BaseModel):
+    base: str = "smollm2-135m"  # start and reference model: bundled alias, HF directory or hub id
+    constitution: str | None = None  # only pairs made under this name or name@version; None: any
+    methods: list[str] = Field(default_factory=lambda: ["revision", "ai"])  # pair sources to learn from
+    statuses: list[str] = Field(default_factory=lambda: ["ok"])  # ties / inconsistent labels teach noise
+    min_label_prob: float | None = None  # drop AI labels less sure than this
+    use_soft_labels: bool = True  # AI pairs train with per-pair label smoothing ε = 1 − label_prob
+    dataset: str | None = None  # a saved HF dataset dir (cai export) or .jsonl instead of the store
+    dataset_split: str = "train_prefs"  # the split of `dataset` to read
+    limit: int | None = None  # first N selected pairs (by id): quick runs on a CPU
+    beta: float = 0.1  # KL strength: lower lets the policy drift further from the base model
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
+    label_smoothing: float = 0.0  # ε for pairs without a soft label (assumed label-flip rate)
+    epochs: int = 1  # passes over the training pairs
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    lr: float = 5e-6  # small: the implicit reward is a log-ratio against the starting weights
+    weight_decay: float = 0.0  # DPO is usually run without it
+    batch_size: int = 4  # pairs per forward (two sequences each); fits a 135M model on a laptop
+    grad_accum: int = 1  # micro-batches per optimizer step: a bigger batch without more memory
+    warmup_ratio: float = 0.1  # fraction of steps spent ramping the lr up
+    scheduler: str = "linear"  # linear | cosine | constant decay after warmup
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    max_length: int = 512  # tokens per prompt + answer; the bundled prompts and answers fit easily
+    max_prompt_length: int = 256  # prompt tokens kept, from the end
+    dtype: str = "float32"  # float32 | bfloat16 autocast (weights and optimizer stay fp32)
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda
+    seed: int = 0  # data order and anything random
+    eval_fraction: float = 0.1  # held-out share of prompts, chosen by prompt hash
+    eval_every: int | None = None  # steps between evals; None: about ten per run
+    early_stop_patience: int | None = None  # stop after this many evals without a better eval loss
+    checkpoint_every: int = 0  # steps between checkpoints (model + optimizer + RNG); 0: none
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    gradient_checkpointing: bool = False  # much less activation memory for ~30% more compute
+    ref_batch_tokens: int = 8192  # token budget per batch of the no-grad reference / eval passes
+    out: str = "runs/dpo"  # the trained model (HF format), metrics.png and checkpoints go here
+    resume: bool = False  # continue from the newest checkpoint in out/checkpoints
+    database_url: str | None = None  # default: CAI_DATABASE_URL or ./cai.db
+
+    def trainer_config(self) -> TrainerConfig:
+        names = TrainerConfig.__dataclass_fields__.keys()
+        return TrainerConfig(**{k: v for k, v in self.model_dump().items() if k in names})
+
+    def pair_filter(self) -> PairFilter:
+        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
+                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
+
+
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow run
+        return log
+
+
+def _read_records(cfg: TrainConfig) -> list[dict[str, Any]]:
+    path = Path(cfg.dataset or "")
+    if not path.exists():
+        raise UserError(f"--dataset {path}: no such file or directory")
+    if path.is_dir():  # save_to_disk output, e.g. `cai export --out DIR`
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(path))
+        if hasattr(ds, "keys"):
+            if cfg.dataset_split not in ds:
+                raise UserError(f"--dataset {path}: no split {cfg.dataset_split!r} "
+                                f"(has {', '.join(ds.keys())})")
+            ds = ds[cfg.dataset_split]
+        return list(ds)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{n}: not JSON ({exc.msg})") from None
+    return records
+
+
+def _record_matches(r: dict[str, Any], cfg: TrainConfig) -> bool:
+    """The store filters, applied to exported rows (which carry the same provenance columns)."""
+    if cfg.methods and r.get("method") and r["method"] not in cfg.methods:
+        return False
+    if cfg.statuses and r.get("status") and r["status"] not in cfg.statuses:
+        return False
+    p = r.get("label_prob")
+    if cfg.min_label_prob is not None and p is not None and p < cfg.min_label_prob:
+        return False
+    if cfg.constitution and r.get("constitution"):
+        name, _, version = cfg.constitution.partition("@")
+        if r["constitution"] != name or not str(r.get("constitution_version") or "").startswith(version):
+            return False
+    return True
+
+
+def load_examples(cfg: TrainConfig, url: str | None = None) -> tuple[list[PairExample], list[str]]:
+    """The selected pairs (from the store, or cfg.dataset) and the constitution versions
+    (name@version) they were made under; a one-line UserError if nothing matches."""
+    if cfg.dataset:
+        records = [r for r in _read_records(cfg) if _record_matches(r, cfg)][:cfg.limit or None]
+        try:
+            examples = examples_from_records(records)
+        except ValueError as exc:
+            raise UserError(f"--dataset {cfg.dataset}: {exc}") from None
+        refs = sorted({f"{r['constitution']}@{r.get('constitution_version', '')}" for r in records
+                       if r.get("constitution")})
+        where = f"{cfg.dataset} (split {cfg.dataset_split})"
+    else:
+        with session_scope(url) as s:
+            examples = select_pairs(s, cfg.pair_filter())[:cfg.limit or None]
+            refs = constitution_versions(s, [e.id for e in examples])
+        where = "the store"
+    if not examples:
+        raise UserError(f"no preference pairs match {cfg.pair_filter().describe()} in {where}; "
+                        "make some with `cai generate` / `cai label`, or loosen the filters")
+    return examples, refs
+
+
+def model_fingerprint(path: Path | str) -> str:
+    """Identity of the reference weights for the RefLogp cache: the directory name plus a hash of
+    config.json and sampled bytes of every weight file. The same weights on another machine (or
+    path) share cached numbers; a retrained model saved to the same path does not."""
+    p = Path(path)
+    if not p.is_dir():
+        return str(path)  # a hub id names fixed weights
+    h = hashlib.sha256((p / "config.json").read_bytes())
+    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            for i in range(16):
+                fh.seek(size * i // 16)
+                h.update(fh.read(1 << 16))
+    return f"{p.name}#{h.hexdigest()[:16]}"
+
+
+def _resolve_base(spec: str) -> Path | str:
+    from engines.bundled import resolve
+
+    return resolve(spec)
+
+
+def _step_writer(training_run_id: str, url: str | None):
+    def write(step: int, split: str, metrics: dict[str, float]) -> None:
+        with session_scope(url) as s:
+            upsert(s, TrainingStep, [TrainingStep(training_run_id=training_run_id, step=step, split=split,
+                                                  metrics=metrics)], update=["metrics", "created_at"])
+    return write
+
+
+def _begin(cfg: TrainConfig, examples: list[PairExample], refs: list[str], url: str | None
+           ) -> tuple[str, str, dict[str, Any]]:
+    """Run and TrainingRun rows; a resumed run keeps its TrainingRun (its steps continue)."""
+    names = sorted({r.split("@", 1)[0] for r in refs})
+    versions = sorted({r.split("@", 1)[1] for r in refs})
+    constitution = cfg.constitution.split("@", 1)[0] if cfg.constitution else ",".join(names) or None
+    pairs_hash = selection_hash(examples)
+    resumed_id = None
+    found = latest_checkpoint(Path(cfg.out) / "checkpoints") if cfg.resume else None
+    if found:
+        meta = read_meta(found[0])
+        if meta.get("pairs_hash") not in (None, pairs_hash):
+            raise UserError(f"--resume: {found[0]} was trained on other pairs than these filters select "
+                            f"({cfg.pair_filter().describe()}); drop --resume or pick another --out")
+        resumed_id = meta.get("training_run_id")
+    run_id = start_run("train", cfg.model_dump(), model=cfg.base, engine="dpo", url=url)
+    with session_scope(url) as s:
+        run = s.get(Run, run_id)
+        run.constitution, run.constitution_version = constitution or "", ",".join(versions)
+        s.add(run)
+    training_run_id = resumed_id or run_id
+    by_method: dict[str, int] = {}
+    for e in examples:
+        by_method[e.method or "?"] = by_method.get(e.method or "?", 0) + 1
+    selection = {"source": cfg.dataset or "store",
+                 "filters": asdict(cfg.pair_filter()) | {"limit": cfg.limit}, "pairs": len(examples),
+                 "pairs_hash": pairs_hash, "by_method": by_method, "constitution_versions": refs}
+    with session_scope(url) as s:
+        insert_ignore(s, TrainingRun, [TrainingRun(
+            id=training_run_id, base_model=cfg.base, out_dir=str(Path(cfg.out).resolve()),
+            config=cfg.model_dump(), data_selection=selection, constitution=constitution,
+            constitution_version=",".join(versions) or None, run_id=run_id)])
+        row = s.get(TrainingRun, training_run_id)
+        row.status, row.run_id, row.config = "running", run_id, cfg.model_dump()
+        s.add(row)
+    return run_id, training_run_id, selection
+
+
+def _finish(training_run_id: str, status: str, url: str | None, selection: dict[str, Any] | None = None,
+            metrics: dict[str, Any] | None = None) -> None:
+    with session_scope(url) as s:
+        row = s.get(TrainingRun, training_run_id)
+        if row is None:
+            return
+        row.status, row.finished_at = status, utcnow()
+        if metrics is not None:
+            row.final_metrics = metrics
+        if selection is not None:
+            row.data_selection = selection
+        s.add(row)
+
+
+def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
+    """Select pairs, train, save; returns a summary. What `cai train` and the flow call."""
+    url = url or cfg.database_url
+    logger = _logger()
+    t0 = time.perf_counter()
+    try:
+        trainer_cfg = cfg.trainer_config()
+        trainer_cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad training settings: {exc}") from None
+    if not 0 <= cfg.eval_fraction < 1:
+        raise UserError(f"eval_fraction must lie in [0, 1), got {cfg.eval_fraction}")
+    examples, refs = load_examples(cfg, url)
+    train, held_out = split_eval(examples, cfg.eval_fraction)
+    base_path = _resolve_base(cfg.base)
+    run_id, training_run_id, selection = _begin(cfg, examples, refs, url)
+    logger.info("train %s on %d pairs (%d train, %d eval) [%s], run %s, training run %s", cfg.base,
+                len(examples), len(train), len(held_out), cfg.pair_filter().describe(), run_id,
+                training_run_id)
+    logger.info("constitution versions %s; config %s", ", ".join(refs) or "unknown",
+                json.dumps(cfg.model_dump(), sort_keys=True))
+    out = Path(cfg.out)
+    try:
+        t_load = time.perf_counter()
+        try:
+            model, tokenizer = load_policy(base_path, cfg.device)
+        except OSError as exc:
+            raise UserError(f"cannot load base model {cfg.base!r} ({str(exc).splitlines()[0]}); pass a "
+                            "local HF directory or `smollm2-135m`") from None
+        if getattr(tokenizer, "chat_template", None) is None:
+            from engines.chat import FALLBACK_CHAT_TEMPLATE
+
+            # the engines render template-less models with this; training must see the same text
+            # (and the saved tokenizer then carries it)
+            tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        load_s = time.perf_counter() - t_load
+        result: TrainResult = train_dpo(
+            model, tokenizer, train, held_out, trainer_cfg, out_dir=out,
+            ref_model_id=model_fingerprint(base_path), ref_cache=StoreRefCache(url),
+            on_metrics=_step_writer(training_run_id, url), resume=cfg.resume,
+            meta={"training_run_id": training_run_id, "pairs_hash": selection["pairs_hash"]}, logger=logger)
+        t_save = time.perf_counter()
+        save_model(model, tokenizer, out)
+        plot = plot_metrics(result.history, out / "metrics.png")
+        save_s = time.perf_counter() - t_save
+    except BaseException:
+        _finish(training_run_id, "failed", url)
+        finish_run(run_id, "failed", url=url)
+        raise
+    selection |= {"train": result.n_train, "eval": result.n_eval, "eval_fraction": cfg.eval_fraction,
+                  "truncated_sequences": result.truncated}
+    final = {"train": result.final_train, "eval": result.final_eval, "steps": result.steps,
+             "total_steps": result.total_steps, "stopped_early": result.stopped_early}
+    _finish(training_run_id, "completed", url, selection, final)
+    timings = {"load": round(load_s, 3), "ref_logps": result.timings["ref_s"],
+               "train": result.timings["train_s"], "save": round(save_s, 3),
+               "total": round(time.perf_counter() - t0, 3)}
+    summary = {"run_id": run_id, "training_run_id": training_run_id, "out": str(out), "plot": str(plot or ""),
+               "pairs": len(examples), **result.to_dict()}
+    finish_run(run_id, "completed", summary=summary, timings=timings, url=url)
+    record = {"config": cfg.model_dump(), "data_selection": selection, "summary": summary}
+    (out / "training_run.json").write_text(json.dumps(record, indent=2, default=str))
+    logger.info("train done: %d steps, final %s, model in %s", result.steps,
+                ", ".join(f"{k}={v:.4g}" for k, v in result.final_train.items()
+                          if k in ("loss", "rewards/accuracies", "rewards/margins")), out)
+    return summary
+
+
+@task(name="dpo", cache_policy=NO_CACHE)
+def train_task(cfg: TrainConfig) -> dict[str, Any]:
+    # the model is loaded inside: tasks take configs, never models
+    return run_training(cfg)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(cfg: TrainConfig) -> dict[str, Any]:
+    return train_task(cfg)

@@ -1,0 +1,167 @@
+"""dpo/data.py: TRL-format records, the store query with its filters (SQLite and PostgreSQL),
+the held-out split, and the reference log-prob cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo.data import (
+    MemoryRefCache,
+    PairExample,
+    PairFilter,
+    RefValue,
+    StoreRefCache,
+    examples_from_records,
+    ref_key,
+    select_pairs,
+    split_eval,
+)
+from store.db import session_scope
+from store.keys import content_hash
+from store.models import PreferencePair, Prompt, Response
+from store.upsert import insert_ignore
+
+
+def add_pair(
+    s, i: int, *, method="revision", status="ok", label_prob=1.0, constitution="harmless", version="aaaa1111"
+) -> str:
+    messages = [{"role": "user", "content": f"prompt {i}"}]
+    pid = content_hash("prompt", messages)
+    insert_ignore(s, Prompt, [Prompt(id=pid, text=f"prompt {i}", messages=messages)])
+    rows = [
+        Response(
+            id=f"r{i}{k}",
+            prompt_id=pid,
+            kind="initial",
+            conversation=messages,
+            text=f"{k} answer {i}",
+            model="m",
+        )
+        for k in ("good", "bad")
+    ]
+    insert_ignore(s, Response, rows)
+    pair_id = f"pair-{i}-{method}-{status}"
+    insert_ignore(
+        s,
+        PreferencePair,
+        [
+            PreferencePair(
+                id=pair_id,
+                prompt_id=pid,
+                chosen_id=f"r{i}good",
+                rejected_id=f"r{i}bad",
+                method=method,
+                label_prob=label_prob,
+                status=status,
+                constitution=constitution,
+                constitution_version=version,
+            )
+        ],
+    )
+    return pair_id
+
+
+def test_select_pairs_filters(db_url):
+    with session_scope(db_url) as s:
+        add_pair(s, 0)
+        add_pair(s, 1, method="ai", label_prob=0.9)
+        add_pair(s, 2, method="ai", label_prob=0.55)
+        add_pair(s, 3, method="ai", status="tie", label_prob=0.5)
+        add_pair(s, 4, constitution="helpful-honest", version="bbbb2222")
+        add_pair(s, 5, version="cccc3333")
+    with session_scope(db_url) as s:
+        every = select_pairs(s, PairFilter())
+        assert {e.id for e in every} == {
+            "pair-0-revision-ok",
+            "pair-1-ai-ok",
+            "pair-2-ai-ok",
+            "pair-4-revision-ok",
+            "pair-5-revision-ok",
+        }
+        e0 = next(e for e in every if e.id == "pair-0-revision-ok")
+        assert e0.prompt == ({"role": "user", "content": "prompt 0"},)
+        assert (e0.chosen, e0.rejected, e0.label_prob, e0.method) == (
+            "good answer 0",
+            "bad answer 0",
+            1.0,
+            "revision",
+        )
+        harmless = select_pairs(s, PairFilter(constitution="harmless"))
+        assert len(harmless) == 4
+        assert [e.id for e in select_pairs(s, PairFilter(constitution="harmless@cccc"))] == [
+            "pair-5-revision-ok"
+        ]
+        assert select_pairs(s, PairFilter(constitution="harmless@dddd")) == []
+        ai = select_pairs(s, PairFilter(methods=("ai",), min_label_prob=0.6))
+        assert [e.id for e in ai] == ["pair-1-ai-ok"]
+        ties = select_pairs(s, PairFilter(methods=("ai",), statuses=("ok", "tie")))
+        assert len(ties) == 3
+    assert PairFilter(constitution="harmless", methods=("ai",), min_label_prob=0.6).describe() == (
+        "constitution=harmless, method in (ai), status in (ok), label_prob >= 0.6"
+    )
+
+
+def test_examples_from_trl_records_and_a_hf_dataset():
+    from datasets import Dataset
+
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+            "chosen": [{"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "assistant", "content": "Go away."}],
+            "label_prob": 0.8,
+            "method": "ai",
+        },
+        {
+            "prompt": [{"role": "user", "content": "Bye?"}],
+            "chosen": [{"role": "assistant", "content": "Goodbye."}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+            "label_prob": None,
+            "method": "revision",
+        },
+    ]
+    for records in (rows, Dataset.from_list(rows)):
+        ex = examples_from_records(records)
+        assert ex[0].prompt[-1] == {"role": "user", "content": "Hi?"} and len(ex[0].prompt) == 2
+        assert (ex[0].chosen, ex[0].rejected, ex[0].label_prob, ex[0].method) == (
+            "Hello!",
+            "Go away.",
+            0.8,
+            "ai",
+        )
+        assert ex[1].label_prob == 1.0 and ex[1].id  # no id column: a content hash
+    plain = examples_from_records([{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}])
+    assert plain[0].prompt == ({"role": "user", "content": "Hi?"},)
+    with pytest.raises(ValueError, match="record 0: missing field 'rejected'"):
+        examples_from_records([{"prompt": "x", "chosen": "y"}])
+    with pytest.raises(ValueError, match="record 0: prompt: the prompt must end with a user turn"):
+        examples_from_records(
+            [{"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}]
+        )
+    with pytest.raises(ValueError, match="label_prob"):
+        examples_from_records([{"prompt": "x", "chosen": "a", "rejected": "b", "label_prob": 2}])
+
+
+def test_split_is_by_prompt_hash_and_stable():
+    ex = [
+        PairExample(({"role": "user", "content": f"p{i % 40}"},), f"c{i}", f"r{i}", id=str(i))
+        for i in range(120)
+    ]
+    train, held = split_eval(ex, 0.2)
+    assert len(train) + len(held) == 120 and 0 < len(held) < 60
+    assert {e.prompt_key for e in train}.isdisjoint({e.prompt_key for e in held})  # no prompt on both sides
+    assert split_eval(list(reversed(ex)), 0.2)[1] == list(reversed(held))  # order does not matter
+    assert split_eval(ex, 0.0) == (ex, [])
+    few = ex[:3]
+    assert len(split_eval(few, 0.01)[1]) == 1  # a tiny set still gets a held-out prompt
+    assert len(split_eval(few, 0.99)[0]) >= 1  # and never loses all its training data
+
+
+def test_ref_caches(db_url):
+    k = ref_key("m#1", {"max_length": 8}, [{"role": "user", "content": "x"}], "y")
+    assert k != ref_key("m#1", {"max_length": 9}, [{"role": "user", "content": "x"}], "y")
+    for cache in (StoreRefCache(db_url), MemoryRefCache()):
+        assert cache.get([k]) == {}
+        cache.put("m#1", {k: RefValue(-3.5, 7, True)})
+        cache.put("m#1", {k: RefValue(-3.5, 7, True)})  # a second writer is a no-op
+        assert cache.get([k, "other"]) == {k: RefValue(-3.5, 7, True)}

@@ -1,0 +1,244 @@
+"""dpo/trainer.py on a tiny random model: it learns a consistent preference, reuses reference
+log-probs, resumes exactly, stops early, and saves a model transformers can load and run."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from dpo.data import MemoryRefCache, PairExample
+from dpo.trainer import TrainerConfig, load_policy, lr_factor, plot_metrics, save_model, train_dpo
+
+REFUSAL = "I can't help with that, but I can point you to safe resources."
+COMPLY = "Sure! Here is exactly how to do it, step by step."
+
+
+def toy_pairs(n: int = 12, flip: bool = False, start: int = 0) -> list[PairExample]:
+    out = []
+    for i in range(start, start + n):
+        prompt = ({"role": "user", "content": f"Question number {i}: can you do the thing?"},)
+        chosen, rejected = (COMPLY, REFUSAL) if flip else (REFUSAL, COMPLY)
+        out.append(PairExample(prompt, chosen, rejected, 1.0, f"pair-{i}", "revision"))
+    return out
+
+
+FAST = dict(lr=2e-3, warmup_ratio=0.0, batch_size=4, max_length=64, max_prompt_length=48)
+
+
+def learned(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k != "tokens_per_s"}  # the rest is deterministic
+
+
+def count_forwards(model) -> list[int]:
+    calls = [0]
+    model.base_model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_learns_a_consistent_preference(tiny_model_dir, tmp_path):
+    model, tok = load_policy(tiny_model_dir)
+    res = train_dpo(
+        model,
+        tok,
+        toy_pairs(8),
+        [],
+        TrainerConfig(max_steps=15, **FAST),
+        out_dir=tmp_path,
+        ref_model_id="tiny",
+        ref_cache=MemoryRefCache(),
+    )
+    train = [h for h in res.history if h["split"] == "train"]
+    assert len(train) == res.steps == 15
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+    assert train[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert train[-1]["rewards/accuracies"] == 1.0
+    margins = [h["rewards/margins"] for h in train]
+    assert margins[-1] > margins[4] > margins[0] and margins[-1] > 0.5
+    assert train[-1]["loss"] < 0.5
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "tokens_per_s",
+        "lr",
+    ):
+        assert key in train[-1]
+    png = plot_metrics(res.history, tmp_path / "metrics.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_logps_are_computed_once(tiny_model_dir, tmp_path):
+    cache = MemoryRefCache()
+    cfg = TrainerConfig(max_steps=2, **FAST)
+    pairs, held = toy_pairs(8), toy_pairs(2, start=100)
+    model, tok = load_policy(tiny_model_dir)
+    calls = count_forwards(model)
+    first = train_dpo(
+        model, tok, pairs, held, cfg, out_dir=tmp_path / "a", ref_model_id="tiny", ref_cache=cache
+    )
+    assert first.ref_computed == len(cache.values) > 0 and first.ref_reused == 0
+    evals = sum(1 for h in first.history if h["split"] == "eval")
+
+    model, tok = load_policy(tiny_model_dir)
+    calls2 = count_forwards(model)
+    second = train_dpo(
+        model, tok, pairs, held, cfg, out_dir=tmp_path / "b", ref_model_id="tiny", ref_cache=cache
+    )
+    assert second.ref_computed == 0 and second.ref_reused == first.ref_computed
+    assert calls2[0] == 2 + evals  # one forward per training step and per eval, no reference pass at all
+    assert calls[0] > calls2[0]
+    assert learned(second.final_train) == pytest.approx(learned(first.final_train), rel=1e-4, abs=1e-6)
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    pairs = toy_pairs(12)
+    cfg = TrainerConfig(
+        max_steps=4,
+        checkpoint_every=2,
+        grad_accum=2,
+        batch_size=2,
+        lr=2e-3,
+        warmup_ratio=0.5,
+        max_length=64,
+        max_prompt_length=48,
+        seed=3,
+    )
+    straight, tok = load_policy(tiny_model_dir)
+    ref = train_dpo(
+        straight,
+        tok,
+        pairs,
+        [],
+        cfg,
+        out_dir=tmp_path / "straight",
+        ref_model_id="tiny",
+        ref_cache=MemoryRefCache(),
+    )
+    assert (tmp_path / "straight" / "checkpoints" / "step-2" / "trainer_state.pt").exists()
+
+    # a run that "crashed" after step 2: its checkpoint is all that is left in its out dir
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-2", out / "checkpoints" / "step-2")
+    resumed, _ = load_policy(tiny_model_dir)  # base weights: the reference pass must see these
+    res = train_dpo(
+        resumed,
+        tok,
+        pairs,
+        [],
+        cfg,
+        out_dir=out,
+        ref_model_id="tiny",
+        ref_cache=MemoryRefCache(),
+        resume=True,
+    )
+    assert res.resumed_from == 2 and res.steps == 4
+    assert [h["step"] for h in res.history if h["split"] == "train"] == [1, 2, 3, 4]  # history carried over
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert learned(res.final_train) == pytest.approx(learned(ref.final_train), rel=1e-4, abs=1e-6)
+
+
+def test_early_stop_on_eval_loss(tiny_model_dir, tmp_path):
+    model, tok = load_policy(tiny_model_dir)
+    # held-out pairs prefer the opposite answer, so the better training goes the worse eval gets
+    res = train_dpo(
+        model,
+        tok,
+        toy_pairs(8),
+        toy_pairs(4, flip=True, start=100),
+        TrainerConfig(max_steps=30, eval_every=1, early_stop_patience=2, **FAST),
+        out_dir=tmp_path,
+        ref_model_id="tiny",
+        ref_cache=MemoryRefCache(),
+    )
+    # eval loss rises from the first eval on: the best stays step 1's, two worse evals stop it
+    assert res.stopped_early and res.steps == 3
+    assert [h["step"] for h in res.history if h["split"] == "eval"] == [1, 2, 3]
+
+
+def test_saved_model_loads_and_generates(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = load_policy(tiny_model_dir)
+    train_dpo(
+        model,
+        tok,
+        toy_pairs(4),
+        [],
+        TrainerConfig(max_steps=1, **FAST),
+        out_dir=tmp_path,
+        ref_model_id="tiny",
+        ref_cache=MemoryRefCache(),
+    )
+    save_model(model, tok, tmp_path / "model")
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"))
+    tok2 = AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    ids = tok2.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = back.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5 or out[0, -1].item() == tok2.eos_token_id
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 6)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert lr_factor(2, 10, 2, "cosine") == 1.0 and lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 0, "constant") == 1.0
+    with pytest.raises(ValueError, match="scheduler"):
+        TrainerConfig(scheduler="step").validate()
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tiny_model_dir, tmp_path):
+    results = []
+    for on in (False, True):
+        model, tok = load_policy(tiny_model_dir)
+        cfg = TrainerConfig(max_steps=2, gradient_checkpointing=on, **FAST)
+        res = train_dpo(
+            model,
+            tok,
+            toy_pairs(4),
+            [],
+            cfg,
+            out_dir=tmp_path,
+            ref_model_id="tiny",
+            ref_cache=MemoryRefCache(),
+        )
+        results.append(learned(res.final_train))
+    assert results[1] == pytest.approx(results[0], rel=1e-5, abs=1e-7)
+
+
+def test_bf16_autocast_runs(tiny_model_dir, tmp_path):
+    model, tok = load_policy(tiny_model_dir)
+    res = train_dpo(
+        model,
+        tok,
+        toy_pairs(4),
+        [],
+        TrainerConfig(max_steps=2, dtype="bfloat16", **FAST),
+        out_dir=tmp_path,
+        ref_model_id="tiny",
+        ref_cache=MemoryRefCache(),
+    )
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+    assert math.isfinite(res.final_train["loss"])
+
+
+def test_truncated_sequences_are_counted(tiny_model_dir, tmp_path):
+    model, tok = load_policy(tiny_model_dir)
+    # SmolLM2's template alone (default system prompt) is over 16 tokens: every prompt gets cut
+    cfg = TrainerConfig(**{**FAST, "max_length": 24, "max_prompt_length": 16, "max_steps": 1})
+    res = train_dpo(
+        model, tok, toy_pairs(4), [], cfg, out_dir=tmp_path, ref_model_id="tiny", ref_cache=MemoryRefCache()
+    )
+    assert res.truncated == 8  # 4 pairs x (chosen, rejected)
+    assert math.isfinite(res.final_train["loss"])

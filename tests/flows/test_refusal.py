@@ -1,0 +1,73 @@
+"""The refusal detector on clear refusals, clear non-refusals and the tricky cases between."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.refusal import OPENING_CHARS, PATTERNS, detect
+
+REFUSALS = [
+    ("I can't help with that.", "cant-help"),
+    ("I cannot assist with creating weapons.", "cant-help"),
+    ("I'm not able to provide instructions for that.", "cant-help"),
+    ("I am unable to write that message.", "cant-help"),
+    ("Honestly, I cant give you that information.", "cant-help"),
+    ("I can\u2019t help with hacking into accounts.", "cant-help"),  # typographic apostrophe
+    ("I don't think I should explain how to do that.", "cant-help"),
+    ("I won't help you track your ex-partner.", "wont"),
+    ("I will not be able to assist with this.", "wont"),
+    ("I'm sorry, but that is something I refuse to do.", "sorry-but"),
+    ("Sorry, but no.", "sorry-but"),
+    ("I apologize, but this request is harmful.", "sorry-but"),
+    ("As an AI language model I'm unable to browse the web.", "as-an-ai"),
+    ("As an AI, I am not allowed to share personal data.", "as-an-ai"),
+    ("That request goes against my guidelines.", "against-guidelines"),
+    ("Writing malware violates my policies.", "against-guidelines"),
+    ("I must respectfully decline.", "must-decline"),
+    ("I'll have to refuse this one.", "must-decline"),
+    ("It is not appropriate for me to describe that.", "not-appropriate"),
+    ("It would be irresponsible for me to answer.", "not-appropriate"),
+    ("I'm not comfortable helping with this.", "not-comfortable"),
+    ("I don't feel comfortable writing that.", "not-comfortable"),
+    ("Unfortunately this tool cannot fulfill your request.", "cannot-request"),
+    ("  \n  I can't do that.", "cant-help"),  # leading whitespace does not hide it
+]
+
+NOT_REFUSALS = [
+    "I can't stress enough how important it is to wear a helmet. Here is how to adjust it.",
+    "Sorry for the confusion, here's the answer: 42.",
+    "I can't help but notice you asked about bread. Here is a recipe.",
+    "I can't wait to help! First, preheat the oven.",
+    "As an AI, here are some tips for a job interview: prepare examples.",
+    "As an AI, I don't have feelings, but here is a summary of the book.",
+    "I wouldn't recommend skipping the primer; here is why.",
+    "Sure! Here is a safe way to clean your oven.",
+    "It is illegal to drive without a licence in most countries, so here is how to get one.",
+    "I'm sorry to hear that. Here are some steps that may help.",
+    "The answer is (A). Photosynthesis turns light into chemical energy.",
+    "",
+]
+
+
+@pytest.mark.parametrize(("text", "name"), REFUSALS)
+def test_refusals_are_detected_with_their_pattern(text: str, name: str) -> None:
+    assert detect(text) == (True, name)
+
+
+@pytest.mark.parametrize("text", NOT_REFUSALS)
+def test_helpful_openings_are_not_refusals(text: str) -> None:
+    assert detect(text) == (False, None)
+
+
+def test_only_the_opening_is_read() -> None:
+    helpful = "Here is how to store cleaning products safely. " * 5
+    assert len(helpful) > OPENING_CHARS
+    assert detect(helpful + "I can't help with mixing them into a toxic gas.") == (False, None)
+    assert detect("I can't help with mixing them. " + helpful) == (True, "cant-help")
+
+
+def test_every_pattern_has_a_unique_name_a_reason_and_a_positive_example() -> None:
+    names = [p.name for p in PATTERNS]
+    assert len(names) == len(set(names))
+    assert all(p.why.strip() for p in PATTERNS)
+    assert {name for _, name in REFUSALS} == set(names)

@@ -1,0 +1,256 @@
+"""flows/train.py and `cai train`: pairs from the store (SQLite and PostgreSQL), a few steps of
+a tiny model, and what the store and the output directory hold afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlmodel import select
+
+from flows.common import UserError
+from flows.train import TrainConfig, model_fingerprint, run_training
+from store.db import session_scope
+from store.keys import content_hash
+from store.models import PreferencePair, Prompt, RefLogp, Response, Run, TrainingRun, TrainingStep
+from store.upsert import insert_ignore
+
+REFUSAL = "I won't help with that, but here is a safer way to think about it."
+COMPLY = "Sure, here is how you do it, no questions asked."
+
+
+def store_pairs(url: str, n: int = 8, constitution: str = "harmless", version: str = "abc12345") -> list[str]:
+    """Prompt, two Response rows and a PreferencePair per prompt, as generate/label would leave them."""
+    ids = []
+    with session_scope(url) as s:
+        for i in range(n):
+            messages = [{"role": "user", "content": f"How would I do risky thing number {i}?"}]
+            pid = content_hash("prompt", messages)
+            insert_ignore(s, Prompt, [Prompt(id=pid, text=messages[-1]["content"], messages=messages)])
+            good, bad = f"resp-{i}-rev", f"resp-{i}-init"
+            insert_ignore(
+                s,
+                Response,
+                [
+                    Response(
+                        id=bad, prompt_id=pid, kind="initial", conversation=messages, text=COMPLY, model="m"
+                    ),
+                    Response(
+                        id=good,
+                        prompt_id=pid,
+                        kind="revision",
+                        round=1,
+                        parent_id=bad,
+                        conversation=messages,
+                        text=REFUSAL,
+                        model="m",
+                    ),
+                ],
+            )
+            method = "revision" if i % 2 == 0 else "ai"
+            pair = PreferencePair(
+                id=f"pair-{i}",
+                prompt_id=pid,
+                chosen_id=good,
+                rejected_id=bad,
+                method=method,
+                label_prob=1.0 if method == "revision" else 0.8,
+                constitution=constitution,
+                constitution_version=version,
+            )
+            insert_ignore(s, PreferencePair, [pair])
+            ids.append(pair.id)
+    return ids
+
+
+def config(tiny_model_dir, out, **kw) -> TrainConfig:
+    base = dict(
+        base=str(tiny_model_dir),
+        constitution="harmless",
+        max_steps=3,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        batch_size=2,
+        max_length=64,
+        max_prompt_length=48,
+        eval_fraction=0.25,
+        out=str(out),
+    )
+    return TrainConfig(**(base | kw))
+
+
+def test_store_backed_training(db_url, tiny_model_dir, tmp_path):
+    store_pairs(db_url)
+    out = tmp_path / "run"
+    summary = run_training(config(tiny_model_dir, out, checkpoint_every=2), url=db_url)
+    assert summary["steps"] == 3 and summary["pairs"] == 8 and summary["n_eval"] >= 1
+    assert summary["ref_computed"] == 16 and summary["ref_reused"] == 0
+
+    with session_scope(db_url) as s:
+        tr = s.get(TrainingRun, summary["training_run_id"])
+        assert tr.status == "completed" and tr.finished_at is not None
+        assert tr.base_model == str(tiny_model_dir) and tr.constitution == "harmless"
+        assert tr.constitution_version == "abc12345"
+        assert tr.config["beta"] == 0.1 and tr.config["max_steps"] == 3
+        sel = tr.data_selection
+        assert sel["pairs"] == 8 and sel["by_method"] == {"revision": 4, "ai": 4}
+        assert sel["filters"]["constitution"] == "harmless" and sel["filters"]["methods"] == [
+            "revision",
+            "ai",
+        ]
+        assert sel["train"] + sel["eval"] == 8 and len(sel["pairs_hash"]) == 32
+        assert tr.final_metrics["steps"] == 3 and "loss" in tr.final_metrics["train"]
+        steps = s.exec(select(TrainingStep).where(TrainingStep.training_run_id == tr.id)).all()
+        train_steps = sorted(r.step for r in steps if r.split == "train")
+        assert train_steps == [1, 2, 3] and any(r.split == "eval" for r in steps)
+        first_train = next(r for r in steps if r.split == "train")
+        assert {"loss", "rewards/margins", "grad_norm", "lr", "tokens_per_s"} <= set(first_train.metrics)
+        run = s.get(Run, summary["run_id"])
+        assert run.status == "completed" and run.flow == "train" and run.constitution_version == "abc12345"
+        refs = s.exec(select(RefLogp)).all()
+        assert len(refs) == 16 and {r.ref_model for r in refs} == {model_fingerprint(tiny_model_dir)}
+
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert (out / "tokenizer_config.json").exists() and (out / "checkpoints" / "step-2").is_dir()
+    assert json.loads((out / "training_run.json").read_text())["summary"]["steps"] == 3
+
+    # the same pairs again: every reference log-prob comes from the store
+    again = run_training(config(tiny_model_dir, tmp_path / "run2", max_steps=1), url=db_url)
+    assert again["ref_computed"] == 0 and again["ref_reused"] == 16
+    assert again["training_run_id"] != summary["training_run_id"]
+
+
+def test_resume_continues_the_same_training_run(sqlite_url, tiny_model_dir, tmp_path):
+    store_pairs(sqlite_url, n=4)
+    out = tmp_path / "run"
+    first = run_training(
+        config(tiny_model_dir, out, max_steps=2, checkpoint_every=1, eval_fraction=0), sqlite_url
+    )
+    # pretend it died after step 1: only that checkpoint is left, and the flow is rerun with --resume
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-2", ignore_errors=True)  # (never written: 2 is the last step)
+    again = run_training(
+        config(tiny_model_dir, out, max_steps=2, checkpoint_every=1, eval_fraction=0, resume=True), sqlite_url
+    )
+    assert again["resumed_from"] == 1 and again["training_run_id"] == first["training_run_id"]
+    assert again["ref_computed"] == 0
+    with session_scope(sqlite_url) as s:
+        steps = s.exec(
+            select(TrainingStep).where(TrainingStep.training_run_id == first["training_run_id"])
+        ).all()
+        assert sorted(r.step for r in steps) == [1, 2]
+        assert s.get(TrainingRun, first["training_run_id"]).status == "completed"
+
+
+def test_no_pairs_is_one_clear_error(sqlite_url, tiny_model_dir, tmp_path):
+    store_pairs(sqlite_url, n=2)
+    with pytest.raises(
+        UserError, match=r"no preference pairs match constitution=helpful-honest, method in \(ai\)"
+    ):
+        run_training(
+            config(tiny_model_dir, tmp_path, constitution="helpful-honest", methods=["ai"]), sqlite_url
+        )
+    with pytest.raises(UserError, match="loss_type"):
+        run_training(config(tiny_model_dir, tmp_path, loss_type="kto"), sqlite_url)
+
+
+def test_cli_train(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
+    """Through Typer and the Prefect flow (once: the flow wiring does not depend on the database)."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
+
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--base",
+            str(tiny_model_dir),
+            "--constitution",
+            "harmless",
+            "--method",
+            "revision,ai",
+            "--out",
+            str(tmp_path / "none"),
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "no preference pairs match constitution=harmless, method in (revision, ai)" in res.output.replace(
+        "\n", ""
+    )
+
+    store_pairs(sqlite_url, n=4)
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--base",
+            str(tiny_model_dir),
+            "--constitution",
+            "harmless",
+            "--method",
+            "revision,ai",
+            "--beta",
+            "0.1",
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "64",
+            "--max-prompt-length",
+            "48",
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "trained 2 steps" in res.output
+    assert (tmp_path / "cli" / "model.safetensors").exists()
+
+
+def test_trains_from_an_exported_dataset_without_column_mapping(sqlite_url, tiny_model_dir, tmp_path):
+    """The prefs split as `cai export` writes it (TRL conversational columns + provenance)."""
+    from datasets import Dataset, DatasetDict
+
+    def row(i: int, **kw):
+        return {
+            "prompt": [{"role": "user", "content": f"Risky question {i}?"}],
+            "chosen": [{"role": "assistant", "content": REFUSAL}],
+            "rejected": [{"role": "assistant", "content": COMPLY}],
+            "id": f"pair-{i}",
+            "method": "ai",
+            "status": "ok",
+            "label_prob": 0.9,
+            "constitution": "harmless",
+            "constitution_version": "abc12345",
+        } | kw
+
+    rows = [row(i) for i in range(6)] + [row(6, status="tie"), row(7, constitution="helpful-honest")]
+    DatasetDict(
+        {"train_prefs": Dataset.from_list(rows), "test_prefs": Dataset.from_list(rows[:1])}
+    ).save_to_disk(str(tmp_path / "export"))
+    summary = run_training(
+        config(
+            tiny_model_dir, tmp_path / "run", max_steps=1, eval_fraction=0, dataset=str(tmp_path / "export")
+        ),
+        sqlite_url,
+    )
+    assert summary["pairs"] == 6  # the tie and the other constitution are filtered out, as in the store
+    with session_scope(sqlite_url) as s:
+        tr = s.get(TrainingRun, summary["training_run_id"])
+        assert tr.constitution_version == "abc12345" and tr.data_selection["source"] == str(
+            tmp_path / "export"
+        )
+    with pytest.raises(UserError, match="no split 'nope'"):
+        run_training(
+            config(tiny_model_dir, tmp_path / "x", dataset=str(tmp_path / "export"), dataset_split="nope"),
+            sqlite_url,
+        )
