@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fakes import ScriptedEngine
 from sqlmodel import select
 
 from constitution.load import load_file
-from fakes import ScriptedEngine
 from flows import sl_cai
 from flows.common import drop_engines, register_engine
 from flows.generate import GenerateConfig, generate_flow
