@@ -14,6 +14,8 @@ Used by engines/hf.py; nothing here knows about chat templates or Completion obj
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,18 @@ class Result:
     tokens: list[int]  # generated ids, without the end-of-turn token that stopped the row
     finish_reason: str  # "stop" | "length"
     n_generated: int  # tokens produced, the stopping end-of-turn token included
+
+
+@functools.cache
+def _cache_arg(model_type: type) -> str:
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_arg(model) -> str:
+    """The forward() keyword for the KV cache: `cache` from transformers 5.x (where the old
+    `past_key_values` still works but warns on every call), `past_key_values` before."""
+    return _cache_arg(type(model))
 
 
 class PrefixStore:
@@ -66,7 +80,7 @@ class PrefixStore:
         cache = DynamicCache(self.entries[base]) if base else DynamicCache(config=self.model.config)
         ids = torch.tensor([list(key[len(base):])], device=self.model.device)
         # no mask needed: one row, no padding; positions continue after the cached part
-        self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=ids, **{cache_arg(self.model): cache}, use_cache=True, logits_to_keep=1)
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
             self.usable = False  # sliding-window / hybrid caches cannot be spliced this way
             return None
@@ -151,7 +165,7 @@ def positions(mask: torch.Tensor, width: int) -> torch.Tensor:
 def forward(model, tokens: torch.Tensor, mask: torch.Tensor, cache: Cache, keep: int = 1):
     """One forward over a [B, S] segment appended to `cache`; `mask` spans cache + segment."""
     out = model(input_ids=tokens, attention_mask=mask, position_ids=positions(mask, tokens.shape[1]),
-                past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                **{cache_arg(model): cache}, use_cache=True, logits_to_keep=keep)
     return out.logits
 
 

@@ -389,7 +389,10 @@ def preflight(config: ExportConfig) -> None:
 # --- the Prefect flow ----------------------------------------------------------------------
 # Thin: each task wraps one function above; the flow records a Run row and returns a summary.
 
-@task(name="export-build", cache_policy=NO_CACHE)
+# log_prints=False: under a parent flow with log_prints (the pipeline), Prefect's print capture
+# defeats dill's stdout capture of dis.dis() inside datasets' fingerprinting, and every
+# disassembled line would land in the run log
+@task(name="export-build", cache_policy=NO_CACHE, log_prints=False)
 def build_task(config: ExportConfig, run_id: str):
     with session_scope() as s:
         data, facts = build_export(s, config)
@@ -401,17 +404,17 @@ def build_task(config: ExportConfig, run_id: str):
     return data, facts
 
 
-@task(name="export-write", cache_policy=NO_CACHE)
+@task(name="export-write", cache_policy=NO_CACHE, log_prints=False)
 def write_task(data, facts: dict[str, Any], config: ExportConfig) -> dict[str, Any]:
     return write_export(data, facts, config.out, config.format)
 
 
-@task(name="export-push", cache_policy=NO_CACHE)
+@task(name="export-push", cache_policy=NO_CACHE, log_prints=False)
 def push_task(config: ExportConfig, ref: str) -> str:
     return push_export(config.out, config.push_to_hub or "", config.private, f"cai export {ref}")
 
 
-@flow(name="export")
+@flow(name="export", log_prints=False)
 def export_flow(config: ExportConfig) -> dict[str, Any]:
     """Select pairs, build the DatasetDict, write it with its card, then push if asked."""
     log = get_run_logger()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
@@ -37,7 +37,8 @@ class PipelineConfig(BaseModel):
     engine: str = "auto"  # hf | vllm | auto
     rounds: int = 2  # critique/revision rounds
     max_new_tokens: int = 96  # per generated answer, critique and revision: CPU time is linear in it
-    label_source: str = "store"  # judge SL-CAI initial vs final revision ("samples": fresh policy samples)
+    # store: judge each prompt's initial answer vs its final revision; samples: fresh policy samples
+    label_source: Literal["store", "samples"] = "store"
     samples: int = 2  # policy samples per prompt when label_source = samples
     principles_per_pair: int = 4  # judge ensemble size (both orders each)
     train_steps: int = 50  # DPO optimizer steps

@@ -21,6 +21,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("CAI_DATABASE_URL", None)
+# rich wraps CLI output at the terminal width, which differs between a developer shell and CI;
+# fix it so assertions on printed messages do not depend on where the tests run
+os.environ["COLUMNS"] = "200"
 
 import pytest  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
@@ -107,25 +110,8 @@ def tokenizer_dir() -> Path:
     return gguf_tokenizer_dir()
 
 
-def make_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2) -> Path:
-    """A random-weight Llama with the SmolLM2 tokenizer: same interface, milliseconds per step."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
+    from tiny import make_tiny_model
+
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer_dir)

@@ -452,3 +452,11 @@ def test_password_is_not_printed(runner, home, monkeypatch):
     monkeypatch.setenv("CAI_DATABASE_URL", "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/nope")
     r = invoke(runner, "status")
     assert r.exit_code == 2 and "s3cret" not in r.stderr and "127.0.0.1:1/nope" in r.stderr
+
+
+def test_run_rejects_a_bad_setting_with_one_line_and_exit_2(runner, home, sqlite_db):
+    r = invoke(runner, "run", "--label-source", "fresh")
+    assert r.exit_code == 2
+    out = flat(r.output)
+    assert "invalid setting: label_source: Input should be 'store' or 'samples' (got 'fresh')" in out
+    assert "Traceback" not in r.output

@@ -204,7 +204,7 @@ def test_eval_flow_exact_rates_stored_rows_and_rerun_without_model_work(use_db, 
 
 def test_eval_flow_with_the_tiny_model(use_db, tiny_model_dir, tmp_path, prefect_patience) -> None:
     """End to end through the real hf engine: two random-weight models, one of them the judge."""
-    from conftest import make_tiny_model
+    from tiny import make_tiny_model
 
     from flows.common import drop_engines
 
@@ -238,4 +238,4 @@ def test_cli_eval_rejects_a_missing_model_dir_before_any_work(sqlite_url, monkey
     with session_scope(sqlite_url) as s:
         assert s.exec(select(Run)).all() == []  # no run was started
     r = CliRunner().invoke(app, ["eval", "--model", "x", "--prompts", "no-such-tag"])
-    assert r.exit_code == 2 and "no prompts tagged 'no-such-tag'" in r.output
+    assert r.exit_code == 2 and "no prompts tagged 'no-such-tag'" in " ".join(r.output.split())

@@ -438,3 +438,34 @@ def test_flow_records_a_completed_run(store: str, tmp_path: Path, monkeypatch):
         export_flow(make_config(constitution="harmless", out=tmp_path / "y", min_label_prob=1.0,
                                 methods=["ai"]))
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.prefect_server
+def test_export_under_a_printing_parent_flow_keeps_the_log_clean(store: str, tmp_path: Path, monkeypatch):
+    """The pipeline flow captures prints; datasets' fingerprinting must not leak dis.dis output into it."""
+    import logging
+
+    from prefect import flow
+
+    from flows.export import export_flow
+
+    monkeypatch.setenv("CAI_DATABASE_URL", store)
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("prefect.task_runs")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the suite runs with PREFECT_LOGGING_LEVEL=WARNING
+
+    @flow(log_prints=True)
+    def parent() -> dict:
+        print("parent flow prints are captured")
+        return export_flow(make_config(constitution="harmless", out=tmp_path / "x"))
+
+    try:
+        assert parent()["counts"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert not [m for m in records if "LOAD_GLOBAL" in m or "RESUME" in m]

@@ -204,5 +204,6 @@ def test_cli_report_writes_the_page(sqlite_url: str, tmp_path: Path, monkeypatch
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
     r = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "r"), "--examples", "1"])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "r" / "index.html").exists() and "7 plots" in r.output
+    assert (tmp_path / "r" / "index.html").exists()
+    assert "(7 plots" in " ".join(r.output.split())  # rich wraps long paths at the terminal width
     assert len(json.loads((tmp_path / "r" / "report.json").read_text())["examples"]) == 1

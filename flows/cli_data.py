@@ -1,0 +1,146 @@
+"""`cai constitution ...` and `cai prompts ...`: the files a team edits and the prompts it loads.
+
+    cai constitution validate constitution/harmless.yaml
+    cai constitution diff harmless@<old> harmless
+    cai prompts add data/red_team.jsonl --tag red-team
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from flows.cli_common import _session, console, err, fail, guarded
+
+constitution_app = typer.Typer(help="List, validate, version and diff constitution files.", no_args_is_help=True)
+prompts_app = typer.Typer(help="Load prompt sets into the store.", no_args_is_help=True)
+
+
+# --- constitution --------------------------------------------------------------------------
+
+@constitution_app.command("list")
+@guarded
+def constitution_list() -> None:
+    """The constitution files found, with their current version and principle counts."""
+    from constitution.load import ConstitutionError, available, load_file
+
+    table = Table("name", "version", "principles", "preferences", "few-shot", "file")
+    for name, path in available().items():
+        try:
+            c = load_file(path)
+            table.add_row(name, c.version, str(len(c.principles)), str(len(c.preferences)),
+                          str(len(c.few_shot)), str(path))
+        except ConstitutionError as exc:
+            table.add_row(name, "[red]invalid[/]", "", "", "", exc.args[0])
+    console.print(table)
+
+
+@constitution_app.command("validate")
+@guarded
+def constitution_validate(path: Path) -> None:
+    """Check a constitution file; print its version id, or the file:line:col of the problem."""
+    from constitution.load import load_file
+
+    c = load_file(path)
+    console.print(f"{c.ref}  ({len(c.principles)} principles, {len(c.preferences)} preferences, "
+                  f"{len(c.few_shot)} few-shot examples)", highlight=False)
+
+
+@constitution_app.command("log")
+@guarded
+def constitution_log(name: str) -> None:
+    """Versions of NAME the store has seen, oldest first, with dates."""
+    from sqlmodel import select
+
+    from store.models import ConstitutionVersion
+
+    with _session() as s:
+        rows = s.exec(select(ConstitutionVersion).where(ConstitutionVersion.name == name)
+                      .order_by(ConstitutionVersion.created_at, ConstitutionVersion.id)).all()
+    if not rows:
+        fail(f"the store has seen no version of {name!r} yet (versions are recorded when a flow uses "
+             f"the constitution, or with `cai constitution record {name}`)")
+    table = Table("version", "first seen (UTC)", "principles", "file")
+    for r in rows:
+        n = len([k for k in r.principle_hashes if not k.startswith("pref:")])
+        table.add_row(f"{name}@{r.version}", r.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(n), r.source_path)
+    console.print(table)
+
+
+@constitution_app.command("record")
+@guarded
+def constitution_record(name: str) -> None:
+    """Store the current version of NAME (flows do this automatically when they use it)."""
+    from flows.common import resolve_constitution
+
+    with _session() as s:
+        c = resolve_constitution(s, name)
+    console.print(f"recorded {c.ref}", highlight=False)
+
+
+@constitution_app.command("diff")
+@guarded
+def constitution_diff(old: str, new: str) -> None:
+    """Principles added, removed or changed between two versions (NAME@VERSION, NAME, or a file)."""
+    from constitution.load import diff
+    from flows.common import resolve_constitution
+
+    with _session() as s:
+        a = resolve_constitution(s, old)
+        b = resolve_constitution(s, new)
+    changes = diff(a, b)
+    console.print(f"{a.ref} -> {b.ref}", highlight=False)
+    if not changes:
+        console.print("no differences")
+        return
+    for ch in changes:
+        colour = {"added": "green", "removed": "red", "changed": "yellow"}[ch.kind]
+        console.print(f"[{colour}]{ch.kind:8}[/] {ch.section}: {ch.id}", highlight=False)
+        if ch.kind == "changed":
+            for field_name, (was, now) in ch.fields.items():
+                console.print(f"    {field_name}:\n      - {was}\n      + {now}", highlight=False)
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+@prompts_app.command("add")
+@guarded
+def prompts_add(
+    file: Path,
+    tag: list[str] = typer.Option([], "--tag", "-t", help="Tag(s) to select this set by, e.g. red-team."),
+) -> None:
+    """Load prompts from JSONL, CSV (a `prompt` column), plain text, or a saved HF dataset dir."""
+    from flows.prompts import parse_file, store_prompts
+
+    if not file.exists():
+        fail(f"{file}: no such file or directory")
+    res = parse_file(file)
+    for line, message in res.errors:
+        err.print(f"{file}:{line}: skipped: {message}", highlight=False, soft_wrap=True)  # one line each
+    with _session() as s:
+        new, old = store_prompts(s, res.prompts, str(file), tag or [file.stem.replace("_", "-")])
+    repeated = len(res.prompts) - new - old
+    console.print(f"{file}: {len(res.prompts)} prompts read ({new} new, {old} already stored"
+                  + (f", {repeated} repeated in the file" if repeated else "")
+                  + f"), {len(res.errors)} bad rows skipped", highlight=False, soft_wrap=True)
+    if res.errors and not res.prompts:
+        raise typer.Exit(2)
+
+
+@prompts_app.command("list")
+@guarded
+def prompts_list() -> None:
+    """Prompt tags and how many prompts carry each."""
+    from sqlalchemy import func
+    from sqlmodel import select
+
+    from store.models import PromptTag
+
+    with _session() as s:
+        rows = s.exec(select(PromptTag.tag, func.count()).group_by(PromptTag.tag).order_by(PromptTag.tag)).all()
+    table = Table("tag", "prompts")
+    for t, n in rows:
+        table.add_row(t, str(n))
+    console.print(table)
