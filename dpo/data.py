@@ -22,6 +22,7 @@ from sqlmodel import Session, select
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import PreferencePair, Prompt, RefLogp, Response
+from store.pairs import latest_per_response_pair
 from store.upsert import insert_ignore
 
 Message = dict[str, str]
@@ -112,24 +113,31 @@ class PairFilter:
 
 
 def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
-    """Stored pairs joined to their prompt messages and answer texts, in a stable (id) order."""
+    """Stored pairs joined to their prompt messages and answer texts, in a stable (id) order.
+
+    The same two responses labelled twice (a relabel, or a revision pair stored again under a
+    new constitution version) count once: the latest row, and its status decides."""
     chosen, rejected = aliased(Response), aliased(Response)
     q = (select(PreferencePair, Prompt.messages, chosen.text, rejected.text)
          .join(Prompt, Prompt.id == PreferencePair.prompt_id)
          .join(chosen, chosen.id == PreferencePair.chosen_id)
          .join(rejected, rejected.id == PreferencePair.rejected_id)
          .where(PreferencePair.method.in_(list(filt.methods)))
-         .where(PreferencePair.status.in_(list(filt.statuses)))
          .order_by(PreferencePair.id))
     if filt.constitution:
         name, _, version = filt.constitution.partition("@")
         q = q.where(PreferencePair.constitution == name)
         if version:
             q = q.where(PreferencePair.constitution_version.startswith(version, autoescape=True))
-    if filt.min_label_prob is not None:
-        q = q.where(PreferencePair.label_prob >= filt.min_label_prob)
+    rows = {pair.id: (pair, messages, c, r) for pair, messages, c, r in session.exec(q).all()}
+    latest, _ = latest_per_response_pair(row[0] for row in rows.values())
     out = []
-    for pair, messages, chosen_text, rejected_text in session.exec(q).all():
+    for pair in latest:
+        if pair.status not in filt.statuses:
+            continue
+        if filt.min_label_prob is not None and pair.label_prob < filt.min_label_prob:
+            continue
+        _, messages, chosen_text, rejected_text = rows[pair.id]
         prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages)
         out.append(PairExample(prompt, chosen_text, rejected_text, float(pair.label_prob), pair.id,
                                pair.method))

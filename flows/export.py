@@ -47,6 +47,7 @@ from flows.publish import check_out, hub_token, push_export, write_export
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
+from store.pairs import latest_per_response_pair
 
 Format = Literal["arrow", "parquet", "jsonl"]
 SPLIT_SALT = "cai-factory/split/v1"  # changing it reshuffles every prompt: never do it silently
@@ -214,6 +215,10 @@ def select_pairs(session: Session, config: ExportConfig, load: bool = True) -> S
         PreferencePair.constitution == name, PreferencePair.constitution_version == version)
         .order_by(PreferencePair.id)))
     sel = Selection(name, version, [], {}, {}, available=len(pairs))
+    # before the status filters: a relabelled pair is judged by its latest label, not its best one
+    pairs, superseded = latest_per_response_pair(pairs)
+    if superseded:
+        sel.removed["superseded (an older label of the same two responses)"] = superseded
     since = _naive_utc(config.since) if config.since else None
     until = _naive_utc(config.until) if config.until else None
     statuses = {"ok"} | ({"tie"} if config.include_ties else set()) | (

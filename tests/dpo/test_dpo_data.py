@@ -101,6 +101,50 @@ def test_select_pairs_filters(db_url):
     )
 
 
+def test_the_same_two_responses_count_once_and_the_latest_label_decides(db_url):
+    from datetime import UTC, datetime, timedelta
+
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    with session_scope(db_url) as s:
+        add_pair(s, 0)  # revision pair under version aaaa1111
+        add_pair(s, 1, method="ai", label_prob=0.8)
+        s.flush()
+        base = s.get(PreferencePair, "pair-0-revision-ok")
+        ai = s.get(PreferencePair, "pair-1-ai-ok")
+        base.created_at, ai.created_at = t0, t0
+        # the constitution was edited; prompt 0's responses did not change, so its revision pair
+        # is stored again under the new version
+        s.add(PreferencePair(id="pair-0-again", prompt_id=base.prompt_id, chosen_id="r0good", rejected_id="r0bad",
+                             method="revision", constitution="harmless", constitution_version="eeee5555",
+                             created_at=t0 + timedelta(days=1)))
+        # prompt 1 relabelled with other judge settings: now position-inconsistent, options swapped
+        s.add(PreferencePair(id="pair-1-relabel", prompt_id=ai.prompt_id, chosen_id="r1bad", rejected_id="r1good",
+                             method="ai", label_prob=0.52, status="position-inconsistent",
+                             constitution="harmless", constitution_version="aaaa1111",
+                             created_at=t0 + timedelta(days=1)))
+    with session_scope(db_url) as s:
+        # once, not twice; the relabel's status keeps prompt 1 out although its old label was ok
+        assert [e.id for e in select_pairs(s, PairFilter(constitution="harmless"))] == ["pair-0-again"]
+        assert [e.id for e in select_pairs(s, PairFilter(constitution="harmless@aaaa"))] == ["pair-0-revision-ok"]
+        loose = select_pairs(s, PairFilter(statuses=("ok", "position-inconsistent")))
+        assert sorted(e.id for e in loose) == ["pair-0-again", "pair-1-relabel"]
+
+
+def test_latest_per_response_pair_rule():
+    from datetime import UTC, datetime
+
+    from store.pairs import latest_per_response_pair
+
+    def pair(i, c, r, method="ai", day=1):
+        return PreferencePair(id=i, prompt_id="p", chosen_id=c, rejected_id=r, method=method, constitution="h",
+                              constitution_version="v", created_at=datetime(2026, 1, day, tzinfo=UTC))
+
+    rows = [pair("a", "x", "y", day=1), pair("b", "y", "x", day=2), pair("c", "x", "y", method="revision"),
+            pair("d", "x", "z", day=1), pair("e", "x", "z", day=1)]
+    kept, dropped = latest_per_response_pair(rows)
+    assert [p.id for p in kept] == ["b", "c", "e"] and dropped == 2  # swapped order is the same pair; ties: larger id
+
+
 def test_examples_from_trl_records_and_a_hf_dataset():
     from datasets import Dataset
 

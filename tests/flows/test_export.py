@@ -222,6 +222,27 @@ def test_filters_select_the_documented_rows(store: str, tmp_path: Path):
         make_config(constitution="harmless", out=tmp_path, private=True)
 
 
+def test_a_relabelled_pair_is_exported_once_with_its_latest_label(store: str, tmp_path: Path):
+    with Session(get_engine(store)) as s:
+        old = s.get(PreferencePair, next(p.id for p in s.exec(select(PreferencePair))
+                                         if p.id.endswith("-004-ai")))
+        # judged again with other settings, options in the other order: the newer label says 0.7
+        s.add(PreferencePair(id=old.id + "-relabel", prompt_id=old.prompt_id, chosen_id=old.rejected_id,
+                             rejected_id=old.chosen_id, method="ai", label_prob=0.7, principle_ids=["safer"],
+                             judge_model="tiny-judge-2", constitution=old.constitution,
+                             constitution_version=old.constitution_version, policy_model="tiny-policy",
+                             created_at=old.created_at + timedelta(days=1)))
+        s.commit()
+        old_id = old.id
+    data, facts = export(store, tmp_path / "x")
+    ids = prefs_column(data, "id")
+    assert old_id + "-relabel" in ids and old_id not in ids and len(ids) == len(set(ids))
+    row = prefs_column(data, "judge_model")[ids.index(old_id + "-relabel")]
+    assert row == "tiny-judge-2"
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert "superseded (an older label of the same two responses) removed 1" in " ".join(card.split())
+
+
 def test_cli_bad_input_is_one_line_and_exit_2(store: str, tmp_path: Path, monkeypatch):
     """Checked before Prefect starts, so these cost no flow run."""
     from typer.testing import CliRunner
