@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from flows.cli_common import _session, console, fail, guarded
+from flows.cli_common import _session, console, err, fail, guarded
 from flows.cli_data import constitution_app, prompts_app
 
 app = typer.Typer(help="Constitutional AI / RLAIF data factory.", no_args_is_help=True,
@@ -368,6 +369,8 @@ def export(
     console.print(f"exported {s['constitution']} to {s['out']} ({s['format']}): "
                   + ", ".join(f"{k} {n}" for k, n in s["counts"].items())
                   + (f"; pushed to {s['url']}" if s.get("url") else ""), highlight=False)
+    if s.get("warning"):
+        err.print(f"[yellow]warning:[/] {escape(s['warning'])}", highlight=False, soft_wrap=True)
 
 # run / eval / report: flows/pipeline.py, flows/evaluate.py, flows/report.py
 

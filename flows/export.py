@@ -432,6 +432,12 @@ def export_flow(config: ExportConfig) -> dict[str, Any]:
             data, facts = build_task(config, run_id)
         summary |= {"constitution": facts["constitution"]["ref"], "counts": facts["counts"]}
         log.info("export %s: %s", facts["constitution"]["ref"], facts["counts"])
+        if config.test_fraction > 0 and not facts["counts"]["test_sft"] and not facts["counts"]["test_prefs"]:
+            # the split is by prompt hash: with few prompts the test bucket can be empty, by design
+            summary["warning"] = (f"the test splits are empty: none of the {facts['prompts']['train']} prompts "
+                                  f"hashed into the test bucket (--test-fraction {config.test_fraction}); "
+                                  "more prompts or a larger --test-fraction fill it")
+            log.warning(summary["warning"])
         with timer("write"):
             write_task(data, facts, config)
         if config.push_to_hub:

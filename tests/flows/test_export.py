@@ -455,6 +455,10 @@ def test_flow_records_a_completed_run(store: str, tmp_path: Path, monkeypatch):
         run = s.get(Run, summary["run_id"])
     assert run.flow == "export" and run.status == "completed" and run.summary["counts"] == summary["counts"]
     assert f"{run.constitution}@{run.constitution_version}" == summary["constitution"]
+    assert "warning" not in summary
+    few = export_flow(make_config(constitution="harmless", out=tmp_path / "z", test_fraction=1e-9))
+    assert few["counts"]["test_prefs"] == few["counts"]["test_sft"] == 0
+    assert few["warning"].startswith("the test splits are empty: none of the 20 prompts")
     with pytest.raises(UserError, match="nothing to export"):
         export_flow(make_config(constitution="harmless", out=tmp_path / "y", min_label_prob=1.0,
                                 methods=["ai"]))
