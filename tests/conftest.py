@@ -24,6 +24,9 @@ os.environ.pop("CAI_DATABASE_URL", None)
 # rich wraps CLI output at the terminal width, which differs between a developer shell and CI;
 # fix it so assertions on printed messages do not depend on where the tests run
 os.environ["COLUMNS"] = "200"
+# tests compare engine outputs with direct fp32 forward passes to 1e-4; the engine's `auto` dtype
+# would pick bf16 on CPUs where it is faster (tests that cover that choice unset this)
+os.environ["CAI_CPU_DTYPE"] = "float32"
 
 import pytest  # noqa: E402
 import sqlalchemy as sa  # noqa: E402

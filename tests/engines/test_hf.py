@@ -293,6 +293,43 @@ def test_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_auto_dtype_on_cpu_is_bf16_only_where_it_is_faster(monkeypatch):
+    import torch
+
+    from engines import hf
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("CAI_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(hf, "_BF16_SPEEDUP", 2.4)  # a CPU with native bf16 (measured ~2.4x here)
+    assert hf._pick_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(hf, "_BF16_SPEEDUP", 0.6)  # emulated bf16 is slower: keep fp32
+    assert hf._pick_dtype("auto", cpu) == torch.float32
+    assert hf._pick_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit dtype always wins
+    monkeypatch.setenv("CAI_CPU_DTYPE", "float32")
+    monkeypatch.setattr(hf, "_BF16_SPEEDUP", 2.4)
+    assert hf._pick_dtype("auto", cpu) == torch.float32
+    monkeypatch.setenv("CAI_CPU_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="CAI_CPU_DTYPE must be float32, bfloat16 or auto; got 'fp8'"):
+        hf._pick_dtype("auto", cpu)
+    monkeypatch.setattr(hf, "_BF16_SPEEDUP", None)  # and the real measurement gives a ratio
+    assert hf.cpu_bf16_speedup() >= 0.0
+
+
+@pytest.mark.slow
+def test_real_smollm2_in_bf16_agrees_with_fp32():
+    """bf16 is what `auto` picks on CPUs with native bf16: same answers, scores within 0.25 nats."""
+    convs = [conv("What is the capital of France?"), conv("What is 2+2?")]
+    c = [{"role": "user", "content": "What is the capital of France?"},
+         {"role": "assistant", "content": "The capital of France is"}]
+    choices = [" Paris", " London", " Berlin"]
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        e = engines.load("smollm2-135m", engine="hf", dtype=dtype)
+        got[dtype] = (e.generate(convs, Sampling(max_new_tokens=24)), e.choice_logprobs([c], choices)[0])
+    assert "Paris" in got["bfloat16"][0][0].text and got["bfloat16"][0][1].text.strip()
+    assert all(abs(got["bfloat16"][1][k] - got["float32"][1][k]) < 0.25 for k in choices)
+
+
 @pytest.mark.slow
 def test_real_smollm2_answers_and_scores():
     e = engines.load("smollm2-135m", engine="hf")
