@@ -110,6 +110,25 @@ def truncate_left(ids: list[int], keep: int) -> tuple[list[int], int]:
     return ids[len(ids) - keep:], len(ids) - keep
 
 
+def encode_prompts(tokenizer, conversations: list, max_context: int, reserve: int,
+                   stats=None) -> tuple[list[list[int]], list[int]]:
+    """Token ids per conversation, left-truncated so `reserve` tokens still fit the context.
+
+    Returns (ids, tokens dropped per conversation); truncations are counted in `stats` and
+    logged once per call, never fatal."""
+    ids, dropped = [], []
+    for i, conv in enumerate(conversations):
+        toks, cut = truncate_left(encode(tokenizer, render(tokenizer, conv, i)), max_context - reserve)
+        ids.append(toks)
+        dropped.append(cut)
+    if n := sum(1 for d in dropped if d):
+        if stats is not None:
+            stats.truncations += n
+        log.warning("%d of %d prompts exceed the context (%d tokens, %d kept for the reply) and lost "
+                    "%d tokens from the left", n, len(conversations), max_context, reserve, sum(dropped))
+    return ids, dropped
+
+
 def common_prefix_len(rows: list[list[int]]) -> int:
     if not rows:
         return 0

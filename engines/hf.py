@@ -30,10 +30,9 @@ from engines.chat import (
     common_prefix_len,
     cut_at_stop,
     encode,
+    encode_prompts,
     end_of_turn_ids,
-    render,
     row_seed,
-    truncate_left,
 )
 from engines.decode import PrefixStore, Row, decode, score_choices
 
@@ -164,19 +163,7 @@ class HFEngine:
     # ---- prompts -------------------------------------------------------------------------
 
     def _prompts(self, conversations: list[Conversation], reserve: int) -> tuple[list[list[int]], list[int]]:
-        """Token ids per conversation, left-truncated so `reserve` tokens still fit the context."""
-        ids, dropped = [], []
-        for i, conv in enumerate(conversations):
-            toks, cut = truncate_left(encode(self.tokenizer, render(self.tokenizer, conv, i)),
-                                      self.max_context - reserve)
-            ids.append(toks)
-            dropped.append(cut)
-        if n := sum(1 for d in dropped if d):
-            self.stats.truncations += n
-            log.warning("%d of %d prompts exceed the context (%d tokens, %d kept for the reply) and lost "
-                        "%d tokens from the left", n, len(conversations), self.max_context, reserve,
-                        sum(dropped))
-        return ids, dropped
+        return encode_prompts(self.tokenizer, conversations, self.max_context, reserve, self.stats)
 
     def _prefix(self, store: PrefixStore, rows: list[list[int]]):
         """(KV, length) of the prefix every row of a batch shares, or (None, 0) when not worth it."""

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from engines.base import Completion, Conversation, EngineStats, Output, Sampling
 from engines.bundled import ALIASES, DEFAULT_SPEC, resolve
-from engines.chat import check_sampling, encode, end_of_turn_ids, render, row_seed, truncate_left
+from engines.chat import check_sampling, encode, encode_prompts, end_of_turn_ids, row_seed
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,7 @@ class VLLMEngine:
         self.stats = EngineStats()
 
     def _prompts(self, conversations: list[Conversation], reserve: int) -> tuple[list[list[int]], list[int]]:
-        ids, dropped = [], []
-        for i, conv in enumerate(conversations):
-            toks, cut = truncate_left(encode(self.tokenizer, render(self.tokenizer, conv, i)),
-                                      self.max_context - reserve)
-            ids.append(toks)
-            dropped.append(cut)
-        if n := sum(1 for d in dropped if d):
-            self.stats.truncations += n
-            log.warning("%d of %d prompts exceed the context (%d tokens, %d kept for the reply) and lost "
-                        "%d tokens from the left", n, len(conversations), self.max_context, reserve,
-                        sum(dropped))
-        return ids, dropped
+        return encode_prompts(self.tokenizer, conversations, self.max_context, reserve, self.stats)
 
     def generate(self, conversations: list[Conversation], sampling: Sampling) -> list[Completion]:
         from vllm import SamplingParams
