@@ -5,6 +5,7 @@ Kept deliberately flat (no base classes): each flow imports the two or three hel
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -104,13 +105,32 @@ def cached_engine(spec: str, backend: str = "auto", **settings: Any):
         if key not in _ENGINES:
             from engines import load
 
+            t0 = time.perf_counter()
             try:
                 _ENGINES[key] = load(spec, engine=backend, **settings)
             except Exception as exc:  # noqa: BLE001 - one line a person can act on
                 raise UserError(f"cannot load model {spec!r} ({exc.__class__.__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local HF directory, "
                                 "a .gguf file, or `smollm2-135m` for the bundled model") from exc
+            facts = engine_facts(_ENGINES[key])
+            _run_logger().info("loaded %s in %.1fs: %s", spec, time.perf_counter() - t0,
+                               ", ".join(f"{k} {v}" for k, v in facts.items()))
         return _ENGINES[key]
+
+
+def engine_facts(engine: Any) -> dict[str, Any]:
+    """Backend, device and dtype of a loaded engine: what a run should record about how it computed."""
+    extra = getattr(getattr(engine, "stats", None), "extra", None) or {}
+    return {"backend": getattr(engine, "backend", "?")} | {k: extra[k] for k in ("device", "dtype") if k in extra}
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect import get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow or task run
+        return logging.getLogger("cai")
 
 
 def register_engine(spec: str, engine: Any, backend: str = "auto", **settings: Any) -> None:

@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 from constitution.load import Constitution
 from engines.base import Completion, Sampling
 from flows import sl_cai
-from flows.common import cached_engine, finish_run, resolve_constitution, start_run, worker_id
+from flows.common import cached_engine, engine_facts, finish_run, resolve_constitution, start_run, worker_id
 from flows.prompts import ensure_tags, prompts_for_tags
 from flows.stage import Stage, StageStats, run_stage
 from store.db import session_scope
@@ -262,6 +262,7 @@ def generate_flow(cfg: GenerateConfig) -> dict[str, Any]:
         "engine_s": round(sum(s.engine_s for s in stages), 3),
         "load_s": round(load_s, 3),
         "total_s": round(total_s, 3),
+        "engine": engine_facts(_engine(cfg)),
     }
     finish_run(run_id, "completed", summary=summary,
                timings={s.stage: round(s.total_s, 3) for s in stages} | {"load": round(load_s, 3)},

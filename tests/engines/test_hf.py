@@ -293,6 +293,12 @@ def test_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_engine_facts_name_device_and_dtype(eng):
+    from flows.common import engine_facts
+
+    assert engine_facts(eng) == {"backend": "hf", "device": "cpu", "dtype": "float32"}
+
+
 def test_auto_dtype_on_cpu_is_bf16_only_where_it_is_faster(monkeypatch):
     import torch
 

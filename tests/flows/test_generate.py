@@ -49,6 +49,7 @@ def _rows(url=None):
 def test_flow_stores_every_row_and_revision_pairs(use_db, scripted, constitution_dir):
     c = load_file(constitution_dir / "harmless.yaml")
     summary = generate_flow(_cfg())
+    assert summary["engine"] == {"backend": "scripted"}  # the hf engine adds device and dtype
     rows = _rows()
     kinds = sorted((r.kind, r.round) for r in rows.values())
     assert kinds.count(("initial", 0)) == 5
