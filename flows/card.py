@@ -184,7 +184,9 @@ def _models(facts: dict[str, Any]) -> list[str]:
         out += ["Sampling settings of the chosen and rejected responses:", "",
                 _table(["settings", "responses"], settings), ""]
     if facts["runs"]:
-        runs = [[r["id"], r["flow"], r["model"], r["engine"]] for r in facts["runs"]]
+        runs = [[r["id"], r["flow"], r["model"], " ".join(
+            [r["engine"] or ""] + [str(v) for k, v in r.get("engine_facts", {}).items() if k != "backend"]).strip()]
+            for r in facts["runs"]]
         out += ["Runs that made these rows (full configs in `manifest.json`):", "",
                 _table(["run", "flow", "model", "engine"], runs), ""]
     return out

@@ -124,6 +124,13 @@ def engine_facts(engine: Any) -> dict[str, Any]:
     return {"backend": getattr(engine, "backend", "?")} | {k: extra[k] for k in ("device", "dtype") if k in extra}
 
 
+def loaded_engine_facts(spec: str, backend: str = "auto", **settings: Any) -> dict[str, Any] | None:
+    """engine_facts of the engine `cached_engine` holds for these arguments; None if never loaded."""
+    with _ENGINE_LOCK:
+        eng = _ENGINES.get((spec, backend, tuple(sorted(settings.items()))))
+    return engine_facts(eng) if eng is not None else None
+
+
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:
     from prefect import get_run_logger
 

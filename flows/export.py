@@ -365,6 +365,7 @@ def collect_facts(session: Session, config: ExportConfig, sel: Selection,
         },
         "sampling": [{"settings": json.loads(k), "responses": n} for k, n in sorted(sampling.items())],
         "runs": [{"id": r.id, "flow": r.flow, "model": r.model, "engine": r.engine,
+                  "engine_facts": (r.summary or {}).get("engine") or {},
                   "constitution_version": r.constitution_version, "config": r.config}
                  for r in sorted(runs.values(), key=lambda r: r.id)],
         "principles_used": dict(sorted(Counter(i for p in sel.pairs for i in p.principle_ids or []).items())),

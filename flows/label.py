@@ -25,7 +25,15 @@ from sqlmodel import Session, select
 from constitution.load import Constitution, Preference
 from engines.base import Completion, Sampling
 from flows import judge
-from flows.common import UserError, cached_engine, finish_run, resolve_constitution, start_run, worker_id
+from flows.common import (
+    UserError,
+    cached_engine,
+    finish_run,
+    loaded_engine_facts,
+    resolve_constitution,
+    start_run,
+    worker_id,
+)
 from flows.prompts import ensure_tags, prompts_for_tags
 from flows.stage import Stage, StageStats, run_stage
 from store.db import session_scope
@@ -484,6 +492,11 @@ def label_flow(cfg: LabelConfig) -> dict[str, Any]:
         "failed": sum(s.failed for s in stages),
         "total_s": round(time.perf_counter() - t0, 3),
     }
+    # how the judge (and the policy, for fresh samples) computes; absent when no model was loaded
+    if facts := loaded_engine_facts(cfg.judge, cfg.engine, **cfg.engine_settings):
+        summary["engine"] = facts
+    if cfg.source == "samples" and (facts := loaded_engine_facts(cfg.policy, cfg.engine, **cfg.engine_settings)):
+        summary["policy_engine"] = facts
     finish_run(run_id, "completed", summary=summary, timings={s.stage: round(s.total_s, 3) for s in stages},
                url=cfg.database_url)
     logger.info("label done: %d pairs (%d ok, %d ties, %d position-inconsistent), %d judgments, %.1fs",

@@ -61,7 +61,8 @@ def seed(url: str, prompts: range, c=None, seen_at: datetime = T0) -> str:
             if s.get(Run, f"{flow}-{c.version}") is None:
                 s.add(Run(id=f"{flow}-{c.version}", flow=flow, config={"sampling": SAMPLING, "rounds": 1},
                           model="tiny-policy", engine="hf", constitution=c.name,
-                          constitution_version=c.version, status="completed"))
+                          constitution_version=c.version, status="completed",
+                          summary={"engine": {"backend": "hf", "device": "cpu", "dtype": "bfloat16"}}))
         for i in prompts:
             seed_prompt(s, c, i)
         if 2 in prompts:
@@ -394,6 +395,8 @@ def test_card_header_has_version_and_counts(store: str, tmp_path: Path):
     assert (lp["min"], lp["quantiles"]["p50"], lp["max"]) == (ai_probs[0], ai_probs[7], ai_probs[-1])
     assert manifest["sampling"] == [{"settings": SAMPLING, "responses": 20 * 2 + 15 * 2}]
     assert [r["flow"] for r in manifest["runs"]] == ["generate", "label"]
+    assert manifest["runs"][0]["engine_facts"] == {"backend": "hf", "device": "cpu", "dtype": "bfloat16"}
+    assert "| generate | tiny-policy | hf cpu bfloat16 |" in (tmp_path / "out" / "README.md").read_text()
     assert manifest["constitution"]["source_text"] == constitution().source_text
     body = (tmp_path / "out" / "README.md").read_text()
     assert f"harmless@{v}" in body and "Rewrite it to be harmless." in body

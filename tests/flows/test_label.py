@@ -253,6 +253,8 @@ def test_flow_end_to_end_with_tiny_model(use_db, tiny_model_dir, tmp_path):
         assert j.judge_model == spec and j.conversation[-1]["content"] == "The answer is:"
     assert run.status == "completed" and run.config["samples"] == 3 and run.flow == "label"
     assert run.summary["pairs"] == n_pairs
+    facts = {"backend": "hf", "device": "cpu", "dtype": "float32"}  # conftest pins fp32 on CPU
+    assert run.summary["engine"] == run.summary["policy_engine"] == facts
     assert set(run.timings) == {"label.sample", "label.judge", "label.pair"}
 
     # a rerun does no model work and writes nothing new
