@@ -172,6 +172,12 @@ def _label_probs(facts: dict[str, Any]) -> list[str]:
     return out
 
 
+def _engine_label(run: dict[str, Any]) -> str:
+    """The backend a run asked for, then the device and dtype it computed in: `hf cpu bfloat16`."""
+    found = run.get("engine_facts") or {}
+    return " ".join(str(v) for v in [run["engine"], found.get("device"), found.get("dtype")] if v)
+
+
 def _models(facts: dict[str, Any]) -> list[str]:
     models = facts["models"]
     rows = ([["policy (pairs)", m, n] for m, n in models["policy"].items()]
@@ -184,9 +190,7 @@ def _models(facts: dict[str, Any]) -> list[str]:
         out += ["Sampling settings of the chosen and rejected responses:", "",
                 _table(["settings", "responses"], settings), ""]
     if facts["runs"]:
-        runs = [[r["id"], r["flow"], r["model"], " ".join(
-            [r["engine"] or ""] + [str(v) for k, v in r.get("engine_facts", {}).items() if k != "backend"]).strip()]
-            for r in facts["runs"]]
+        runs = [[r["id"], r["flow"], r["model"], _engine_label(r)] for r in facts["runs"]]
         out += ["Runs that made these rows (full configs in `manifest.json`):", "",
                 _table(["run", "flow", "model", "engine"], runs), ""]
     return out

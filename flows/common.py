@@ -98,9 +98,13 @@ _ENGINES: dict[tuple, Any] = {}
 _ENGINE_LOCK = threading.Lock()
 
 
+def _engine_key(spec: str, backend: str, settings: dict[str, Any]) -> tuple:
+    return spec, backend, tuple(sorted(settings.items()))
+
+
 def cached_engine(spec: str, backend: str = "auto", **settings: Any):
     """Load an engine once per process: tasks call this instead of taking a model as input."""
-    key = (spec, backend, tuple(sorted(settings.items())))
+    key = _engine_key(spec, backend, settings)
     with _ENGINE_LOCK:
         if key not in _ENGINES:
             from engines import load
@@ -113,7 +117,7 @@ def cached_engine(spec: str, backend: str = "auto", **settings: Any):
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local HF directory, "
                                 "a .gguf file, or `smollm2-135m` for the bundled model") from exc
             facts = engine_facts(_ENGINES[key])
-            _run_logger().info("loaded %s in %.1fs: %s", spec, time.perf_counter() - t0,
+            run_logger().info("loaded %s in %.1fs: %s", spec, time.perf_counter() - t0,
                                ", ".join(f"{k} {v}" for k, v in facts.items()))
         return _ENGINES[key]
 
@@ -127,23 +131,24 @@ def engine_facts(engine: Any) -> dict[str, Any]:
 def loaded_engine_facts(spec: str, backend: str = "auto", **settings: Any) -> dict[str, Any] | None:
     """engine_facts of the engine `cached_engine` holds for these arguments; None if never loaded."""
     with _ENGINE_LOCK:
-        eng = _ENGINES.get((spec, backend, tuple(sorted(settings.items()))))
+        eng = _ENGINES.get(_engine_key(spec, backend, settings))
     return engine_facts(eng) if eng is not None else None
 
 
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+def run_logger(fallback: logging.Logger | None = None) -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task run; `fallback` (default: the `cai` logger) outside one."""
     from prefect import get_run_logger
 
     try:
         return get_run_logger()
     except Exception:  # noqa: BLE001 - outside a flow or task run
-        return logging.getLogger("cai")
+        return fallback or logging.getLogger("cai")
 
 
 def register_engine(spec: str, engine: Any, backend: str = "auto", **settings: Any) -> None:
     """Make `cached_engine(spec, ...)` return `engine` (tests plug in scripted engines this way)."""
     with _ENGINE_LOCK:
-        _ENGINES[(spec, backend, tuple(sorted(settings.items())))] = engine
+        _ENGINES[_engine_key(spec, backend, settings)] = engine
 
 
 def drop_engines() -> None:

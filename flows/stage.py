@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlmodel import Session
 
 from flows import work
+from flows.common import run_logger
 from store.db import session_scope
 
 T = TypeVar("T")
@@ -58,15 +59,6 @@ class Stage(Generic[T, R]):
     size: Callable[[T], int] = lambda _t: 0  # sort key: similar lengths share a batch
 
 
-def _logger():
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - outside a flow run
-        return log
-
-
 def _compute_one(stage: Stage[T, R], chunk: list[T]) -> Sequence[R | Exception]:
     results = stage.compute(chunk)
     if len(results) != len(chunk):
@@ -100,7 +92,7 @@ def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | 
     """Compute every item of `items` that has no output yet; return what happened."""
     t_start = time.perf_counter()
     stats = StageStats(stage.name, items=len(items))
-    logger = _logger()
+    logger = run_logger(log)
     by_key = {stage.key(i): i for i in items}
     keys = list(by_key)
     first_pass = True

@@ -36,7 +36,7 @@ from dpo.data import (
     split_eval,
 )
 from dpo.trainer import TrainerConfig, TrainResult, load_policy, plot_metrics, save_model, train_dpo
-from flows.common import UserError, finish_run, start_run
+from flows.common import UserError, finish_run, run_logger, start_run
 from store.db import session_scope
 from store.models import Run, TrainingRun, TrainingStep, utcnow
 from store.upsert import insert_ignore, upsert
@@ -89,15 +89,6 @@ class TrainConfig(BaseModel):
     def pair_filter(self) -> PairFilter:
         return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
                           statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
-
-
-def _logger():
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - outside a flow run
-        return log
 
 
 def _read_records(cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -251,7 +242,7 @@ def _finish(training_run_id: str, status: str, url: str | None, selection: dict[
 def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
     """Select pairs, train, save; returns a summary. What `cai train` and the flow call."""
     url = url or cfg.database_url
-    logger = _logger()
+    logger = run_logger(log)
     t0 = time.perf_counter()
     try:
         trainer_cfg = cfg.trainer_config()

@@ -28,6 +28,6 @@ def latest_per_response_pair(pairs: Iterable[P]) -> tuple[list[P], int]:
         cur = best.get(key)
         if cur is None or (p.created_at, p.id) > (cur.created_at, cur.id):
             best[key] = p
-    keep = {id(p) for p in best.values()}
-    kept = [p for p in pairs if id(p) in keep]
+    keep = {p.id for p in best.values()}
+    kept = [p for p in pairs if p.id in keep]
     return kept, len(pairs) - len(kept)
