@@ -341,14 +341,13 @@ def test_prefs_are_trl_conversational(store: str, tmp_path: Path, tokenizer_dir:
 
 
 def test_train_prefs_feed_dpo_data(store: str, tmp_path: Path):
-    data_mod = pytest.importorskip("dpo.data", reason="dpo/data.py is not written yet")
-    if not hasattr(data_mod, "examples_from_records"):
-        pytest.skip("dpo.data.examples_from_records is not written yet")
     from datasets import load_from_disk
+
+    from dpo.data import examples_from_records
 
     export(store, tmp_path / "out")
     prefs = load_from_disk(str(tmp_path / "out"))["train_prefs"]
-    examples = data_mod.examples_from_records(prefs)  # the split as it is: no mapping, no renaming
+    examples = examples_from_records(prefs)  # the split as it is: no mapping, no renaming
     assert [e.id for e in examples] == list(prefs["id"])
     for e, row in zip(examples, prefs, strict=True):
         assert list(e.prompt) == row["prompt"]
