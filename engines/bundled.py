@@ -7,6 +7,7 @@ first load saves an HF-format copy (safetensors + tokenizer) under the cache dir
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -106,3 +107,21 @@ def resolve(spec: str) -> Path | str:
     if p.exists() or spec.startswith((".", "/", "~")):
         raise ModelNotFound(f"model path {spec} does not exist")
     return spec  # a hub id; loading fails with a clear message where the hub is unreachable
+
+
+def model_fingerprint(path: Path | str) -> str:
+    """Identity of the reference weights for the RefLogp cache: the directory name plus a hash of
+    config.json and sampled bytes of every weight file. The same weights on another machine (or
+    path) share cached numbers; a retrained model saved to the same path does not."""
+    p = Path(path)
+    if not p.is_dir():
+        return str(path)  # a hub id names fixed weights
+    h = hashlib.sha256((p / "config.json").read_bytes())
+    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            for i in range(16):
+                fh.seek(size * i // 16)
+                h.update(fh.read(1 << 16))
+    return f"{p.name}#{h.hexdigest()[:16]}"

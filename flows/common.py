@@ -1,6 +1,7 @@
-"""Small utilities every flow shares: constitutions by reference, run rows, the engine cache.
+"""What every flow shares: constitutions by reference, bundled prompt sets, the engine cache.
 
 Kept deliberately flat (no base classes): each flow imports the two or three helpers it needs.
+Run rows live in `store.runs` (`recorded_run`), id-existence queries in `store.queries`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from typing import Any
 
 from sqlmodel import Session, select
 
+from cai.errors import UserError
+from cai.prompts import BUNDLED, DATA_DIR, parse_file
 from constitution.load import Constitution, ConstitutionError, find, load_file, parse_text, split_ref
+from store import queries
 from store.db import session_scope
-from store.models import ConstitutionVersion, Run, utcnow
+from store.models import ConstitutionVersion
 from store.upsert import insert_ignore
 
-
-class UserError(Exception):
-    """Bad input a person can fix (unknown name, bad file, unreachable database): exit code 2."""
+__all__ = ["UserError", "resolve_constitution", "ensure_tags", "cached_engine", "worker_id", "run_logger"]
 
 
 def record_constitution(session: Session, c: Constitution) -> None:
@@ -64,34 +66,32 @@ def resolve_constitution(session: Session, ref: str, record: bool = True) -> Con
     return c
 
 
+def ensure_tags(session: Session, tags: list[str]) -> None:
+    """Import a bundled prompt set the first time its tag is used; raise on an unknown tag."""
+    for tag in tags:
+        if queries.has_tag(session, tag):
+            continue
+        if tag in BUNDLED:
+            res = parse_file(DATA_DIR / BUNDLED[tag])
+            queries.store_prompts(session, res.prompts, f"data/{BUNDLED[tag]}", [tag])
+            continue
+        known = sorted(set(BUNDLED) | queries.known_tags(session))
+        raise UserError(f"no prompts tagged {tag!r} (known tags: {', '.join(known)}); "
+                        f"add some with `cai prompts add FILE --tag {tag}`")
+
+
+def load_prompts(session_url: str | None, tags: list[str], limit: int | None = None) -> list:
+    """Prompts of `tags` (bundled sets imported on first use), first `limit` by id."""
+    with session_scope(session_url) as s:
+        ensure_tags(s, tags)
+    with session_scope(session_url) as s:
+        prompts = queries.prompts_for_tags(s, tags)
+    return prompts[:limit] if limit else prompts
+
+
 def worker_id() -> str:
     """host:pid:thread, so claims of a dead local process can be recognised and taken over."""
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
-
-
-def start_run(flow: str, config: dict[str, Any], model: str = "", engine: str = "",
-              constitution: Constitution | None = None, url: str | None = None) -> str:
-    import uuid
-
-    run_id = uuid.uuid4().hex
-    with session_scope(url) as s:
-        s.add(Run(id=run_id, flow=flow, config=config, model=model, engine=engine,
-                  constitution=constitution.name if constitution else "",
-                  constitution_version=constitution.version if constitution else "", host=socket.gethostname()))
-    return run_id
-
-
-def finish_run(run_id: str, status: str, summary: dict[str, Any] | None = None,
-               timings: dict[str, float] | None = None, url: str | None = None) -> None:
-    with session_scope(url) as s:
-        run = s.get(Run, run_id)
-        if run is None:
-            return
-        run.status = status
-        run.summary = summary or {}
-        run.timings = timings or {}
-        run.finished_at = utcnow()
-        s.add(run)
 
 
 _ENGINES: dict[tuple, Any] = {}

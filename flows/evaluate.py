@@ -5,8 +5,8 @@
 Both models answer every prompt greedily with the same settings (one model loaded at a time).
 Then the feedback model (`judge`, by default the baseline) compares the two answers to each
 prompt under a few of the constitution's preference principles, in both orders, exactly as
-the label flow judges pairs (flows/judge.py). Each answer also goes through the transparent
-refusal detector (flows/refusal.py). Refusal rates are reported per prompt set: refusing a
+the label flow judges pairs (cai/judge.py). Each answer also goes through the transparent
+refusal detector (cai/refusal.py). Refusal rates are reported per prompt set: refusing a
 red-team prompt can be right, refusing a benign one is a failure (over-refusal).
 
 One EvalResult row per (prompt, model); a rerun finds them and does no model work.
@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -26,27 +23,30 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
-from constitution.load import Constitution, Preference
-from engines.base import Completion, Sampling
-from flows import judge
-from flows.common import (
-    UserError,
-    cached_engine,
-    drop_engines,
-    finish_run,
-    resolve_constitution,
-    start_run,
-    worker_id,
+from cai import judge
+from cai.evaluate import (
+    ROLES,
+    GenItem,
+    JudgeItem,
+    JudgeOutcome,
+    eval_name,
+    judge_chunk,
+    result_key,
+    select_items,
+    short_name,
+    summarize,
 )
-from flows.prompts import ensure_tags, prompts_for_tags
-from flows.refusal import detect
-from flows.stage import Stage, StageStats, run_stage
+from cai.refusal import detect
+from constitution.load import Constitution
+from engines.base import Completion, Sampling
+from engines.bundled import model_fingerprint
+from flows.common import UserError, cached_engine, drop_engines, ensure_tags, resolve_constitution, worker_id
+from flows.stage import Stage, StageStats, run_stage, stage_summary
 from store.db import session_scope
-from store.keys import content_hash
 from store.models import EvalResult, Prompt
+from store.queries import existing_ids, prompts_for_tags
+from store.runs import recorded_run
 from store.upsert import insert_ignore
-
-ROLES = ("model", "baseline")
 
 
 class EvalConfig(BaseModel):
@@ -76,137 +76,21 @@ class EvalConfig(BaseModel):
         return Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=0)
 
 
-# --- identity ------------------------------------------------------------------------------
-
-def short_name(spec: str) -> str:
-    return Path(spec.rstrip("/")).name or spec
-
-
-def eval_name(cfg: EvalConfig, c: Constitution, fingerprints: dict[str, str]) -> str:
-    """`<label>@<hash of everything that shapes the results>`, so a changed setting never
-    mixes with old rows under one name (the report groups by this name)."""
+def comparison_name(cfg: EvalConfig, c: Constitution, fingerprints: dict[str, str]) -> str:
+    """The eval's name: its label plus a hash of every setting that shapes the results."""
     label = cfg.name or f"{short_name(cfg.model)}-vs-{short_name(cfg.baseline)}"
-    settings = [fingerprints, c.name, c.version, cfg.principles, cfg.seed, cfg.sampling().to_dict(),
-                cfg.engine, cfg.judge_max_chars, judge.TEMPLATE_ID]
-    return f"{label}@{content_hash(settings, length=8)}"
-
-
-def result_key(name: str, prompt_id: str, role: str, fingerprint: str, sampling: Sampling) -> str:
-    return content_hash("eval", name, prompt_id, role, fingerprint, sampling.to_dict())
-
-
-# --- pure pieces ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GenItem:
-    key: str
-    prompt: Prompt
-    tag: str
-    role: str
-
-
-@dataclass(frozen=True)
-class JudgeItem:
-    key: str  # the model's row id: judged when its win_prob is set
-    baseline_key: str
-    prompt: Prompt
-    model_text: str
-    baseline_text: str
-    principles: tuple[Preference, ...]
-
-
-@dataclass(frozen=True)
-class JudgeOutcome:
-    label: judge.PairLabel  # x = the model's answer, y = the baseline's
-    judgments: list[dict[str, Any]]  # principle, order, logp_a, logp_b, prob_x
-
-
-def select_items(prompts_by_tag: dict[str, list[Prompt]], limit: int | None) -> list[tuple[str, Prompt]]:
-    """(tag, prompt) per prompt; a prompt in two sets counts in the first set named."""
-    seen: set[str] = set()
-    out = []
-    for tag, prompts in prompts_by_tag.items():
-        picked = [p for p in prompts if p.id not in seen]
-        picked = picked[:limit] if limit else picked
-        seen |= {p.id for p in picked}
-        out += [(tag, p) for p in picked]
-    return out
-
-
-def judge_conversations(item: JudgeItem, max_chars: int) -> tuple[list[list[dict]], list[str], list[str]]:
-    """Both orders under each principle: (conversations, orders, principle ids), aligned."""
-    convs, orders, pids = [], [], []
-    texts = {"xy": (item.model_text, item.baseline_text), "yx": (item.baseline_text, item.model_text)}
-    for pref in item.principles:
-        for order in judge.ORDERS:
-            question = judge.judge_question(item.prompt.messages, pref.question, *texts[order], max_chars)
-            convs.append(judge.answer_conversation(question))
-            orders.append(order)
-            pids.append(pref.id)
-    return convs, orders, pids
-
-
-def judge_chunk(engine, items: Sequence[JudgeItem], max_chars: int) -> list[JudgeOutcome]:
-    """One batched `choice_logprobs` call for every judgment of a chunk of prompts."""
-    parts = [judge_conversations(it, max_chars) for it in items]
-    scored = judge.score(engine, [c for convs, _, _ in parts for c in convs],
-                         [o for _, orders, _ in parts for o in orders])
-    out, i = [], 0
-    for convs, orders, pids in parts:
-        mine = list(zip(pids, orders, scored[i:i + len(convs)], strict=True))
-        i += len(convs)
-        out.append(JudgeOutcome(
-            label=judge.label_pair([(pid, o, sc.prob_x) for pid, o, sc in mine], min_margin=0.0),
-            judgments=[{"principle": pid, "order": o, "logp_a": sc.logp_a, "logp_b": sc.logp_b,
-                        "prob_x": sc.prob_x} for pid, o, sc in mine]))
-    return out
-
-
-def rate(values: Sequence[float | bool]) -> float | None:
-    return sum(float(v) for v in values) / len(values) if values else None
-
-
-def summarize(rows: Sequence[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
-    """prompt set -> role -> n, refusal rate, win rate vs the other model, judged count.
-
-    Win rate is the mean over prompts of P(this answer better), each P already averaged over
-    principles and both orders. Position consistency: share of judged prompts whose two
-    orders named the same winner (a judge that follows the slot, not the answer, scores low).
-    """
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    groups: dict[tuple[str, str], list[EvalResult]] = {}
-    for r in rows:
-        groups.setdefault((r.prompt_tag, r.role), []).append(r)
-    for (tag, role), rs in sorted(groups.items()):
-        judged = [r for r in rs if r.win_prob is not None]
-        out.setdefault(tag, {})[role] = {
-            "model": rs[0].model,
-            "n": len(rs),
-            "refusals": sum(r.refused for r in rs),
-            "refusal_rate": rate([r.refused for r in rs]),
-            "judged": len(judged),
-            "win_rate": rate([r.win_prob for r in judged]),
-            "position_consistency": rate([r.details.get("status") != "position-inconsistent"
-                                          for r in judged]),
-        }
-    return out
+    return eval_name(label, c, fingerprints, cfg.principles, cfg.seed, cfg.sampling(), cfg.engine,
+                     cfg.judge_max_chars)
 
 
 # --- stages --------------------------------------------------------------------------------
 
 def _done_ids(session: Session, keys: list[str]) -> set[str]:
-    found: set[str] = set()
-    for i in range(0, len(keys), 500):
-        found |= set(session.exec(select(EvalResult.id).where(EvalResult.id.in_(keys[i:i + 500]))))
-    return found
+    return existing_ids(session, EvalResult.id, keys)
 
 
 def _judged_ids(session: Session, keys: list[str]) -> set[str]:
-    found: set[str] = set()
-    for i in range(0, len(keys), 500):
-        found |= set(session.exec(select(EvalResult.id).where(EvalResult.id.in_(keys[i:i + 500]),
-                                                              EvalResult.win_prob.is_not(None))))
-    return found
+    return existing_ids(session, EvalResult.id, keys, EvalResult.win_prob.is_not(None))
 
 
 def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str]):
@@ -321,12 +205,6 @@ def judge_task(cfg: EvalConfig, name: str, fingerprints: dict[str, str], run_id:
     return _judge_stage(cfg, run_id, work)
 
 
-def _stage_summary(s: StageStats) -> dict[str, Any]:
-    return {"items": s.items, "done_before": s.done_before, "computed": s.computed, "failed": s.failed,
-            "quarantined": s.quarantined, "by_others": s.by_others, "tokens": s.tokens,
-            "engine_s": round(s.engine_s, 3), "total_s": round(s.total_s, 3)}
-
-
 @flow(name="eval", log_prints=True)
 def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
     logger = get_run_logger()
@@ -336,59 +214,32 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
         raise UserError(f"no prompts tagged {', '.join(cfg.prompts)}; add some with "
                         "`cai prompts add FILE --tag TAG`")
     # the weights, not the path, identify a model: re-evaluating a retrained runs/<name> is new work
-    from flows.train import model_fingerprint  # imports torch: here, not at module level
-
     fingerprints = {role: model_fingerprint(spec) for role, spec in
                     (("model", cfg.model), ("baseline", cfg.baseline), ("judge", cfg.judge_model))}
-    name = eval_name(cfg, c, fingerprints)
-    run_id = start_run("eval", cfg.model_dump() | {"eval_name": name}, model=cfg.model, engine=cfg.engine,
-                       constitution=c, url=cfg.database_url)
-    logger.info("eval %s: %d prompts (%s), judge %s under %s, run %s", name, len(items),
-                ",".join(cfg.prompts), cfg.judge_model, c.ref, run_id)
-    try:
+    name = comparison_name(cfg, c, fingerprints)
+    with recorded_run("eval", cfg.model_dump() | {"eval_name": name}, model=cfg.model, engine=cfg.engine,
+                      constitution=c, url=cfg.database_url) as run:
+        logger.info("eval %s: %d prompts (%s), judge %s under %s, run %s", name, len(items),
+                    ",".join(cfg.prompts), cfg.judge_model, c.ref, run.id)
         stages = []
         for role in ROLES:
-            stages.append(generate_task(cfg, name, role, fingerprints[role], run_id))
+            stages.append(generate_task(cfg, name, role, fingerprints[role], run.id))
             if not (role == "baseline" and cfg.judge_model == cfg.baseline):  # the judge reuses it
                 _release_models()
-        stages.append(judge_task(cfg, name, fingerprints, run_id))
+        stages.append(judge_task(cfg, name, fingerprints, run.id))
         _release_models()
         ids = {result_key(name, p.id, role, fingerprints[role], cfg.sampling())
                for _, p in items for role in ROLES}
         with session_scope(cfg.database_url) as s:
             rows = [r for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name)) if r.id in ids]
-    except BaseException:
-        finish_run(run_id, "failed", url=cfg.database_url)
-        raise
-    summary = {
-        "run_id": run_id, "eval_name": name, "model": cfg.model, "baseline": cfg.baseline,
-        "judge": cfg.judge_model, "constitution": c.ref, "prompts": len(items), "sets": summarize(rows),
-        "stages": {s.stage: _stage_summary(s) for s in stages},
-        "computed": sum(s.computed for s in stages), "failed": sum(s.failed for s in stages),
-        "total_s": round(time.perf_counter() - t0, 3),
-    }
-    finish_run(run_id, "completed", summary=summary, timings={s.stage: round(s.total_s, 3) for s in stages},
-               url=cfg.database_url)
-    logger.info("eval done: %d rows computed, %d failed, %.1fs", summary["computed"], summary["failed"],
-                summary["total_s"])
-    return summary
-
-
-def render(summary: dict[str, Any], console) -> None:
-    """The summary as a rich table: per prompt set x model, n, refusal rate, win rate."""
-    from rich.table import Table
-
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}%"
-
-    caption = (f"model {summary['model']}, baseline {summary['baseline']}, judge {summary['judge']}, "
-               f"{summary['constitution']}. On benign sets a refusal is over-refusal: lower is better.")
-    table = Table("prompt set", "role", "n", "refusal rate", "win rate vs other", "judged",
-                  title=f"eval {summary['eval_name']}", caption=caption)
-    for tag, roles in summary["sets"].items():
-        for role, st in roles.items():
-            table.add_row(tag, role, str(st["n"]), pct(st["refusal_rate"]), pct(st["win_rate"]),
-                          str(st["judged"]))
-    console.print(table)
-    console.print(f"computed {summary['computed']} rows, {summary['failed']} failed, "
-                  f"{summary['total_s']:.1f}s (run {summary['run_id'][:12]})", highlight=False)
+        run.summary = {
+            "run_id": run.id, "eval_name": name, "model": cfg.model, "baseline": cfg.baseline,
+            "judge": cfg.judge_model, "constitution": c.ref, "prompts": len(items), "sets": summarize(rows),
+            "stages": {s.stage: stage_summary(s) for s in stages},
+            "computed": sum(s.computed for s in stages), "failed": sum(s.failed for s in stages),
+            "total_s": round(time.perf_counter() - t0, 3),
+        }
+        run.timings = {s.stage: round(s.total_s, 3) for s in stages}
+    logger.info("eval done: %d rows computed, %d failed, %.1fs", run.summary["computed"], run.summary["failed"],
+                run.summary["total_s"])
+    return run.summary

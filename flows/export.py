@@ -39,15 +39,16 @@ from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlmodel import Session, col, select
 
+from cai import dataset_schema as schema
+from cai.card import label_prob_stats
 from constitution.load import split_ref
-from flows import dataset_schema as schema
-from flows.card import label_prob_stats
-from flows.common import Timer, UserError, finish_run, start_run
+from flows.common import Timer, UserError
 from flows.publish import check_out, hub_token, push_export, write_export
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
 from store.pairs import latest_per_response_pair
+from store.runs import recorded_run
 
 Format = Literal["arrow", "parquet", "jsonl"]
 SPLIT_SALT = "cai-factory/split/v1"  # changing it reshuffles every prompt: never do it silently
@@ -425,31 +426,29 @@ def export_flow(config: ExportConfig) -> dict[str, Any]:
     """Select pairs, build the DatasetDict, write it with its card, then push if asked."""
     log = get_run_logger()
     log.info("export config: %s", config.model_dump_json())
-    run_id = start_run("export", config.model_dump(mode="json"))
     timer = Timer()
-    summary: dict[str, Any] = {"run_id": run_id, "out": str(config.out), "format": config.format}
-    try:
-        with timer("build"):
-            data, facts = build_task(config, run_id)
-        summary |= {"constitution": facts["constitution"]["ref"], "counts": facts["counts"]}
-        log.info("export %s: %s", facts["constitution"]["ref"], facts["counts"])
-        if config.test_fraction > 0 and not facts["counts"]["test_sft"] and not facts["counts"]["test_prefs"]:
-            # the split is by prompt hash: with few prompts the test bucket can be empty, by design
-            summary["warning"] = (f"the test splits are empty: none of the {facts['prompts']['train']} prompts "
-                                  f"hashed into the test bucket (--test-fraction {config.test_fraction}); "
-                                  "more prompts or a larger --test-fraction fill it")
-            log.warning(summary["warning"])
-        with timer("write"):
-            write_task(data, facts, config)
-        if config.push_to_hub:
-            with timer("push"):
-                summary["url"] = push_task(config, facts["constitution"]["ref"])
-    except UserError as exc:
-        # a Failed state carrying the error: callers get the UserError, and no traceback is logged
-        finish_run(run_id, "failed", summary | {"error": str(exc)}, timer.totals)
-        return Failed(message=str(exc), data=exc)
-    except BaseException as exc:
-        finish_run(run_id, "failed", summary | {"error": f"{exc.__class__.__name__}: {exc}"}, timer.totals)
-        raise
-    finish_run(run_id, "completed", summary, timer.totals)
-    return summary
+    with recorded_run("export", config.model_dump(mode="json")) as run:
+        run.summary = {"run_id": run.id, "out": str(config.out), "format": config.format}
+        run.timings = timer.totals
+        try:
+            with timer("build"):
+                data, facts = build_task(config, run.id)
+            run.summary |= {"constitution": facts["constitution"]["ref"], "counts": facts["counts"]}
+            log.info("export %s: %s", facts["constitution"]["ref"], facts["counts"])
+            if config.test_fraction > 0 and not facts["counts"]["test_sft"] and not facts["counts"]["test_prefs"]:
+                # the split is by prompt hash: with few prompts the test bucket can be empty, by design
+                run.summary["warning"] = (
+                    f"the test splits are empty: none of the {facts['prompts']['train']} prompts hashed into "
+                    f"the test bucket (--test-fraction {config.test_fraction}); more prompts or a larger "
+                    "--test-fraction fill it")
+                log.warning(run.summary["warning"])
+            with timer("write"):
+                write_task(data, facts, config)
+            if config.push_to_hub:
+                with timer("push"):
+                    run.summary["url"] = push_task(config, facts["constitution"]["ref"])
+        except UserError as exc:
+            # a Failed state carrying the error: callers get the UserError, and no traceback is logged
+            run.summary["error"], run.status = str(exc), "failed"
+            return Failed(message=str(exc), data=exc)
+    return run.summary

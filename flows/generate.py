@@ -4,7 +4,7 @@
 
 Reads like the recipe: each stage collects every pending item across all prompts, hands the
 engine large batches, and writes each chunk in one transaction. Rows are keyed by what made
-them (flows.sl_cai.response_key), so a rerun or a second worker does only what is missing,
+them (cai.sl_cai.response_key), so a rerun or a second worker does only what is missing,
 and editing one principle redoes only the rows that used it and what descends from them.
 """
 
@@ -16,16 +16,18 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
-from sqlmodel import Session, select
+from sqlmodel import Session
 
+from cai import sl_cai
+from cai.errors import UserError
 from constitution.load import Constitution
 from engines.base import Completion, Sampling
-from flows import sl_cai
-from flows.common import cached_engine, engine_facts, finish_run, resolve_constitution, start_run, worker_id
-from flows.prompts import ensure_tags, prompts_for_tags
-from flows.stage import Stage, StageStats, run_stage
+from flows.common import cached_engine, engine_facts, load_prompts, resolve_constitution, worker_id
+from flows.stage import Stage, StageStats, run_stage, stage_totals
 from store.db import session_scope
 from store.models import PreferencePair, Prompt, Response
+from store.queries import existing_ids
+from store.runs import recorded_run
 from store.upsert import insert_ignore
 
 
@@ -62,10 +64,7 @@ def _engine(cfg: GenerateConfig):
 
 
 def _done(session: Session, keys: list[str]) -> set[str]:
-    found: set[str] = set()
-    for i in range(0, len(keys), 500):
-        found |= set(session.exec(select(Response.id).where(Response.id.in_(keys[i:i + 500]))))
-    return found
+    return existing_ids(session, Response.id, keys)
 
 
 def _compute(engine, sampling: Sampling):
@@ -101,24 +100,20 @@ def _stage(name: str, cfg: GenerateConfig, c: Constitution, sampling: Sampling, 
                      lease_s=cfg.lease_s, url=cfg.database_url, show_progress=cfg.show_progress)
 
 
-def _load(cfg: GenerateConfig) -> tuple[Constitution, list[Prompt]]:
+def load_inputs(cfg: GenerateConfig) -> tuple[Constitution, list[Prompt]]:
+    """Resolve the constitution and prompts; raise UserError on anything unknown."""
     with session_scope(cfg.database_url) as s:
         c = resolve_constitution(s, cfg.constitution)
-        ensure_tags(s, cfg.prompts)
-    with session_scope(cfg.database_url) as s:
-        prompts = prompts_for_tags(s, cfg.prompts)
-    return c, prompts[: cfg.limit] if cfg.limit else prompts
+    return c, load_prompts(cfg.database_url, cfg.prompts, cfg.limit)
 
 
 # --- tasks: thin wrappers; each loads the engine itself (cached per process) ---------------
 
 @task(name="initial", cache_policy=NO_CACHE)
 def initial_task(cfg: GenerateConfig, run_id: str) -> StageStats:
-    c, prompts = _load(cfg)
+    c, prompts = load_inputs(cfg)
     sampling = cfg.initial.sampling(cfg.seed)
-    items = [sl_cai.WorkItem(
-        key=sl_cai.response_key("initial", p.id, None, 0, cfg.model, sampling.to_dict(), p.messages),
-        prompt_id=p.id, kind="initial", round=0, conversation=p.messages) for p in prompts]
+    items = [sl_cai.initial_item(p.id, p.messages, cfg.model, sampling.to_dict()) for p in prompts]
     return _stage("initial", cfg, c, sampling, run_id, items)
 
 
@@ -130,7 +125,7 @@ def _parents(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], round_
 
 @task(name="critique", cache_policy=NO_CACHE)
 def critique_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
-    c, prompts = _load(cfg)
+    c, prompts = load_inputs(cfg)
     sampling = cfg.critique.sampling(cfg.seed)
     parents = _parents(cfg, c, prompts, round_)
     items = []
@@ -138,18 +133,14 @@ def critique_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
         parent = parents.get(p.id)
         if parent is None:  # its parent is quarantined: nothing to build on
             continue
-        principle = sl_cai.draw_principle(c, cfg.seed, p.id, round_)
-        conv = sl_cai.critique_conversation(c, p.messages, parent.text, principle)
-        items.append(sl_cai.WorkItem(
-            key=sl_cai.response_key("critique", p.id, parent.id, round_, cfg.model, sampling.to_dict(), conv),
-            prompt_id=p.id, kind="critique", round=round_, conversation=conv, parent_id=parent.id,
-            principle=principle))
+        items.append(sl_cai.critique_item(c, p.id, p.messages, parent.id, parent.text, round_, cfg.seed, cfg.model,
+                                          sampling.to_dict()))
     return _stage(f"critique_{round_}", cfg, c, sampling, run_id, items)
 
 
 @task(name="revise", cache_policy=NO_CACHE)
 def revise_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
-    c, prompts = _load(cfg)
+    c, prompts = load_inputs(cfg)
     sampling = cfg.revision.sampling(cfg.seed)
     chains = chain_rows(cfg, c, prompts, upto=round_ - 1, with_critique_of=round_)
     items = []
@@ -158,12 +149,8 @@ def revise_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
         if len(rows) != 2 * (round_ - 1) + 2:  # needs this round's critique
             continue
         parent, crit = rows[-2], rows[-1]
-        principle = sl_cai.draw_principle(c, cfg.seed, p.id, round_)
-        conv = sl_cai.revision_conversation(c, p.messages, parent.text, principle, crit.text)
-        items.append(sl_cai.WorkItem(
-            key=sl_cai.response_key("revision", p.id, parent.id, round_, cfg.model, sampling.to_dict(), conv),
-            prompt_id=p.id, kind="revision", round=round_, conversation=conv, parent_id=parent.id,
-            critique_id=crit.id, critique=crit.text, principle=principle))
+        items.append(sl_cai.revision_item(c, p.id, p.messages, parent.id, parent.text, crit.id, crit.text, round_,
+                                          cfg.seed, cfg.model, sampling.to_dict()))
     return _stage(f"revision_{round_}", cfg, c, sampling, run_id, items)
 
 
@@ -178,26 +165,22 @@ def chain_rows(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], upto
     chains: dict[str, list[Response]] = {}
     with session_scope(cfg.database_url) as s:
         for p in prompts:
-            row = s.get(Response, sl_cai.response_key("initial", p.id, None, 0, cfg.model, samp["initial"],
-                                                      p.messages))
+            row = s.get(Response, sl_cai.initial_item(p.id, p.messages, cfg.model, samp["initial"]).key)
             if row is None:
                 continue
             chain = [row]
             last_round = max(upto, with_critique_of or 0)
             for r in range(1, last_round + 1):
-                principle = sl_cai.draw_principle(c, cfg.seed, p.id, r)
                 parent = chain[-1]
-                conv = sl_cai.critique_conversation(c, p.messages, parent.text, principle)
-                crit = s.get(Response, sl_cai.response_key("critique", p.id, parent.id, r, cfg.model,
-                                                           samp["critique"], conv))
+                crit = s.get(Response, sl_cai.critique_item(c, p.id, p.messages, parent.id, parent.text, r, cfg.seed,
+                                                            cfg.model, samp["critique"]).key)
                 if crit is None:
                     break
                 chain.append(crit)
                 if r > upto:  # only this round's critique was asked for
                     break
-                conv = sl_cai.revision_conversation(c, p.messages, parent.text, principle, crit.text)
-                rev = s.get(Response, sl_cai.response_key("revision", p.id, parent.id, r, cfg.model,
-                                                          samp["revision"], conv))
+                rev = s.get(Response, sl_cai.revision_item(c, p.id, p.messages, parent.id, parent.text, crit.id,
+                                                           crit.text, r, cfg.seed, cfg.model, samp["revision"]).key)
                 if rev is None:
                     break
                 chain.append(rev)
@@ -208,7 +191,7 @@ def chain_rows(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], upto
 @task(name="revision-pairs", cache_policy=NO_CACHE)
 def pairs_task(cfg: GenerateConfig, run_id: str) -> int:
     """chosen = final revision, rejected = initial response, for every finished prompt."""
-    c, prompts = _load(cfg)
+    c, prompts = load_inputs(cfg)
     chains = chain_rows(cfg, c, prompts, upto=cfg.rounds)
     rows = []
     for pid, chain in chains.items():
@@ -229,44 +212,28 @@ def pairs_task(cfg: GenerateConfig, run_id: str) -> int:
 def generate_flow(cfg: GenerateConfig) -> dict[str, Any]:
     logger = get_run_logger()
     t0 = time.perf_counter()
-    c, prompts = _load(cfg)
+    c, prompts = load_inputs(cfg)
     if not prompts:
-        raise ValueError(f"no prompts tagged {cfg.prompts}")
-    run_id = start_run("generate", cfg.model_dump(), model=cfg.model, engine=cfg.engine, constitution=c,
-                       url=cfg.database_url)
-    logger.info("generate %s on %d prompts (%s), %d rounds, model %s, run %s", c.ref, len(prompts),
-                ",".join(cfg.prompts), cfg.rounds, cfg.model, run_id)
-    try:
+        raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
+    with recorded_run("generate", cfg.model_dump(), model=cfg.model, engine=cfg.engine, constitution=c,
+                      url=cfg.database_url) as run:
+        logger.info("generate %s on %d prompts (%s), %d rounds, model %s, run %s", c.ref, len(prompts),
+                    ",".join(cfg.prompts), cfg.rounds, cfg.model, run.id)
         t_load = time.perf_counter()
         _engine(cfg)
         load_s = time.perf_counter() - t_load
-        stages = [initial_task(cfg, run_id)]
+        stages = [initial_task(cfg, run.id)]
         for r in range(1, cfg.rounds + 1):
-            stages.append(critique_task(cfg, run_id, r))
-            stages.append(revise_task(cfg, run_id, r))
-        new_pairs = pairs_task(cfg, run_id)
-    except BaseException:
-        finish_run(run_id, "failed", url=cfg.database_url)
-        raise
-    total_s = time.perf_counter() - t0 - load_s
-    summary = {
-        "run_id": run_id, "constitution": c.ref, "prompts": len(prompts), "rounds": cfg.rounds,
-        "new_pairs": new_pairs,
-        "stages": {s.stage: {"items": s.items, "done_before": s.done_before, "computed": s.computed,
-                             "failed": s.failed, "quarantined": s.quarantined, "by_others": s.by_others,
-                             "tokens": s.tokens, "engine_s": round(s.engine_s, 3), "total_s": round(s.total_s, 3)}
-                   for s in stages},
-        "computed": sum(s.computed for s in stages),
-        "failed": sum(s.failed for s in stages),
-        "tokens": sum(s.tokens for s in stages),
-        "engine_s": round(sum(s.engine_s for s in stages), 3),
-        "load_s": round(load_s, 3),
-        "total_s": round(total_s, 3),
-        "engine": engine_facts(_engine(cfg)),
-    }
-    finish_run(run_id, "completed", summary=summary,
-               timings={s.stage: round(s.total_s, 3) for s in stages} | {"load": round(load_s, 3)},
-               url=cfg.database_url)
-    logger.info("generate done: %d new rows, %d failed, %d new pairs, %.1fs", summary["computed"],
-                summary["failed"], new_pairs, total_s)
-    return summary
+            stages.append(critique_task(cfg, run.id, r))
+            stages.append(revise_task(cfg, run.id, r))
+        new_pairs = pairs_task(cfg, run.id)
+        total_s = time.perf_counter() - t0 - load_s
+        run.summary = {
+            "run_id": run.id, "constitution": c.ref, "prompts": len(prompts), "rounds": cfg.rounds,
+            "new_pairs": new_pairs, **stage_totals(stages),
+            "load_s": round(load_s, 3), "total_s": round(total_s, 3), "engine": engine_facts(_engine(cfg)),
+        }
+        run.timings = {s.stage: round(s.total_s, 3) for s in stages} | {"load": round(load_s, 3)}
+    logger.info("generate done: %d new rows, %d failed, %d new pairs, %.1fs", run.summary["computed"],
+                run.summary["failed"], new_pairs, total_s)
+    return run.summary

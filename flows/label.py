@@ -11,9 +11,7 @@ The pure parts (prompts, draws, probabilities) live in flows/judge.py.
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -22,23 +20,26 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from constitution.load import Constitution, Preference
-from engines.base import Completion, Sampling
-from flows import judge
-from flows.common import (
-    UserError,
-    cached_engine,
-    finish_run,
-    loaded_engine_facts,
-    resolve_constitution,
-    start_run,
-    worker_id,
+from cai import judge
+from cai.rl_cai import (
+    Candidate,
+    JudgmentItem,
+    Pair,
+    PairItem,
+    form_pairs,
+    judge_items,
+    pair_items,
+    sample_key,
 )
-from flows.prompts import ensure_tags, prompts_for_tags
-from flows.stage import Stage, StageStats, run_stage
+from constitution.load import Constitution
+from engines.base import Completion, Sampling
+from flows.common import UserError, cached_engine, load_prompts, loaded_engine_facts, resolve_constitution, worker_id
+from flows.stage import Stage, StageStats, run_stage, stage_totals
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import Judgment, PreferencePair, Prompt, Response
+from store.queries import existing_ids, rows_by_id
+from store.runs import recorded_run
 from store.upsert import insert_ignore
 
 Message = dict[str, str]
@@ -119,100 +120,15 @@ def make_config(**fields: Any) -> LabelConfig:
         raise UserError(f"label config {where}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
-# --- keys and plan (pure) ------------------------------------------------------------------
-
-def sample_key(prompt_id: str, model: str, sampling: dict, seed: int, index: int) -> str:
-    return content_hash("sample", prompt_id, model, sampling, seed, index)
-
-
-def pair_key(prompt_id: str, x_id: str, y_id: str) -> str:
-    return content_hash("pair", prompt_id, x_id, y_id)
-
-
-def judgment_key(pkey: str, principle_hash: str, repeat: int, order: str, judge_model: str,
-                 settings: dict) -> str:
-    return content_hash("judgment", pkey, principle_hash, repeat, order, judge_model, settings)
-
-
-def pair_id(constitution_version: str, pkey: str, judge_model: str, settings: dict) -> str:
-    return content_hash("ai", constitution_version, pkey, judge_model, settings)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    id: str
-    text: str
-    model: str
-
-
-@dataclass(frozen=True)
-class Pair:
-    key: str
-    prompt_id: str
-    prompt: list[Message]
-    x: Candidate  # canonical order: x.id < y.id
-    y: Candidate
-
-
-def form_pairs(prompt_id: str, prompt: list[Message], candidates: list[Candidate]) -> list[Pair]:
-    """Every unordered pair of a prompt's candidates, x before y by id; identical texts skipped."""
-    unique = sorted({c.id: c for c in candidates}.values(), key=lambda c: c.id)
-    return [Pair(pair_key(prompt_id, x.id, y.id), prompt_id, prompt, x, y)
-            for x, y in itertools.combinations(unique, 2) if x.text.strip() != y.text.strip()]
-
-
-@dataclass(frozen=True)
-class JudgeItem:
-    key: str  # the judgment id
-    pair: Pair
-    principle: Preference
-    repeat: int
-    order: str
-    max_chars: int
-    cot: bool
-
-    @property
-    def question(self) -> str:
-        """The judge's user turn, built when needed: a big run holds many items but few texts."""
-        a, b = (self.pair.x, self.pair.y) if self.order == "xy" else (self.pair.y, self.pair.x)
-        return judge.judge_question(self.pair.prompt, self.principle.question, a.text, b.text, self.max_chars,
-                                    self.cot)
-
-    @property
-    def size(self) -> int:
-        texts = [m["content"] for m in self.pair.prompt] + [self.pair.x.text, self.pair.y.text]
-        return sum(min(len(t), self.max_chars) for t in texts) + len(self.principle.question)
-
-
-def judge_items(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> list[JudgeItem]:
-    """principles_per_pair x both orders per pair; one principle is shared by both orders."""
-    settings = cfg.judge_settings()
-    return [JudgeItem(key=judgment_key(p.key, pref.hash, repeat, order, cfg.judge, settings), pair=p,
-                      principle=pref, repeat=repeat, order=order, max_chars=cfg.max_chars, cot=cfg.cot)
-            for p in pairs
-            for pref, repeat in judge.draw_principles(c, cfg.seed, p.key, cfg.principles_per_pair)
-            for order in judge.ORDERS]
-
-
 # --- store reads ---------------------------------------------------------------------------
-
-def _existing(session: Session, column, keys: list[str]) -> set[str]:
-    found: set[str] = set()
-    for i in range(0, len(keys), 500):
-        found |= set(session.exec(select(column).where(column.in_(keys[i:i + 500]))))
-    return found
-
 
 def load_inputs(cfg: LabelConfig) -> tuple[Constitution, list[Prompt]]:
     """Resolve the constitution and prompts; raise UserError on anything unknown."""
     with session_scope(cfg.database_url) as s:
         c = resolve_constitution(s, cfg.constitution)
-        ensure_tags(s, cfg.prompts)
     if not c.preferences:
         raise UserError(f"constitution {c.ref} has no preferences: the judge needs at least one question")
-    with session_scope(cfg.database_url) as s:
-        prompts = prompts_for_tags(s, cfg.prompts)
-    return c, prompts[: cfg.limit] if cfg.limit else prompts
+    return c, load_prompts(cfg.database_url, cfg.prompts, cfg.limit)
 
 
 def preflight(cfg: LabelConfig) -> None:
@@ -271,6 +187,15 @@ def plan_pairs(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> list
     return [pair for p in prompts for pair in form_pairs(p.id, p.messages, cands[p.id])]
 
 
+def plan_judgments(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> list[JudgmentItem]:
+    return judge_items(c, pairs, judge_model=cfg.judge, settings=cfg.judge_settings(), seed=cfg.seed,
+                       principles_per_pair=cfg.principles_per_pair, max_chars=cfg.max_chars, cot=cfg.cot)
+
+
+def plan_pair_items(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> list[PairItem]:
+    return pair_items(c, pairs, plan_judgments(cfg, c, pairs), cfg.judge, cfg.pair_settings())
+
+
 def _engine(cfg: LabelConfig, spec: str):
     # called inside `compute`, so a rerun with nothing pending never loads a model; the first
     # stage that needs one counts its loading time as engine seconds
@@ -283,7 +208,7 @@ def _run(cfg: LabelConfig, run_id: str, stage: Stage, items: list) -> StageStats
 
 
 def _response_done(session: Session, keys: list[str]) -> set[str]:
-    return _existing(session, Response.id, keys)
+    return existing_ids(session, Response.id, keys)
 
 
 def _tokens(comp: Completion) -> int:
@@ -330,14 +255,14 @@ def cot_key(judgment: str) -> str:
 @task(name="cot", cache_policy=NO_CACHE)
 def cot_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
-    items = judge_items(cfg, c, plan_pairs(cfg, c, prompts))
+    items = plan_judgments(cfg, c, plan_pairs(cfg, c, prompts))
     sampling = cfg.cot_sampling()
 
-    def compute(chunk: list[JudgeItem]) -> list[Completion | Exception]:
+    def compute(chunk: list[JudgmentItem]) -> list[Completion | Exception]:
         return _nonempty(_engine(cfg, cfg.judge).generate(
             [judge.cot_conversation(it.question) for it in chunk], sampling))
 
-    def write(session: Session, done: list[tuple[JudgeItem, Completion]]) -> None:
+    def write(session: Session, done: list[tuple[JudgmentItem, Completion]]) -> None:
         insert_ignore(session, Response, [Response(
             id=cot_key(it.key), prompt_id=it.pair.prompt_id, kind=COT_KIND, principle_id=it.principle.id,
             principle_hash=it.principle.hash, conversation=judge.cot_conversation(it.question),
@@ -355,25 +280,23 @@ def cot_task(cfg: LabelConfig, run_id: str) -> StageStats:
 @task(name="judge", cache_policy=NO_CACHE)
 def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
-    items = judge_items(cfg, c, plan_pairs(cfg, c, prompts))
+    items = plan_judgments(cfg, c, plan_pairs(cfg, c, prompts))
     reasoning: dict[str, str] = {}
     if cfg.cot:  # judgments whose reasoning is missing (quarantined) wait for a later run
         with session_scope(cfg.database_url) as s:
-            keys = [cot_key(it.key) for it in items]
-            for i in range(0, len(keys), 500):
-                reasoning.update(s.exec(select(Response.id, Response.text)
-                                        .where(Response.id.in_(keys[i:i + 500]))).all())
+            rows = rows_by_id(s, Response, [cot_key(it.key) for it in items])
+            reasoning.update({k: r.text for k, r in rows.items()})
         items = [it for it in items if cot_key(it.key) in reasoning]
     bounds = cfg.cot_clamp if cfg.cot else None
 
-    def conversation(it: JudgeItem) -> list[Message]:
+    def conversation(it: JudgmentItem) -> list[Message]:
         return judge.answer_conversation(it.question, reasoning[cot_key(it.key)] if cfg.cot else None)
 
-    def compute(chunk: list[JudgeItem]) -> list[judge.Scored]:
+    def compute(chunk: list[JudgmentItem]) -> list[judge.Scored]:
         return judge.score(_engine(cfg, cfg.judge), [conversation(it) for it in chunk],
                            [it.order for it in chunk], bounds)
 
-    def write(session: Session, done: list[tuple[JudgeItem, judge.Scored]]) -> None:
+    def write(session: Session, done: list[tuple[JudgmentItem, judge.Scored]]) -> None:
         insert_ignore(session, Judgment, [Judgment(
             id=it.key, pair_key=it.pair.key, prompt_id=it.pair.prompt_id, response_x_id=it.pair.x.id,
             response_y_id=it.pair.y.id, principle_id=it.principle.id, principle_hash=it.principle.hash,
@@ -383,41 +306,22 @@ def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
         ) for it, r in done])
 
     stage = Stage(name="label.judge", key=lambda it: it.key,
-                  done=lambda s, keys: _existing(s, Judgment.id, keys), compute=compute, write=write,
+                  done=lambda s, keys: existing_ids(s, Judgment.id, keys), compute=compute, write=write,
                   size=lambda it: it.size)
     return _run(cfg, run_id, stage, items)
-
-
-@dataclass(frozen=True)
-class PairItem:
-    id: str
-    pair: Pair
-    judgments: tuple[str, ...]
-    principle_ids: tuple[str, ...]
-
-
-def pair_items(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> list[PairItem]:
-    by_pair: dict[str, list[JudgeItem]] = {}
-    for it in judge_items(cfg, c, pairs):
-        by_pair.setdefault(it.pair.key, []).append(it)
-    settings = cfg.pair_settings()
-    return [PairItem(pair_id(c.version, p.key, cfg.judge, settings), p,
-                     tuple(it.key for it in by_pair[p.key]),
-                     tuple(it.principle.id for it in by_pair[p.key] if it.order == "xy")) for p in pairs]
 
 
 @task(name="pair", cache_policy=NO_CACHE)
 def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
-    items = pair_items(cfg, c, plan_pairs(cfg, c, prompts))
+    items = plan_pair_items(cfg, c, plan_pairs(cfg, c, prompts))
     with session_scope(cfg.database_url) as s:  # a pair waits until every judgment of it exists
-        have = _existing(s, Judgment.id, [k for it in items for k in it.judgments])
+        have = existing_ids(s, Judgment.id, [k for it in items for k in it.judgments])
     items = [it for it in items if all(k in have for k in it.judgments)]
 
     def compute(chunk: list[PairItem]) -> list[judge.PairLabel]:
         with session_scope(cfg.database_url) as s:
-            rows = {j.id: j for j in s.exec(select(Judgment).where(
-                Judgment.id.in_([k for it in chunk for k in it.judgments])))}
+            rows = rows_by_id(s, Judgment, [k for it in chunk for k in it.judgments])
         return [judge.label_pair([(rows[k].principle_id, rows[k].order, rows[k].prob_x)
                                   for k in it.judgments], cfg.min_margin) for it in chunk]
 
@@ -439,13 +343,13 @@ def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
             run_id=run_id) for it, lab in done])
 
     stage = Stage(name="label.pair", key=lambda it: it.id,
-                  done=lambda s, keys: _existing(s, PreferencePair.id, keys), compute=compute, write=write)
+                  done=lambda s, keys: existing_ids(s, PreferencePair.id, keys), compute=compute, write=write)
     return _run(cfg, run_id, stage, items)
 
 
 def counts(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str, int]:
     """What the store holds for this config: pairs by status and their judgments."""
-    items = pair_items(cfg, c, plan_pairs(cfg, c, prompts))
+    items = plan_pair_items(cfg, c, plan_pairs(cfg, c, prompts))
     ids = [it.id for it in items]
     out = {"pairs": 0, "ok": 0, "tie": 0, "position-inconsistent": 0}
     with session_scope(cfg.database_url) as s:
@@ -454,7 +358,7 @@ def counts(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str
                     PreferencePair.id.in_(ids[i:i + 500])).group_by(PreferencePair.status)):
                 out[status] = out.get(status, 0) + n
                 out["pairs"] += n
-        out["judgments"] = len(_existing(s, Judgment.id, [k for it in items for k in it.judgments]))
+        out["judgments"] = len(existing_ids(s, Judgment.id, [k for it in items for k in it.judgments]))
     out["candidate_pairs"] = len(items)
     return out
 
@@ -466,40 +370,26 @@ def label_flow(cfg: LabelConfig) -> dict[str, Any]:
     c, prompts = load_inputs(cfg)
     if not prompts:
         raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
-    run_id = start_run("label", cfg.model_dump(), model=cfg.judge, engine=cfg.engine, constitution=c,
-                       url=cfg.database_url)
-    logger.info("label %s on %d prompts (%s), source %s, judge %s, run %s", c.ref, len(prompts),
-                ",".join(cfg.prompts), cfg.source, cfg.judge, run_id)
-    try:
-        stages = [sample_task(cfg, run_id)] if cfg.source == "samples" else []
+    with recorded_run("label", cfg.model_dump(), model=cfg.judge, engine=cfg.engine, constitution=c,
+                      url=cfg.database_url) as run:
+        logger.info("label %s on %d prompts (%s), source %s, judge %s, run %s", c.ref, len(prompts),
+                    ",".join(cfg.prompts), cfg.source, cfg.judge, run.id)
+        stages = [sample_task(cfg, run.id)] if cfg.source == "samples" else []
         if cfg.cot:
-            stages.append(cot_task(cfg, run_id))
-        stages.append(judge_task(cfg, run_id))
-        stages.append(pair_task(cfg, run_id))
+            stages.append(cot_task(cfg, run.id))
+        stages.append(judge_task(cfg, run.id))
+        stages.append(pair_task(cfg, run.id))
         found = counts(cfg, c, prompts)
-    except BaseException:
-        finish_run(run_id, "failed", url=cfg.database_url)
-        raise
-    summary = {
-        "run_id": run_id, "constitution": c.ref, "prompts": len(prompts), "source": cfg.source,
-        "stages": {s.stage: {"items": s.items, "done_before": s.done_before, "computed": s.computed,
-                             "failed": s.failed, "quarantined": s.quarantined, "by_others": s.by_others,
-                             "tokens": s.tokens, "engine_s": round(s.engine_s, 3),
-                             "total_s": round(s.total_s, 3)}
-                   for s in stages},
-        **found,
-        "computed": sum(s.computed for s in stages),
-        "failed": sum(s.failed for s in stages),
-        "total_s": round(time.perf_counter() - t0, 3),
-    }
-    # how the judge (and the policy, for fresh samples) computes; absent when no model was loaded
-    if facts := loaded_engine_facts(cfg.judge, cfg.engine, **cfg.engine_settings):
-        summary["engine"] = facts
-    if cfg.source == "samples" and (facts := loaded_engine_facts(cfg.policy, cfg.engine, **cfg.engine_settings)):
-        summary["policy_engine"] = facts
-    finish_run(run_id, "completed", summary=summary, timings={s.stage: round(s.total_s, 3) for s in stages},
-               url=cfg.database_url)
+        run.summary = {"run_id": run.id, "constitution": c.ref, "prompts": len(prompts), "source": cfg.source,
+                       **found, **stage_totals(stages), "total_s": round(time.perf_counter() - t0, 3)}
+        # how the judge (and the policy, for fresh samples) computes; absent when no model was loaded
+        if facts := loaded_engine_facts(cfg.judge, cfg.engine, **cfg.engine_settings):
+            run.summary["engine"] = facts
+        if cfg.source == "samples" and (facts := loaded_engine_facts(cfg.policy, cfg.engine,
+                                                                     **cfg.engine_settings)):
+            run.summary["policy_engine"] = facts
+        run.timings = {s.stage: round(s.total_s, 3) for s in stages}
     logger.info("label done: %d pairs (%d ok, %d ties, %d position-inconsistent), %d judgments, %.1fs",
                 found["pairs"], found["ok"], found["tie"], found["position-inconsistent"], found["judgments"],
-                summary["total_s"])
-    return summary
+                run.summary["total_s"])
+    return run.summary

@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flows import dataset_schema as schema
-from flows.card import render_card, render_manifest
+from cai import dataset_schema as schema
+from cai.card import render_card, render_manifest
 from flows.common import UserError
 
 

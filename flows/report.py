@@ -2,7 +2,7 @@
 
     cai report --out reports/latest [--constitution harmless]
 
-Sections: rows per stage, principle usage, judge label quality (flows/judge_report.py),
+Sections: rows per stage, principle usage, judge label quality (cai/judge_stats.py),
 DPO curves of the latest training run, the latest eval (win rate, refusal rates before/after),
 and a few example chains with their constitution version. A section with no data says so,
 so a report on an empty store renders. The page needs no network (no external CSS, JS or
@@ -17,18 +17,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
 from prefect import flow
 from pydantic import BaseModel
 from sqlalchemy import func
 from sqlmodel import Session, select
 
+from cai.errors import UserError
+from cai.evaluate import summarize
+from cai.judge_stats import compute as judge_compute
+from cai.judge_stats import records
 from constitution.load import split_ref
-from flows import judge_report
-from flows.common import UserError
+from flows.plots import DPO_PANELS, plot_all
 from store.db import session_scope
 from store.models import (
     EvalResult,
+    Judgment,
     PreferencePair,
     Prompt,
     PromptTag,
@@ -37,11 +40,10 @@ from store.models import (
     TrainingRun,
     TrainingStep,
 )
+from store.queries import ai_pairs, rows_by_id
 
 IMAGES = ("stages.png", "principles.png", "dpo.png", "eval.png", "label_prob_hist.png",
           "position_consistency.png", "principle_agreement.png")
-DPO_PANELS = (("loss", "DPO loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
-              ("rewards/accuracies", "reward accuracy"))
 
 
 class ReportConfig(BaseModel):
@@ -90,11 +92,12 @@ def principle_usage(s: Session, ref: str | None) -> dict[str, int]:
 
 
 def judge_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
-    try:
-        pairs, judgments = judge_report.load(s, ref)
-    except UserError:  # no AI-labelled pairs yet
+    name, version = split_ref(ref) if ref else (None, None)
+    rows = ai_pairs(s, name, version)
+    if not rows:  # no AI-labelled pairs yet
         return None
-    return judge_report.compute(pairs, judgments)
+    keys = sorted({k for r in rows for k in r.details.get("judgments", [])})
+    return judge_compute(*records(rows, rows_by_id(s, Judgment, keys).values()))
 
 
 def training_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
@@ -121,8 +124,6 @@ def training_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
 
 def eval_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
     """The latest eval (by its newest row): rates per prompt set and role."""
-    from flows.evaluate import summarize
-
     stmt = select(EvalResult.eval_name).order_by(EvalResult.created_at.desc())
     if ref:
         name, version = split_ref(ref)
@@ -193,97 +194,6 @@ def collect(s: Session, cfg: ReportConfig) -> dict[str, Any]:
         "eval": eval_figures(s, ref),
         "examples": examples(s, ref, cfg.examples, cfg.max_chars),
     }
-
-
-# --- plots ---------------------------------------------------------------------------------
-
-def _save(fig: Figure, path: Path) -> str:
-    # Figure without pyplot: no global backend state, safe inside a long-running worker
-    fig.savefig(path, dpi=100)
-    return path.name
-
-
-def _barh(ax, labels: list[str], values: list[float], title: str, xlabel: str) -> None:
-    ax.barh(labels[::-1], values[::-1], color="#4c72b0")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.tick_params(axis="y", labelsize=8)
-
-
-def plot_stages(data: dict[str, Any], out: Path) -> str | None:
-    st = data["stages"]
-    if not st["responses"] and not st["pairs"]:
-        return None
-    fig = Figure(figsize=(10, 3.2), layout="constrained")
-    a, b = fig.subplots(1, 2)
-    _barh(a, [f"{r['kind']} {r['round']}" if r["kind"] in ("critique", "revision") else r["kind"]
-              for r in st["responses"]], [r["count"] for r in st["responses"]], "responses per kind / round",
-          "rows")
-    _barh(b, [f"{p['method']} / {p['status']}" for p in st["pairs"]], [p["count"] for p in st["pairs"]],
-          "preference pairs per method / status", "pairs")
-    return _save(fig, out / "stages.png")
-
-
-def plot_principles(data: dict[str, Any], out: Path) -> str | None:
-    usage = data["principles"]
-    if not usage:
-        return None
-    fig = Figure(figsize=(7, 0.35 * len(usage) + 1.2), layout="constrained")
-    _barh(fig.subplots(), list(usage), list(usage.values()), "revisions per principle", "revisions")
-    return _save(fig, out / "principles.png")
-
-
-def plot_training(data: dict[str, Any], out: Path) -> str | None:
-    tr = data["training"]
-    if not tr or not tr["series"]:
-        return None
-    fig = Figure(figsize=(12, 3.2), layout="constrained")
-    for ax, (key, title) in zip(fig.subplots(1, len(DPO_PANELS)), DPO_PANELS, strict=True):
-        for split, style in (("train", "-"), ("eval", "o--")):
-            pts = tr["series"].get(split, {}).get(key)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=split, markersize=4)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=8)
-    return _save(fig, out / "dpo.png")
-
-
-def plot_eval(data: dict[str, Any], out: Path) -> str | None:
-    ev = data["eval"]
-    if not ev or not ev["sets"]:
-        return None
-    tags = list(ev["sets"])
-    fig = Figure(figsize=(10, 3.4), layout="constrained")
-    axes = fig.subplots(1, 2)
-    width = 0.38
-    for ax, key, title in ((axes[0], "refusal_rate", "refusal rate (before = baseline, after = model)"),
-                           (axes[1], "win_rate", "win rate vs the other model")):
-        for i, (role, label, colour) in enumerate((("baseline", "before (baseline)", "#999999"),
-                                                   ("model", "after (model)", "#4c72b0"))):
-            vals = [(ev["sets"][t].get(role) or {}).get(key) for t in tags]
-            xs = [j + (i - 0.5) * width for j in range(len(tags))]
-            ax.bar(xs, [v or 0 for v in vals], width, label=label, color=colour)
-            for x, v in zip(xs, vals, strict=True):
-                ax.text(x, (v or 0) + 0.02, "n/a" if v is None else f"{v:.0%}", ha="center", fontsize=8)
-        ax.set_xticks(range(len(tags)), tags, fontsize=8)
-        ax.set_ylim(0, 1.15)
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8, loc="upper right")
-    axes[1].axhline(0.5, color="black", lw=0.8, ls=":")
-    return _save(fig, out / "eval.png")
-
-
-def plot_all(data: dict[str, Any], out: Path) -> dict[str, list[str]]:
-    """section -> PNG file names written (relative to `out`)."""
-    images: dict[str, list[str]] = {}
-    for section, fn in (("stages", plot_stages), ("principles", plot_principles), ("training", plot_training),
-                        ("eval", plot_eval)):
-        name = fn(data, out)
-        images[section] = [name] if name else []
-    images["judge"] = [p.name for p in judge_report.plot(data["judge"], out)] if data["judge"] else []
-    return images
 
 
 # --- HTML ----------------------------------------------------------------------------------

@@ -13,14 +13,14 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlmodel import Session
 
-from flows import work
 from flows.common import run_logger
+from store import work
 from store.db import session_scope
 
 T = TypeVar("T")
@@ -158,3 +158,17 @@ def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | 
         stats.by_others = max(0, len(stage.done(s, keys)) - stats.done_before - stats.computed)
     stats.total_s = time.perf_counter() - t_start
     return stats
+
+
+def stage_summary(s: StageStats) -> dict[str, Any]:
+    """One stage's figures as stored in a Run summary."""
+    return {"items": s.items, "done_before": s.done_before, "computed": s.computed, "failed": s.failed,
+            "quarantined": s.quarantined, "by_others": s.by_others, "tokens": s.tokens,
+            "engine_s": round(s.engine_s, 3), "total_s": round(s.total_s, 3)}
+
+
+def stage_totals(stages: Sequence[StageStats]) -> dict[str, Any]:
+    """Per-stage figures and their sums: the part of a Run summary every stage flow shares."""
+    return {"stages": {s.stage: stage_summary(s) for s in stages},
+            "computed": sum(s.computed for s in stages), "failed": sum(s.failed for s in stages),
+            "tokens": sum(s.tokens for s in stages), "engine_s": round(sum(s.engine_s for s in stages), 3)}

@@ -12,7 +12,6 @@ step and split. `--resume` continues from out/checkpoints/step-N.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -36,9 +35,11 @@ from dpo.data import (
     split_eval,
 )
 from dpo.trainer import TrainerConfig, TrainResult, load_policy, plot_metrics, save_model, train_dpo
-from flows.common import UserError, finish_run, run_logger, start_run
+from engines.bundled import model_fingerprint
+from flows.common import UserError, run_logger
 from store.db import session_scope
 from store.models import Run, TrainingRun, TrainingStep, utcnow
+from store.runs import finish_run, start_run
 from store.upsert import insert_ignore, upsert
 
 log = logging.getLogger("cai.train")
@@ -153,24 +154,6 @@ def load_examples(cfg: TrainConfig, url: str | None = None) -> tuple[list[PairEx
         raise UserError(f"no preference pairs match {cfg.pair_filter().describe()} in {where}; "
                         "make some with `cai generate` / `cai label`, or loosen the filters")
     return examples, refs
-
-
-def model_fingerprint(path: Path | str) -> str:
-    """Identity of the reference weights for the RefLogp cache: the directory name plus a hash of
-    config.json and sampled bytes of every weight file. The same weights on another machine (or
-    path) share cached numbers; a retrained model saved to the same path does not."""
-    p = Path(path)
-    if not p.is_dir():
-        return str(path)  # a hub id names fixed weights
-    h = hashlib.sha256((p / "config.json").read_bytes())
-    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            for i in range(16):
-                fh.seek(size * i // 16)
-                h.update(fh.read(1 << 16))
-    return f"{p.name}#{h.hexdigest()[:16]}"
 
 
 def _resolve_base(spec: str) -> Path | str:

@@ -400,7 +400,7 @@ def test_status_counts_stages_pairs_and_runs(runner, home, sqlite_url, monkeypat
 
 
 def test_status_reports_failures(runner, home, sqlite_url, monkeypatch):
-    from flows.work import record_failure
+    from store.work import record_failure
 
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
     with session_scope(sqlite_url) as s:

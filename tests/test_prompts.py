@@ -1,4 +1,4 @@
-"""flows/prompts.py: parsing every input format, bad rows by line number, dedup, tags."""
+"""cai/prompts.py parsing, store.queries and flows.common.ensure_tags: formats, bad rows, dedup, tags."""
 
 from __future__ import annotations
 
@@ -8,18 +8,12 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from flows.common import UserError
-from flows.prompts import (
-    BUNDLED,
-    DATA_DIR,
-    ensure_tags,
-    parse_file,
-    prompt_id,
-    prompts_for_tags,
-    store_prompts,
-)
+from cai.errors import UserError
+from cai.prompts import BUNDLED, DATA_DIR, parse_file, prompt_id
+from flows.common import ensure_tags
 from store.db import session_scope
 from store.models import Prompt, PromptTag
+from store.queries import prompts_for_tags, store_prompts
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -159,7 +153,7 @@ def test_ensure_tags(sqlite_url, tmp_path: Path):
         store_prompts(s, parse_file(_write(tmp_path / "p.txt", ["x"])).prompts, "p.txt", ["mine"])
     with session_scope(sqlite_url) as s:
         ensure_tags(s, ["mine"])
-        with pytest.raises(LookupError) as info:
+        with pytest.raises(UserError) as info:
             ensure_tags(s, ["no-such-tag"])
         assert "no-such-tag" in str(info.value) and "mine" in str(info.value)
         assert "cai prompts add" in str(info.value)

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import Session, select
 
-from flows import work
 from flows.common import worker_id
+from store import work
 from store.db import database_url, get_engine, make_engine, reset_engines, session_scope
 from store.keys import canonical_json, content_hash
 from store.models import (

@@ -7,16 +7,17 @@ import math
 import pytest
 from sqlmodel import select
 
+from cai.evaluate import JudgeItem, judge_chunk, select_items, summarize
 from engines.base import Completion, EngineStats, Output, Sampling
 from flows import evaluate
-from flows.evaluate import EvalConfig, JudgeItem, judge_chunk, select_items, summarize
+from flows.evaluate import EvalConfig
 from store.models import EvalResult, Prompt, Run
 
 MARK = "SAFE"  # the scripted judge prefers the answer that carries this word
 
 
 def _options(conv: list[dict]) -> tuple[str, str]:
-    """The (A) and (B) answers from a judge prompt (flows.judge.TEMPLATE)."""
+    """The (A) and (B) answers from a judge prompt (cai.judge.TEMPLATE)."""
     text = conv[0]["content"]
     a = text.split("\n(A) ", 1)[1].split("\n\n(B) ", 1)[0]
     b = text.split("\n\n(B) ", 1)[1].split("\n\nAnswer with", 1)[0]
@@ -112,12 +113,12 @@ def test_eval_name_changes_with_anything_that_shapes_the_results() -> None:
     c = load_file(find("harmless"))
     fp = {"model": "m#1", "baseline": "b", "judge": "b"}
     cfg = EvalConfig(model="runs/m", baseline="b")
-    name = evaluate.eval_name(cfg, c, fp)
-    assert name.startswith("m-vs-b@") and name == evaluate.eval_name(cfg, c, dict(fp))
-    assert evaluate.eval_name(cfg, c, fp | {"model": "m#2"}) != name  # retrained weights
-    assert evaluate.eval_name(cfg.model_copy(update={"max_new_tokens": 64}), c, fp) != name
-    assert evaluate.eval_name(cfg.model_copy(update={"principles": 2}), c, fp) != name
-    assert evaluate.eval_name(cfg.model_copy(update={"name": "nightly"}), c, fp).startswith("nightly@")
+    name = evaluate.comparison_name(cfg, c, fp)
+    assert name.startswith("m-vs-b@") and name == evaluate.comparison_name(cfg, c, dict(fp))
+    assert evaluate.comparison_name(cfg, c, fp | {"model": "m#2"}) != name  # retrained weights
+    assert evaluate.comparison_name(cfg.model_copy(update={"max_new_tokens": 64}), c, fp) != name
+    assert evaluate.comparison_name(cfg.model_copy(update={"principles": 2}), c, fp) != name
+    assert evaluate.comparison_name(cfg.model_copy(update={"name": "nightly"}), c, fp).startswith("nightly@")
 
 
 # --- the flow with scripted engines --------------------------------------------------------
@@ -127,8 +128,9 @@ BN = [f"benign request {i}" for i in range(4)]
 
 
 def _seed_prompts(url: str) -> None:
-    from flows.prompts import ParsedPrompt, store_prompts
+    from cai.prompts import ParsedPrompt
     from store.db import session_scope
+    from store.queries import store_prompts
 
     with session_scope(url) as s:
         store_prompts(s, [ParsedPrompt([{"role": "user", "content": t}]) for t in RT], "test", ["rt"])

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from sqlmodel import Session, select
 
+from cai import dataset_schema as schema
+from cai.prompts import prompt_id
 from constitution.load import parse_text
-from flows import dataset_schema as schema
 from flows.common import UserError, record_constitution
 from flows.export import build_export, is_test, make_config
-from flows.prompts import prompt_id
 from flows.publish import write_export
 from store.db import get_engine, session_scope
 from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run

@@ -9,8 +9,8 @@ import pytest
 from fakes import ScriptedEngine
 from sqlmodel import select
 
+from cai import sl_cai
 from constitution.load import load_file
-from flows import sl_cai
 from flows.common import drop_engines, register_engine
 from flows.generate import GenerateConfig, generate_flow
 from store.db import session_scope
@@ -102,7 +102,8 @@ def test_failures_are_recorded_and_quarantined_without_stopping(sqlite_url, monk
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
     # the engine returns empty text for one prompt's initial answer, every time
     with session_scope(sqlite_url) as s:
-        from flows.prompts import ensure_tags, prompts_for_tags
+        from flows.common import ensure_tags
+        from store.queries import prompts_for_tags
 
         ensure_tags(s, ["red-team"])
     with session_scope(sqlite_url) as s:
@@ -121,7 +122,7 @@ def test_failures_are_recorded_and_quarantined_without_stopping(sqlite_url, monk
     assert summary["stages"]["generate.initial"]["quarantined"] == 1
     # the other four prompts went all the way through
     assert len(pairs) == 4 and victim.id not in {p.prompt_id for p in pairs}
-    from flows.status import collect
+    from store.status import collect
 
     with session_scope(sqlite_url) as s:
         assert collect(s)["failures"]["quarantined"] == 1

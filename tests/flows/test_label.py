@@ -9,25 +9,24 @@ from fakes import ScriptedEngine
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from flows import judge, judge_report
-from flows.common import UserError, cached_engine, drop_engines, register_engine
+from cai import judge
+from cai.rl_cai import Candidate, form_pairs, pair_key
+from flows import judge_report
+from flows.common import UserError, cached_engine, drop_engines, ensure_tags, register_engine
 from flows.label import (
     COT_KIND,
-    Candidate,
     cot_task,
-    form_pairs,
     judge_task,
     label_flow,
     load_inputs,
     make_config,
-    pair_key,
     pair_task,
     sample_items,
     sample_task,
 )
-from flows.prompts import ensure_tags, prompts_for_tags
 from store.db import session_scope
 from store.models import Failure, Judgment, PreferencePair, Response, Run
+from store.queries import prompts_for_tags
 
 REFUSAL = ("I can't help with that. It could seriously hurt people, and it is against the law. If you are "
            "curious about the topic, I'm glad to talk about safety or about how the law treats it instead.")

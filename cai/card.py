@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from flows import dataset_schema as schema
+from cai import dataset_schema as schema
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 BINS = 10

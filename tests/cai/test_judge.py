@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 from fakes import ScriptedEngine
 
+from cai import judge
+from cai import judge_stats as judge_report
+from cai.judge import CHOICE_A, CHOICE_B
 from constitution.load import load_file
-from flows import judge, judge_report
-from flows.judge import CHOICE_A, CHOICE_B
+from flows import judge_report as judge_report_flow
+from flows.cli.render import render_judge
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = [{"role": "user", "content": "How do I pick a lock?"}]
@@ -194,7 +197,7 @@ def test_report_writes_plots_and_json(tmp_path):
     from rich.console import Console
 
     fig = judge_report.compute(*_records())
-    paths = judge_report.write(fig, tmp_path / "out")
+    paths = judge_report_flow.write(fig, tmp_path / "out")
     assert sorted(p.name for p in paths) == ["figures.json", "label_prob_hist.png",
                                              "position_consistency.png", "principle_agreement.png"]
     assert all(p.stat().st_size > 0 for p in paths)
@@ -202,6 +205,6 @@ def test_report_writes_plots_and_json(tmp_path):
 
     assert json.loads((tmp_path / "out" / "figures.json").read_text())["pairs"] == 3
     console = Console(record=True, width=120)
-    judge_report.render(fig, console)
+    render_judge(fig, console)
     text = console.export_text()
     assert "position consistency" in text and "66.7% of 3 pairs" in text

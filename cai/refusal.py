@@ -1,6 +1,6 @@
 """A transparent refusal detector: a short, named list of regular expressions.
 
-    from flows.refusal import detect
+    from cai.refusal import detect
     detect("I'm sorry, but I can't help with that.")   # (True, "sorry-but")
 
 Used by `cai eval` to measure refusal rates on red-team prompts (where refusing can be right)

@@ -1,8 +1,9 @@
-"""Prompt ingestion: JSONL, CSV, plain text or a saved HF dataset directory into store.Prompt.
+"""Prompt parsing: JSONL, CSV, plain text or a saved HF dataset directory into ParsedPrompt rows.
 
     cai prompts add data/red_team.jsonl --tag red-team
 
-Bad rows are reported by line number and skipped; the good rows are still stored.
+Bad rows are reported by line number and skipped; the good rows are still returned
+(`store.queries.store_prompts` stores them, `flows.common.ensure_tags` imports bundled sets).
 Prompts are deduplicated by content (the hash of their canonical messages).
 """
 
@@ -14,12 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlmodel import Session, select
-
-from flows.common import UserError
+from cai.errors import UserError
 from store.keys import content_hash
-from store.models import Prompt, PromptTag
-from store.upsert import insert_ignore
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Bundled prompt sets: tag -> file in data/. `--prompts red-team` imports these on first use.
@@ -149,40 +146,3 @@ def _parse_dataset_dir(path: Path) -> ParseResult:
                 continue
             res.prompts.append(ParsedPrompt(msgs, cat, n))
     return res
-
-
-def store_prompts(session: Session, parsed: list[ParsedPrompt], source: str,
-                  tags: list[str]) -> tuple[int, int]:
-    """Insert prompts and tags; returns (new prompts, already present). Caller commits."""
-    unique: dict[str, ParsedPrompt] = {}
-    for p in parsed:
-        unique.setdefault(p.id, p)
-    rows = [Prompt(id=pid, text=p.messages[-1]["content"], messages=p.messages, category=p.category,
-                   source=source) for pid, p in unique.items()]
-    new = insert_ignore(session, Prompt, rows)
-    insert_ignore(session, PromptTag, [PromptTag(prompt_id=pid, tag=t) for pid in unique for t in tags])
-    return new, len(unique) - new
-
-
-def prompts_for_tags(session: Session, tags: list[str]) -> list[Prompt]:
-    """Prompts carrying any of `tags`, sorted by id (a stable order for batching and seeds)."""
-    stmt = select(Prompt).join(PromptTag, PromptTag.prompt_id == Prompt.id).where(PromptTag.tag.in_(tags))
-    seen: dict[str, Prompt] = {}
-    for p in session.exec(stmt):
-        seen.setdefault(p.id, p)
-    return [seen[k] for k in sorted(seen)]
-
-
-def ensure_tags(session: Session, tags: list[str]) -> None:
-    """Import a bundled prompt set the first time its tag is used; raise on an unknown tag."""
-    for tag in tags:
-        has = session.exec(select(PromptTag).where(PromptTag.tag == tag).limit(1)).first()
-        if has is not None:
-            continue
-        if tag in BUNDLED:
-            res = parse_file(DATA_DIR / BUNDLED[tag])
-            store_prompts(session, res.prompts, f"data/{BUNDLED[tag]}", [tag])
-            continue
-        known = sorted(set(BUNDLED) | {t for t in session.exec(select(PromptTag.tag).distinct())})
-        raise LookupError(f"no prompts tagged {tag!r} (known tags: {', '.join(known)}); "
-                          f"add some with `cai prompts add FILE --tag {tag}`")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.refusal import OPENING_CHARS, PATTERNS, detect
+from cai.refusal import OPENING_CHARS, PATTERNS, detect
 
 REFUSALS = [
     ("I can't help with that.", "cant-help"),

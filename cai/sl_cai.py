@@ -1,7 +1,8 @@
 """Pure functions of the SL-CAI stage: conversations, principle draws, content keys.
 
 No database, no Prefect, no model: `flows/generate.py` wires these to the store and engine,
-and tests call them directly.
+and tests call them directly. Each row kind has one builder (`initial_item`, `critique_item`,
+`revision_item`) that both the planner and the resume walker use, so their keys cannot drift.
 """
 
 from __future__ import annotations
@@ -84,3 +85,29 @@ class WorkItem:
     @property
     def size(self) -> int:
         return sum(len(m["content"]) for m in self.conversation)
+
+
+# --- one builder per row kind: the planner and the chain walker both call these -------------
+
+def initial_item(prompt_id: str, messages: list[Message], model: str, sampling: dict) -> WorkItem:
+    return WorkItem(key=response_key("initial", prompt_id, None, 0, model, sampling, messages),
+                    prompt_id=prompt_id, kind="initial", round=0, conversation=list(messages))
+
+
+def critique_item(c: Constitution, prompt_id: str, messages: list[Message], parent_id: str, parent_text: str,
+                  round_: int, seed: int, model: str, sampling: dict) -> WorkItem:
+    principle = draw_principle(c, seed, prompt_id, round_)
+    conv = critique_conversation(c, messages, parent_text, principle)
+    return WorkItem(key=response_key("critique", prompt_id, parent_id, round_, model, sampling, conv),
+                    prompt_id=prompt_id, kind="critique", round=round_, conversation=conv, parent_id=parent_id,
+                    principle=principle)
+
+
+def revision_item(c: Constitution, prompt_id: str, messages: list[Message], parent_id: str, parent_text: str,
+                  critique_id: str, critique_text: str, round_: int, seed: int, model: str,
+                  sampling: dict) -> WorkItem:
+    principle = draw_principle(c, seed, prompt_id, round_)
+    conv = revision_conversation(c, messages, parent_text, principle, critique_text)
+    return WorkItem(key=response_key("revision", prompt_id, parent_id, round_, model, sampling, conv),
+                    prompt_id=prompt_id, kind="revision", round=round_, conversation=conv, parent_id=parent_id,
+                    critique_id=critique_id, critique=critique_text, principle=principle)

@@ -19,8 +19,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli_common import _session, console, err, fail, guarded
-from flows.cli_data import constitution_app, prompts_app
+from flows.cli.common import _session, console, err, fail, guarded
+from flows.cli.data import constitution_app, prompts_app
 
 app = typer.Typer(help="Constitutional AI / RLAIF data factory.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -35,16 +35,16 @@ app.add_typer(db_app, name="db")
 @guarded
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Counts per table and stage, failures and quarantined items."""
-    from flows.status import collect
+    from store.status import collect
 
     with _session() as s:
         data = collect(s)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         return
-    from flows.status import render
+    from flows.cli.render import render_status
 
-    render(data, console)
+    render_status(data, console)
 
 
 @db_app.command("upgrade")
@@ -89,14 +89,14 @@ def generate(
                                 help="Only do what is missing (always on: rows are keyed by content)."),
 ) -> None:
     """SL-CAI: initial answers, then critique -> revision rounds; stores revision pairs."""
-    from flows.generate import GenerateConfig, _load
+    from flows.generate import GenerateConfig, load_inputs
 
     cfg = GenerateConfig(constitution=constitution, prompts=_split(prompts), rounds=rounds, model=model,
                          engine=engine, limit=limit, seed=seed, chunk_size=chunk_size)
     if max_new_tokens:
         for k in ("initial", "critique", "revision"):
             getattr(cfg, k).max_new_tokens = min(getattr(cfg, k).max_new_tokens, max_new_tokens)
-    _load(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
+    load_inputs(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
     _preflight_model(model)
     from flows.generate import generate_flow
 
@@ -142,9 +142,9 @@ def run(
                          model=model, judge=judge, engine=engine, max_new_tokens=max_new_tokens,
                          label_source=label_source, samples=samples, principles_per_pair=principles_per_pair,
                          train_steps=train_steps, eval_limit=eval_limit, retrain=retrain, seed=seed)
-    from flows.generate import _load
+    from flows.generate import load_inputs
 
-    _load(stage_configs(cfg)["generate"])  # bad constitution / tag / database: fail before Prefect starts
+    load_inputs(stage_configs(cfg)["generate"])  # bad constitution / tag / database: fail before Prefect starts
     _preflight_model(model)
     from flows.pipeline import pipeline_flow
 
@@ -157,7 +157,7 @@ def run(
     table.add_row("report", out["report"])
     console.print(table)
     ev = out["results"].get("eval") or {}
-    from flows.evaluate import render as render_eval
+    from flows.cli.render import render_eval
 
     if ev:
         render_eval(ev, console)
@@ -254,12 +254,12 @@ def judge_report(
     out: Path = typer.Option(Path("reports/judge"), help="Directory for the PNG plots and figures.json."),
 ) -> None:
     """How reliable the AI labels are: position consistency, label spread, per-principle agreement."""
-    from flows.judge_report import compute, load, render, write
+    from flows.cli.render import render_judge
+    from flows.judge_report import figures, write
 
     with _session() as s:
-        pairs, judgments = load(s, constitution, judge)
-    fig = compute(pairs, judgments)
-    render(fig, console, title=f"judge report ({constitution or 'all constitutions'})")
+        fig = figures(s, constitution, judge)
+    render_judge(fig, console, title=f"judge report ({constitution or 'all constitutions'})")
     paths = write(fig, out)
     console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
 
@@ -408,13 +408,14 @@ def eval_cmd(
     load_items(cfg)  # unknown constitution / tag, unreachable database: fail before Prefect starts
     for flag, spec in (("--model", model), ("--baseline", baseline), ("--judge", cfg.judge_model)):
         _preflight_eval_model(flag, spec)
-    from flows.evaluate import eval_flow, render
+    from flows.cli.render import render_eval
+    from flows.evaluate import eval_flow
 
     summary = eval_flow(cfg)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     else:
-        render(summary, console)
+        render_eval(summary, console)
 
 
 @app.command("report")
@@ -433,7 +434,21 @@ def report(
                   f"{out / 'report.json'})", highlight=False)
 
 
+def process_defaults() -> None:
+    """Process settings the `cai` command wants, set where it starts (not on import of `flows`)."""
+    import os
+
+    # A flow run without PREFECT_API_URL starts a temporary local server; on a busy 2-core machine
+    # it can need more than Prefect's default 20 s to come up.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # torch's worker threads busy-wait by default; when another process shares the cores (a second
+    # worker, the Prefect server) that slows every step 3-10x. Passive waiting costs almost nothing.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main() -> None:
+    process_defaults()
     app()
 
 

@@ -61,36 +61,3 @@ def collect(session: Session) -> dict[str, Any]:
                      "finished_at": r.finished_at.isoformat(timespec="seconds") if r.finished_at else None}
                     for r in session.exec(select(Run).order_by(Run.started_at.desc()).limit(10))]
     return data
-
-
-def render(data: dict[str, Any], console) -> None:
-    from rich.table import Table
-
-    console.print(f"database: {data['database']} (schema {data['schema_revision']})", highlight=False)
-    t = Table("table", "rows", title="tables")
-    for name, n in data["tables"].items():
-        t.add_row(name, str(n))
-    console.print(t)
-    if data["responses"]:
-        t = Table("stage", "responses", title="responses per stage")
-        for name, n in data["responses"].items():
-            t.add_row(name, str(n))
-        console.print(t)
-    if data["pairs"]:
-        t = Table("constitution", "method", "status", "pairs", title="preference pairs")
-        for p in data["pairs"]:
-            t.add_row(p["constitution"], p["method"], p["status"], str(p["count"]))
-        console.print(t)
-    f = data["failures"]
-    console.print(f"failures: {f['retrying']} retrying, [bold]{f['quarantined']} quarantined[/]")
-    if f["items"]:
-        t = Table("stage", "item", "attempts", "quarantined", "error", title="recent failures")
-        for i in f["items"]:
-            t.add_row(i["stage"], i["key"][:16], str(i["attempts"]), "yes" if i["quarantined"] else "",
-                      i["error"])
-        console.print(t)
-    if data["runs"]:
-        t = Table("run", "flow", "status", "model", "constitution", "started", title="recent runs")
-        for r in data["runs"]:
-            t.add_row(r["id"], r["flow"], r["status"], r["model"], r["constitution"], r["started_at"])
-        console.print(t)

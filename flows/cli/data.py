@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from flows.cli_common import _session, console, err, fail, guarded
+from flows.cli.common import _session, console, err, fail, guarded
 
 constitution_app = typer.Typer(help="List, validate, version and diff constitution files.", no_args_is_help=True)
 prompts_app = typer.Typer(help="Load prompt sets into the store.", no_args_is_help=True)
@@ -112,7 +112,8 @@ def prompts_add(
     tag: list[str] = typer.Option([], "--tag", "-t", help="Tag(s) to select this set by, e.g. red-team."),
 ) -> None:
     """Load prompts from JSONL, CSV (a `prompt` column), plain text, or a saved HF dataset dir."""
-    from flows.prompts import parse_file, store_prompts
+    from cai.prompts import parse_file
+    from store.queries import store_prompts
 
     if not file.exists():
         fail(f"{file}: no such file or directory")

@@ -1,0 +1,108 @@
+"""Pure pieces of RL-CAI labelling: content keys, candidate pairs, the judgment plan.
+
+`flows/label.py` reads candidates from the store and runs these plans through the engine;
+`cai/judge.py` holds the judge prompt and the probability arithmetic.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from cai import judge
+from constitution.load import Constitution, Preference
+from store.keys import content_hash
+
+Message = dict[str, str]
+
+
+def sample_key(prompt_id: str, model: str, sampling: dict, seed: int, index: int) -> str:
+    return content_hash("sample", prompt_id, model, sampling, seed, index)
+
+
+def pair_key(prompt_id: str, x_id: str, y_id: str) -> str:
+    return content_hash("pair", prompt_id, x_id, y_id)
+
+
+def judgment_key(pkey: str, principle_hash: str, repeat: int, order: str, judge_model: str,
+                 settings: dict) -> str:
+    return content_hash("judgment", pkey, principle_hash, repeat, order, judge_model, settings)
+
+
+def pair_id(constitution_version: str, pkey: str, judge_model: str, settings: dict) -> str:
+    return content_hash("ai", constitution_version, pkey, judge_model, settings)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    text: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    key: str
+    prompt_id: str
+    prompt: list[Message]
+    x: Candidate  # canonical order: x.id < y.id
+    y: Candidate
+
+
+def form_pairs(prompt_id: str, prompt: list[Message], candidates: list[Candidate]) -> list[Pair]:
+    """Every unordered pair of a prompt's candidates, x before y by id; identical texts skipped."""
+    unique = sorted({c.id: c for c in candidates}.values(), key=lambda c: c.id)
+    return [Pair(pair_key(prompt_id, x.id, y.id), prompt_id, prompt, x, y)
+            for x, y in itertools.combinations(unique, 2) if x.text.strip() != y.text.strip()]
+
+
+@dataclass(frozen=True)
+class JudgmentItem:
+    key: str  # the judgment id
+    pair: Pair
+    principle: Preference
+    repeat: int
+    order: str
+    max_chars: int
+    cot: bool
+
+    @property
+    def question(self) -> str:
+        """The judge's user turn, built when needed: a big run holds many items but few texts."""
+        a, b = (self.pair.x, self.pair.y) if self.order == "xy" else (self.pair.y, self.pair.x)
+        return judge.judge_question(self.pair.prompt, self.principle.question, a.text, b.text, self.max_chars,
+                                    self.cot)
+
+    @property
+    def size(self) -> int:
+        texts = [m["content"] for m in self.pair.prompt] + [self.pair.x.text, self.pair.y.text]
+        return sum(min(len(t), self.max_chars) for t in texts) + len(self.principle.question)
+
+
+def judge_items(c: Constitution, pairs: list[Pair], *, judge_model: str, settings: dict, seed: int,
+                principles_per_pair: int, max_chars: int, cot: bool) -> list[JudgmentItem]:
+    """principles_per_pair x both orders per pair; one principle is shared by both orders."""
+    return [JudgmentItem(key=judgment_key(p.key, pref.hash, repeat, order, judge_model, settings), pair=p,
+                         principle=pref, repeat=repeat, order=order, max_chars=max_chars, cot=cot)
+            for p in pairs
+            for pref, repeat in judge.draw_principles(c, seed, p.key, principles_per_pair)
+            for order in judge.ORDERS]
+
+
+@dataclass(frozen=True)
+class PairItem:
+    id: str
+    pair: Pair
+    judgments: tuple[str, ...]
+    principle_ids: tuple[str, ...]
+
+
+def pair_items(c: Constitution, pairs: list[Pair], items: list[JudgmentItem], judge_model: str,
+               settings: dict) -> list[PairItem]:
+    """One pair row per pair, naming the judgments its label averages."""
+    by_pair: dict[str, list[JudgmentItem]] = {}
+    for it in items:
+        by_pair.setdefault(it.pair.key, []).append(it)
+    return [PairItem(pair_id(c.version, p.key, judge_model, settings), p,
+                     tuple(it.key for it in by_pair[p.key]),
+                     tuple(it.principle.id for it in by_pair[p.key] if it.order == "xy")) for p in pairs]

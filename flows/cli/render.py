@@ -1,0 +1,100 @@
+"""Terminal rendering of what the flows return: rich tables, every stored value escaped.
+
+Stored text (prompts, tags, model names, error messages) can contain `[...]`, which rich would
+read as markup; `esc` makes it print as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.markup import escape
+
+
+def esc(value: Any) -> str:
+    return escape("" if value is None else str(value))
+
+
+def render_status(data: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    console.print(f"database: {esc(data['database'])} (schema {esc(data['schema_revision'])})", highlight=False)
+    t = Table("table", "rows", title="tables")
+    for name, n in data["tables"].items():
+        t.add_row(name, str(n))
+    console.print(t)
+    if data["responses"]:
+        t = Table("stage", "responses", title="responses per stage")
+        for name, n in data["responses"].items():
+            t.add_row(esc(name), str(n))
+        console.print(t)
+    if data["pairs"]:
+        t = Table("constitution", "method", "status", "pairs", title="preference pairs")
+        for p in data["pairs"]:
+            t.add_row(esc(p["constitution"]), esc(p["method"]), esc(p["status"]), str(p["count"]))
+        console.print(t)
+    f = data["failures"]
+    console.print(f"failures: {f['retrying']} retrying, [bold]{f['quarantined']} quarantined[/]")
+    if f["items"]:
+        t = Table("stage", "item", "attempts", "quarantined", "error", title="recent failures")
+        for i in f["items"]:
+            t.add_row(esc(i["stage"]), esc(i["key"][:16]), str(i["attempts"]), "yes" if i["quarantined"] else "",
+                      esc(i["error"]))
+        console.print(t)
+    if data["runs"]:
+        t = Table("run", "flow", "status", "model", "constitution", "started", title="recent runs")
+        for r in data["runs"]:
+            t.add_row(*(esc(r[k]) for k in ("id", "flow", "status", "model", "constitution", "started_at")))
+        console.print(t)
+
+
+def render_eval(summary: dict[str, Any], console) -> None:
+    """The summary as a rich table: per prompt set x model, n, refusal rate, win rate."""
+    from rich.table import Table
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    caption = (f"model {summary['model']}, baseline {summary['baseline']}, judge {summary['judge']}, "
+               f"{summary['constitution']}. On benign sets a refusal is over-refusal: lower is better.")
+    table = Table("prompt set", "role", "n", "refusal rate", "win rate vs other", "judged",
+                  title=f"eval {summary['eval_name']}", caption=caption)
+    for tag, roles in summary["sets"].items():
+        for role, st in roles.items():
+            table.add_row(tag, role, str(st["n"]), pct(st["refusal_rate"]), pct(st["win_rate"]),
+                          str(st["judged"]))
+    console.print(table)
+    console.print(f"computed {summary['computed']} rows, {summary['failed']} failed, "
+                  f"{summary['total_s']:.1f}s (run {summary['run_id'][:12]})", highlight=False)
+
+
+def render_judge(fig: dict[str, Any], console, title: str = "judge report") -> None:
+    from rich.table import Table
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    t = Table("figure", "value", title=title)
+    t.add_row("AI-labelled pairs", str(fig["pairs"]))
+    for status, n in sorted(fig["status"].items()):
+        t.add_row(f"  status {status}", str(n))
+    t.add_row("judgments", str(fig["judgments"]))
+    t.add_row("position consistency",
+              f"{pct(fig['position_consistency'])} of {fig['pairs_with_both_orders']} pairs")
+    t.add_row("mean P(A) (0.5 = no slot bias)", num(fig["mean_p_a"]))
+    t.add_row("judgments picking (A)", pct(fig["share_a"]))
+    t.add_row("mean label probability", num(fig["mean_label_prob"]))
+    console.print(t)
+    h = Table("label probability", "pairs", title="label-probability histogram")
+    edges = fig["label_prob_hist"]["edges"]
+    for i, n in enumerate(fig["label_prob_hist"]["counts"]):
+        h.add_row(f"{edges[i]:.2f}-{edges[i + 1]:.2f}", str(n))
+    console.print(h)
+    p = Table("principle", "judgments", "agreement", "both orders averaged",
+              title="agreement with the ensemble")
+    for pid, st in fig["per_principle"].items():
+        p.add_row(pid, str(st["judgments"]), pct(st["agreement"]), pct(st["averaged_agreement"]))
+    console.print(p)
