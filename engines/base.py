@@ -27,17 +27,21 @@ class Sampling:
     n: int = 1  # completions per conversation
     seed: int = 0  # with the conversation's content, fixes each row's random stream
     stop: tuple[str, ...] = ()  # generation stops before the first of these strings
+    # repetition controls (HF semantics): a token already in the prompt or the reply has its logit
+    # divided (if > 0) or multiplied (if < 0) by the penalty; no n-gram of this size occurs twice
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
 
     def to_dict(self) -> dict:
+        """What a row's key hashes; the repetition controls only when set, so rows made before
+        they existed keep their keys."""
         d = asdict(self)
         d["stop"] = list(self.stop)
+        if self.repetition_penalty == 1.0:
+            del d["repetition_penalty"]
+        if not self.no_repeat_ngram:
+            del d["no_repeat_ngram"]
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Sampling:
-        d = dict(d)
-        d["stop"] = tuple(d.get("stop", ()))
-        return cls(**d)
 
 
 @dataclass

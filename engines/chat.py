@@ -83,6 +83,9 @@ def check_sampling(sampling) -> None:
     if sampling.n < 1 or sampling.max_new_tokens < 0:
         raise ValueError(f"Sampling.n must be >= 1 and max_new_tokens >= 0; got n={sampling.n}, "
                          f"max_new_tokens={sampling.max_new_tokens}")
+    if sampling.repetition_penalty <= 0 or sampling.no_repeat_ngram < 0:
+        raise ValueError(f"Sampling.repetition_penalty must be > 0 and no_repeat_ngram >= 0; got "
+                         f"{sampling.repetition_penalty}, {sampling.no_repeat_ngram}")
 
 
 def row_seed(seed: int, conversation: list[dict[str, str]], j: int) -> int:

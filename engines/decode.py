@@ -233,9 +233,56 @@ def _choose(logits: torch.Tensor, rows: list[Row], temperature: float, top_p: fl
     return out.tolist()
 
 
+class Repetition:
+    """Per-row repetition controls with Hugging Face's semantics, over prompt + generated tokens.
+
+    penalty: every token id already seen has its logit divided by the penalty when positive and
+    multiplied by it when negative. ngram: a token that would complete an n-gram already present
+    is banned. Both work row by row, so a row's text never depends on its batch neighbours.
+    """
+
+    def __init__(self, rows: list[Row], penalty: float, ngram: int) -> None:
+        self.penalty, self.ngram = penalty, ngram
+        self.seqs = [list(r.ids) for r in rows]
+        self.seen = [set(r.ids) for r in rows] if penalty != 1.0 else []
+        self.tables: list[dict[tuple[int, ...], set[int]]] = []
+        if ngram > 0:
+            for seq in self.seqs:
+                table: dict[tuple[int, ...], set[int]] = {}
+                for k in range(len(seq) - ngram + 1):
+                    table.setdefault(tuple(seq[k:k + ngram - 1]), set()).add(seq[k + ngram - 1])
+                self.tables.append(table)
+
+    @property
+    def active(self) -> bool:
+        return self.penalty != 1.0 or self.ngram > 0
+
+    def push(self, i: int, tok: int) -> None:
+        seq = self.seqs[i]
+        seq.append(tok)
+        if self.seen:
+            self.seen[i].add(tok)
+        if self.ngram > 0 and len(seq) >= self.ngram:
+            self.tables[i].setdefault(tuple(seq[-self.ngram:-1]), set()).add(tok)
+
+    def apply(self, logits: torch.Tensor, live: list[int]) -> torch.Tensor:
+        logits = logits.float().clone()
+        for slot, i in enumerate(live):
+            row = logits[slot]
+            if self.seen:
+                idx = torch.tensor(sorted(self.seen[i]), device=row.device, dtype=torch.long)
+                vals = row[idx]
+                row[idx] = torch.where(vals > 0, vals / self.penalty, vals * self.penalty)
+            if self.ngram > 0 and len(self.seqs[i]) >= self.ngram - 1:
+                banned = self.tables[i].get(tuple(self.seqs[i][len(self.seqs[i]) - self.ngram + 1:]))
+                if banned:
+                    row[torch.tensor(sorted(banned), device=row.device, dtype=torch.long)] = float("-inf")
+        return logits
+
+
 def decode(model, rows: list[Row], *, pad_id: int, stop_ids: set[int], temperature: float, top_p: float,
            stop_texts: tuple[str, ...] = (), tokenizer=None, prefix: KV | None = None,
-           prefix_len: int = 0) -> list[Result]:
+           prefix_len: int = 0, repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> list[Result]:
     """Generate for one batch of rows; finished rows leave the batch so they stop costing compute."""
     results: list[Result | None] = [None] * len(rows)
     live = [i for i, r in enumerate(rows) if r.max_new > 0]
@@ -248,12 +295,17 @@ def decode(model, rows: list[Row], *, pad_id: int, stop_ids: set[int], temperatu
     cache, mask, logits = prefill(model, [rows[i].ids for i in live], pad_id, prefix, prefix_len, room)
     logits = logits[:, -1]
     generated: list[list[int]] = [[] for _ in rows]
+    rep = Repetition(rows, repetition_penalty, no_repeat_ngram)
     while True:
+        if rep.active:
+            logits = rep.apply(logits, live)
         chosen = _choose(logits, [rows[i] for i in live], temperature, top_p)
         keep: list[int] = []
         for slot, (i, tok) in enumerate(zip(live, chosen, strict=True)):
             gen = generated[i]
             gen.append(tok)
+            if rep.active:
+                rep.push(i, tok)
             if tok in stop_ids:
                 results[i] = Result(gen[:-1], "stop", len(gen))
             elif stop_texts and _hit_stop(tokenizer, gen, stop_texts):

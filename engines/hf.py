@@ -218,7 +218,9 @@ class HFEngine:
                 results = decode(self.model, [rows[k] for k in batch], pad_id=self.pad_id,
                                  stop_ids=self.stop_ids, temperature=sampling.temperature,
                                  top_p=sampling.top_p, stop_texts=sampling.stop, tokenizer=self.tokenizer,
-                                 prefix=prefix, prefix_len=plen)
+                                 prefix=prefix, prefix_len=plen,
+                                 repetition_penalty=sampling.repetition_penalty,
+                                 no_repeat_ngram=sampling.no_repeat_ngram)
                 for k, res in zip(batch, results, strict=True):
                     text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
                     text, hit = cut_at_stop(text, sampling.stop)

@@ -67,6 +67,11 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         check_sampling(sampling)
+        if sampling.no_repeat_ngram:
+            # vLLM's SamplingParams has no n-gram ban (HF's no_repeat_ngram_size); say so rather
+            # than silently produce different text than the hf engine would
+            raise ValueError("the vllm engine does not support Sampling.no_repeat_ngram; use the hf engine "
+                             "or set no_repeat_ngram to 0 (repetition_penalty works on both)")
         if not conversations:
             return []
         t0 = time.perf_counter()
@@ -86,6 +91,7 @@ class VLLMEngine:
                 # not depend on which other prompts share the call
                 seed=None if greedy else row_seed(sampling.seed, conversations[i], 0),
                 skip_special_tokens=True,
+                repetition_penalty=sampling.repetition_penalty,
             ))
         requests = [{"prompt_token_ids": prompts[i]} for i in todo]  # a vllm TokensPrompt
         results = self.llm.generate(requests, params, use_tqdm=False) if todo else []
