@@ -5,13 +5,20 @@
     meta = load_checkpoint(found[0], model, optimizer, scheduler)
 
 The weights are a plain HF model directory (so a checkpoint can be evaluated or served as
-it is); optimizer, scheduler, RNG states and our own metadata go in `trainer_state.pt`. A
-checkpoint is written to a temp sibling and renamed, so a kill mid-save leaves the previous
-one intact and never a half-written one that `--resume` would trust.
+it is); optimizer, scheduler and RNG states go in `trainer_state.pt`, our own metadata (step,
+history, the ids `--resume` checks) in `trainer_meta.json`. A checkpoint is written to a temp
+sibling and renamed, so a kill mid-save leaves the previous one intact and never a half-written
+one that `--resume` would trust.
+
+Nothing here unpickles: `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts
+and is read with `torch.load(weights_only=True)`, so a file planted in a run directory cannot
+run code on `cai train --resume`; the metadata is plain JSON.
 """
 
 from __future__ import annotations
 
+import json
+import pickle
 import random
 import re
 import shutil
@@ -21,31 +28,44 @@ from typing import Any
 import torch
 
 STATE_FILE = "trainer_state.pt"
+META_FILE = "trainer_meta.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint directory this version cannot (or will not) load; the message names the file."""
+
+
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG the loop draws from, as tensors, numbers and lists (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"python": {"version": version, "state": list(internal), "gauss": gauss},
+                             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     except ImportError:  # numpy is optional to the loop itself
         pass
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: dict[str, Any],
@@ -57,7 +77,9 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: di
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "meta": meta}, tmp / STATE_FILE)
+                "rng": rng_state()}, tmp / STATE_FILE)
+    # JSON, not pickle; allow_nan: best_eval starts as inf, and Python reads its Infinity back
+    (tmp / META_FILE).write_text(json.dumps({"step": step, "meta": meta}, sort_keys=True), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if keep > 0:
@@ -72,7 +94,7 @@ def _checkpoints(root: Path) -> list[tuple[Path, int]]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and (p / STATE_FILE).exists():
+        if m and (p / STATE_FILE).exists() and (p / META_FILE).exists():
             found.append((p, int(m.group(1))))
     return sorted(found, key=lambda x: x[1])
 
@@ -82,9 +104,37 @@ def latest_checkpoint(root: Path) -> tuple[Path, int] | None:
     return found[-1] if found else None
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    file = path / META_FILE
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: cannot read checkpoint metadata ({exc.__class__.__name__}); "
+                              "delete this checkpoint or drop --resume") from None
+    if not isinstance(data, dict) or not isinstance(data.get("meta"), dict) or not isinstance(data.get("step"), int):
+        raise CheckpointError(f"{file}: not checkpoint metadata (expected {{step, meta}}); "
+                              "delete this checkpoint or drop --resume")
+    return data
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """The metadata of a checkpoint without loading the optimizer into the model."""
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)["meta"]
+    return _read_json(path)["meta"]
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    file = path / STATE_FILE
+    try:
+        # weights_only: tensors and plain containers only; anything else is refused, never run
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{file}: not a checkpoint this version loads safely "
+                              f"({exc.__class__.__name__}: {first}); delete it or drop --resume") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise CheckpointError(f"{file}: not a trainer state (expected optimizer, scheduler, rng); "
+                              "delete this checkpoint or drop --resume")
+    return state
 
 
 def load_weights(model, path: Path) -> None:
@@ -113,10 +163,11 @@ def _tied_keys(model) -> list[str]:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns the saved state."""
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns {"step", "meta"}."""
+    saved = _read_json(path)
+    state = _read_state(path)  # both read before anything is changed in place
     load_weights(model, path)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return state
+    return saved

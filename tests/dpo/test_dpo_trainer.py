@@ -242,3 +242,41 @@ def test_truncated_sequences_are_counted(tiny_model_dir, tmp_path):
     )
     assert res.truncated == 8  # 4 pairs x (chosen, rejected)
     assert math.isfinite(res.final_train["loss"])
+
+
+class _Planted:
+    """A pickle that would create a file when unpickled: what a tampered run directory could hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_unpickles_the_run_directory(tiny_model_dir, tmp_path):
+    import json
+
+    from dpo.checkpoint import META_FILE, STATE_FILE, CheckpointError, latest_checkpoint, read_meta
+
+    model, tok = load_policy(tiny_model_dir)
+    cfg = TrainerConfig(max_steps=3, checkpoint_every=2, **FAST)
+    train_dpo(model, tok, toy_pairs(8), [], cfg, out_dir=tmp_path, ref_model_id="tiny",
+              ref_cache=MemoryRefCache(), meta={"pairs_hash": "abc"})
+    path, step = latest_checkpoint(tmp_path / "checkpoints")
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)  # no pickle needed
+    assert set(state) == {"step", "optimizer", "scheduler", "rng"} and step == 2
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["step"] == 2 and read_meta(path)["pairs_hash"] == "abc"
+    assert [h["step"] for h in meta["meta"]["history"]] == [1, 2]
+
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "optimizer": _Planted(marker), "scheduler": {}, "rng": {}}, path / STATE_FILE)
+    again, _ = load_policy(tiny_model_dir)
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: not a checkpoint this version loads safely"):
+        train_dpo(again, tok, toy_pairs(8), [], cfg, out_dir=tmp_path, ref_model_id="tiny",
+                  ref_cache=MemoryRefCache(), resume=True)
+    assert not marker.exists()
+    (path / META_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"trainer_meta\.json: cannot read checkpoint metadata"):
+        read_meta(path)
