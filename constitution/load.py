@@ -5,6 +5,10 @@
 A version id is the short SHA-256 of the canonical parsed content, so whitespace and comment
 edits are not new versions. Each principle has a stable `id` and its own content hash, which
 lets the factory redo only the work an edited principle touched.
+
+Whatever the text, the loader returns a Constitution or raises one ConstitutionError naming
+file:line: YAML aliases are refused (a few hundred bytes of nested aliases expand to billions of
+nodes) and nesting is bounded (the YAML composer recurses once per level).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import yaml
 
 VERSION_LEN = 8
+MAX_DEPTH = 64  # the schema needs 3 levels; far below Python's recursion limit
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 PACKAGE_DIR = Path(__file__).parent
 
@@ -32,7 +37,15 @@ class ConstitutionError(ValueError):
         where = file
         if line is not None:
             where += f":{line}" + (f":{col}" if col is not None else "")
-        super().__init__(f"{where}: {message}")
+        super().__init__(_one_line(f"{where}: {message}"))
+
+
+_BREAKS = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """Line breaks from the file (in a key, a tag, a path) written as escapes: one error, one line."""
+    return _BREAKS.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 @dataclass(frozen=True)
@@ -150,10 +163,14 @@ def _node_at(root: yaml.Node | None, path: list[str | int]) -> yaml.Node | None:
     return node
 
 
-def _fmt_path(path: list[str | int]) -> str:
+def _fmt_path(path: list[Any]) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        else:  # a key from the file may be any scalar: show an odd one as its repr
+            name = part if isinstance(part, str) and re.fullmatch(r"[\w-]+", part) else repr(part)
+            out += f".{name}" if out else name
     return out
 
 
@@ -180,10 +197,19 @@ def _check(value: Any, schema: Any, path: list[str | int], fail) -> None:
             fail(path, f"expected text, got {type(value).__name__}")
         if not value.strip():
             fail(path, "empty text")
+        # "\ud800" and "\0" escapes: text that cannot be encoded, hashed or stored in PostgreSQL
+        if "\x00" in value:
+            fail(path, "contains a NUL character (\\0); remove it")
+        if any("\ud800" <= ch <= "\udfff" for ch in value):
+            fail(path, "contains a lone surrogate escape (\\ud800-\\udfff), which is not text; remove it")
 
 
 def _no_duplicate_keys(node: yaml.Node | None, file: str) -> None:
-    """YAML quietly keeps the last of two equal keys; an edit to the first would be lost."""
+    """YAML quietly keeps the last of two equal keys; an edit to the first would be lost.
+
+    Each node is visited once and the recursion is shallow: the loader refuses aliases and
+    nesting deeper than MAX_DEPTH.
+    """
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for k, v in node.value:
@@ -198,14 +224,68 @@ def _no_duplicate_keys(node: yaml.Node | None, file: str) -> None:
             _no_duplicate_keys(item, file)
 
 
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML this loader will not take (an alias, too deep, a value Python cannot build)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases and nesting deeper than MAX_DEPTH while composing."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _Refused(problem="YAML aliases (*name) are not supported in a constitution; write the "
+                           "text out where it is used", problem_mark=self.peek_event().start_mark)
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(problem=f"nested deeper than {MAX_DEPTH} levels (a constitution needs 3)",
+                           problem_mark=self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:  # 2024-13-45, an int of 5 000 digits
+            first = (str(exc).splitlines() or [""])[0]
+            value = str(node.value)
+            shown = repr(value if len(value) <= 40 else value[:40] + "...")
+            raise _Refused(problem=f"cannot read the value {shown} ({first})",
+                           problem_mark=node.start_mark) from None
+
+
+def _compose(text: str) -> tuple[yaml.Node | None, Any]:
+    """(root node, data), composing once: the data is constructed from the checked nodes."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        return root, (loader.construct_document(root) if root is not None else None)
+    finally:
+        loader.dispose()
+
+
 def parse_text(text: str, file: str = "<text>") -> Constitution:
     """Parse and validate constitution YAML; raise ConstitutionError naming line or field path."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root, data = _compose(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow; it has a position, not a mark
+        line = text[:exc.position].count("\n") + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConstitutionError(file, f"YAML syntax error: character {code:#x} is not allowed in YAML text",
+                                line) from None
+    except _Refused as exc:
+        mark = exc.problem_mark
+        raise ConstitutionError(file, exc.problem, mark.line + 1, mark.column + 1) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [""])[0]
+        if getattr(exc, "context", None):  # "expected a single document in the stream, but found another"
+            problem = f"{exc.context}, {problem}"
         if mark is not None:
             raise ConstitutionError(file, f"YAML syntax error: {problem}", mark.line + 1,
                                     mark.column + 1) from None

@@ -243,6 +243,63 @@ def test_empty_and_non_mapping_files():
     assert "(top level): expected a mapping" in str(error_of("- a\n- b\n"))
 
 
+
+# an alias bomb like the one in issue 13 (423 bytes): nine levels of nine aliases, 9**9 nodes if walked
+ALIAS_BOMB = "".join(
+    f"{k}: &{k} [" + ", ".join([f"*{p}" if p else '"lol"'] * 9) + "]\n"
+    for p, k in zip([None, *"abcdefgh"], "abcdefghi", strict=True)) + "name: *i\n"
+
+
+def test_alias_bomb_is_refused_at_once():
+    import time
+
+    t0 = time.perf_counter()
+    e = error_of(ALIAS_BOMB)
+    assert time.perf_counter() - t0 < 1
+    assert str(e).startswith("c.yaml:2:") and "YAML aliases (*name) are not supported" in str(e), str(e)
+    # a harmless alias is refused the same way: a constitution never needs one
+    text = TINY.replace("question: Which response is more honest?", "question: *q").replace(
+        "question: Which response is less harmful?", "question: &q Which response is less harmful?")
+    line = text.splitlines().index("    question: *q") + 1
+    assert str(error_of(text)).startswith(f"c.yaml:{line}:15: YAML aliases"), str(error_of(text))
+
+
+@pytest.mark.parametrize("text", [
+    "name: " + "[" * 5000 + "]" * 5000 + "\n",
+    "name:\n" + "".join("  " * i + "- \n" for i in range(1, 5001)),
+    "name: " + "{a: " * 5000 + "b" + "}" * 5000 + "\n",
+])
+def test_deep_nesting_is_one_line_not_a_recursion_error(text: str):
+    e = error_of(text)
+    assert e.line is not None and "nested deeper than 64 levels" in str(e) and "\n" not in str(e), str(e)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: 2024-13-45\n", "c.yaml:1:7: cannot read the value '2024-13-45' (month must be in 1..12)"),
+    ("name: " + "1" * 5000 + "\n", "c.yaml:1:7: cannot read the value '1111"),
+    ('name: "x\\ud800"\n', "name: contains a lone surrogate escape"),
+    ('name: "x\\0y"\n', "name: contains a NUL character"),
+    ("name: a\x00b\n", "c.yaml:1: YAML syntax error: character 0x0 is not allowed"),
+    ('? "a\\nb"\n: 1\n', "'a\\nb': unknown key"),
+    ("a: 1\n---\nb: 2\n", "c.yaml:2:1: YAML syntax error: expected a single document in the stream"),
+])
+def test_odd_values_are_one_line_errors(text: str, expected: str):
+    e = str(error_of(text))
+    assert expected in e and len(e.splitlines()) == 1, e
+
+
+def test_cli_validate_alias_bomb_is_one_line_exit_2(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    res = CliRunner().invoke(app, ["constitution", "validate", str(path)])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and f"{path}:2:" in lines[0], res.output
+
+
 # --- diff ---------------------------------------------------------------------------------
 
 def test_diff_names_exactly_the_edited_principle():
