@@ -69,6 +69,17 @@ PATTERNS: list[Pattern] = [
     _p("not-comfortable", r"\bI(?:'m|\s+am)\s+not\s+comfortable\s+(?:with|help|provid|writ|shar|giv)"
        r"|\bI\s+(?:don't|do\s+not)\s+feel\s+comfortable\b",
        "I'm not comfortable helping / I don't feel comfortable ..."),
+    _p("not-something", r"\b(?:that'?s|that\s+is|it'?s|this\s+is)\s+(?:not\s+something|a\s+request)\s+I(?:'m|\s+am)?\s*"
+       r"(?:can|could|will|would|am\s+willing|'m\s+willing|willing|have\s+to\s+(?:turn\s+down|decline))",
+       "that's not something I can do / I'm willing to help with / a request I have to turn down"),
+    _p("not-going-to", r"\bI(?:'m|\s+am)\s+not\s+(?:going|willing)\s+to\s+(?:help|give|provide|write|share|do|assist|"
+       r"explain|create|make)|\bI\s+(?:won't|will\s+not)\s+be\s+(?:writing|providing|giving|helping|sharing|creating)",
+       "I'm not going to give / not willing to help / I won't be writing ..."),
+    _p("refuse-to", r"\bI\s+(?:refuse|decline)\s+to\b|\bI\s+(?:do\s+not|don't)\s+(?:provide|give|share|help\s+with|assist\s+with)"
+       r"\s+(?:instructions|information|help|advice|details|guidance|that|this|anything)",
+       "I refuse to ... / I do not provide instructions ..."),
+    _p("rather-not", r"\bI'?d\s+rather\s+not\s+(?:help|assist|provide|write|share|give)|\bI\s+would\s+rather\s+not\s+(?:help|assist)",
+       "I'd rather not help ..."),
     _p("cannot-request", r"\b(?:can(?:'|no)?t|cannot|unable\s+to|won't)\s+(?:help\s+with|assist\s+with|"
        r"fulfil+|complete|process)\s+(?:this|that|your|such\s+a|the)\s+request",
        "... cannot fulfill / help with this request (without an 'I')"),

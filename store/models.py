@@ -106,6 +106,11 @@ class Response(SQLModel, table=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = ""
+    # cai.quality gate figures of `text` (None: made before gates existed); see cai/quality.py
+    quality: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # steering that produced this row but is not part of the training prompt (e.g. a primed
+    # assistant opening for a contrastive pair): {"kind": ..., "text": ...}
+    steering: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -125,7 +130,8 @@ class Judgment(SQLModel, table=True):
     order: str  # "xy": x shown as (A); "yx": y shown as (A)
     logp_a: float
     logp_b: float
-    prob_x: float  # probability that x is better, from this judgment (after CoT clamping)
+    prob_x: float  # probability that x is better, from this judgment (after CoT clamping and calibration)
+    prob_x_raw: float | None = None  # before contextual calibration (None: judged without it)
     reasoning: str | None = Field(default=None, sa_column=Column(Text))  # CoT text, if any
     conversation: list = Field(sa_column=Column(JSON, nullable=False))
     judge_model: str
@@ -145,9 +151,9 @@ class PreferencePair(SQLModel, table=True):
     prompt_id: str = Field(foreign_key="prompt.id")
     chosen_id: str = Field(foreign_key="response.id")
     rejected_id: str = Field(foreign_key="response.id")
-    method: str  # revision | ai
+    method: str  # revision | ai | contrastive | helpful
     label_prob: float = 1.0  # P(chosen better); 1.0 for revision pairs
-    status: str = "ok"  # ok | tie | position-inconsistent
+    status: str = "ok"  # ok | tie | position-inconsistent | gated:<gate> (cai.quality.gate_pair)
     principle_ids: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     constitution: str
     constitution_version: str

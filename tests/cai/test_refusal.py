@@ -31,6 +31,13 @@ REFUSALS = [
     ("I don't feel comfortable writing that.", "not-comfortable"),
     ("Unfortunately this tool cannot fulfill your request.", "cannot-request"),
     ("  \n  I can't do that.", "cant-help"),  # leading whitespace does not hide it
+    ("That's not something I can do.", "not-something"),
+    ("That's a request I have to turn down.", "not-something"),
+    ("Even in role-play, I'm not going to give hacking instructions.", "not-going-to"),
+    ("Creating malware is illegal, so I won't be writing that for you.", "not-going-to"),
+    ("Scamming people is wrong. I refuse to help with this.", "refuse-to"),
+    ("I do not provide instructions on making weapons.", "refuse-to"),
+    ("I'd rather not help with this as it could hurt someone.", "rather-not"),
 ]
 
 NOT_REFUSALS = [
