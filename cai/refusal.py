@@ -75,10 +75,11 @@ PATTERNS: list[Pattern] = [
     _p("not-going-to", r"\bI(?:'m|\s+am)\s+not\s+(?:going|willing)\s+to\s+(?:help|give|provide|write|share|do|assist|"
        r"explain|create|make)|\bI\s+(?:won't|will\s+not)\s+be\s+(?:writing|providing|giving|helping|sharing|creating)",
        "I'm not going to give / not willing to help / I won't be writing ..."),
-    _p("refuse-to", r"\bI\s+(?:refuse|decline)\s+to\b|\bI\s+(?:do\s+not|don't)\s+(?:provide|give|share|help\s+with|assist\s+with)"
-       r"\s+(?:instructions|information|help|advice|details|guidance|that|this|anything)",
+    _p("refuse-to", r"\bI\s+(?:refuse|decline)\s+to\b"
+       r"|\bI\s+(?:do\s+not|don't)\s+(?:provide|give|share|help\s+with|assist\s+with)\s+(?:instructions|information|help|advice|details|guidance|that|this|anything)",
        "I refuse to ... / I do not provide instructions ..."),
-    _p("rather-not", r"\bI'?d\s+rather\s+not\s+(?:help|assist|provide|write|share|give)|\bI\s+would\s+rather\s+not\s+(?:help|assist)",
+    _p("rather-not", r"\bI'?d\s+rather\s+not\s+(?:help|assist|provide|write|share|give)"
+       r"|\bI\s+would\s+rather\s+not\s+(?:help|assist)",
        "I'd rather not help ..."),
     _p("cannot-request", r"\b(?:can(?:'|no)?t|cannot|unable\s+to|won't)\s+(?:help\s+with|assist\s+with|"
        r"fulfil+|complete|process)\s+(?:this|that|your|such\s+a|the)\s+request",
