@@ -4,14 +4,17 @@
 
 Bad rows are reported by line number and skipped; the good rows are still returned
 (`store.queries.store_prompts` stores them, `flows.common.ensure_tags` imports bundled sets).
-Prompts are deduplicated by content (the hash of their canonical messages).
+Prompts are deduplicated by content (the hash of their canonical messages). Every returned
+prompt can be stored as it is: text with a NUL or a lone surrogate is a bad row.
 """
 
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import json
+import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,9 @@ BUNDLED = {
     "benign-heldout": "benign_heldout.jsonl",
 }
 ROLES = {"system", "user", "assistant"}
+MAX_CSV_CELL = 128 * 1024  # csv's own default field limit; a longer cell is a bad row, not a traceback
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CSV_LIMIT = threading.Lock()  # csv.field_size_limit is process-wide: one CSV parse at a time changes it
 
 
 @dataclass
@@ -50,79 +56,200 @@ def prompt_id(messages: list[dict[str, str]]) -> str:
     return content_hash([{"role": m["role"], "content": m["content"]} for m in messages], length=24)
 
 
+def _clean(text: str, field: str) -> str:
+    """`text` unchanged, or ValueError if a database could not store it exactly."""
+    if "\x00" in text:
+        raise ValueError(f"{field} contains a NUL character (\\0), which PostgreSQL cannot store")
+    if _SURROGATE.search(text):
+        raise ValueError(f"{field} contains a lone surrogate (\\ud800-\\udfff), which is not text")
+    return text
+
+
+def _category(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"'category' must be text, got {type(value).__name__}")
+    return _clean(str(value), "'category'")
+
+
+def _messages(msgs: object, field: str) -> list[dict[str, str]]:
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"'{field}' must be a non-empty list of {{role, content}}")
+    out = []
+    for i, m in enumerate(msgs):
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(role, str) or role not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{field}[{i}] must be {{'role': system|user|assistant, 'content': text}}")
+        out.append({"role": role, "content": _clean(m["content"], f"{field}[{i}].content")})
+    if out[-1]["role"] != "user":
+        raise ValueError("the last message must be from the user (the turn the model answers)")
+    if not out[-1]["content"].strip():
+        raise ValueError("the last user message is empty")
+    return out
+
+
 def _from_record(rec: object) -> tuple[list[dict[str, str]], str | None]:
     """A JSON record -> messages; raise ValueError with what was expected."""
     if not isinstance(rec, dict):
         raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-    category = rec.get("category")
+    category = _category(rec.get("category"))
     # a missing column of a dataset (or JSON null) reads as None: treat it as absent
     if rec.get("messages") is not None:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("'messages' must be a non-empty list of {role, content}")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': text}}")
-            out.append({"role": m["role"], "content": m["content"]})
-        if out[-1]["role"] != "user":
-            raise ValueError("the last message must be from the user (the turn the model answers)")
-        if not out[-1]["content"].strip():
-            raise ValueError("the last user message is empty")
-        return out, category
+        return _messages(rec["messages"], "messages"), category
     if rec.get("prompt") is not None:
         text = rec["prompt"]
+        if isinstance(text, list):  # TRL's conversational prompt, as `cai export` writes it
+            return _messages(text, "prompt"), category
         if not isinstance(text, str) or not text.strip():
             raise ValueError("'prompt' must be non-empty text")
-        return [{"role": "user", "content": text.strip()}], category
+        return [{"role": "user", "content": _clean(text.strip(), "'prompt'")}], category
     raise ValueError("expected a 'prompt' field or a 'messages' list")
 
 
+def _lines(text: str) -> list[str]:
+    """Physical lines split on "\n" alone: str.splitlines() also splits on U+2028, U+0085, \f, ...
+    which are valid inside a JSON string or a prompt."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
 def parse_file(path: str | Path) -> ParseResult:
-    """Parse a prompts file by its extension (.jsonl/.json, .csv, .txt) or a dataset directory."""
+    """Parse a prompts file by its extension (.jsonl/.json, .csv, .txt) or a dataset directory.
+
+    Raises UserError (naming the file) for a file that cannot be read at all or holds nothing;
+    a bad row is reported in `errors` by its line and skipped, the good rows are kept.
+    """
     path = Path(path)
-    res = ParseResult()
     if path.is_dir():
         return _parse_dataset_dir(path)
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        # bytes, not read_text(): universal newlines would turn a lone "\r" inside a line into a break
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         line = exc.object[:exc.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text; prompts files are JSONL, CSV or plain text "
                         "(UTF-8), or a directory saved with datasets' save_to_disk") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the file ({exc.strerror or exc.__class__.__name__})") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first prompt
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty; expected one prompt per line (.txt), one JSON object "
+                        "per line (.jsonl) or a CSV file with a 'prompt' column")
     if suffix in (".jsonl", ".json", ".ndjson"):
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                msgs, cat = _from_record(json.loads(line))
-            except json.JSONDecodeError as exc:
-                res.errors.append((n, f"invalid JSON ({exc.msg} at column {exc.colno})"))
-                continue
-            except ValueError as exc:
-                res.errors.append((n, str(exc)))
-                continue
-            res.prompts.append(ParsedPrompt(msgs, cat, n))
-    elif suffix == ".csv":
-        # newline="": a quoted cell may span lines, and splitlines() would drop its newlines
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if not reader.fieldnames or "prompt" not in reader.fieldnames:
-            res.errors.append((1, f"CSV header must have a 'prompt' column (found: {reader.fieldnames})"))
-            return res
-        for row in reader:
-            n = reader.line_num
-            value = (row.get("prompt") or "").strip()
-            if not value:
-                res.errors.append((n, "empty 'prompt' cell"))
-                continue
-            res.prompts.append(ParsedPrompt([{"role": "user", "content": value}], row.get("category") or None,
-                                            n))
-    else:  # plain text, one prompt per line
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                res.prompts.append(ParsedPrompt([{"role": "user", "content": line.strip()}], None, n))
+        return _parse_jsonl(text)
+    if suffix == ".csv":
+        return _parse_csv(text)
+    res = ParseResult()  # plain text, one prompt per line
+    for n, line in enumerate(_lines(text), start=1):
+        if line.strip():
+            _add(res, n, _text_line, line)
     return res
+
+
+def _text_line(line: str) -> tuple[list[dict[str, str]], None]:
+    return [{"role": "user", "content": _clean(line.strip(), "the line")}], None
+
+
+def _add(res: ParseResult, n: int, build, *args) -> None:
+    """Append build(*args)'s (messages, category) as row `n`, or its ValueError as that row's error."""
+    try:
+        msgs, cat = build(*args)
+    except ValueError as exc:
+        res.errors.append((n, str(exc)))
+        return
+    res.prompts.append(ParsedPrompt(msgs, cat, n))
+
+
+def _json(line: str) -> object:
+    try:
+        # strict=False: a raw tab or form feed inside a string is kept, as a person who typed it meant
+        return json.loads(line, strict=False)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer of more than 4 300 digits
+        raise ValueError(f"invalid JSON ({str(exc).splitlines()[0]})") from None
+
+
+def _json_line(line: str) -> tuple[list[dict[str, str]], str | None]:
+    return _from_record(_json(line))
+
+
+def _parse_jsonl(text: str) -> ParseResult:
+    res = ParseResult()
+    for n, line in enumerate(_lines(text), start=1):
+        if line.strip():
+            _add(res, n, _json_line, line)
+    return res
+
+
+def _parse_csv(text: str) -> ParseResult:
+    """CSV with a `prompt` column (and optionally `category`); rows numbered by their first line.
+
+    strict: an unterminated quote would otherwise swallow every later row into one prompt. It
+    is reported at the row where it opens, and the rows after that line are read again.
+    """
+    res = ParseResult()
+    # the csv module splits physical lines itself (a quoted cell may hold "\n"); it also needs the
+    # line ends normalised, as universal newlines did before
+    lines = [ln + "\n" for ln in _lines(text.replace("\r\n", "\n").replace("\r", "\n"))]
+    start = 0  # index of the line the reader starts at
+    header: list[str] | None = None
+    with _CSV_LIMIT:
+        old = csv.field_size_limit(2**31 - 1)  # cells are measured below, per row, not by csv
+        try:
+            while start < len(lines):
+                reader = csv.reader(itertools.islice(lines, start, None), strict=True)
+                while True:
+                    first = start + reader.line_num + 1  # the row's first physical line, 1-based
+                    try:
+                        row = next(reader)
+                    except StopIteration:
+                        start = len(lines)
+                        break
+                    except csv.Error as exc:
+                        last = start + reader.line_num
+                        if header is None:
+                            res.errors.append((first, f"the CSV header row is malformed ({exc})"))
+                            return res
+                        if str(exc) == "unexpected end of data":  # the quote never closes: resume after its line
+                            res.errors.append((first, 'unterminated quoted cell (a " opens here and never closes); '
+                                               "the lines after it are read as rows again"))
+                            start = first
+                            break
+                        span = f"lines {first}-{last}: " if last > first else ""
+                        res.errors.append((first, f"{span}malformed CSV row ({exc})"))
+                        continue
+                    if header is None:
+                        if not row:  # blank lines before the header
+                            continue
+                        header = row
+                        if "prompt" not in header:
+                            shown = ", ".join(repr(h[:40]) for h in header[:10])
+                            res.errors.append((first, f"CSV header must have a 'prompt' column (found: {shown})"))
+                            return res
+                        continue
+                    if row:  # a blank line
+                        _add(res, first, _csv_row, row, header)
+        finally:
+            csv.field_size_limit(old)
+    return res
+
+
+def _csv_row(row: list[str], header: list[str]) -> tuple[list[dict[str, str]], str | None]:
+    cells = dict(zip(header, row, strict=False))
+    for name, value in cells.items():
+        if len(value) > MAX_CSV_CELL:
+            raise ValueError(f"{name!r} cell is {len(value)} characters, over the {MAX_CSV_CELL} limit")
+    value = (cells.get("prompt") or "").strip()
+    if not value:
+        raise ValueError("empty 'prompt' cell")
+    return [{"role": "user", "content": _clean(value, "'prompt'")}], _category(cells.get("category") or None)
 
 
 def _parse_dataset_dir(path: Path) -> ParseResult:
@@ -134,15 +261,18 @@ def _parse_dataset_dir(path: Path) -> ParseResult:
     except FileNotFoundError as exc:
         raise UserError(f"{path}: a directory, but not a saved Hugging Face dataset ({exc}); "
                         "save one with Dataset.save_to_disk, or pass a JSONL, CSV or text file") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged directory: arrow, json and os errors alike
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: cannot read this saved dataset ({exc.__class__.__name__}: {first})") from None
     parts: list[tuple[str, Dataset]] = list(ds.items()) if isinstance(ds, DatasetDict) else [("", ds)]
+    if any(name.endswith("_prefs") for name, _ in parts):
+        # a `cai export` directory: every *_sft row's prompt is also a *_prefs row's prompt
+        parts = [(name, part) for name, part in parts if not name.endswith("_sft")]
+    if not sum(len(part) for _, part in parts):
+        raise UserError(f"{path}: the saved dataset has no rows")
     n = 0
     for _split, part in parts:
         for rec in part:
             n += 1
-            try:
-                msgs, cat = _from_record(rec)
-            except ValueError as exc:
-                res.errors.append((n, str(exc)))
-                continue
-            res.prompts.append(ParsedPrompt(msgs, cat, n))
+            _add(res, n, _from_record, rec)
     return res

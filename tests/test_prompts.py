@@ -75,8 +75,9 @@ def test_csv_windows_line_endings(tmp_path: Path):
     f = tmp_path / "p.csv"
     f.write_bytes(b'prompt\r\nfirst\r\n""\r\n"multi\r\nline"\r\nlast\r\n')
     res = parse_file(f)
-    assert _texts(res) == ["first", "multi\nline", "last"]  # read_text normalises line ends
-    assert [p.line for p in res.prompts] == [2, 5, 6] and res.errors == [(3, "empty 'prompt' cell")]
+    assert _texts(res) == ["first", "multi\nline", "last"]  # line ends are normalised
+    # a row is numbered by its first physical line
+    assert [p.line for p in res.prompts] == [2, 4, 6] and res.errors == [(3, "empty 'prompt' cell")]
 
 
 def test_csv_without_prompt_column(tmp_path: Path):
@@ -168,3 +169,89 @@ def test_bundled_sets_parse_cleanly(tag: str):
     assert res.errors == [], res.errors[:5]
     assert len(res.prompts) >= 10
     assert len({p.id for p in res.prompts}) == len(res.prompts), "duplicate prompts in a bundled set"
+
+
+# --- hardening (issue 13): nothing lost or corrupted by odd bytes, one named error per bad row -----
+
+def test_only_newline_ends_a_line(tmp_path: Path):
+    """U+2028, U+2029, U+0085 and \\f are text inside a line; "\\r\\n" ends one as "\\n" does."""
+    odd = "a\u2028b\u2029c\x85d\x0ce"
+    f = tmp_path / "p.jsonl"
+    f.write_bytes((json.dumps({"prompt": odd}, ensure_ascii=False) + "\r\n"
+                   + json.dumps({"prompt": "second"}) + "\n").encode())
+    res = parse_file(f)
+    assert res.errors == [] and _texts(res) == [odd, "second"] and [p.line for p in res.prompts] == [1, 2]
+    t = tmp_path / "p.txt"
+    t.write_bytes(f"{odd}\r\nnext\n".encode())
+    res = parse_file(t)
+    assert _texts(res) == [odd, "next"] and [p.line for p in res.prompts] == [1, 2]
+
+
+def test_csv_unterminated_quote_is_named_not_merged(tmp_path: Path):
+    f = tmp_path / "p.csv"
+    f.write_text('prompt,category\ngood,x\n"never closed,y\nafter one,z\nafter two,w\n', encoding="utf-8")
+    res = parse_file(f)
+    assert _texts(res) == ["good", "after one", "after two"]
+    assert len(res.errors) == 1 and res.errors[0][0] == 3 and "unterminated quoted cell" in res.errors[0][1]
+    f.write_text('prompt\n"abc"def\nok\n', encoding="utf-8")
+    res = parse_file(f)
+    assert _texts(res) == ["ok"] and res.errors[0][0] == 2 and "malformed CSV row" in res.errors[0][1]
+
+
+@pytest.mark.parametrize("name, content, line, message", [
+    ("p.jsonl", '{"prompt": "x", "category": ["a", "b"]}', 2, "'category' must be text, got list"),
+    ("p.jsonl", '{"prompt": "x", "category": {"a": 1}}', 2, "'category' must be text, got dict"),
+    ("p.jsonl", '{"prompt": "lone \\ud800 surrogate"}', 2, "'prompt' contains a lone surrogate"),
+    ("p.jsonl", '{"messages": [{"role": "user", "content": "n\\u0000l"}]}', 2,
+     "messages[0].content contains a NUL character"),
+    ("p.jsonl", '{"messages": [{"role": ["user"], "content": "x"}]}', 2, "messages[0] must be"),
+    ("p.jsonl", "[" * 100_000 + "]" * 100_000, 2, "invalid JSON (nested too deeply)"),
+    ("p.jsonl", '{"prompt": "x", "n": ' + "9" * 5000 + "}", 2, "invalid JSON (Exceeds the limit"),
+    ("p.txt", "nul \x00 byte", 2, "the line contains a NUL character"),
+    ("p.csv", '"' + "x" * (128 * 1024 + 1) + '"', 3, "'prompt' cell is 131073 characters, over the 131072 limit"),
+    ("p.csv", "nul\x00cell", 3, "'prompt' contains a NUL character"),
+])
+def test_bad_rows_are_named_and_skipped(tmp_path: Path, name: str, content: str, line: int, message: str):
+    f = tmp_path / name
+    if name.endswith(".csv"):
+        rows = ["prompt", "good one", content, "good two"]
+    elif name.endswith(".txt"):
+        rows = ["good one", content, "good two"]
+    else:
+        rows = ['{"prompt": "good one"}', content, '{"prompt": "good two"}']
+    f.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    res = parse_file(f)
+    assert _texts(res) == ["good one", "good two"]
+    assert len(res.errors) == 1 and res.errors[0][0] == line and message in res.errors[0][1], res.errors
+    assert "\n" not in res.errors[0][1]
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.txt", "p.csv", "p.json"])
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\xef\xbb\xbf"])
+def test_an_empty_file_is_an_error_in_every_format(tmp_path: Path, name: str, content: bytes):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(UserError, match=rf"^{f}: the file is empty"):
+        parse_file(f)
+
+
+def test_prompts_add_bad_input_is_one_line_exit_2_and_keeps_stored_rows(tmp_path: Path, sqlite_url, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
+    good = _write(tmp_path / "good.txt", ["first", "second"])
+    assert CliRunner().invoke(app, ["prompts", "add", str(good)]).exit_code == 0
+    for name in ("empty.jsonl", "empty.txt", "empty.csv"):
+        (tmp_path / name).write_text("")
+        res = CliRunner().invoke(app, ["prompts", "add", str(tmp_path / name)])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and "the file is empty" in lines[0], res.output
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "third"}\n{"prompt": "x", "category": [1]}\n' + "[" * 100_000 + "\n")
+    res = CliRunner().invoke(app, ["prompts", "add", str(mixed)])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "1 prompts read (1 new, 0 already stored), 2 bad rows skipped" in " ".join(res.stdout.split())
+    with session_scope(sqlite_url) as s:
+        assert sorted(p.text for p in s.exec(select(Prompt))) == ["first", "second", "third"]
