@@ -65,7 +65,11 @@ def header(facts: dict[str, Any], data_files: dict[str, str]) -> dict[str, Any]:
 
     counts, c = facts["counts"], facts["constitution"]
     configs, infos = [], {}
-    for name, (splits, default) in schema.CONFIGS.items():
+    for name, (all_splits, default) in schema.CONFIGS.items():
+        # only the splits written: a config naming an empty split (no files) fails load_dataset
+        splits = tuple(s for s in all_splits if counts[s])
+        if not splits:  # e.g. `--method ai`: no sft rows at all
+            continue
         entry: dict[str, Any] = {"config_name": name}
         if default:
             entry["default"] = True
@@ -78,7 +82,9 @@ def header(facts: dict[str, Any], data_files: dict[str, str]) -> dict[str, Any]:
     card_data = DatasetCardData()
     DatasetInfosDict(infos).to_dataset_card_data(card_data)
     dataset_info = card_data.to_dict()["dataset_info"]
-    for info in dataset_info:  # datasets writes num_bytes 0 for in-memory tables: say nothing instead
+    # one config comes back as a dict, several as a list
+    for info in dataset_info if isinstance(dataset_info, list) else [dataset_info]:
+        # datasets writes num_bytes 0 for in-memory tables: say nothing instead
         for split in info["splits"]:
             split.pop("num_bytes", None)
     lp = facts["label_prob"]["all"]
@@ -138,7 +144,7 @@ def _intro(facts: dict[str, Any]) -> list[str]:
            'prefs = load_dataset("OWNER/NAME", "prefs")  # train_prefs, test_prefs: prompt, chosen, rejected',
            'sft = load_dataset("OWNER/NAME", "sft")      # train_sft, test_sft: messages', "```", ""]
     if facts["format"] == "arrow":
-        out += ["Locally, `datasets.load_from_disk(DIR)` returns all four splits at once.", ""]
+        out += ["Locally, `datasets.load_from_disk(DIR)` returns every split at once.", ""]
     return out + ["The preference splits are in TRL's conversational format and feed `DPOTrainer` without "
                   "a column mapping; the SFT splits feed `SFTTrainer`.", ""]
 
@@ -151,6 +157,15 @@ def _counts(facts: dict[str, Any]) -> list[str]:
            f"Prompts: {facts['prompts']['train']} train, {facts['prompts']['test']} test. A prompt's split "
            f"is a hash of its id (test fraction {facts['test_fraction']}), so it never moves as data is "
            f"added and no prompt is in both halves: `{facts['split_rule']}`.", ""]
+    moved = facts.get("moved_to_test") or []
+    if moved:
+        out += [f"The hash rule put none of these {facts['prompts']['train'] + len(moved)} prompts in test, so "
+                f"the {len(moved)} with the lowest hash buckets were moved there, to give this small export a "
+                "test split; a later export with more prompts may return them to train.", ""]
+    empty = [s for s in schema.SPLITS if not facts["counts"][s]]
+    if empty:
+        out += ["Not written, because they have no rows (neither `load_from_disk` nor `load_dataset` can read "
+                "an empty split): " + ", ".join(f"`{s}`" for s in empty) + ".", ""]
     statuses = facts["counts_by_status"]
     if set(statuses) - {"ok"}:
         out += ["Pair status: " + ", ".join(f"{k} {n}" for k, n in statuses.items()), ""]

@@ -16,9 +16,11 @@ Which rows (`select_pairs`):
 
 What comes out (`build_export`): splits train_sft/test_sft (revision pairs: prompt + final revision)
 and train_prefs/test_prefs (all selected pairs), typed by flows/dataset_schema.py, rows sorted by
-id. A prompt's split is a hash of its id, so it never changes as data is added and a prompt never
-sits in both halves. The same store and options give byte-identical files; flows/publish.py
-writes them (and pushes), flows/card.py renders the card and manifest.
+id; an empty split is left out (no client can load one). A prompt's split is a hash of its id, so
+it never changes as data is added and a prompt never sits in both halves (a small export whose
+hash put no prompt in test moves the lowest buckets there; the card says so). The same store and
+options give byte-identical files; flows/publish.py writes them (and pushes), cai/card.py
+renders the card and manifest.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from store.runs import recorded_run
 
 Format = Literal["arrow", "parquet", "jsonl"]
 SPLIT_SALT = "cai-factory/split/v1"  # changing it reshuffles every prompt: never do it silently
+MIN_PROMPTS_FOR_TEST = 10  # with fewer, an empty test split is honest: one prompt is no test set
 
 
 class ExportConfig(BaseModel):
@@ -260,18 +263,39 @@ def select_pairs(session: Session, config: ExportConfig, load: bool = True) -> S
 
 # --- rows and splits -----------------------------------------------------------------------
 
+def _bucket(prompt_id: str) -> float:
+    digest = hashlib.sha256(f"{SPLIT_SALT}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def is_test(prompt_id: str, test_fraction: float) -> bool:
     """Hash bucket of the prompt id: stable as data is added, same answer for every pair of a prompt."""
-    digest = hashlib.sha256(f"{SPLIT_SALT}:{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+    return _bucket(prompt_id) < test_fraction
+
+
+def held_out_prompts(prompt_ids: Iterable[str], test_fraction: float) -> set[str]:
+    """The prompts whose rows go to the test splits: those whose hash bucket is under the fraction.
+
+    Few prompts can all hash into train. Then, with at least MIN_PROMPTS_FOR_TEST prompts and a
+    fraction worth one prompt or more, the round(n * fraction) prompts with the lowest buckets go to
+    test instead (deterministic; the card says so). Later exports with more prompts may give them
+    back to train, once the hash rule puts any prompt in test.
+    """
+    ids = sorted(set(prompt_ids))
+    hashed = {p for p in ids if is_test(p, test_fraction)}
+    want = round(len(ids) * test_fraction)
+    if hashed or len(ids) < MIN_PROMPTS_FOR_TEST or want < 1:
+        return hashed
+    return set(sorted(ids, key=lambda p: (_bucket(p), p))[:want])
 
 
 def build_rows(sel: Selection, test_fraction: float) -> dict[str, list[dict[str, Any]]]:
     """Rows per split, sorted by id, shaped exactly as dataset_schema declares."""
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in schema.SPLITS}
     sft_seen: set[str] = set()
+    test = held_out_prompts((p.prompt_id for p in sel.pairs), test_fraction)
     for p in sorted(sel.pairs, key=lambda p: p.id):
-        half = "test" if is_test(p.prompt_id, test_fraction) else "train"
+        half = "test" if p.prompt_id in test else "train"
         prompt = schema.messages(sel.prompts[p.prompt_id].messages)
         chosen, rejected = sel.responses[p.chosen_id], sel.responses[p.rejected_id]
         prov = {"id": p.id, "prompt_id": p.prompt_id, "method": p.method, "status": p.status,
@@ -296,11 +320,15 @@ def to_dataset_dict(rows: dict[str, list[dict[str, Any]]]):
     Lists, not from_generator: its cache can serve stale rows after the store changes. The
     fingerprint (written to state.json by save_to_disk) is a hash of the rows, so two exports of
     the same data are byte-identical and different data never shares a fingerprint.
+    An empty split is left out: `load_from_disk` raises IndexError on one and `load_dataset`
+    cannot infer its format, so every client could load none of the export.
     """
     from datasets import Dataset, DatasetDict, NamedSplit
 
     out = {}
     for name, features in schema.SPLITS.items():
+        if not rows[name]:
+            continue
         data = {column: [r[column] for r in rows[name]] for column in features}
         built = Dataset.from_dict(data, features=features, split=NamedSplit(name))
         fingerprint = content_hash(schema.SCHEMA_VERSION, name, features.to_dict(), rows[name], length=16)
@@ -328,6 +356,8 @@ def collect_facts(session: Session, config: ExportConfig, sel: Selection,
     tags = Counter(t for chunk in _chunks(sorted(sel.prompts))
                    for t in session.exec(select(PromptTag.tag).where(col(PromptTag.prompt_id).in_(chunk))))
     created = [_naive_utc(p.created_at) for p in sel.pairs]
+    test_ids = {x["prompt_id"] for x in rows["test_prefs"]}
+    moved = sorted(p for p in test_ids if not is_test(p, config.test_fraction))
     return {
         "schema_version": schema.SCHEMA_VERSION,
         "generator": "cai-factory export",
@@ -351,7 +381,10 @@ def collect_facts(session: Session, config: ExportConfig, sel: Selection,
         },
         "test_fraction": config.test_fraction,
         "split_rule": f"test if sha256('{SPLIT_SALT}:' + prompt_id)[:8 bytes] / 2**64 < test_fraction",
+        # the hash put no prompt in test: these (lowest buckets) were moved there, see held_out_prompts
+        "moved_to_test": moved,
         "counts": {name: len(r) for name, r in rows.items()},
+        "splits_written": [name for name in schema.SPLITS if rows[name]],
         "counts_by_method": {name: dict(sorted(Counter(x["method"] for x in r).items()))
                              for name, r in rows.items()},
         "counts_by_status": dict(sorted(Counter(x["status"] for x in prefs).items())),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def number(pair_id: str) -> int:
 
 
 def prefs_column(data, column: str) -> list:
-    return list(data["train_prefs"][column]) + list(data["test_prefs"][column])
+    return [x for split in ("train_prefs", "test_prefs") if split in data for x in data[split][column]]
 
 
 def files_of(root: Path) -> dict[str, str]:
@@ -198,7 +199,7 @@ def test_filters_select_the_documented_rows(store: str, tmp_path: Path):
     assert all(i.endswith("-ai") for i in ids(methods=["ai"]))
 
     confident = export(store, methods=["ai"], min_label_prob=0.85)[0]
-    assert confident["train_sft"].num_rows == confident["test_sft"].num_rows == 0
+    assert "train_sft" not in confident and "test_sft" not in confident  # empty splits are left out
     assert sorted(prefs_column(confident, "label_prob")) == [0.85] * 3 + [0.95] * 4
     margin = export(store, methods=["ai"], min_margin=0.3, include_ties=True)[0]
     assert sorted(prefs_column(margin, "label_prob")) == [0.85] * 3 + [0.95] * 4
@@ -303,6 +304,135 @@ def test_out_dir_that_is_not_an_export_is_left_alone(store: str, tmp_path: Path)
     with pytest.raises(UserError, match="not an earlier export"):
         export(store, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_export_never_deletes_a_persons_files(store: str, tmp_path: Path, monkeypatch):
+    """Issue 13: a stray manifest.json made `--out` look like an export, and app.js was deleted."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("CAI_DATABASE_URL", store)
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "manifest.json").write_text("{}")
+    (w / "app.js").write_text("x")
+    res = CliRunner().invoke(app, ["export", "--constitution", "harmless", "--out", str(w)])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "not an earlier export" in lines[0] and "not written by `cai export`" in lines[0], res.output
+    assert files_of(w) == {"app.js": hashlib.sha256(b"x").hexdigest(),
+                           "manifest.json": hashlib.sha256(b"{}").hexdigest()}
+
+    # an earlier export with a person's file added to it is not an export any more
+    e = tmp_path / "e"
+    export(store, e)
+    exported = files_of(e)
+    for extra, why in ((e / "notes.txt", "holds notes.txt"), (e / "empty-folder", "holds empty-folder"),
+                       (e / "train_prefs" / "mine.py", "holds train_prefs/mine.py")):
+        extra.mkdir() if extra.name == "empty-folder" else extra.write_text("mine")
+        with pytest.raises(UserError, match=f"not an earlier export .*{why}, which the earlier export did not write"):
+            export(store, e)
+        assert {k: v for k, v in files_of(e).items() if k in exported} == exported
+        extra.rmdir() if extra.is_dir() else extra.unlink()
+    (e / "manifest.json").write_text("[not json")
+    with pytest.raises(UserError, match="its manifest.json is not one an export wrote"):
+        export(store, e)
+    (e / "manifest.json").unlink()
+    with pytest.raises(UserError, match="has no manifest.json"):
+        export(store, e)
+
+    # the names written beside `--out` are fresh ones: files already there are kept
+    export(store, tmp_path / "f")
+    for sibling in (".f.partial", ".f.old"):
+        (tmp_path / sibling).write_text("a person's file")
+    export(store, tmp_path / "f")  # replacing an earlier export still works
+    assert all((tmp_path / s).read_text() == "a person's file" for s in (".f.partial", ".f.old"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".f")) == [".f.old", ".f.partial"]
+
+
+def test_unwritable_out_is_refused_before_any_work(store: str, tmp_path: Path, monkeypatch):
+    import flows.publish
+    from flows.export import preflight
+
+    monkeypatch.setattr(flows.publish.os, "access", lambda path, mode: False)  # tests run as root here
+    with pytest.raises(UserError, match=rf"--out {tmp_path}/new/out: cannot write in {tmp_path} "):
+        preflight(make_config(constitution="harmless", out=tmp_path / "new" / "out"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="exists and is a file"):
+        preflight(make_config(constitution="harmless", out=tmp_path / "file"))
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
+def test_empty_splits_are_left_out_and_every_loader_reads_the_export(store: str, tmp_path: Path, fmt: str):
+    """`make demo` exported empty test splits, and neither load_from_disk nor load_dataset could read it."""
+    from datasets import load_dataset, load_from_disk
+
+    out = tmp_path / "out"
+    data, facts = export(store, out, methods=["ai"], test_fraction=0, format=fmt)
+    assert set(data) == {"train_prefs"} and facts["splits_written"] == ["train_prefs"]
+    assert facts["counts"] == {"train_sft": 0, "test_sft": 0, "train_prefs": 15, "test_prefs": 0}
+    assert not [f for f in files_of(out) if "test_" in f or "_sft" in f]
+    got = load_dataset(str(out), cache_dir=str(tmp_path / "cache"))  # the default config, as from the Hub
+    assert set(got) == {"train_prefs"} and got["train_prefs"].to_list() == data["train_prefs"].to_list()
+    meta = front_matter(out / "README.md")
+    assert [(c["config_name"], [f["split"] for f in c["data_files"]]) for c in meta["configs"]] == [
+        ("prefs", ["train_prefs"])]
+    card = " ".join((out / "README.md").read_text().split())
+    assert "Not written, because they have no rows" in card and "`test_prefs`" in card
+    if fmt == "arrow":
+        from types import SimpleNamespace
+
+        from cai.prompts import parse_file
+        from flows.train import _read_records
+
+        assert set(load_from_disk(str(out))) == {"train_prefs"}
+        records = _read_records(SimpleNamespace(dataset=str(out), dataset_split="train_prefs"))  # cai train
+        assert [r["id"] for r in records] == list(data["train_prefs"]["id"])
+        res = parse_file(out)  # cai prompts add DIR
+        assert res.errors == [] and {p.id for p in res.prompts} == set(data["train_prefs"]["prompt_id"])
+
+
+def test_a_small_export_still_gets_a_test_split(sqlite_url: str, tmp_path: Path):
+    """13 prompts, none in the 0.1 hash bucket: the lowest-bucket prompt moves to test, and the card says so."""
+    from flows.export import held_out_prompts
+
+    seed(sqlite_url, range(7, 20))  # prompts 2, 3 and 6 are the ones that hash into test at 0.1
+    data, facts = export(sqlite_url, tmp_path / "out")
+    assert facts["prompts"] == {"train": 12, "test": 1} and len(facts["moved_to_test"]) == 1
+    assert set(data["test_prefs"]["prompt_id"]) == set(facts["moved_to_test"])
+    assert not is_test(facts["moved_to_test"][0], 0.1)
+    card = " ".join((tmp_path / "out" / "README.md").read_text().split())
+    assert "the 1 with the lowest hash buckets were moved there" in card
+    ids = [f"p{i}" for i in range(9)]
+    assert held_out_prompts(ids, 0.1) == {p for p in ids if is_test(p, 0.1)}  # under 10 prompts: hash only
+    assert held_out_prompts(ids * 2, 0.0) == set()
+
+
+def test_trl_trains_one_step_on_a_real_export(store: str, tmp_path: Path, tiny_model_dir: Path):
+    """TRL's own DPOTrainer and SFTTrainer on the splits as exported: no mapping, no renaming."""
+    import torch
+    from datasets import load_dataset, load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    out = tmp_path / "out"
+    export(store, out, test_fraction=0)  # no test splits at all: the case `make demo` could not load
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    common = dict(max_steps=1, per_device_train_batch_size=2, learning_rate=1e-2, max_length=128, use_cpu=True,
+                  report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                  dataloader_num_workers=0, dataloader_pin_memory=False)
+    splits = {"dpo": load_dataset(str(out), cache_dir=str(tmp_path / "cache"))["train_prefs"],  # the Hub way
+              "sft": load_from_disk(str(out))["train_sft"]}
+    for name, (config_cls, trainer_cls) in {"dpo": (DPOConfig, DPOTrainer), "sft": (SFTConfig, SFTTrainer)}.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        before = model.model.embed_tokens.weight.detach().clone()
+        trainer = trainer_cls(model=model, args=config_cls(output_dir=str(tmp_path / name), **common),
+                              train_dataset=splits[name], processing_class=tok)
+        result = trainer.train()
+        assert trainer.state.global_step == 1 and math.isfinite(result.training_loss), name
+        assert not torch.equal(before, model.model.embed_tokens.weight.detach()), f"{name}: no weight moved"
 
 
 # --- TRL / DPO -----------------------------------------------------------------------------
