@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(out), flush=True)
         return
 
-    from engines.bundled import resolve
+    from engines.bundled import DEFAULT_SPEC, resolve
 
-    model_dir = str(resolve("smollm2-135m"))
+    model_dir = str(resolve(DEFAULT_SPEC))
     records = build_pairs(args.pairs)
     pairs_trained = args.steps * args.batch_size
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         data_file.write_text(json.dumps(records))
         runs = {mode: run_child(mode, args, data_file, model_dir) for mode in args.only.split(",")}
 
-    result: dict = {"model": "smollm2-135m", "pairs": args.pairs, "steps": args.steps,
+    result: dict = {"model": DEFAULT_SPEC, "pairs": args.pairs, "steps": args.steps,
                     "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
                     "gradient_checkpointing": args.gradient_checkpointing, "threads": _threads()}
     for mode, r in runs.items():

@@ -117,8 +117,10 @@ def timed(eng, convs, sampling) -> tuple[list, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from engines.bundled import DEFAULT_SPEC
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="model spec (alias, HF directory or .gguf)")
+    ap.add_argument("--model", default=DEFAULT_SPEC, help="model spec (alias, HF directory or .gguf)")
     ap.add_argument("--prompts", type=int, default=32, help="red-team prompts to generate for")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--sequential-prompts", type=int, default=8, help="prompts the slow baseline runs on")

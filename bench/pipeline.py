@@ -18,8 +18,10 @@ import time
 
 
 def main() -> None:
+    from engines.bundled import DEFAULT_SPEC
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=DEFAULT_SPEC)
     ap.add_argument("--limit", type=int, default=None, help="first N prompts (default: all)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -35,7 +37,7 @@ def main() -> None:
 
     s = SamplingConfig(max_new_tokens=args.max_new_tokens)
     cfg = GenerateConfig(model=args.model, prompts=["red-team"], limit=args.limit, rounds=args.rounds,
-                         initial=s, critique=s, revision=s, show_progress=False)
+                         initial=s, critique=s, revision=s, runner={"show_progress": False})
     t0 = time.perf_counter()
     summary = generate_flow(cfg)
     wall = time.perf_counter() - t0

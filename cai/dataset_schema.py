@@ -96,8 +96,3 @@ def messages(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 def assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
-
-
-def split_of(name: str) -> str:
-    """`train` or `test`, the half a split name belongs to."""
-    return name.split("_", 1)[0]

@@ -29,53 +29,12 @@ from typing import Any
 import torch
 
 from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dpo.config import TrainerConfig
 from dpo.data import PairExample, RefCache, RefValue, ref_key
 from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_pair_logps, pair_batch, sequence_logps
-from dpo.loss import LOSS_TYPES, dpo_loss, pair_metrics
+from dpo.loss import dpo_loss, pair_metrics
 
 log = logging.getLogger("cai.dpo")
-SCHEDULERS = ("linear", "cosine", "constant")
-
-
-@dataclass
-class TrainerConfig:
-    """How to train; what to train on is the caller's business (see flows/train.py)."""
-
-    beta: float = 0.1  # KL strength: lower lets the policy drift further from the base model
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
-    label_smoothing: float = 0.0  # ε for pairs without a soft label: assumed label-flip rate
-    use_soft_labels: bool = True  # AI-labelled pairs train with ε = 1 − label_prob
-    epochs: int = 1  # passes over the training pairs
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    lr: float = 5e-6  # DPO needs small steps: the implicit reward is a log-ratio against the start
-    weight_decay: float = 0.0  # DPO is usually run without it
-    batch_size: int = 4  # pairs per forward (each pair is two sequences)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_ratio: float = 0.1  # fraction of steps to ramp the lr up: early steps see a sharp loss
-    scheduler: str = "linear"  # decay after warmup: linear | cosine | constant
-    max_grad_norm: float = 1.0  # clip; 0 disables
-    max_length: int = 512  # prompt + completion tokens per sequence
-    max_prompt_length: int = 256  # prompt tokens kept (from the end)
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
-    seed: int = 0  # data order and anything random
-    eval_every: int | None = None  # steps between held-out evals; None: about ten per run
-    early_stop_patience: int | None = None  # stop after this many evals without a lower eval loss
-    checkpoint_every: int = 0  # steps between checkpoints; 0: none
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    ref_batch_tokens: int = 8192  # token budget of one no-grad batch (reference and eval passes)
-    gradient_checkpointing: bool = False  # trade ~30% more compute for far less activation memory
-
-    def validate(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype {self.dtype!r}: expected float32 or bfloat16")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be >= 1")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
 
 
 @dataclass
@@ -252,7 +211,6 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
               on_metrics: MetricsHook | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
               logger: logging.Logger | logging.LoggerAdapter | None = None) -> TrainResult:
     """Train `model` in place on `train`; `meta` is stored in every checkpoint (run ids etc.)."""
-    cfg.validate()
     if not train:
         raise ValueError("no training pairs")
     logger = logger or log

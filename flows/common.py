@@ -20,6 +20,7 @@ from sqlmodel import Session, select
 from cai.errors import UserError
 from cai.prompts import BUNDLED, DATA_DIR, parse_file
 from constitution.load import Constitution, ConstitutionError, find, load_file, parse_text, split_ref
+from engines.bundled import DEFAULT_SPEC
 from store import queries
 from store.db import session_scope
 from store.models import ConstitutionVersion
@@ -115,7 +116,7 @@ def cached_engine(spec: str, backend: str = "auto", **settings: Any):
             except Exception as exc:  # noqa: BLE001 - one line a person can act on
                 raise UserError(f"cannot load model {spec!r} ({exc.__class__.__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local HF directory, "
-                                "a .gguf file, or `smollm2-135m` for the bundled model") from exc
+                                f"a .gguf file, or `{DEFAULT_SPEC}` for the bundled model") from exc
             facts = engine_facts(_ENGINES[key])
             run_logger().info("loaded %s in %.1fs: %s", spec, time.perf_counter() - t0,
                                ", ".join(f"{k} {v}" for k, v in facts.items()))

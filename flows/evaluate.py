@@ -20,7 +20,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
 from cai import judge
@@ -38,9 +37,10 @@ from cai.evaluate import (
 )
 from cai.refusal import detect
 from constitution.load import Constitution
-from engines.base import Completion, Sampling
+from engines.base import Completion
 from engines.bundled import model_fingerprint
 from flows.common import UserError, cached_engine, drop_engines, ensure_tags, resolve_constitution, worker_id
+from flows.configs import EvalConfig
 from flows.stage import Stage, StageStats, run_stage, stage_summary
 from store.db import session_scope
 from store.models import EvalResult, Prompt
@@ -49,37 +49,10 @@ from store.runs import recorded_run
 from store.upsert import insert_ignore
 
 
-class EvalConfig(BaseModel):
-    model: str  # the trained model: a HF directory written by `cai train` (runs/<name>)
-    baseline: str = "smollm2-135m"  # what the model is compared with: usually the model it started from
-    judge: str | None = None  # feedback model; None = the baseline, so no model grades its own answers
-    prompts: list[str] = Field(default_factory=lambda: ["red-team-heldout", "benign-heldout"])  # held out
-    constitution: str = "harmless"  # whose preference principles the judge answers
-    principles: int = 3  # principles drawn per prompt; both orders each, so 2x this many judge calls
-    max_new_tokens: int = 128  # the same cap for both models, so neither wins by length alone
-    limit: int | None = None  # first N prompts of each set (by id): quick runs on a CPU
-    name: str | None = None  # label for this comparison; default "<model>-vs-<baseline>"
-    engine: str = "auto"  # hf | vllm | auto
-    engine_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. max_batch_tokens, dtype
-    judge_max_chars: int = 1200  # per message in the judge prompt, as in the label flow (cut in the middle)
-    seed: int = 0  # fixes which principles are drawn for each prompt
-    chunk_size: int = 64  # items per engine call and per transaction: a crash loses at most this many
-    lease_s: float = 900  # how long another worker waits before taking over a silent worker's items
-    database_url: str | None = None  # default: CAI_DATABASE_URL or ./cai.db
-    show_progress: bool = True  # rich progress bars in a terminal
-
-    @property
-    def judge_model(self) -> str:
-        return self.judge or self.baseline
-
-    def sampling(self) -> Sampling:
-        return Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=0)
-
-
 def comparison_name(cfg: EvalConfig, c: Constitution, fingerprints: dict[str, str]) -> str:
     """The eval's name: its label plus a hash of every setting that shapes the results."""
     label = cfg.name or f"{short_name(cfg.model)}-vs-{short_name(cfg.baseline)}"
-    return eval_name(label, c, fingerprints, cfg.principles, cfg.seed, cfg.sampling(), cfg.engine,
+    return eval_name(label, c, fingerprints, cfg.principles, cfg.seed, cfg.sampling(), cfg.engine.backend,
                      cfg.judge_max_chars)
 
 
@@ -102,7 +75,7 @@ def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str]):
     with session_scope(cfg.database_url) as s:
         if len(done(s, keys)) == len(set(keys)):
             return None
-    return cached_engine(spec, cfg.engine, **cfg.engine_settings)
+    return cached_engine(spec, cfg.engine.backend, **cfg.engine.settings)
 
 
 def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprint: str, run_id: str,
@@ -131,8 +104,7 @@ def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprin
     stage = Stage(name=f"eval.generate.{role}", key=lambda it: it.key, done=_done_ids, compute=compute,
                   write=write, tokens=lambda comp: comp.outputs[0].completion_tokens,
                   size=lambda it: len(it.prompt.text))
-    return run_stage(stage, items, worker=worker_id(), run_id=run_id, chunk_size=cfg.chunk_size,
-                     lease_s=cfg.lease_s, url=cfg.database_url, show_progress=cfg.show_progress)
+    return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
 def _judge_stage(cfg: EvalConfig, run_id: str, items: list[JudgeItem]) -> StageStats:
@@ -158,8 +130,7 @@ def _judge_stage(cfg: EvalConfig, run_id: str, items: list[JudgeItem]) -> StageS
 
     stage = Stage(name="eval.judge", key=lambda it: it.key, done=_judged_ids, compute=compute, write=write,
                   size=lambda it: len(it.model_text) + len(it.baseline_text))
-    return run_stage(stage, items, worker=worker_id(), run_id=run_id, chunk_size=cfg.chunk_size,
-                     lease_s=cfg.lease_s, url=cfg.database_url, show_progress=cfg.show_progress)
+    return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
 def _release_models() -> None:
@@ -217,7 +188,7 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
     fingerprints = {role: model_fingerprint(spec) for role, spec in
                     (("model", cfg.model), ("baseline", cfg.baseline), ("judge", cfg.judge_model))}
     name = comparison_name(cfg, c, fingerprints)
-    with recorded_run("eval", cfg.model_dump() | {"eval_name": name}, model=cfg.model, engine=cfg.engine,
+    with recorded_run("eval", cfg.model_dump() | {"eval_name": name}, model=cfg.model, engine=cfg.engine.backend,
                       constitution=c, url=cfg.database_url) as run:
         logger.info("eval %s: %d prompts (%s), judge %s under %s, run %s", name, len(items),
                     ",".join(cfg.prompts), cfg.judge_model, c.ref, run.id)

@@ -31,20 +31,22 @@ import shlex
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlmodel import Session, col, select
 
 from cai import dataset_schema as schema
 from cai.card import label_prob_stats
 from constitution.load import split_ref
 from flows.common import Timer, UserError
+from flows.configs import ExportConfig
+from flows.configs import make_export_config as make_config  # noqa: F401 - `cai export` and tests call it here
+from flows.configs import naive_utc as _naive_utc
 from flows.publish import check_out, hub_token, push_export, write_export
 from store.db import session_scope
 from store.keys import content_hash
@@ -52,62 +54,8 @@ from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, P
 from store.pairs import latest_per_response_pair
 from store.runs import recorded_run
 
-Format = Literal["arrow", "parquet", "jsonl"]
 SPLIT_SALT = "cai-factory/split/v1"  # changing it reshuffles every prompt: never do it silently
 MIN_PROMPTS_FOR_TEST = 10  # with fewer, an empty test split is honest: one prompt is no test set
-
-
-class ExportConfig(BaseModel):
-    """Everything that decides which rows are exported and where they go."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    constitution: str  # NAME (its newest version with pairs) or NAME@VERSION: one version per export
-    out: Path  # local directory, always written first so a failed push loses nothing
-    format: Format = "arrow"  # arrow = save_to_disk (load_from_disk); parquet/jsonl = one file per split
-    methods: list[Literal["revision", "ai"]] = []  # empty: both; `ai` alone leaves the sft splits empty
-    min_label_prob: float | None = Field(None, ge=0, le=1)  # drop pairs the judge was unsure of
-    min_margin: float | None = Field(None, ge=0, le=0.5)  # |p - 0.5|, the same cut for either order
-    tags: list[str] = []  # prompts carrying any of these tags; empty: all prompts
-    since: datetime | None = None  # pair created_at >= since (UTC), for incremental releases
-    until: datetime | None = None  # pair created_at < until (UTC), exclusive so ranges tile
-    include_ties: bool = False  # ties carry no preference; DPO on them only adds noise
-    include_inconsistent: bool = False  # the judge flipped with the order: position bias, not preference
-    include_quarantined: bool = False  # quarantined items failed repeatedly; their rows are suspect
-    test_fraction: float = Field(0.1, ge=0, lt=1)  # share of prompts (by hash bucket) in the test splits
-    license: str = "other"  # card metadata; generated text inherits the terms of its models and prompts
-    push_to_hub: str | None = None  # hub dataset repo (owner/name); token from HF_TOKEN only
-    private: bool = False  # create the hub repo private (an existing repo keeps its visibility)
-
-    @model_validator(mode="after")
-    def _check(self) -> ExportConfig:
-        if not self.constitution.strip():
-            raise ValueError("--constitution: expected NAME or NAME@VERSION, got an empty string")
-        if self.private and not self.push_to_hub:
-            raise ValueError("--private only means something with --push-to-hub OWNER/NAME")
-        if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
-            raise ValueError(f"--push-to-hub: expected OWNER/NAME, got {self.push_to_hub!r}")
-        if self.since and self.until and _naive_utc(self.since) >= _naive_utc(self.until):
-            raise ValueError(f"--since ({self.since}) must be before --until ({self.until})")
-        return self
-
-
-OPTIONS = {"methods": "--method", "tags": "--tag"}  # config field -> `cai export` option, where they differ
-
-
-def make_config(**values: Any) -> ExportConfig:
-    """ExportConfig, with validation errors turned into one line naming the option (exit 2)."""
-    try:
-        return ExportConfig(**values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:  # a check across fields: the message names the options itself
-            raise UserError(f"cai export: {message}") from None
-        field_name = str(first["loc"][0])
-        option = OPTIONS.get(field_name, "--" + field_name.replace("_", "-"))
-        got = f" (got {first['input']!r})" if first.get("input") is not None else ""
-        raise UserError(f"cai export {option}: {message}{got}") from None
 
 
 def parse_when(value: str | None, option: str) -> datetime | None:
@@ -138,9 +86,9 @@ def command_line(config: ExportConfig) -> str:
                     ("--include-quarantined", config.include_quarantined)):
         if on:
             parts.append(opt)
-    if config.test_fraction != 0.1:
+    if config.test_fraction != ExportConfig.model_fields["test_fraction"].default:
         parts += ["--test-fraction", repr(config.test_fraction)]
-    if config.license != "other":
+    if config.license != ExportConfig.model_fields["license"].default:
         parts += ["--license", config.license]
     parts += ["--format", config.format]
     return shlex.join(parts)
@@ -157,11 +105,6 @@ class Selection:
     responses: dict[str, Response]
     available: int  # pairs of this version before any filter
     removed: dict[str, int] = field(default_factory=dict)  # filter -> pairs it removed
-
-
-def _naive_utc(dt: datetime) -> datetime:
-    """Drivers hand datetimes back naive (meaning UTC) or aware: compare them all as naive UTC."""
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
 
 
 def _chunks(items: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:

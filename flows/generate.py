@@ -15,7 +15,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from cai import sl_cai
@@ -23,6 +22,8 @@ from cai.errors import UserError
 from constitution.load import Constitution
 from engines.base import Completion, Sampling
 from flows.common import cached_engine, engine_facts, load_prompts, resolve_constitution, worker_id
+from flows.configs import GenerateConfig
+from flows.configs import SamplingConfig as SamplingConfig  # re-exported for callers of flows.generate
 from flows.stage import Stage, StageStats, run_stage, stage_totals
 from store.db import session_scope
 from store.models import PreferencePair, Prompt, Response
@@ -31,36 +32,8 @@ from store.runs import recorded_run
 from store.upsert import insert_ignore
 
 
-class SamplingConfig(BaseModel):
-    temperature: float = 0.7  # some diversity; greedy makes a 135M model repeat itself
-    top_p: float = 0.9  # trims the unlikely tail that produces garbage tokens
-    max_new_tokens: int = 128  # answers are short; CPU time grows linearly with this
-
-    def sampling(self, seed: int) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                        seed=seed)
-
-
-class GenerateConfig(BaseModel):
-    constitution: str = "harmless"  # name (current file), name@version (stored) or a path
-    prompts: list[str] = Field(default_factory=lambda: ["red-team"])  # prompt tags; bundled sets auto-import
-    limit: int | None = None  # use only the first N prompts (by id): quick runs on a CPU
-    model: str = "smollm2-135m"  # bundled default; any HF dir, .gguf file or hub id
-    engine: str = "auto"  # hf | vllm | auto (vllm when CUDA and vllm are present)
-    engine_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. max_batch_tokens, dtype
-    rounds: int = 2  # critique/revision rounds per prompt
-    seed: int = 0  # fixes principle draws and every row's sampling stream
-    initial: SamplingConfig = Field(default_factory=SamplingConfig)
-    critique: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=96))
-    revision: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=160))
-    chunk_size: int = 64  # items per engine call and per transaction: a crash loses at most this many
-    lease_s: float = 900  # how long another worker waits before taking over a silent worker's items
-    database_url: str | None = None  # default: CAI_DATABASE_URL or ./cai.db
-    show_progress: bool = True  # rich progress bars in a terminal
-
-
 def _engine(cfg: GenerateConfig):
-    return cached_engine(cfg.model, cfg.engine, **cfg.engine_settings)
+    return cached_engine(cfg.model, cfg.engine.backend, **cfg.engine.settings)
 
 
 def _done(session: Session, keys: list[str]) -> set[str]:
@@ -96,8 +69,7 @@ def _stage(name: str, cfg: GenerateConfig, c: Constitution, sampling: Sampling, 
     stage = Stage(name=f"generate.{name}", key=lambda it: it.key, done=_done,
                   compute=_compute(engine, sampling), write=_writer(cfg, c, sampling, run_id, cfg.model),
                   tokens=lambda comp: sum(o.completion_tokens for o in comp.outputs), size=lambda it: it.size)
-    return run_stage(stage, items, worker=worker_id(), run_id=run_id, chunk_size=cfg.chunk_size,
-                     lease_s=cfg.lease_s, url=cfg.database_url, show_progress=cfg.show_progress)
+    return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
 def load_inputs(cfg: GenerateConfig) -> tuple[Constitution, list[Prompt]]:
@@ -215,7 +187,7 @@ def generate_flow(cfg: GenerateConfig) -> dict[str, Any]:
     c, prompts = load_inputs(cfg)
     if not prompts:
         raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
-    with recorded_run("generate", cfg.model_dump(), model=cfg.model, engine=cfg.engine, constitution=c,
+    with recorded_run("generate", cfg.model_dump(), model=cfg.model, engine=cfg.engine.backend, constitution=c,
                       url=cfg.database_url) as run:
         logger.info("generate %s on %d prompts (%s), %d rounds, model %s, run %s", c.ref, len(prompts),
                     ",".join(cfg.prompts), cfg.rounds, cfg.model, run.id)

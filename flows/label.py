@@ -12,11 +12,10 @@ The pure parts (prompts, draws, probabilities) live in flows/judge.py.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, ValidationError, model_validator
 from sqlalchemy import func
 from sqlmodel import Session, select
 
@@ -32,8 +31,10 @@ from cai.rl_cai import (
     sample_key,
 )
 from constitution.load import Constitution
-from engines.base import Completion, Sampling
+from engines.base import Completion
 from flows.common import UserError, cached_engine, load_prompts, loaded_engine_facts, resolve_constitution, worker_id
+from flows.configs import LabelConfig
+from flows.configs import make_label_config as make_config  # noqa: F401 - `cai label` and tests call it here
 from flows.stage import Stage, StageStats, run_stage, stage_totals
 from store.db import session_scope
 from store.keys import content_hash
@@ -44,80 +45,6 @@ from store.upsert import insert_ignore
 
 Message = dict[str, str]
 COT_KIND = "judge-cot"  # CoT reasoning is its own Response row so the cot stage can resume
-
-
-class LabelConfig(BaseModel):
-    constitution: str = "harmless"  # name (current file), name@version (stored) or a path
-    prompts: list[str] = Field(default_factory=lambda: ["red-team"])  # prompt tags; bundled sets auto-import
-    limit: int | None = None  # use only the first N prompts (by id): quick runs on a CPU
-    policy: str = "smollm2-135m"  # samples come from it; with source=store, only its responses are used
-    judge: str = "smollm2-135m"  # the feedback model that picks (A) or (B)
-    engine: str = "auto"  # hf | vllm | auto, for both models
-    engine_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. max_batch_tokens, dtype
-    source: Literal["samples", "store"] = "samples"  # fresh policy samples, or responses already stored
-    kinds: list[str] = Field(default_factory=lambda: ["initial", "final-revision"])  # source=store candidates
-    samples: int = 2  # policy samples per prompt (source=samples); every unordered pair is judged
-    temperature: float = 1.0  # sampling the policy at T=1 gives the judge genuinely different answers
-    top_p: float = 1.0  # no nucleus trimming: the samples should reflect the policy as it is
-    max_new_tokens: int = 128  # sample length; CPU time grows linearly with it
-    principles_per_pair: int = 4  # an ensemble of principles makes the label less noisy (the paper uses 16)
-    min_margin: float = 0.05  # labels closer than this to 0.5 are ties, kept out of training
-    cot: bool = False  # the judge writes reasoning before answering (slower; clamped probabilities)
-    cot_clamp: tuple[float, float] = (0.4, 0.6)  # CoT verdicts are near-certain; the paper clamps to 40-60%
-    cot_max_new_tokens: int = 96  # a short argument is enough and keeps the prompt in context
-    cot_temperature: float = 0.0  # greedy reasoning: reproducible; >0 makes repeats differ
-    max_chars: int = 1200  # per message in the judge prompt; longer texts are cut in the middle
-    seed: int = 0  # fixes samples and principle draws
-    chunk_size: int = 64  # items per engine call and per transaction: a crash loses at most this many
-    lease_s: float = 900  # how long another worker waits before taking over a silent worker's items
-    database_url: str | None = None  # default: CAI_DATABASE_URL or ./cai.db
-    show_progress: bool = True  # rich progress bars in a terminal
-
-    @model_validator(mode="after")
-    def _check(self) -> LabelConfig:
-        if self.source == "samples" and self.samples < 2:
-            raise ValueError(f"samples must be at least 2 to form a pair (got {self.samples})")
-        if self.principles_per_pair < 1:
-            raise ValueError(f"principles_per_pair must be at least 1 (got {self.principles_per_pair})")
-        if not 0.0 <= self.min_margin < 0.5:
-            raise ValueError(f"min_margin must be in [0, 0.5) (got {self.min_margin})")
-        lo, hi = self.cot_clamp
-        if not 0.0 <= lo <= 0.5 <= hi <= 1.0:
-            raise ValueError(f"cot_clamp must be LO,HI with 0 <= LO <= 0.5 <= HI <= 1 (got {lo},{hi})")
-        if self.source == "store" and not self.kinds:
-            raise ValueError("source=store needs at least one response kind (e.g. initial,final-revision)")
-        return self
-
-    def sampling(self, index: int) -> Sampling:
-        # each sample index gets its own seed: the engine's stream is fixed by (seed, conversation)
-        # and all k samples of a prompt share the conversation
-        return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                        seed=int(content_hash("sample-seed", self.seed, index, length=8), 16))
-
-    def cot_sampling(self) -> Sampling:
-        return Sampling(temperature=self.cot_temperature, max_new_tokens=self.cot_max_new_tokens,
-                        seed=self.seed, stop=("So the answer is",))
-
-    def judge_settings(self) -> dict[str, Any]:
-        """What shapes one judgment besides the pair, principle and order (hashed into its id)."""
-        cot = None
-        if self.cot:
-            cot = {"sampling": self.cot_sampling().to_dict(), "clamp": list(self.cot_clamp)}
-        return {"template": judge.TEMPLATE_ID, "max_chars": self.max_chars, "cot": cot}
-
-    def pair_settings(self) -> dict[str, Any]:
-        return self.judge_settings() | {"principles_per_pair": self.principles_per_pair, "seed": self.seed,
-                                        "min_margin": self.min_margin}
-
-
-def make_config(**fields: Any) -> LabelConfig:
-    """A LabelConfig, with pydantic's complaint turned into one line a person can act on."""
-    try:
-        return LabelConfig(**fields)
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        raise UserError(f"label config {where}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
 # --- store reads ---------------------------------------------------------------------------
@@ -199,12 +126,11 @@ def plan_pair_items(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> lis
 def _engine(cfg: LabelConfig, spec: str):
     # called inside `compute`, so a rerun with nothing pending never loads a model; the first
     # stage that needs one counts its loading time as engine seconds
-    return cached_engine(spec, cfg.engine, **cfg.engine_settings)
+    return cached_engine(spec, cfg.engine.backend, **cfg.engine.settings)
 
 
 def _run(cfg: LabelConfig, run_id: str, stage: Stage, items: list) -> StageStats:
-    return run_stage(stage, items, worker=worker_id(), run_id=run_id, chunk_size=cfg.chunk_size,
-                     lease_s=cfg.lease_s, url=cfg.database_url, show_progress=cfg.show_progress)
+    return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
 def _response_done(session: Session, keys: list[str]) -> set[str]:
@@ -370,7 +296,7 @@ def label_flow(cfg: LabelConfig) -> dict[str, Any]:
     c, prompts = load_inputs(cfg)
     if not prompts:
         raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
-    with recorded_run("label", cfg.model_dump(), model=cfg.judge, engine=cfg.engine, constitution=c,
+    with recorded_run("label", cfg.model_dump(), model=cfg.judge, engine=cfg.engine.backend, constitution=c,
                       url=cfg.database_url) as run:
         logger.info("label %s on %d prompts (%s), source %s, judge %s, run %s", c.ref, len(prompts),
                     ",".join(cfg.prompts), cfg.source, cfg.judge, run.id)
@@ -383,10 +309,10 @@ def label_flow(cfg: LabelConfig) -> dict[str, Any]:
         run.summary = {"run_id": run.id, "constitution": c.ref, "prompts": len(prompts), "source": cfg.source,
                        **found, **stage_totals(stages), "total_s": round(time.perf_counter() - t0, 3)}
         # how the judge (and the policy, for fresh samples) computes; absent when no model was loaded
-        if facts := loaded_engine_facts(cfg.judge, cfg.engine, **cfg.engine_settings):
+        if facts := loaded_engine_facts(cfg.judge, cfg.engine.backend, **cfg.engine.settings):
             run.summary["engine"] = facts
-        if cfg.source == "samples" and (facts := loaded_engine_facts(cfg.policy, cfg.engine,
-                                                                     **cfg.engine_settings)):
+        if cfg.source == "samples" and (facts := loaded_engine_facts(cfg.policy, cfg.engine.backend,
+                                                                     **cfg.engine.settings)):
             run.summary["policy_engine"] = facts
         run.timings = {s.stage: round(s.total_s, 3) for s in stages}
     logger.info("label done: %d pairs (%d ok, %d ties, %d position-inconsistent), %d judgments, %.1fs",

@@ -12,46 +12,30 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from sqlmodel import select
 
-from flows.evaluate import EvalConfig, eval_flow
-from flows.export import ExportConfig, export_flow
-from flows.generate import GenerateConfig, SamplingConfig, generate_flow
-from flows.label import LabelConfig, label_flow
-from flows.report import ReportConfig, report_flow
-from flows.train import TrainConfig, train_flow
+from flows.configs import (
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    LabelConfig,
+    PipelineConfig,
+    ReportConfig,
+    SamplingConfig,
+    TrainConfig,
+)
+from flows.evaluate import eval_flow
+from flows.export import export_flow
+from flows.generate import generate_flow
+from flows.label import label_flow
+from flows.report import report_flow
+from flows.train import train_flow
 from store.db import database_url, session_scope
 from store.models import TrainingRun
-
-
-class PipelineConfig(BaseModel):
-    constitution: str = "harmless"  # name, name@version or a path; every stage uses the same one
-    prompts: list[str] = Field(default_factory=lambda: ["red-team"])  # tags for generate and label
-    limit: int | None = 32  # prompts used: the bundled 70 take ~2x longer; None for all
-    model: str = "smollm2-135m"  # policy for generation, base for DPO, baseline for eval
-    judge: str | None = None  # feedback model for labelling and eval; None = the same model
-    engine: str = "auto"  # hf | vllm | auto
-    rounds: int = 2  # critique/revision rounds
-    max_new_tokens: int = 96  # per generated answer, critique and revision: CPU time is linear in it
-    # store: judge each prompt's initial answer vs its final revision; samples: fresh policy samples
-    label_source: Literal["store", "samples"] = "store"
-    samples: int = 2  # policy samples per prompt when label_source = samples
-    principles_per_pair: int = 4  # judge ensemble size (both orders each)
-    train_steps: int = 50  # DPO optimizer steps
-    batch_size: int = 4  # pairs per step
-    lr: float = 5e-6  # small steps: the DPO reward is a log-ratio against the base model
-    beta: float = 0.1  # DPO KL strength
-    eval_prompts: list[str] = Field(default_factory=lambda: ["red-team-heldout", "benign-heldout"])
-    eval_limit: int | None = None  # held-out prompts per set; None for all
-    export_dir: str | None = None  # default exports/<constitution>
-    model_dir: str | None = None  # default runs/<constitution>-dpo
-    report_dir: str = "reports/latest"
-    retrain: bool = False  # train again even if model_dir holds a finished run on the same data
-    seed: int = 0  # one seed for every stage
 
 
 def _paths(cfg: PipelineConfig) -> dict[str, Path]:
@@ -69,18 +53,17 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
     return {
         "generate": GenerateConfig(constitution=cfg.constitution, prompts=cfg.prompts, limit=cfg.limit,
                                    model=cfg.model, engine=cfg.engine, rounds=cfg.rounds, seed=cfg.seed,
-                                   initial=s, critique=s, revision=s),
+                                   initial=s, critique=s, revision=s, runner=cfg.runner),
         "label": LabelConfig(constitution=cfg.constitution, prompts=cfg.prompts, limit=cfg.limit, policy=cfg.model,
                              judge=judge, engine=cfg.engine, source=cfg.label_source, samples=cfg.samples,
                              principles_per_pair=cfg.principles_per_pair, max_new_tokens=cfg.max_new_tokens,
-                             seed=cfg.seed),
+                             seed=cfg.seed, runner=cfg.runner),
         "export": ExportConfig(constitution=cfg.constitution, out=paths["export"]),
-        "train": TrainConfig(base=cfg.model, constitution=cfg.constitution, max_steps=cfg.train_steps,
-                             batch_size=cfg.batch_size, lr=cfg.lr, beta=cfg.beta, seed=cfg.seed,
-                             out=str(paths["model"])),
+        "train": TrainConfig(base=cfg.model, constitution=cfg.constitution,
+                             trainer=cfg.trainer.model_copy(update={"seed": cfg.seed}), out=str(paths["model"])),
         "eval": EvalConfig(model=str(paths["model"]), baseline=cfg.model, judge=judge, prompts=cfg.eval_prompts,
                            constitution=cfg.constitution, limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens,
-                           engine=cfg.engine, seed=cfg.seed),
+                           engine=cfg.engine, seed=cfg.seed, runner=cfg.runner),
         "report": ReportConfig(out=paths["report"]),
     }
 
@@ -96,6 +79,7 @@ def _finished_training(tcfg: TrainConfig) -> dict[str, Any] | None:
                                                 TrainingRun.status == "completed")
                       .order_by(TrainingRun.finished_at.desc())).all()
     for r in runs:
+        # the stored config has the same nested shape (trainer: {...}): equal settings, equal dicts
         got = {k: v for k, v in r.config.items() if k in want}
         if all(got.get(k) == v for k, v in want.items() if k not in ("resume", "database_url")):
             return {"training_run_id": r.id, "out": str(out), "skipped": True, "final_metrics": r.final_metrics}

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from pydantic import BaseModel
 from sqlalchemy import func
 from sqlmodel import Session, select
 
@@ -27,6 +26,7 @@ from cai.evaluate import summarize
 from cai.judge_stats import compute as judge_compute
 from cai.judge_stats import records
 from constitution.load import split_ref
+from flows.configs import ReportConfig
 from flows.plots import DPO_PANELS, plot_all
 from store.db import session_scope
 from store.models import (
@@ -44,14 +44,6 @@ from store.queries import ai_pairs, rows_by_id
 
 IMAGES = ("stages.png", "principles.png", "dpo.png", "eval.png", "label_prob_hist.png",
           "position_consistency.png", "principle_agreement.png")
-
-
-class ReportConfig(BaseModel):
-    out: Path = Path("reports/latest")  # index.html, report.json and the PNGs go here
-    constitution: str | None = None  # NAME or NAME@VERSION: only its rows; None = everything
-    examples: int = 5  # example chains shown; each is a few screens of text at most
-    max_chars: int = 1200  # long answers are cut in the examples so the page stays readable
-    database_url: str | None = None  # default: CAI_DATABASE_URL or ./cai.db
 
 
 # --- figures: plain data from the store ----------------------------------------------------

@@ -37,6 +37,16 @@ def resolve_flow(name: str):
         raise UserError(f"flow {name!r} is not available in this install ({exc})") from None
 
 
+def check_settings(flow_name: str, params: dict[str, Any]):
+    """The flow's typed config for these settings (flows/configs.py, no Prefect import); unknown
+    keys and bad values raise pydantic's ValidationError, which `cai` prints as one line."""
+    from flows.configs import CONFIGS
+
+    if flow_name not in FLOWS:
+        raise UserError(f"cannot schedule {flow_name!r}: choose one of {', '.join(FLOWS)}")
+    return CONFIGS[flow_name].model_validate(params)
+
+
 def check_server() -> str:
     url = os.environ.get("PREFECT_API_URL")
     if not url:
@@ -59,19 +69,20 @@ def deployment_name(flow_name: str, params: dict[str, Any]) -> str:
 
 def serve_schedule(flow_name: str, cron: str, params: dict[str, Any], name: str | None = None,
                    limit: int | None = None) -> None:
-    """Create (or update) the deployment with this cron schedule and serve it; blocks."""
-    url = check_server()
-    flow_obj, cfg_cls = resolve_flow(flow_name)
-    try:
-        cfg = cfg_cls(**params)
-    except Exception as exc:  # noqa: BLE001 - pydantic says which field
-        raise UserError(f"bad settings for {flow_name}: {exc}") from None
+    """Create (or update) the deployment with this cron schedule and serve it; blocks.
+
+    The settings and the cron expression are checked before the server is asked anything, so a
+    typo fails here with exit 2 rather than in the first scheduled run.
+    """
+    cfg = check_settings(flow_name, params)
     try:
         from prefect.client.schemas.schedules import construct_schedule
 
         construct_schedule(cron=cron)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"--cron {cron!r} is not a valid cron expression ({exc})") from None
+    url = check_server()
+    flow_obj, _ = resolve_flow(flow_name)
     dep_name = name or deployment_name(flow_name, params)
     print(f"serving deployment {flow_obj.name}/{dep_name} on {cron!r} against {url}", flush=True)
     import inspect

@@ -86,10 +86,12 @@ def _compute_isolating(stage: Stage[T, R], chunk: list[T], logger) -> list[R | E
     return out
 
 
-def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | None, chunk_size: int = 64,
-              lease_s: float = 900, url: str | None = None, show_progress: bool = True,
-              poll_s: float = 1.0) -> StageStats:
-    """Compute every item of `items` that has no output yet; return what happened."""
+def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | None, chunk_size: int,
+              lease_s: float, show_progress: bool, url: str | None = None, poll_s: float = 1.0) -> StageStats:
+    """Compute every item of `items` that has no output yet; return what happened.
+
+    chunk_size, lease_s and show_progress are a flow config's `runner` (flows.configs.RunnerSettings).
+    """
     t_start = time.perf_counter()
     stats = StageStats(stage.name, items=len(items))
     logger = run_logger(log)

@@ -21,12 +21,10 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
 
 from dpo.checkpoint import latest_checkpoint, read_meta
 from dpo.data import (
     PairExample,
-    PairFilter,
     StoreRefCache,
     constitution_versions,
     examples_from_records,
@@ -34,62 +32,16 @@ from dpo.data import (
     selection_hash,
     split_eval,
 )
-from dpo.trainer import TrainerConfig, TrainResult, load_policy, plot_metrics, save_model, train_dpo
-from engines.bundled import model_fingerprint
+from dpo.trainer import TrainResult, load_policy, plot_metrics, save_model, train_dpo
+from engines.bundled import DEFAULT_SPEC, model_fingerprint
 from flows.common import UserError, run_logger
+from flows.configs import TrainConfig
 from store.db import session_scope
 from store.models import Run, TrainingRun, TrainingStep, utcnow
 from store.runs import finish_run, start_run
 from store.upsert import insert_ignore, upsert
 
 log = logging.getLogger("cai.train")
-
-
-class TrainConfig(BaseModel):
-    base: str = "smollm2-135m"  # start and reference model: bundled alias, HF directory or hub id
-    constitution: str | None = None  # only pairs made under this name or name@version; None: any
-    methods: list[str] = Field(default_factory=lambda: ["revision", "ai"])  # pair sources to learn from
-    statuses: list[str] = Field(default_factory=lambda: ["ok"])  # ties / inconsistent labels teach noise
-    min_label_prob: float | None = None  # drop AI labels less sure than this
-    use_soft_labels: bool = True  # AI pairs train with per-pair label smoothing ε = 1 − label_prob
-    dataset: str | None = None  # a saved HF dataset dir (cai export) or .jsonl instead of the store
-    dataset_split: str = "train_prefs"  # the split of `dataset` to read
-    limit: int | None = None  # first N selected pairs (by id): quick runs on a CPU
-    beta: float = 0.1  # KL strength: lower lets the policy drift further from the base model
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
-    label_smoothing: float = 0.0  # ε for pairs without a soft label (assumed label-flip rate)
-    epochs: int = 1  # passes over the training pairs
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    lr: float = 5e-6  # small: the implicit reward is a log-ratio against the starting weights
-    weight_decay: float = 0.0  # DPO is usually run without it
-    batch_size: int = 4  # pairs per forward (two sequences each); fits a 135M model on a laptop
-    grad_accum: int = 1  # micro-batches per optimizer step: a bigger batch without more memory
-    warmup_ratio: float = 0.1  # fraction of steps spent ramping the lr up
-    scheduler: str = "linear"  # linear | cosine | constant decay after warmup
-    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
-    max_length: int = 512  # tokens per prompt + answer; the bundled prompts and answers fit easily
-    max_prompt_length: int = 256  # prompt tokens kept, from the end
-    dtype: str = "float32"  # float32 | bfloat16 autocast (weights and optimizer stay fp32)
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda
-    seed: int = 0  # data order and anything random
-    eval_fraction: float = 0.1  # held-out share of prompts, chosen by prompt hash
-    eval_every: int | None = None  # steps between evals; None: about ten per run
-    early_stop_patience: int | None = None  # stop after this many evals without a better eval loss
-    checkpoint_every: int = 0  # steps between checkpoints (model + optimizer + RNG); 0: none
-    keep_checkpoints: int = 2  # newest checkpoints kept
-    gradient_checkpointing: bool = False  # much less activation memory for ~30% more compute
-    ref_batch_tokens: int = 8192  # token budget per batch of the no-grad reference / eval passes
-    out: str = "runs/dpo"  # the trained model (HF format), metrics.png and checkpoints go here
-    resume: bool = False  # continue from the newest checkpoint in out/checkpoints
-    database_url: str | None = None  # default: CAI_DATABASE_URL or ./cai.db
-
-    def trainer_config(self) -> TrainerConfig:
-        names = TrainerConfig.__dataclass_fields__.keys()
-        return TrainerConfig(**{k: v for k, v in self.model_dump().items() if k in names})
-
-    def pair_filter(self) -> PairFilter:
-        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
-                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
 
 
 def _read_records(cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -227,13 +179,6 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
     url = url or cfg.database_url
     logger = run_logger(log)
     t0 = time.perf_counter()
-    try:
-        trainer_cfg = cfg.trainer_config()
-        trainer_cfg.validate()
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"bad training settings: {exc}") from None
-    if not 0 <= cfg.eval_fraction < 1:
-        raise UserError(f"eval_fraction must lie in [0, 1), got {cfg.eval_fraction}")
     examples, refs = load_examples(cfg, url)
     train, held_out = split_eval(examples, cfg.eval_fraction)
     base_path = _resolve_base(cfg.base)
@@ -250,7 +195,7 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
             model, tokenizer = load_policy(base_path, cfg.device)
         except OSError as exc:
             raise UserError(f"cannot load base model {cfg.base!r} ({str(exc).splitlines()[0]}); pass a "
-                            "local HF directory or `smollm2-135m`") from None
+                            f"local HF directory or `{DEFAULT_SPEC}`") from None
         if getattr(tokenizer, "chat_template", None) is None:
             from engines.chat import FALLBACK_CHAT_TEMPLATE
 
@@ -259,7 +204,7 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         load_s = time.perf_counter() - t_load
         result: TrainResult = train_dpo(
-            model, tokenizer, train, held_out, trainer_cfg, out_dir=out,
+            model, tokenizer, train, held_out, cfg.trainer, out_dir=out,
             ref_model_id=model_fingerprint(base_path), ref_cache=StoreRefCache(url),
             on_metrics=_step_writer(training_run_id, url), resume=cfg.resume,
             meta={"training_run_id": training_run_id, "pairs_hash": selection["pairs_hash"]}, logger=logger)

@@ -82,13 +82,6 @@ def release(session: Session, stage: str, keys: Iterable[str], worker: str) -> N
         session.exec(delete(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys), Claim.worker == worker))
 
 
-def held_by_others(session: Session, stage: str, keys: list[str], worker: str) -> set[str]:
-    if not keys:
-        return set()
-    rows = session.exec(select(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys))).all()
-    return {c.item_key for c in rows if c.worker != worker}
-
-
 def record_failure(session: Session, stage: str, key: str, error: str, run_id: str | None) -> int:
     """Count one more failed attempt; quarantine at MAX_ATTEMPTS. Returns the attempt count."""
     row = session.get(Failure, (stage, key))

@@ -3,7 +3,10 @@
     cai constitution validate constitution/harmless.yaml
     cai prompts add data/red_team.jsonl --tag red-team
     cai status --json
+    cai train --config train.yaml --set trainer.loss_type=ipo --lr 1e-5 --show-config
 
+Stage options take their defaults and help from the flow configs (flows/configs.py); every stage
+command also reads `--config FILE`, `--set KEY=VALUE` and `--show-config` (flows/cli/options.py).
 Heavy imports (torch, transformers, prefect, datasets) happen inside commands, so `cai status`
 and `cai constitution ...` answer fast. Bad input exits with code 2 and one line saying what
 to fix.
@@ -19,8 +22,22 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from cai.errors import UserError
+from engines.bundled import DEFAULT_SPEC
 from flows.cli.common import _session, console, err, fail, guarded
 from flows.cli.data import constitution_app, prompts_app
+from flows.cli.options import CONFIG_HELP, SET_HELP, SHOW_HELP, configured, opt, resolve_config, show
+from flows.configs import (
+    CONFIGS,
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    LabelConfig,
+    PipelineConfig,
+    ReportConfig,
+    TrainConfig,
+    make_export_config,
+)
 
 app = typer.Typer(help="Constitutional AI / RLAIF data factory.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -59,6 +76,8 @@ def db_upgrade() -> None:
 
 
 # --- stages (each command is a thin wrapper around a flow) ---------------------------------
+# Options, defaults and help come from the flow configs (flows/configs.py) through `opt`; every
+# stage command also takes --config FILE, --set KEY=VALUE and --show-config (flows/cli/options.py).
 # generate / schedule: flows/generate.py, flows/schedule.py
 
 def _split(values: list[str]) -> list[str]:
@@ -73,31 +92,35 @@ def _preflight_model(spec: str) -> None:
         resolve(spec)
 
 
-@app.command("generate")
-@guarded
-def generate(
-    constitution: str = typer.Option("harmless", help="Name, NAME@VERSION, or a YAML path."),
-    prompts: list[str] = typer.Option(["red-team"], help="Prompt tag(s); bundled sets import themselves."),
-    rounds: int = typer.Option(2, min=1, help="Critique/revision rounds per prompt."),
-    model: str = typer.Option("smollm2-135m", help="smollm2-135m, an HF directory, a .gguf file or a hub id."),
-    engine: str = typer.Option("auto", help="hf | vllm | auto."),
-    limit: int | None = typer.Option(None, min=1, help="Only the first N prompts (by id)."),
-    seed: int = typer.Option(0, help="Fixes principle draws and sampling."),
-    max_new_tokens: int | None = typer.Option(None, min=1, help="Cap every stage's output length."),
-    chunk_size: int = typer.Option(64, min=1, help="Items per engine call and per transaction."),
-    resume: bool = typer.Option(True, "--resume/--no-resume",
-                                help="Only do what is missing (always on: rows are keyed by content)."),
-) -> None:
-    """SL-CAI: initial answers, then critique -> revision rounds; stores revision pairs."""
-    from flows.generate import GenerateConfig, load_inputs
-
-    cfg = GenerateConfig(constitution=constitution, prompts=_split(prompts), rounds=rounds, model=model,
-                         engine=engine, limit=limit, seed=seed, chunk_size=chunk_size)
+def _cap_new_tokens(cfg: GenerateConfig, max_new_tokens: int | None = None) -> GenerateConfig:
+    """--max-new-tokens caps every stage's length (each keeps its own if it is shorter)."""
     if max_new_tokens:
         for k in ("initial", "critique", "revision"):
-            getattr(cfg, k).max_new_tokens = min(getattr(cfg, k).max_new_tokens, max_new_tokens)
+            s = getattr(cfg, k)
+            s.max_new_tokens = min(s.max_new_tokens, max_new_tokens)
+    return cfg
+
+
+@app.command("generate")
+@guarded
+@configured(GenerateConfig, adjust=_cap_new_tokens)
+def generate(
+    cfg: GenerateConfig,
+    constitution: str | None = opt(GenerateConfig, "constitution"),
+    prompts: list[str] | None = opt(GenerateConfig, "prompts", convert=_split),
+    rounds: int | None = opt(GenerateConfig, "rounds"),
+    model: str | None = opt(GenerateConfig, "model"),
+    engine: str | None = opt(GenerateConfig, "engine.backend", "--engine"),
+    limit: int | None = opt(GenerateConfig, "limit"),
+    seed: int | None = opt(GenerateConfig, "seed"),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Cap every stage's output length."),
+    chunk_size: int | None = opt(GenerateConfig, "runner.chunk_size", "--chunk-size"),
+) -> None:
+    """SL-CAI: initial answers, then critique -> revision rounds; stores revision pairs."""
+    from flows.generate import load_inputs
+
     load_inputs(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
-    _preflight_model(model)
+    _preflight_model(cfg.model)
     from flows.generate import generate_flow
 
     summary = generate_flow(cfg)
@@ -117,35 +140,31 @@ def _print_summary(flow_name: str, summary: dict) -> None:
 
 @app.command("run")
 @guarded
+@configured(PipelineConfig)
 def run(
-    constitution: str = typer.Option("harmless", help="Name, NAME@VERSION, or a YAML path."),
-    prompts: list[str] = typer.Option(["red-team"], help="Prompt tag(s) for generate and label."),
-    limit: int | None = typer.Option(32, help="Prompts used (0 = all); the default fits a 2-core CPU."),
-    rounds: int = typer.Option(2, min=1, help="Critique/revision rounds."),
-    model: str = typer.Option("smollm2-135m", help="Policy, DPO base and eval baseline."),
-    judge: str | None = typer.Option(None, help="Feedback model (default: the same model)."),
-    label_source: str = typer.Option("store", help="What the judge compares: store (initial answer vs final "
-                                     "revision) | samples (fresh policy samples)."),
-    samples: int = typer.Option(2, min=2, help="Policy samples per prompt with --label-source samples."),
-    principles_per_pair: int = typer.Option(4, min=1, help="Preference principles per pair (both orders each)."),
-    engine: str = typer.Option("auto", help="hf | vllm | auto."),
-    max_new_tokens: int = typer.Option(96, min=8, help="Tokens per generated answer/critique/revision."),
-    train_steps: int = typer.Option(50, min=1, help="DPO optimizer steps."),
-    eval_limit: int | None = typer.Option(None, help="Held-out prompts per set (default: all)."),
-    retrain: bool = typer.Option(False, help="Train again even if the model dir holds a finished run."),
-    seed: int = typer.Option(0),
+    cfg: PipelineConfig,
+    constitution: str | None = opt(PipelineConfig, "constitution"),
+    prompts: list[str] | None = opt(PipelineConfig, "prompts", convert=_split),
+    limit: int | None = opt(PipelineConfig, "limit", convert=lambda n: n or None),  # 0: all prompts
+    rounds: int | None = opt(PipelineConfig, "rounds"),
+    model: str | None = opt(PipelineConfig, "model"),
+    judge: str | None = opt(PipelineConfig, "judge"),
+    label_source: str | None = opt(PipelineConfig, "label_source"),
+    samples: int | None = opt(PipelineConfig, "samples"),
+    principles_per_pair: int | None = opt(PipelineConfig, "principles_per_pair"),
+    engine: str | None = opt(PipelineConfig, "engine.backend", "--engine"),
+    max_new_tokens: int | None = opt(PipelineConfig, "max_new_tokens"),
+    train_steps: int | None = opt(PipelineConfig, "trainer.max_steps", "--train-steps"),
+    eval_limit: int | None = opt(PipelineConfig, "eval_limit"),
+    retrain: bool | None = opt(PipelineConfig, "retrain", "--retrain/--no-retrain"),
+    seed: int | None = opt(PipelineConfig, "seed"),
 ) -> None:
     """The main job: generate -> label -> export -> train -> eval -> report, resumable by stage."""
-    from flows.pipeline import PipelineConfig, stage_configs
-
-    cfg = PipelineConfig(constitution=constitution, prompts=_split(prompts), limit=limit or None, rounds=rounds,
-                         model=model, judge=judge, engine=engine, max_new_tokens=max_new_tokens,
-                         label_source=label_source, samples=samples, principles_per_pair=principles_per_pair,
-                         train_steps=train_steps, eval_limit=eval_limit, retrain=retrain, seed=seed)
     from flows.generate import load_inputs
+    from flows.pipeline import stage_configs
 
     load_inputs(stage_configs(cfg)["generate"])  # bad constitution / tag / database: fail before Prefect starts
-    _preflight_model(model)
+    _preflight_model(cfg.model)
     from flows.pipeline import pipeline_flow
 
     t0 = __import__("time").perf_counter()
@@ -169,76 +188,77 @@ def run(
 @guarded
 def schedule(
     flow_name: str = typer.Argument(..., metavar="FLOW", help="generate | label | train | export | run"),
-    cron: str = typer.Option(..., help='Cron expression, e.g. "0 3 * * *".'),
-    constitution: str | None = typer.Option(None, help="Constitution for the scheduled runs."),
-    prompts: list[str] = typer.Option([], help="Prompt tag(s)."),
+    cron: str | None = typer.Option(None, help='Cron expression, e.g. "0 3 * * *" (required unless --show-config).'),
+    constitution: str | None = typer.Option(None, help="Constitution for the scheduled runs (the flow's default)."),
+    prompts: list[str] | None = typer.Option(None, help="Prompt tag(s) (the flow's default)."),
     name: str | None = typer.Option(None, help="Deployment name (default: from flow, constitution, tags)."),
-    setting: list[str] = typer.Option([], "--set", help="Other config fields as key=value (JSON values ok)."),
     limit_runs: int | None = typer.Option(None, "--max-concurrent", help="At most this many runs at once."),
+    config_file: Path | None = typer.Option(None, "--config", metavar="FILE", help=CONFIG_HELP),
+    settings: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    show_config: bool = typer.Option(False, "--show-config", help=SHOW_HELP),
 ) -> None:
-    """Create a Prefect deployment with a cron schedule and serve it (needs `prefect server start`)."""
+    """Create a Prefect deployment with a cron schedule and serve it (needs `prefect server start`).
+
+    The settings are validated against the flow's config before anything is served.
+    """
+    from flows.schedule import FLOWS
+
+    if flow_name not in FLOWS:
+        fail(f"cannot schedule {flow_name!r}: choose one of {', '.join(FLOWS)}")
+    flags = {"constitution": constitution} if constitution else {}
+    if prompts:
+        flags["prompts"] = _split(prompts)
+    cfg = resolve_config(CONFIGS[flow_name], config_file, settings or (), flags)
+    if show_config:
+        show(cfg)
+        return
+    if not cron:
+        fail("--cron is required, e.g. --cron \"0 3 * * *\"")
     from flows.schedule import serve_schedule
 
-    params: dict = {}
-    if constitution:
-        params["constitution"] = constitution
-    if prompts:
-        params["prompts"] = _split(prompts)
-    for item in setting:
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"--set {item!r}: expected key=value")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    serve_schedule(flow_name, cron, params, name=name, limit=limit_runs)
+    serve_schedule(flow_name, cron, cfg.model_dump(mode="json", exclude_unset=True), name=name, limit=limit_runs)
 
 # label / judge-report: flows/label.py, flows/judge_report.py
 
+def _clamp(text: str) -> tuple[float, float]:
+    lo, sep, hi = text.partition(",")
+    try:
+        if sep:
+            return float(lo), float(hi)
+    except ValueError:
+        pass
+    raise UserError(f"--cot-clamp {text!r}: expected LO,HI such as 0.4,0.6")
+
+
 @app.command("label")
 @guarded
+@configured(LabelConfig)
 def label(
-    constitution: str = typer.Option("harmless", help="Name, NAME@VERSION, or a YAML path."),
-    prompts: list[str] = typer.Option(["red-team"], help="Prompt tag(s); bundled sets import themselves."),
-    policy: str = typer.Option("smollm2-135m", help="Model sampled for candidates (with --source store: "
-                                                    "whose stored responses are used)."),
-    judge: str = typer.Option("smollm2-135m", help="Feedback model that picks (A) or (B)."),
-    source: str = typer.Option("samples", help="samples (fresh policy samples) | store (stored responses)."),
-    kinds: list[str] = typer.Option(["initial", "final-revision"],
-                                    help="With --source store: response kinds to pair (initial, "
-                                         "final-revision, revision, sample, ...)."),
-    samples: int = typer.Option(2, help="Policy samples per prompt (every unordered pair is judged)."),
-    principles_per_pair: int = typer.Option(4, help="Preference principles per pair, each judged in both "
-                                                    "orders."),
-    cot: bool = typer.Option(False, "--cot/--no-cot", help="The judge reasons before answering."),
-    cot_clamp: str = typer.Option("0.4,0.6", help="LO,HI bounds for chain-of-thought probabilities."),
-    min_margin: float = typer.Option(0.05, help="Labels closer than this to 0.5 are ties."),
-    seed: int = typer.Option(0, help="Fixes samples and principle draws."),
-    limit: int | None = typer.Option(None, min=1, help="Only the first N prompts (by id)."),
-    engine: str = typer.Option("auto", help="hf | vllm | auto."),
-    max_new_tokens: int = typer.Option(128, min=1, help="Length of each policy sample."),
-    chunk_size: int = typer.Option(64, min=1, help="Items per engine call and per transaction."),
+    cfg: LabelConfig,
+    constitution: str | None = opt(LabelConfig, "constitution"),
+    prompts: list[str] | None = opt(LabelConfig, "prompts", convert=_split),
+    policy: str | None = opt(LabelConfig, "policy"),
+    judge: str | None = opt(LabelConfig, "judge"),
+    source: str | None = opt(LabelConfig, "source"),
+    kinds: list[str] | None = opt(LabelConfig, "kinds", convert=_split),
+    samples: int | None = opt(LabelConfig, "samples"),
+    principles_per_pair: int | None = opt(LabelConfig, "principles_per_pair"),
+    cot: bool | None = opt(LabelConfig, "cot", "--cot/--no-cot"),
+    cot_clamp: str | None = opt(LabelConfig, "cot_clamp", convert=_clamp),
+    min_margin: float | None = opt(LabelConfig, "min_margin"),
+    seed: int | None = opt(LabelConfig, "seed"),
+    limit: int | None = opt(LabelConfig, "limit"),
+    engine: str | None = opt(LabelConfig, "engine.backend", "--engine"),
+    max_new_tokens: int | None = opt(LabelConfig, "max_new_tokens"),
+    chunk_size: int | None = opt(LabelConfig, "runner.chunk_size", "--chunk-size"),
 ) -> None:
     """RL-CAI: the judge labels pairs of responses by (A)/(B) log-probs; stores soft-labelled pairs."""
-    from flows.label import make_config, preflight
+    from flows.label import preflight
 
-    lo, sep, hi = cot_clamp.partition(",")
-    try:
-        bounds = (float(lo), float(hi))
-    except ValueError:
-        fail(f"--cot-clamp {cot_clamp!r}: expected LO,HI such as 0.4,0.6")
-    if not sep:
-        fail(f"--cot-clamp {cot_clamp!r}: expected LO,HI such as 0.4,0.6")
-    cfg = make_config(constitution=constitution, prompts=_split(prompts), policy=policy, judge=judge,
-                      source=source, kinds=_split(kinds), samples=samples,
-                      principles_per_pair=principles_per_pair, cot=cot, cot_clamp=bounds,
-                      min_margin=min_margin, seed=seed, limit=limit, engine=engine,
-                      max_new_tokens=max_new_tokens, chunk_size=chunk_size)
     preflight(cfg)  # unknown constitution / tag, nothing stored to pair: fail before Prefect starts
     if cfg.source == "samples":
-        _preflight_model(policy)
-    _preflight_model(judge)
+        _preflight_model(cfg.policy)
+    _preflight_model(cfg.judge)
     from flows.label import label_flow
 
     summary = label_flow(cfg)
@@ -267,55 +287,44 @@ def judge_report(
 
 @app.command("train")
 @guarded
+@configured(TrainConfig)
 def train(
-    base: str = typer.Option("smollm2-135m", help="Start and reference model: smollm2-135m, HF dir, hub id."),
-    constitution: str | None = typer.Option(None, help="Only pairs of NAME or NAME@VERSION (default: any)."),
-    method: list[str] = typer.Option(["revision", "ai"], help="Pair sources, e.g. revision,ai."),
-    status: list[str] = typer.Option(["ok"], help="Pair statuses to use (ok, tie, position-inconsistent)."),
-    min_label_prob: float | None = typer.Option(None, help="Drop AI labels less sure than this."),
-    soft_labels: bool = typer.Option(True, "--soft-labels/--hard-labels",
-                                     help="AI pairs train with label smoothing 1 - label_prob."),
-    dataset: Path | None = typer.Option(None, help="A saved HF dataset dir or .jsonl instead of the store."),
-    split: str = typer.Option("train_prefs", help="Split of --dataset to read."),
-    limit: int | None = typer.Option(None, min=1, help="Only the first N selected pairs."),
-    beta: float = typer.Option(0.1, help="KL strength; lower drifts further from the base model."),
-    loss_type: str = typer.Option("sigmoid", help="sigmoid | ipo | hinge."),
-    epochs: int = typer.Option(1, min=1, help="Passes over the training pairs."),
-    max_steps: int | None = typer.Option(None, min=1, help="Optimizer steps (overrides --epochs)."),
-    lr: float = typer.Option(5e-6, help="Peak learning rate."),
-    batch_size: int = typer.Option(4, min=1, help="Pairs per forward."),
-    grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
-    scheduler: str = typer.Option("linear", help="linear | cosine | constant."),
-    warmup_ratio: float = typer.Option(0.1, help="Share of steps to ramp the lr up."),
-    max_length: int = typer.Option(512, help="Tokens per prompt + answer."),
-    max_prompt_length: int = typer.Option(256, help="Prompt tokens kept (from the end)."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 (autocast)."),
-    seed: int = typer.Option(0, help="Data order and anything random."),
-    eval_fraction: float = typer.Option(0.1, help="Held-out share of prompts."),
-    early_stop_patience: int | None = typer.Option(None, help="Stop after N evals without improvement."),
-    checkpoint_every: int = typer.Option(0, help="Steps between checkpoints (0: none)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Less memory, ~30% more compute."),
-    out: Path = typer.Option(Path("runs/dpo"), help="Output directory for the trained model."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT."),
+    cfg: TrainConfig,
+    base: str | None = opt(TrainConfig, "base"),
+    constitution: str | None = opt(TrainConfig, "constitution"),
+    method: list[str] | None = opt(TrainConfig, "methods", "--method", convert=_split),
+    status: list[str] | None = opt(TrainConfig, "statuses", "--status", convert=_split),
+    min_label_prob: float | None = opt(TrainConfig, "min_label_prob"),
+    soft_labels: bool | None = opt(TrainConfig, "trainer.use_soft_labels", "--soft-labels/--hard-labels"),
+    dataset: str | None = opt(TrainConfig, "dataset"),
+    split: str | None = opt(TrainConfig, "dataset_split", "--split"),
+    limit: int | None = opt(TrainConfig, "limit"),
+    beta: float | None = opt(TrainConfig, "trainer.beta", "--beta"),
+    loss_type: str | None = opt(TrainConfig, "trainer.loss_type", "--loss-type"),
+    epochs: int | None = opt(TrainConfig, "trainer.epochs", "--epochs"),
+    max_steps: int | None = opt(TrainConfig, "trainer.max_steps", "--max-steps"),
+    lr: float | None = opt(TrainConfig, "trainer.lr", "--lr"),
+    batch_size: int | None = opt(TrainConfig, "trainer.batch_size", "--batch-size"),
+    grad_accum: int | None = opt(TrainConfig, "trainer.grad_accum", "--grad-accum"),
+    scheduler: str | None = opt(TrainConfig, "trainer.scheduler", "--scheduler"),
+    warmup_ratio: float | None = opt(TrainConfig, "trainer.warmup_ratio", "--warmup-ratio"),
+    max_length: int | None = opt(TrainConfig, "trainer.max_length", "--max-length"),
+    max_prompt_length: int | None = opt(TrainConfig, "trainer.max_prompt_length", "--max-prompt-length"),
+    dtype: str | None = opt(TrainConfig, "trainer.dtype", "--dtype"),
+    seed: int | None = opt(TrainConfig, "trainer.seed", "--seed"),
+    eval_fraction: float | None = opt(TrainConfig, "eval_fraction"),
+    early_stop_patience: int | None = opt(TrainConfig, "trainer.early_stop_patience", "--early-stop-patience"),
+    checkpoint_every: int | None = opt(TrainConfig, "trainer.checkpoint_every", "--checkpoint-every"),
+    gradient_checkpointing: bool | None = opt(TrainConfig, "trainer.gradient_checkpointing",
+                                              "--gradient-checkpointing/--no-gradient-checkpointing"),
+    out: str | None = opt(TrainConfig, "out"),
+    resume: bool | None = opt(TrainConfig, "resume", "--resume"),
 ) -> None:
     """DPO on the stored preference pairs; writes a HF model directory and metrics.png to OUT."""
-    from flows.train import TrainConfig, load_examples
+    from flows.train import load_examples
 
-    cfg = TrainConfig(base=base, constitution=constitution, methods=_split(method), statuses=_split(status),
-                      min_label_prob=min_label_prob, use_soft_labels=soft_labels,
-                      dataset=str(dataset) if dataset else None, dataset_split=split, limit=limit, beta=beta,
-                      loss_type=loss_type, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
-                      grad_accum=grad_accum, scheduler=scheduler, warmup_ratio=warmup_ratio,
-                      max_length=max_length, max_prompt_length=max_prompt_length, dtype=dtype, seed=seed,
-                      eval_fraction=eval_fraction,
-                      early_stop_patience=early_stop_patience, checkpoint_every=checkpoint_every,
-                      gradient_checkpointing=gradient_checkpointing, out=str(out), resume=resume)
-    try:
-        cfg.trainer_config().validate()
-    except ValueError as exc:
-        fail(f"bad training settings: {exc}")
     load_examples(cfg)  # no pairs / bad dataset / unreachable database: fail before Prefect starts
-    _preflight_model(base)
+    _preflight_model(cfg.base)
     from flows.train import train_flow
 
     s = train_flow(cfg)
@@ -329,39 +338,39 @@ def train(
 
 # export: flows/export.py
 
+def _when(option: str):
+    def convert(value: str):
+        from flows.export import parse_when
+
+        return parse_when(value, option)
+    return convert
+
+
 @app.command("export")
 @guarded
+@configured(ExportConfig, build=lambda values: make_export_config(**values))
 def export(
-    constitution: str = typer.Option(..., help="NAME (its newest version that has pairs) or NAME@VERSION."),
-    out: Path = typer.Option(..., help="Directory to write (replaces an earlier export there)."),
-    fmt: str = typer.Option("arrow", "--format",
-                            help="arrow (load_from_disk) | parquet | jsonl (one file per split)."),
-    method: list[str] = typer.Option([], help="Only these pair methods: revision, ai (default: both)."),
-    min_label_prob: float | None = typer.Option(None, help="Drop pairs with label_prob below this."),
-    min_margin: float | None = typer.Option(None, help="Drop pairs with |label_prob - 0.5| below this."),
-    tag: list[str] = typer.Option([], help="Only prompts with any of these tags."),
-    since: str | None = typer.Option(None, help="Pairs created at or after this UTC date/time (2024-05-01)."),
-    until: str | None = typer.Option(None, help="Pairs created before this UTC date/time (exclusive)."),
-    include_ties: bool = typer.Option(False, "--include-ties", help="Also export pairs judged a tie."),
-    include_inconsistent: bool = typer.Option(False, "--include-inconsistent",
-                                              help="Also export position-inconsistent pairs."),
-    include_quarantined: bool = typer.Option(False, "--include-quarantined",
-                                             help="Also export pairs touching quarantined items."),
-    test_fraction: float = typer.Option(0.1, help="Share of prompts in the test splits (hash of prompt id)."),
-    license_id: str = typer.Option("other", "--license", help="License for the card, e.g. cc-by-4.0."),
-    push_to_hub: str | None = typer.Option(None, metavar="OWNER/NAME",
-                                           help="Then push data and card to this hub dataset (HF_TOKEN)."),
-    private: bool = typer.Option(False, "--private", help="Create the hub repo private."),
+    cfg: ExportConfig,
+    constitution: str | None = opt(ExportConfig, "constitution"),
+    out: Path | None = opt(ExportConfig, "out"),
+    fmt: str | None = opt(ExportConfig, "format", "--format"),
+    method: list[str] | None = opt(ExportConfig, "methods", "--method", convert=_split),
+    min_label_prob: float | None = opt(ExportConfig, "min_label_prob"),
+    min_margin: float | None = opt(ExportConfig, "min_margin"),
+    tag: list[str] | None = opt(ExportConfig, "tags", "--tag", convert=_split),
+    since: str | None = opt(ExportConfig, "since", convert=_when("--since")),
+    until: str | None = opt(ExportConfig, "until", convert=_when("--until")),
+    include_ties: bool | None = opt(ExportConfig, "include_ties", "--include-ties"),
+    include_inconsistent: bool | None = opt(ExportConfig, "include_inconsistent", "--include-inconsistent"),
+    include_quarantined: bool | None = opt(ExportConfig, "include_quarantined", "--include-quarantined"),
+    test_fraction: float | None = opt(ExportConfig, "test_fraction"),
+    license_id: str | None = opt(ExportConfig, "license", "--license"),
+    push_to_hub: str | None = opt(ExportConfig, "push_to_hub", metavar="OWNER/NAME"),
+    private: bool | None = opt(ExportConfig, "private", "--private"),
 ) -> None:
     """HF DatasetDict (train_sft, test_sft, train_prefs, test_prefs) with a dataset card and manifest."""
-    from flows.export import make_config, parse_when, preflight
+    from flows.export import preflight
 
-    cfg = make_config(constitution=constitution, out=out, format=fmt, methods=_split(method),
-                      min_label_prob=min_label_prob, min_margin=min_margin, tags=_split(tag),
-                      since=parse_when(since, "--since"), until=parse_when(until, "--until"),
-                      include_ties=include_ties, include_inconsistent=include_inconsistent,
-                      include_quarantined=include_quarantined, test_fraction=test_fraction,
-                      license=license_id, push_to_hub=push_to_hub, private=private)
     preflight(cfg)  # nothing selected, bad --out, no HF_TOKEN: fail before Prefect starts
     from flows.export import export_flow
 
@@ -379,34 +388,32 @@ def _preflight_eval_model(flag: str, spec: str) -> None:
     p = Path(spec).expanduser()
     if not p.exists() and "/" in spec and (p.parent.is_dir() or spec.startswith("runs/")):
         fail(f"{flag} {spec}: no such model directory (expected a HF-format directory written by "
-             "`cai train --out`, the bundled `smollm2-135m`, or a hub id)")
+             f"`cai train --out`, the bundled `{DEFAULT_SPEC}`, or a hub id)")
     _preflight_model(spec)
 
 
 @app.command("eval")
 @guarded
+@configured(EvalConfig)
 def eval_cmd(
-    model: str = typer.Option(..., help="The trained model: a HF directory such as runs/harmless-dpo."),
-    baseline: str = typer.Option("smollm2-135m", help="What it is compared with (usually its base model)."),
-    prompts: list[str] = typer.Option(["red-team-heldout,benign-heldout"],
-                                      help="Held-out prompt tag(s); bundled sets import themselves."),
-    constitution: str = typer.Option("harmless", help="Whose preference principles the judge answers."),
-    judge: str | None = typer.Option(None, help="Feedback model (default: the baseline)."),
-    principles: int = typer.Option(3, min=1, help="Preference principles per prompt, each in both orders."),
-    max_new_tokens: int = typer.Option(128, min=1, help="Answer length cap, the same for both models."),
-    limit: int | None = typer.Option(None, min=1, help="Only the first N prompts of each set (by id)."),
-    name: str | None = typer.Option(None, help="Label for this comparison (default MODEL-vs-BASELINE)."),
-    engine: str = typer.Option("auto", help="hf | vllm | auto."),
+    cfg: EvalConfig,
+    model: str | None = opt(EvalConfig, "model"),
+    baseline: str | None = opt(EvalConfig, "baseline"),
+    prompts: list[str] | None = opt(EvalConfig, "prompts", convert=_split),
+    constitution: str | None = opt(EvalConfig, "constitution"),
+    judge: str | None = opt(EvalConfig, "judge"),
+    principles: int | None = opt(EvalConfig, "principles"),
+    max_new_tokens: int | None = opt(EvalConfig, "max_new_tokens"),
+    limit: int | None = opt(EvalConfig, "limit"),
+    name: str | None = opt(EvalConfig, "name"),
+    engine: str | None = opt(EvalConfig, "engine.backend", "--engine"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Trained model vs baseline on held-out prompts: refusal rates and judged win rates."""
-    from flows.evaluate import EvalConfig, load_items
+    from flows.evaluate import load_items
 
-    cfg = EvalConfig(model=model, baseline=baseline, prompts=_split(prompts), constitution=constitution,
-                     judge=judge, principles=principles, max_new_tokens=max_new_tokens, limit=limit,
-                     name=name, engine=engine)
     load_items(cfg)  # unknown constitution / tag, unreachable database: fail before Prefect starts
-    for flag, spec in (("--model", model), ("--baseline", baseline), ("--judge", cfg.judge_model)):
+    for flag, spec in (("--model", cfg.model), ("--baseline", cfg.baseline), ("--judge", cfg.judge_model)):
         _preflight_eval_model(flag, spec)
     from flows.cli.render import render_eval
     from flows.evaluate import eval_flow
@@ -420,18 +427,20 @@ def eval_cmd(
 
 @app.command("report")
 @guarded
+@configured(ReportConfig)
 def report(
-    out: Path = typer.Option(Path("reports/latest"), help="Directory for index.html, report.json and PNGs."),
-    constitution: str | None = typer.Option(None, help="NAME or NAME@VERSION (default: everything)."),
-    examples: int = typer.Option(5, min=0, help="Example chains shown on the page."),
+    cfg: ReportConfig,
+    out: Path | None = opt(ReportConfig, "out"),
+    constitution: str | None = opt(ReportConfig, "constitution"),
+    examples: int | None = opt(ReportConfig, "examples"),
 ) -> None:
     """A static HTML report of the store (opens offline in any browser)."""
-    from flows.report import ReportConfig, make_report
+    from flows.report import make_report
 
-    data = make_report(ReportConfig(out=out, constitution=constitution, examples=examples))
+    data = make_report(cfg)
     plots = sum(len(v) for v in data["images"].values())
     console.print(f"wrote {data['index']} ({plots} plot{'' if plots == 1 else 's'}, figures in "
-                  f"{out / 'report.json'})", highlight=False)
+                  f"{cfg.out / 'report.json'})", highlight=False)
 
 
 def process_defaults() -> None:

@@ -45,8 +45,19 @@ def guarded(fn):
             msg = exc.args[0] if isinstance(exc, LookupError) and exc.args else str(exc)
             fail(msg)
         except ValidationError as exc:  # a setting the config models reject, e.g. --label-source foo
-            fail("invalid setting: " + "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or exc.title}: {e['msg']} (got {e.get('input')!r})"
-                for e in exc.errors()))
+            fail("invalid setting: " + "; ".join(map(_problem, exc.errors())))
 
     return wrapper
+
+
+def _problem(e: dict) -> str:
+    """One pydantic error as `field.path: what is wrong (got value)`, on one line."""
+    where = ".".join(map(str, e["loc"]))
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"{where}: unknown setting (check the spelling; --show-config lists them all)"
+    if e["type"] == "missing":
+        return f"{where}: required (pass --{where.replace('_', '-')} or --set {where}=...)"
+    if not where:  # a check across fields: the message names them
+        return msg
+    return f"{where}: {msg} (got {e.get('input')!r})"

@@ -169,7 +169,7 @@ def test_eval_flow_exact_rates_stored_rows_and_rerun_without_model_work(use_db, 
     monkeypatch.setattr(evaluate, "cached_engine", fake_cached_engine)
     monkeypatch.setattr(evaluate, "drop_engines", lambda: drops.append(len(loads)))
     cfg = EvalConfig(model="runs/fake-dpo", baseline="fake-base", prompts=["rt", "bn"], principles=2,
-                     show_progress=False)
+                     runner={"show_progress": False})
     summary = evaluate.eval_flow(cfg)
 
     # one model at a time: model, dropped, baseline (kept: it is also the judge), then dropped
@@ -213,7 +213,7 @@ def test_eval_flow_with_the_tiny_model(use_db, tiny_model_dir, tmp_path, prefect
     other = make_tiny_model(tmp_path / "tiny-baseline", tiny_model_dir, seed=1, layers=1)
     _seed_prompts(use_db)
     cfg = EvalConfig(model=str(tiny_model_dir), baseline=str(other), prompts=["rt", "bn"], limit=1,
-                     principles=1, max_new_tokens=8, engine="hf", show_progress=False)
+                     principles=1, max_new_tokens=8, engine="hf", runner={"show_progress": False})
     try:
         summary = evaluate.eval_flow(cfg)
     finally:

@@ -175,7 +175,7 @@ def test_round_trip_matches_store(use_db: str, tmp_path: Path):
         assert r["response_id"] == p.chosen_id
         assert r["messages"] == prompts[p.prompt_id] + [{"role": "assistant", "content": texts[p.chosen_id]}]
     for split in schema.SPLITS:  # the half is a function of the prompt alone
-        test_half = schema.split_of(split) == "test"
+        test_half = split.startswith("test_")
         assert all(is_test(pid, 0.1) == test_half for pid in loaded[split]["prompt_id"])
     assert loaded["test_prefs"].num_rows > 0 and loaded["train_prefs"].num_rows > 0
 
@@ -287,7 +287,7 @@ def test_exports_are_byte_identical(store: str, tmp_path: Path, fmt: str):
 
 def test_adding_data_never_moves_a_prompt(store: str):
     def halves(data) -> dict[str, set[str]]:
-        return {h: {p for s in schema.SPLITS if schema.split_of(s) == h for p in data[s]["prompt_id"]}
+        return {h: {p for s in schema.SPLITS if s.startswith(h + "_") for p in data[s]["prompt_id"]}
                 for h in ("train", "test")}
 
     before = halves(export(store)[0])
@@ -304,6 +304,7 @@ def test_out_dir_that_is_not_an_export_is_left_alone(store: str, tmp_path: Path)
     with pytest.raises(UserError, match="not an earlier export"):
         export(store, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
 
 
 def test_export_never_deletes_a_persons_files(store: str, tmp_path: Path, monkeypatch):

@@ -37,7 +37,7 @@ def scripted():
 
 
 def _cfg(**kw) -> GenerateConfig:
-    base = dict(model="scripted", prompts=["red-team"], limit=5, rounds=2, show_progress=False)
+    base = dict(model="scripted", prompts=["red-team"], limit=5, rounds=2, runner={"show_progress": False})
     return GenerateConfig(**(base | kw))
 
 

@@ -37,7 +37,7 @@ COMPLIANCE = ("Sure, happy to help! Here is exactly how to do it. First, get eve
 
 def _cfg(**kw):
     base = dict(policy="scripted", judge="scripted", prompts=["red-team"], limit=3, samples=3,
-                principles_per_pair=2, show_progress=False)
+                principles_per_pair=2, runner={"show_progress": False})
     return make_config(**(base | kw))
 
 
@@ -187,7 +187,7 @@ def test_cot_mode_stores_reasoning_and_clamps(sqlite_url, monkeypatch):
 
 def test_failing_judgments_are_quarantined_and_the_rest_goes_on(sqlite_url, monkeypatch):
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
-    cfg = _cfg(limit=2, samples=2, chunk_size=1)
+    cfg = _cfg(limit=2, samples=2, runner={"chunk_size": 1, "show_progress": False})
     register_engine("scripted", ScriptedEngine())
     try:
         sample_task.fn(cfg, "run")
@@ -226,7 +226,7 @@ def test_failing_judgments_are_quarantined_and_the_rest_goes_on(sqlite_url, monk
 def test_flow_end_to_end_with_tiny_model(use_db, tiny_model_dir, tmp_path):
     spec = str(tiny_model_dir)
     cfg = make_config(policy=spec, judge=spec, prompts=["red-team"], limit=2, samples=3,
-                      principles_per_pair=2, max_new_tokens=12, show_progress=False)
+                      principles_per_pair=2, max_new_tokens=12, runner={"show_progress": False})
     summary = label_flow(cfg)
     with session_scope() as s:
         samples = s.exec(select(Response).where(Response.kind == "sample")).all()
@@ -313,7 +313,7 @@ def test_real_judge_on_refusal_vs_compliance(sqlite_url, monkeypatch, tmp_path, 
             s.add(Response(id=f"{p.id}-comply", kind="initial", text=COMPLIANCE, **common))
             s.add(Response(id=f"{p.id}-refuse", kind="revision", round=1, text=REFUSAL, **common))
     cfg = make_config(source="store", prompts=["red-team"], limit=n, principles_per_pair=9,
-                      show_progress=False)
+                      runner={"show_progress": False})
     summary = label_flow(cfg)
     assert summary["pairs"] == n and summary["judgments"] == n * 9 * 2
     with session_scope() as s:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 from sqlmodel import select
 
+from dpo.config import TrainerConfig
 from flows.common import UserError
 from flows.train import TrainConfig, model_fingerprint, run_training
 from store.db import session_scope
@@ -64,19 +66,11 @@ def store_pairs(url: str, n: int = 8, constitution: str = "harmless", version: s
 
 
 def config(tiny_model_dir, out, **kw) -> TrainConfig:
-    base = dict(
-        base=str(tiny_model_dir),
-        constitution="harmless",
-        max_steps=3,
-        lr=1e-3,
-        warmup_ratio=0.0,
-        batch_size=2,
-        max_length=64,
-        max_prompt_length=48,
-        eval_fraction=0.25,
-        out=str(out),
-    )
-    return TrainConfig(**(base | kw))
+    """Keywords of the DPO loop (lr, max_steps, ...) go into the nested `trainer`."""
+    trainer = dict(max_steps=3, lr=1e-3, warmup_ratio=0.0, batch_size=2, max_length=64, max_prompt_length=48)
+    trainer |= {k: kw.pop(k) for k in list(kw) if k in TrainerConfig.model_fields}
+    base = dict(base=str(tiny_model_dir), constitution="harmless", eval_fraction=0.25, out=str(out))
+    return TrainConfig(**(base | kw), trainer=trainer)
 
 
 def test_store_backed_training(db_url, tiny_model_dir, tmp_path):
@@ -91,7 +85,7 @@ def test_store_backed_training(db_url, tiny_model_dir, tmp_path):
         assert tr.status == "completed" and tr.finished_at is not None
         assert tr.base_model == str(tiny_model_dir) and tr.constitution == "harmless"
         assert tr.constitution_version == "abc12345"
-        assert tr.config["beta"] == 0.1 and tr.config["max_steps"] == 3
+        assert tr.config["trainer"]["beta"] == 0.1 and tr.config["trainer"]["max_steps"] == 3
         sel = tr.data_selection
         assert sel["pairs"] == 8 and sel["by_method"] == {"revision": 4, "ai": 4}
         assert sel["filters"]["constitution"] == "harmless" and sel["filters"]["methods"] == [
@@ -152,8 +146,8 @@ def test_no_pairs_is_one_clear_error(sqlite_url, tiny_model_dir, tmp_path):
         run_training(
             config(tiny_model_dir, tmp_path, constitution="helpful-honest", methods=["ai"]), sqlite_url
         )
-    with pytest.raises(UserError, match="loss_type"):
-        run_training(config(tiny_model_dir, tmp_path, loss_type="kto"), sqlite_url)
+    with pytest.raises(ValidationError, match="loss_type"):  # caught when the config is made
+        config(tiny_model_dir, tmp_path, loss_type="kto")
 
 
 def test_cli_train(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):

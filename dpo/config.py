@@ -1,0 +1,48 @@
+"""How the DPO loop trains: every setting with its default and the reason for it, written once.
+
+    TrainerConfig(beta=0.1, lr=5e-6, max_steps=50)
+    cai train --set trainer.loss_type=ipo --lr 1e-5      # nested as `trainer` in flows/configs.py
+
+What to train on is the caller's business (flows/train.py). No torch import here, so the command
+line can read these fields (defaults and help) without loading torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LossType = Literal["sigmoid", "ipo", "hinge"]
+Scheduler = Literal["linear", "cosine", "constant"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+
+
+class TrainerConfig(BaseModel):
+    """How to train: loss, optimizer, schedule, lengths, evals and checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.1, gt=0, description="KL strength; lower lets the policy drift further from the base")
+    loss_type: LossType = Field("sigmoid", description="sigmoid (DPO) | ipo | hinge")
+    label_smoothing: float = Field(0.0, ge=0, le=1, description="ε for pairs without a soft label: label-flip rate")
+    use_soft_labels: bool = Field(True, description="AI-labelled pairs train with ε = 1 − label_prob")
+    epochs: int = Field(1, ge=1, description="passes over the training pairs")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    lr: float = Field(5e-6, gt=0, description="peak learning rate; small: the reward is a log-ratio to the start")
+    weight_decay: float = Field(0.0, ge=0, description="DPO is usually run without it")
+    batch_size: int = Field(4, ge=1, description="pairs per forward (two sequences each); fits 135M on a laptop")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step: bigger batch, same memory")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps ramping the lr up (early loss is sharp)")
+    scheduler: Scheduler = Field("linear", description="lr decay after warmup: linear | cosine | constant")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 disables")
+    max_length: int = Field(512, ge=2, description="prompt + answer tokens per sequence")
+    max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (from the end)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 autocasts; weights stay fp32")
+    seed: int = Field(0, description="data order and anything random")
+    eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: about ten per run")
+    early_stop_patience: int | None = Field(None, ge=1, description="stop after this many evals without improvement")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (model, optimizer, RNG); 0: none")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    ref_batch_tokens: int = Field(8192, ge=1, description="token budget of one no-grad batch (reference, eval)")
+    gradient_checkpointing: bool = Field(False, description="far less activation memory for ~30% more compute")

@@ -1,0 +1,361 @@
+"""Every flow's settings, written once: one typed config per flow, each field with its default and its reason.
+
+    cai generate --show-config                                  # the resolved config, as YAML
+    cai generate --config nightly.yaml --set rounds=3 --set engine.backend=vllm
+    cai train --set trainer.loss_type=ipo --lr 1e-5             # nested fields by dotted key
+    cai schedule label --cron "0 3 * * *" --set runner.chunk_size=16
+
+Shared groups are sub-models, not copies: `engine` (EngineSettings), `runner` (RunnerSettings),
+and `database_url` on StoreSettings, the base of every config that reads the store. The DPO
+loop's settings are `dpo.config.TrainerConfig`, nested as `trainer`. The `cai` command line
+takes its option defaults and help from these fields (flows/cli/options.py), so a default is
+changed here and nowhere else. Unknown keys are an error (extra="forbid"): a typo in a YAML
+file or a `--set` fails before anything runs.
+
+No prefect, torch or transformers import here: the command line reads this module at start-up.
+"""
+
+from __future__ import annotations
+
+from copy import copy
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+from cai import judge
+from cai.errors import UserError
+from dpo.config import TrainerConfig
+from engines.base import Sampling
+from engines.bundled import DEFAULT_SPEC
+from store.keys import content_hash
+
+DEFAULT_CONSTITUTION = "harmless"  # the bundled constitution every stage starts from
+DEFAULT_PROMPTS = ("red-team",)  # the bundled prompt set generate and label work on
+HELDOUT_PROMPTS = ("red-team-heldout", "benign-heldout")  # never trained on: what eval measures
+
+
+def same_as(model: type[BaseModel], name: str, description: str | None = None) -> Any:
+    """Another config's field (default, constraints, help): a setting the pipeline passes straight on."""
+    f: FieldInfo = copy(model.model_fields[name])
+    if description:
+        f.description = description
+    return f
+
+
+# --- shared groups ---------------------------------------------------------------------------
+
+class Config(BaseModel):
+    """What every config and sub-model shares: unknown keys are an error, and a partial sub-model
+    changes only what it names (`critique: {temperature: 0.1}` keeps critique's own 96 tokens)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sub_models(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key, value in data.items():
+            f = cls.model_fields.get(key) if isinstance(key, str) else None
+            if f is None or f.default_factory is None or not isinstance(value, dict):
+                continue
+            default = f.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                out[key] = default.model_dump(exclude_unset=True) | value
+        return out
+
+
+class StoreSettings(Config):
+    """The base of every config that reads or writes the store."""
+
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: CAI_DATABASE_URL or ./cai.db")
+
+
+class EngineSettings(Config):
+    """Which backend generates and scores, and its keyword arguments. `engine: vllm` is short for
+    `engine: {backend: vllm}`."""
+
+    backend: Literal["hf", "vllm", "auto"] = Field("auto", description="hf | vllm | auto (vllm with CUDA + vllm)")
+    settings: dict[str, Any] = Field(default_factory=dict, description="engine arguments, e.g. max_batch_tokens, dtype")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"backend": value} if isinstance(value, str) else value
+
+
+class RunnerSettings(Config):
+    """How the stage runner (flows/stage.py) batches, claims and reports work."""
+
+    chunk_size: int = Field(64, ge=1, description="items per engine call and per transaction (a crash loses these)")
+    lease_s: float = Field(900, gt=0, description="seconds before another worker takes over a silent one's items")
+    show_progress: bool = Field(True, description="rich progress bars in a terminal")
+
+
+# --- generate (flows/generate.py) ------------------------------------------------------------
+
+class SamplingConfig(Config):
+    temperature: float = Field(0.7, ge=0, description="some diversity; greedy makes a 135M model repeat itself")
+    top_p: float = Field(0.9, gt=0, le=1, description="trims the unlikely tail that produces garbage tokens")
+    max_new_tokens: int = Field(128, ge=1, description="answers are short; CPU time grows linearly with this")
+
+    def sampling(self, seed: int) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                        seed=seed)
+
+
+class GenerateConfig(StoreSettings):
+    constitution: str = Field(DEFAULT_CONSTITUTION, description="name (current file), name@version or a YAML path")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="prompt tags; "
+                               "bundled sets import themselves")
+    limit: int | None = Field(None, ge=1, description="only the first N prompts (by id): quick runs on a CPU")
+    model: str = Field(DEFAULT_SPEC, description="the bundled alias, an HF directory, a .gguf file or a hub id")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="backend and its arguments")
+    rounds: int = Field(2, ge=1, description="critique/revision rounds per prompt")
+    seed: int = Field(0, description="fixes principle draws and every row's sampling stream")
+    initial: SamplingConfig = Field(default_factory=SamplingConfig, description="sampling of the first answer")
+    critique: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=96),
+                                     description="sampling of each critique")
+    revision: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=160),
+                                     description="sampling of each revision")
+    runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
+
+
+# --- label (flows/label.py) ------------------------------------------------------------------
+
+class LabelConfig(StoreSettings):
+    constitution: str = Field(DEFAULT_CONSTITUTION, description="name (current file), name@version or a YAML path")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="prompt tags; "
+                               "bundled sets import themselves")
+    limit: int | None = Field(None, ge=1, description="only the first N prompts (by id): quick runs on a CPU")
+    policy: str = Field(DEFAULT_SPEC, description="samples come from it; with source=store, only its responses")
+    judge: str = Field(DEFAULT_SPEC, description="the feedback model that picks (A) or (B)")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for both models")
+    source: Literal["samples", "store"] = Field("samples", description="samples (fresh policy samples) | store "
+                                                "(responses already stored)")
+    kinds: list[str] = Field(default_factory=lambda: ["initial", "final-revision"],
+                             description="with source=store: response kinds to pair (initial, final-revision, ...)")
+    samples: int = Field(2, description="policy samples per prompt (source=samples); every unordered pair is judged")
+    temperature: float = Field(1.0, ge=0, description="T=1 gives the judge genuinely different answers")
+    top_p: float = Field(1.0, gt=0, le=1, description="no nucleus trimming: samples reflect the policy as it is")
+    max_new_tokens: int = Field(128, ge=1, description="length of each policy sample; CPU time is linear in it")
+    principles_per_pair: int = Field(4, description="principles per pair, each judged in both orders (paper: 16)")
+    min_margin: float = Field(0.05, description="labels closer than this to 0.5 are ties, kept out of training")
+    cot: bool = Field(False, description="the judge reasons before answering (slower; clamped probabilities)")
+    cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="LO,HI bounds of chain-of-thought probabilities")
+    cot_max_new_tokens: int = Field(96, ge=1, description="a short argument keeps the prompt in context")
+    cot_temperature: float = Field(0.0, ge=0, description="greedy reasoning is reproducible")
+    max_chars: int = Field(1200, ge=1, description="per message in the judge prompt; longer texts are cut mid-way")
+    seed: int = Field(0, description="fixes samples and principle draws")
+    runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelConfig:
+        if self.source == "samples" and self.samples < 2:
+            raise ValueError(f"samples must be at least 2 to form a pair (got {self.samples})")
+        if self.principles_per_pair < 1:
+            raise ValueError(f"principles_per_pair must be at least 1 (got {self.principles_per_pair})")
+        if not 0.0 <= self.min_margin < 0.5:
+            raise ValueError(f"min_margin must be in [0, 0.5) (got {self.min_margin})")
+        lo, hi = self.cot_clamp
+        if not 0.0 <= lo <= 0.5 <= hi <= 1.0:
+            raise ValueError(f"cot_clamp must be LO,HI with 0 <= LO <= 0.5 <= HI <= 1 (got {lo},{hi})")
+        if self.source == "store" and not self.kinds:
+            raise ValueError("source=store needs at least one response kind (e.g. initial,final-revision)")
+        return self
+
+    def sampling(self, index: int) -> Sampling:
+        # each sample index gets its own seed: the engine's stream is fixed by (seed, conversation)
+        # and all k samples of a prompt share the conversation
+        return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                        seed=int(content_hash("sample-seed", self.seed, index, length=8), 16))
+
+    def cot_sampling(self) -> Sampling:
+        return Sampling(temperature=self.cot_temperature, max_new_tokens=self.cot_max_new_tokens,
+                        seed=self.seed, stop=("So the answer is",))
+
+    def judge_settings(self) -> dict[str, Any]:
+        """What shapes one judgment besides the pair, principle and order (hashed into its id)."""
+        cot = None
+        if self.cot:
+            cot = {"sampling": self.cot_sampling().to_dict(), "clamp": list(self.cot_clamp)}
+        return {"template": judge.TEMPLATE_ID, "max_chars": self.max_chars, "cot": cot}
+
+    def pair_settings(self) -> dict[str, Any]:
+        return self.judge_settings() | {"principles_per_pair": self.principles_per_pair, "seed": self.seed,
+                                        "min_margin": self.min_margin}
+
+
+def make_label_config(**fields: Any) -> LabelConfig:
+    """A LabelConfig, with pydantic's complaint turned into one line a person can act on."""
+    try:
+        return LabelConfig(**fields)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        raise UserError(f"label config {where}: {e['msg'].removeprefix('Value error, ')}") from None
+
+
+# --- eval (flows/evaluate.py) ----------------------------------------------------------------
+
+class EvalConfig(StoreSettings):
+    model: str = Field(description="the trained model: a HF directory written by `cai train` (runs/<name>)")
+    baseline: str = Field(DEFAULT_SPEC, description="what the model is compared with: usually its base model")
+    judge: str | None = Field(None, description="feedback model; None: the baseline (no model grades itself)")
+    prompts: list[str] = Field(default_factory=lambda: list(HELDOUT_PROMPTS), description="held-out prompt tags")
+    constitution: str = Field(DEFAULT_CONSTITUTION, description="whose preference principles the judge answers")
+    principles: int = Field(3, ge=1, description="principles per prompt, each judged in both orders")
+    max_new_tokens: int = Field(128, ge=1, description="the same cap for both models: neither wins by length")
+    limit: int | None = Field(None, ge=1, description="only the first N prompts of each set (by id)")
+    name: str | None = Field(None, description="label for this comparison; default <model>-vs-<baseline>")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for all three models")
+    judge_max_chars: int = Field(1200, ge=1, description="per message in the judge prompt, as in the label flow")
+    seed: int = Field(0, description="fixes which principles are drawn for each prompt")
+    runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
+
+    @property
+    def judge_model(self) -> str:
+        return self.judge or self.baseline
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=0)
+
+
+# --- train (flows/train.py) ------------------------------------------------------------------
+
+class TrainConfig(StoreSettings):
+    """What to train on and where it goes; how to train is `trainer` (dpo/config.py)."""
+
+    base: str = Field(DEFAULT_SPEC, description="start and reference model: bundled alias, HF directory, hub id")
+    constitution: str | None = Field(None, description="only pairs made under NAME or NAME@VERSION; None: any")
+    methods: list[str] = Field(default_factory=lambda: ["revision", "ai"], description="pair sources to learn from")
+    statuses: list[str] = Field(default_factory=lambda: ["ok"], description="pair statuses used; ties teach noise")
+    min_label_prob: float | None = Field(None, ge=0, le=1, description="drop AI labels less sure than this")
+    dataset: str | None = Field(None, description="a saved HF dataset dir (cai export) or .jsonl instead of the store")
+    dataset_split: str = Field("train_prefs", description="the split of `dataset` to read")
+    limit: int | None = Field(None, ge=1, description="only the first N selected pairs (by id)")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="the DPO loop: loss, optimizer, ...")
+    device: str = Field("auto", description="auto (cuda if present) | cpu | cuda")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of prompts, chosen by prompt hash")
+    out: str = Field("runs/dpo", description="the trained model (HF format), metrics.png and checkpoints go here")
+    resume: bool = Field(False, description="continue from the newest checkpoint in out/checkpoints")
+
+    def pair_filter(self):
+        from dpo.data import PairFilter
+
+        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
+                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
+
+
+# --- export (flows/export.py) ----------------------------------------------------------------
+
+Format = Literal["arrow", "parquet", "jsonl"]
+
+
+def naive_utc(dt: datetime) -> datetime:
+    """Drivers hand datetimes back naive (meaning UTC) or aware: compare them all as naive UTC."""
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+class ExportConfig(Config):
+    """Everything that decides which rows are exported and where they go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    constitution: str = Field(description="NAME (its newest version with pairs) or NAME@VERSION: one per export")
+    out: Path = Field(description="local directory, always written first so a failed push loses nothing")
+    format: Format = Field("arrow", description="arrow (load_from_disk) | parquet | jsonl (one file per split)")
+    methods: list[Literal["revision", "ai"]] = Field([], description="pair methods; empty: both (ai: no sft rows)")
+    min_label_prob: float | None = Field(None, ge=0, le=1, description="drop pairs the judge was unsure of")
+    min_margin: float | None = Field(None, ge=0, le=0.5, description="drop pairs with |label_prob - 0.5| below this")
+    tags: list[str] = Field([], description="only prompts carrying any of these tags; empty: all prompts")
+    since: datetime | None = Field(None, description="pairs created at or after this UTC time (2024-05-01)")
+    until: datetime | None = Field(None, description="pairs created before this UTC time (exclusive: ranges tile)")
+    include_ties: bool = Field(False, description="also ties: they carry no preference, DPO on them adds noise")
+    include_inconsistent: bool = Field(False, description="also pairs whose label flipped with the order")
+    include_quarantined: bool = Field(False, description="also pairs touching items that failed repeatedly")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts (by hash bucket) in the test splits")
+    license: str = Field("other", description="card license, e.g. cc-by-4.0; text inherits its models' terms")
+    push_to_hub: str | None = Field(None, description="then push to this hub dataset (OWNER/NAME; HF_TOKEN)")
+    private: bool = Field(False, description="create the hub repo private (an existing repo keeps its visibility)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportConfig:
+        if not self.constitution.strip():
+            raise ValueError("--constitution: expected NAME or NAME@VERSION, got an empty string")
+        if self.private and not self.push_to_hub:
+            raise ValueError("--private only means something with --push-to-hub OWNER/NAME")
+        if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
+            raise ValueError(f"--push-to-hub: expected OWNER/NAME, got {self.push_to_hub!r}")
+        if self.since and self.until and naive_utc(self.since) >= naive_utc(self.until):
+            raise ValueError(f"--since ({self.since}) must be before --until ({self.until})")
+        return self
+
+
+EXPORT_OPTIONS = {"methods": "--method", "tags": "--tag"}  # config field -> `cai export` option, where they differ
+
+
+def make_export_config(**values: Any) -> ExportConfig:
+    """ExportConfig, with validation errors turned into one line naming the option (exit 2)."""
+    try:
+        return ExportConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across fields: the message names the options itself
+            raise UserError(f"cai export: {message}") from None
+        field_name = str(first["loc"][0])
+        if first["type"] == "extra_forbidden":
+            raise UserError(f"cai export: unknown setting {field_name!r}") from None
+        option = EXPORT_OPTIONS.get(field_name, "--" + field_name.replace("_", "-"))
+        got = f" (got {first['input']!r})" if first.get("input") is not None and first["type"] != "missing" else ""
+        raise UserError(f"cai export {option}: {message}{got}") from None
+
+
+# --- report (flows/report.py) ----------------------------------------------------------------
+
+class ReportConfig(StoreSettings):
+    out: Path = Field(Path("reports/latest"), description="index.html, report.json and the PNGs go here")
+    constitution: str | None = Field(None, description="NAME or NAME@VERSION: only its rows; None: everything")
+    examples: int = Field(5, ge=0, description="example chains shown; each is a few screens of text at most")
+    max_chars: int = Field(1200, ge=1, description="long answers are cut in the examples so the page stays readable")
+
+
+# --- the pipeline (flows/pipeline.py) --------------------------------------------------------
+
+class PipelineConfig(Config):
+    """`cai run`: one config for every stage; flows/pipeline.py derives each stage's config from it."""
+
+    constitution: str = same_as(GenerateConfig, "constitution", "name, name@version or a path; used by every stage")
+    prompts: list[str] = same_as(GenerateConfig, "prompts", "prompt tags for generate and label")
+    limit: int | None = Field(32, ge=1, description="prompts used: the bundled 70 take ~2x longer; None for all")
+    model: str = Field(DEFAULT_SPEC, description="policy for generation, base for DPO, baseline for eval")
+    judge: str | None = Field(None, description="feedback model for labelling and eval; None: the same model")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for every stage")
+    runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
+    rounds: int = same_as(GenerateConfig, "rounds")
+    max_new_tokens: int = Field(96, ge=8, description="per answer, critique and revision: CPU time is linear in it")
+    label_source: Literal["store", "samples"] = Field("store", description="store: judge each prompt's initial "
+                                                      "answer vs its final revision; samples: fresh policy samples")
+    samples: int = same_as(LabelConfig, "samples")
+    principles_per_pair: int = same_as(LabelConfig, "principles_per_pair")
+    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(max_steps=50),
+                                   description="the DPO step (its seed is the pipeline's `seed`)")
+    eval_prompts: list[str] = same_as(EvalConfig, "prompts")
+    eval_limit: int | None = same_as(EvalConfig, "limit")
+    export_dir: str | None = Field(None, description="default exports/<constitution>")
+    model_dir: str | None = Field(None, description="default runs/<constitution>-dpo")
+    report_dir: Path = same_as(ReportConfig, "out")
+    retrain: bool = Field(False, description="train again even if model_dir holds a finished run on the same data")
+    seed: int = Field(0, description="one seed for every stage")
+
+
+# flow name (as `cai` and `cai schedule` call it) -> its config
+CONFIGS: dict[str, type[BaseModel]] = {
+    "generate": GenerateConfig, "label": LabelConfig, "train": TrainConfig, "export": ExportConfig,
+    "eval": EvalConfig, "report": ReportConfig, "run": PipelineConfig,
+}
