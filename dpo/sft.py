@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dpo.config import SFTConfig
 from dpo.logps import ChatEncoder, Encoded, autocast_for, collate, sequence_logps
 from dpo.trainer import _disable_dropout, _optimizer, lr_factor
 
@@ -34,34 +35,6 @@ class SFTExample:
     prompt: list[dict[str, str]]
     response: str
     kind: str = ""  # e.g. harmful / benign: counted in the run's data selection
-
-
-@dataclass
-class SFTConfig:
-    """How to fine-tune; what on is the caller's business (flows/train.py reads the store)."""
-
-    lr: float = 2e-5  # SFT moves a 135M model at 1e-5..3e-5; DPO's 5e-6 barely does
-    epochs: int = 2  # passes over the rows; more memorises a few hundred replies
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 8  # rows per step
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1  # share of steps spent ramping the lr up
-    scheduler: str = "linear"  # linear | cosine | constant decay after warmup
-    max_grad_norm: float = 1.0  # clip; 0 disables
-    max_length: int = 512  # prompt + response tokens
-    max_prompt_length: int = 256  # prompt tokens kept (from the end)
-    dtype: str = "float32"  # float32 | bfloat16 autocast
-    seed: int = 0  # data order
-    eval_every: int | None = None  # steps between held-out evals; None: about eight per run
-    early_stop_patience: int | None = 2  # evals without a lower held-out loss before stopping
-    keep_best: bool = True  # restore the weights of the best held-out eval at the end
-    ref_batch_tokens: int = 8192  # token budget of one no-grad eval batch
-
-    def validate(self) -> None:
-        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("lr must be > 0, batch_size and epochs >= 1")
-        if self.scheduler not in ("linear", "cosine", "constant"):
-            raise ValueError(f"scheduler {self.scheduler!r}: expected linear, cosine or constant")
 
 
 @dataclass
@@ -112,7 +85,6 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
               on_metrics: Callable[[int, str, dict[str, float]], None] | None = None,
               logger: logging.Logger | logging.LoggerAdapter | None = None) -> SFTResult:
     """Fine-tune `model` in place on `train`; returns what happened and why it stopped."""
-    cfg.validate()
     if not train:
         raise ValueError("no SFT rows to train on")
     logger = logger or log

@@ -43,6 +43,7 @@ class TrainResult:
     total_steps: int  # what the schedule was planned for
     resumed_from: int | None  # checkpoint step this run continued from
     stopped_early: bool
+    stop_reason: str  # "max steps" | "early stop: ..."
     ref_computed: int  # reference log-probs computed by this run
     ref_reused: int  # found in the cache
     truncated: int  # sequences cut to max_length / max_prompt_length
@@ -186,11 +187,15 @@ def _micro_batches(n: int, cfg: TrainerConfig):
 def _pair_forward(model, pairs: _Pairs, idx: list[int], pad_id: int, cfg: TrainerConfig):
     chosen_rejected = [pairs.enc[i] for i in idx]
     with autocast_for(model, cfg.dtype):
-        logps, _ = sequence_logps(model, pair_batch(model, chosen_rejected, pad_id))
+        logps, counts = sequence_logps(model, pair_batch(model, chosen_rejected, pad_id))
     pi_c, pi_r = logps[:len(idx)], logps[len(idx):]
     dev = logps.device
     losses, rc, rr = dpo_loss(pi_c, pi_r, pairs.ref_c[idx].to(dev), pairs.ref_r[idx].to(dev), beta=cfg.beta,
                               loss_type=cfg.loss_type, label_smoothing=pairs.eps[idx].to(dev))
+    if cfg.rpo_alpha > 0:
+        # RPO (Pang et al. 2024): the chosen reply's mean token NLL keeps its likelihood from
+        # falling while the margin grows, which is how DPO on small data degenerates
+        losses = losses + cfg.rpo_alpha * (-pi_c / counts[:len(idx)].clamp(min=1).to(pi_c.dtype))
     tokens = sum(len(c) + len(r) for c, r in chosen_rejected)  # as two sequences, however they were packed
     return losses, rc, rr, pi_c, pi_r, tokens
 
@@ -267,6 +272,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
         next(batches)
     params = [p for p in model.parameters() if p.requires_grad]
     train_s, stopped_early, step, pairs_trained = 0.0, False, start, 0
+    stop_reason = "max steps"
     for step in range(start + 1, total + 1):
         t_step = time.perf_counter()
         micro = [next(batches) for _ in range(micro_per_step)]
@@ -302,6 +308,8 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
                 logger.info("early stop at step %d: eval loss has not improved on %.4f for %d evals",
                             step, best_eval, bad_evals)
                 stopped_early = True
+                stop_reason = (f"early stop at step {step}: held-out loss has not improved on {best_eval:.4f} "
+                               f"for {bad_evals} evals")
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total and not stopped_early:
             state_meta = {**(meta or {}), "history": history, "best_eval": best_eval, "bad_evals": bad_evals,
                           "total_steps": total}
@@ -324,7 +332,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
 
     return TrainResult(
         steps=step, total_steps=total, resumed_from=resumed_from,
-        stopped_early=stopped_early, ref_computed=c1 + c2, ref_reused=r1 + r2, truncated=tr1 + tr2,
+        stopped_early=stopped_early, stop_reason=stop_reason, ref_computed=c1 + c2, ref_reused=r1 + r2, truncated=tr1 + tr2,
         n_train=len(train_pairs), n_eval=len(eval_pairs) if eval_pairs is not None else 0,
         final_train=last("train"), final_eval=last("eval"), history=history,
         timings={"ref_s": round(ref_s, 3), "train_s": round(train_s, 3),
