@@ -332,7 +332,8 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
 
     return TrainResult(
         steps=step, total_steps=total, resumed_from=resumed_from,
-        stopped_early=stopped_early, stop_reason=stop_reason, ref_computed=c1 + c2, ref_reused=r1 + r2, truncated=tr1 + tr2,
+        stopped_early=stopped_early, stop_reason=stop_reason, ref_computed=c1 + c2, ref_reused=r1 + r2,
+        truncated=tr1 + tr2,
         n_train=len(train_pairs), n_eval=len(eval_pairs) if eval_pairs is not None else 0,
         final_train=last("train"), final_eval=last("eval"), history=history,
         timings={"ref_s": round(ref_s, 3), "train_s": round(train_s, 3),
