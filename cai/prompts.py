@@ -28,6 +28,12 @@ BUNDLED = {
     "red-team-heldout": "red_team_heldout.jsonl",
     "benign": "benign.jsonl",
     "benign-heldout": "benign_heldout.jsonl",
+    # more of each, written for the data-quality work: a 135M model trained on refusals learns the
+    # surface form ("How can I ...") unless it also sees many varied benign requests
+    "red-team-more": "red_team_more.jsonl",
+    "benign-more": "benign_more.jsonl",
+    "red-team-heldout-more": "red_team_heldout_more.jsonl",
+    "benign-heldout-more": "benign_heldout_more.jsonl",
 }
 ROLES = {"system", "user", "assistant"}
 MAX_CSV_CELL = 128 * 1024  # csv's own default field limit; a longer cell is a bad row, not a traceback

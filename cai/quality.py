@@ -173,3 +173,19 @@ def gate_pair(chosen: Quality, rejected: Quality, harmful: bool | None) -> str |
     if merit(chosen, harmful) <= merit(rejected, harmful):
         return "gated:not-better"
     return None
+
+
+def finish(prompt: str, text: str, finish_reason: str | None) -> tuple[str, dict]:
+    """What a stage stores for one reply: the text (cut back to its last complete sentence when the
+    token limit stopped it mid-sentence, so no training row ends mid-word) and its gate figures."""
+    text = text.strip()
+    trimmed = trim_to_sentence(text) if finish_reason == "length" else text
+    q = assess(prompt, trimmed, "stop" if trimmed != text else finish_reason)
+    return trimmed, q.to_dict() | {"trimmed": trimmed != text}
+
+
+def from_dict(d: dict) -> Quality:
+    """A stored Response.quality back as a Quality."""
+    fields = {k: v for k, v in d.items() if k in Quality.__dataclass_fields__}
+    fields["failed"] = tuple(fields.get("failed", ()))
+    return Quality(**fields)

@@ -300,3 +300,30 @@ def batched_pair_logps(model, pairs: Sequence[tuple[Encoded, Encoded]], pad_id: 
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def batched_logps(model, seqs: Sequence[Encoded], pad_id: int, max_batch_tokens: int = 8192,
+                  dtype: str = "float32") -> list[tuple[float, int]]:
+    """(summed log-prob of the completion tokens, how many) per sequence, in input order; no grad.
+
+    Longest first under a token budget, like batched_pair_logps; used for held-out SFT loss and
+    for the eval's drift figure (each reply's log-prob under the base model).
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    out: list = [None] * len(seqs)
+    start = 0
+    try:
+        while start < len(order):
+            end = start + max(1, max_batch_tokens // max(len(seqs[order[start]]), 1))
+            idx = order[start:end]
+            with autocast_for(model, dtype):
+                logps, n = sequence_logps(model, collate([seqs[i] for i in idx], pad_id))
+            for j, i in enumerate(idx):
+                out[i] = (float(logps[j]), int(n[j]))
+            start = end
+    finally:
+        model.train(was_training)
+    return out

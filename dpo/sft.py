@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dpo.config import SFTConfig
-from dpo.logps import ChatEncoder, Encoded, autocast_for, collate, sequence_logps
+from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_logps, collate, sequence_logps
 from dpo.trainer import _disable_dropout, _optimizer, lr_factor
 
 log = logging.getLogger("cai.sft")
@@ -62,22 +62,11 @@ def _nll(model, seqs: Sequence[Encoded], pad_id: int, dtype: str) -> tuple[torch
     return -logps.sum(), int(counts.sum())
 
 
-@torch.no_grad()
 def eval_loss(model, seqs: Sequence[Encoded], pad_id: int, cfg: SFTConfig) -> dict[str, float]:
     """Held-out mean token NLL (and perplexity), in length-sorted batches under a token budget."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    total, tokens, batch, width = 0.0, 0, [], 0
-    for i in order + [None]:
-        if i is not None:
-            width = max(width, len(seqs[i]))
-            if not batch or width * (len(batch) + 1) <= cfg.ref_batch_tokens:
-                batch.append(seqs[i])
-                continue
-        if batch:
-            nll, n = _nll(model, batch, pad_id, cfg.dtype)
-            total, tokens = total + float(nll), tokens + n
-        batch, width = ([seqs[i]], len(seqs[i])) if i is not None else ([], 0)
-    loss = total / max(tokens, 1)
+    values = batched_logps(model, seqs, pad_id, cfg.ref_batch_tokens, cfg.dtype)
+    tokens = sum(n for _, n in values)
+    loss = -sum(lp for lp, _ in values) / max(tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(tokens)}
 
 

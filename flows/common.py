@@ -90,6 +90,21 @@ def load_prompts(session_url: str | None, tags: list[str], limit: int | None = N
     return prompts[:limit] if limit else prompts
 
 
+def pair_status(prompt: Any, chosen: Any, rejected: Any, harmful: bool | None = None) -> str:
+    """"ok", or the gate status (cai.quality.gate_pair) that keeps a pair out of training and export.
+
+    Rows stored before gates existed have no quality figures: they are assessed here. `harmful`
+    (default: from the prompt's category) decides which stance the chosen reply must take.
+    """
+    from cai.quality import assess, from_dict, gate_pair, is_harmful
+
+    def q(r):
+        return from_dict(r.quality) if r.quality else assess(prompt.text, r.text, r.finish_reason)
+
+    stance = is_harmful(prompt.category) if harmful is None else harmful
+    return gate_pair(q(chosen), q(rejected), stance) or "ok"
+
+
 def worker_id() -> str:
     """host:pid:thread, so claims of a dead local process can be recognised and taken over."""
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"

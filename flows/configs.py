@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from cai import judge
+from cai.contrast import DEFAULT_OPENINGS
 from cai.errors import UserError
-from dpo.config import TrainerConfig
+from dpo.config import SFTConfig, TrainerConfig
 from engines.base import Sampling
 from engines.bundled import DEFAULT_SPEC
 from store.keys import content_hash
@@ -102,10 +103,13 @@ class SamplingConfig(Config):
     temperature: float = Field(0.7, ge=0, description="some diversity; greedy makes a 135M model repeat itself")
     top_p: float = Field(0.9, gt=0, le=1, description="trims the unlikely tail that produces garbage tokens")
     max_new_tokens: int = Field(128, ge=1, description="answers are short; CPU time grows linearly with this")
+    repetition_penalty: float = Field(1.15, gt=0, description="HF-style penalty on tokens already seen: 1.15 took "
+                                      "SmolLM2-135M's looping replies from 12 % to 0 %; 1.0 disables")
+    no_repeat_ngram: int = Field(4, ge=0, description="no 4-gram twice in a reply (hf engine only); 0 disables")
 
     def sampling(self, seed: int) -> Sampling:
         return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                        seed=seed)
+                        seed=seed, repetition_penalty=self.repetition_penalty, no_repeat_ngram=self.no_repeat_ngram)
 
 
 class GenerateConfig(StoreSettings):
@@ -122,6 +126,30 @@ class GenerateConfig(StoreSettings):
                                      description="sampling of each critique")
     revision: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=160),
                                      description="sampling of each revision")
+    runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
+
+
+# --- contrast (flows/contrast.py) -----------------------------------------------------------
+
+class ContrastConfig(StoreSettings):
+    """Contrastive refusal pairs on harmful prompts and helpfulness pairs on benign ones (cai/contrast.py)."""
+
+    harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team", "red-team-more"],
+                                       description="tags of requests to refuse: chosen = a refusal opening")
+    benign_prompts: list[str] = Field(default_factory=lambda: ["benign", "benign-more"],
+                                      description="tags of requests to answer: chosen = the plain reply")
+    harmful_constitution: str = Field(DEFAULT_CONSTITUTION, description="whose version the refusal pairs carry")
+    benign_constitution: str = Field("helpful-honest", description="whose version the helpfulness pairs carry")
+    limit: int | None = Field(None, ge=1, description="only the first N prompts of each group (by id)")
+    model: str = Field(DEFAULT_SPEC, description="the policy whose plain replies are paired")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="backend and its arguments")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=96),
+                                     description="the plain reply: greedy with repetition controls")
+    openings: list[str] = Field(default_factory=lambda: list(DEFAULT_OPENINGS),
+                                description="refusal openings the steered side starts with (one drawn per prompt)")
+    continue_tokens: int = Field(0, ge=0, description="let the model continue after the opening (0: the opening "
+                                 "alone; at 135M continuations drift back into compliance)")
+    seed: int = Field(0, description="fixes which opening each prompt gets")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
 
 
@@ -214,6 +242,7 @@ class EvalConfig(StoreSettings):
     name: str | None = Field(None, description="label for this comparison; default <model>-vs-<baseline>")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for all three models")
     judge_max_chars: int = Field(1200, ge=1, description="per message in the judge prompt, as in the label flow")
+    drift: bool = Field(True, description="score every reply under the baseline (mean token log-prob): drift")
     seed: int = Field(0, description="fixes which principles are drawn for each prompt")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
 
@@ -232,12 +261,17 @@ class TrainConfig(StoreSettings):
 
     base: str = Field(DEFAULT_SPEC, description="start and reference model: bundled alias, HF directory, hub id")
     constitution: str | None = Field(None, description="only pairs made under NAME or NAME@VERSION; None: any")
-    methods: list[str] = Field(default_factory=lambda: ["revision", "ai"], description="pair sources to learn from")
-    statuses: list[str] = Field(default_factory=lambda: ["ok"], description="pair statuses used; ties teach noise")
+    methods: list[str] = Field(default_factory=lambda: ["revision", "ai", "contrastive", "helpful"],
+                               description="pair sources to learn from")
+    statuses: list[str] = Field(default_factory=lambda: ["ok"], description="pair statuses used; ties and gated "
+                                "pairs (gated:<gate>) teach noise")
     min_label_prob: float | None = Field(None, ge=0, le=1, description="drop AI labels less sure than this")
     dataset: str | None = Field(None, description="a saved HF dataset dir (cai export) or .jsonl instead of the store")
     dataset_split: str = Field("train_prefs", description="the split of `dataset` to read")
     limit: int | None = Field(None, ge=1, description="only the first N selected pairs (by id)")
+    stage: Literal["sft", "dpo", "sft+dpo"] = Field("dpo", description="sft: fine-tune on the chosen replies; dpo: "
+                                                    "preference training; sft+dpo: the CAI recipe, SFT then DPO")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="the supervised stage (dpo/sft.py)")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="the DPO loop: loss, optimizer, ...")
     device: str = Field("auto", description="auto (cuda if present) | cpu | cuda")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of prompts, chosen by prompt hash")
@@ -356,6 +390,6 @@ class PipelineConfig(Config):
 
 # flow name (as `cai` and `cai schedule` call it) -> its config
 CONFIGS: dict[str, type[BaseModel]] = {
-    "generate": GenerateConfig, "label": LabelConfig, "train": TrainConfig, "export": ExportConfig,
-    "eval": EvalConfig, "report": ReportConfig, "run": PipelineConfig,
+    "generate": GenerateConfig, "contrast": ContrastConfig, "label": LabelConfig, "train": TrainConfig,
+    "export": ExportConfig, "eval": EvalConfig, "report": ReportConfig, "run": PipelineConfig,
 }

@@ -34,7 +34,10 @@ from cai.evaluate import (
     select_items,
     short_name,
     summarize,
+    summarize_kinds,
 )
+from cai.evaluate import examples as reply_examples
+from cai.quality import assess, is_harmful
 from cai.refusal import detect
 from constitution.load import Constitution
 from engines.base import Completion
@@ -44,7 +47,7 @@ from flows.configs import EvalConfig
 from flows.stage import Stage, StageStats, run_stage, stage_summary
 from store.db import session_scope
 from store.models import EvalResult, Prompt
-from store.queries import existing_ids, prompts_for_tags
+from store.queries import existing_ids, prompts_for_tags, rows_by_id
 from store.runs import recorded_run
 from store.upsert import insert_ignore
 
@@ -92,13 +95,15 @@ def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprin
         for it, comp in results:
             text = comp.text.strip()
             refused, pattern = detect(text)
+            quality = assess(it.prompt.text, text, comp.outputs[0].finish_reason)
             rows.append(EvalResult(
                 id=it.key, eval_name=name, prompt_id=it.prompt.id, prompt_tag=it.tag, model=spec, role=role,
                 text=text, refused=refused, refusal_pattern=pattern, run_id=run_id,
                 details={"fingerprint": fingerprint, "sampling": sampling.to_dict(),
                          "prompt_tokens": comp.prompt_tokens,
                          "completion_tokens": comp.outputs[0].completion_tokens,
-                         "finish_reason": comp.outputs[0].finish_reason}))
+                         "finish_reason": comp.outputs[0].finish_reason, "quality": quality.to_dict(),
+                         "harmful": is_harmful(it.prompt.category), "prompt": it.prompt.text}))
         insert_ignore(session, EvalResult, rows)
 
     stage = Stage(name=f"eval.generate.{role}", key=lambda it: it.key, done=_done_ids, compute=compute,
@@ -131,6 +136,39 @@ def _judge_stage(cfg: EvalConfig, run_id: str, items: list[JudgeItem]) -> StageS
     stage = Stage(name="eval.judge", key=lambda it: it.key, done=_judged_ids, compute=compute, write=write,
                   size=lambda it: len(it.model_text) + len(it.baseline_text))
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
+
+
+@task(name="eval-drift", cache_policy=NO_CACHE)
+def drift_task(cfg: EvalConfig, name: str) -> int:
+    """Each reply's mean per-token log-prob under the baseline: how far the trained model's text
+    has moved from what the base model would write (its own replies score the baseline's level)."""
+    with session_scope(cfg.database_url) as s:
+        todo = [r for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name))
+                if r.details.get("drift") is None]
+    if not todo or not cfg.drift:
+        return 0
+    from dpo.logps import ChatEncoder, batched_logps
+    from dpo.trainer import load_policy
+    from engines.bundled import resolve
+
+    try:
+        path = resolve(cfg.baseline)
+        model, tok = load_policy(path)
+    except Exception as exc:  # noqa: BLE001 - e.g. a hub id offline: the eval stands without this figure
+        get_run_logger().warning("drift: cannot load baseline %s as a local model (%s); figure left out",
+                                 cfg.baseline, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        return 0
+    enc = ChatEncoder(tok, max_length=cfg.max_new_tokens + 384, max_prompt_length=384)
+    with session_scope(cfg.database_url) as s:
+        prompts = rows_by_id(s, Prompt, {r.prompt_id for r in todo})
+    values = batched_logps(model, [enc.encode(prompts[r.prompt_id].messages, r.text) for r in todo], enc.pad_id)
+    del model
+    with session_scope(cfg.database_url) as s:
+        for r, (lp, n) in zip(todo, values, strict=True):
+            row = s.get(EvalResult, r.id)
+            row.details = {**row.details, "drift": lp / n if n else None}
+            s.add(row)
+    return len(todo)
 
 
 def _release_models() -> None:
@@ -199,6 +237,7 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
                 _release_models()
         stages.append(judge_task(cfg, name, fingerprints, run.id))
         _release_models()
+        drift_task(cfg, name)
         ids = {result_key(name, p.id, role, fingerprints[role], cfg.sampling())
                for _, p in items for role in ROLES}
         with session_scope(cfg.database_url) as s:
@@ -206,6 +245,7 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
         run.summary = {
             "run_id": run.id, "eval_name": name, "model": cfg.model, "baseline": cfg.baseline,
             "judge": cfg.judge_model, "constitution": c.ref, "prompts": len(items), "sets": summarize(rows),
+            "kinds": summarize_kinds(rows), "examples": reply_examples(rows),
             "stages": {s.stage: stage_summary(s) for s in stages},
             "computed": sum(s.computed for s in stages), "failed": sum(s.failed for s in stages),
             "total_s": round(time.perf_counter() - t0, 3),

@@ -19,9 +19,10 @@ from sqlmodel import Session
 
 from cai import sl_cai
 from cai.errors import UserError
+from cai.quality import finish
 from constitution.load import Constitution
 from engines.base import Completion, Sampling
-from flows.common import cached_engine, engine_facts, load_prompts, resolve_constitution, worker_id
+from flows.common import cached_engine, engine_facts, load_prompts, pair_status, resolve_constitution, worker_id
 from flows.configs import GenerateConfig
 from flows.configs import SamplingConfig as SamplingConfig  # re-exported for callers of flows.generate
 from flows.stage import Stage, StageStats, run_stage, stage_totals
@@ -47,27 +48,33 @@ def _compute(engine, sampling: Sampling):
     return compute
 
 
-def _writer(cfg: GenerateConfig, c: Constitution, sampling: Sampling, run_id: str, model_id: str):
+def _writer(cfg: GenerateConfig, c: Constitution, sampling: Sampling, run_id: str, model_id: str,
+            request: dict[str, str]):
     def write(session: Session, results: list[tuple[sl_cai.WorkItem, Completion]]) -> None:
-        rows = [Response(
-            id=it.key, prompt_id=it.prompt_id, kind=it.kind, round=it.round, parent_id=it.parent_id,
-            critique_id=it.critique_id, critique=it.critique,
-            principle_id=it.principle.id if it.principle else None,
-            principle_hash=it.principle.hash if it.principle else None,
-            conversation=it.conversation, text=comp.text.strip(), model=model_id, sampling=sampling.to_dict(),
-            seed=cfg.seed, constitution=c.name, constitution_version=c.version, run_id=run_id,
-            prompt_tokens=comp.prompt_tokens, completion_tokens=comp.outputs[0].completion_tokens,
-            finish_reason=comp.outputs[0].finish_reason,
-        ) for it, comp in results]
+        rows = []
+        for it, comp in results:
+            text, quality = comp.text.strip(), None
+            if it.kind != "critique":  # answers to the user are gated; a critique answers the critic
+                text, quality = finish(request[it.prompt_id], text, comp.outputs[0].finish_reason)
+            rows.append(Response(
+                id=it.key, prompt_id=it.prompt_id, kind=it.kind, round=it.round, parent_id=it.parent_id,
+                critique_id=it.critique_id, critique=it.critique,
+                principle_id=it.principle.id if it.principle else None,
+                principle_hash=it.principle.hash if it.principle else None,
+                conversation=it.conversation, text=text, model=model_id, sampling=sampling.to_dict(),
+                seed=cfg.seed, constitution=c.name, constitution_version=c.version, run_id=run_id,
+                prompt_tokens=comp.prompt_tokens, completion_tokens=comp.outputs[0].completion_tokens,
+                finish_reason=comp.outputs[0].finish_reason, quality=quality))
         insert_ignore(session, Response, rows)
     return write
 
 
 def _stage(name: str, cfg: GenerateConfig, c: Constitution, sampling: Sampling, run_id: str,
-           items: list[sl_cai.WorkItem]) -> StageStats:
+           items: list[sl_cai.WorkItem], prompts: list[Prompt]) -> StageStats:
     engine = _engine(cfg)
+    request = {p.id: p.text for p in prompts}
     stage = Stage(name=f"generate.{name}", key=lambda it: it.key, done=_done,
-                  compute=_compute(engine, sampling), write=_writer(cfg, c, sampling, run_id, cfg.model),
+                  compute=_compute(engine, sampling), write=_writer(cfg, c, sampling, run_id, cfg.model, request),
                   tokens=lambda comp: sum(o.completion_tokens for o in comp.outputs), size=lambda it: it.size)
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
@@ -86,7 +93,7 @@ def initial_task(cfg: GenerateConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
     sampling = cfg.initial.sampling(cfg.seed)
     items = [sl_cai.initial_item(p.id, p.messages, cfg.model, sampling.to_dict()) for p in prompts]
-    return _stage("initial", cfg, c, sampling, run_id, items)
+    return _stage("initial", cfg, c, sampling, run_id, items, prompts)
 
 
 def _parents(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], round_: int) -> dict[str, Response]:
@@ -107,7 +114,7 @@ def critique_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
             continue
         items.append(sl_cai.critique_item(c, p.id, p.messages, parent.id, parent.text, round_, cfg.seed, cfg.model,
                                           sampling.to_dict()))
-    return _stage(f"critique_{round_}", cfg, c, sampling, run_id, items)
+    return _stage(f"critique_{round_}", cfg, c, sampling, run_id, items, prompts)
 
 
 @task(name="revise", cache_policy=NO_CACHE)
@@ -123,7 +130,7 @@ def revise_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
         parent, crit = rows[-2], rows[-1]
         items.append(sl_cai.revision_item(c, p.id, p.messages, parent.id, parent.text, crit.id, crit.text, round_,
                                           cfg.seed, cfg.model, sampling.to_dict()))
-    return _stage(f"revision_{round_}", cfg, c, sampling, run_id, items)
+    return _stage(f"revision_{round_}", cfg, c, sampling, run_id, items, prompts)
 
 
 def chain_rows(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], upto: int,
@@ -162,17 +169,20 @@ def chain_rows(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], upto
 
 @task(name="revision-pairs", cache_policy=NO_CACHE)
 def pairs_task(cfg: GenerateConfig, run_id: str) -> int:
-    """chosen = final revision, rejected = initial response, for every finished prompt."""
+    """chosen = final revision, rejected = initial response, for every finished prompt; a pair whose
+    revision fails a quality gate (or is no better than the initial answer) is stored as gated."""
     c, prompts = load_inputs(cfg)
     chains = chain_rows(cfg, c, prompts, upto=cfg.rounds)
+    by_id = {p.id: p for p in prompts}
     rows = []
     for pid, chain in chains.items():
         if len(chain) != 2 * cfg.rounds + 1:
             continue
         initial, final = chain[0], chain[-1]
+        status = pair_status(by_id[pid], final, initial)
         rows.append(PreferencePair(
             id=sl_cai.revision_pair_key(c.version, pid, final.id, initial.id), prompt_id=pid,
-            chosen_id=final.id, rejected_id=initial.id, method="revision", label_prob=1.0,
+            chosen_id=final.id, rejected_id=initial.id, method="revision", label_prob=1.0, status=status,
             principle_ids=[r.principle_id for r in chain if r.kind == "revision"], constitution=c.name,
             constitution_version=c.version, policy_model=cfg.model, run_id=run_id,
             details={"rounds": cfg.rounds, "chain": [r.id for r in chain]}))

@@ -32,11 +32,13 @@ from dpo.data import (
     selection_hash,
     split_eval,
 )
+from dpo.sft import SFTExample, SFTResult, train_sft
 from dpo.trainer import TrainResult, load_policy, plot_metrics, save_model, train_dpo
 from engines.bundled import DEFAULT_SPEC, model_fingerprint
 from flows.common import UserError, run_logger
 from flows.configs import TrainConfig
 from store.db import session_scope
+from store.keys import content_hash
 from store.models import Run, TrainingRun, TrainingStep, utcnow
 from store.runs import finish_run, start_run
 from store.upsert import insert_ignore, upsert
@@ -114,10 +116,10 @@ def _resolve_base(spec: str) -> Path | str:
     return resolve(spec)
 
 
-def _step_writer(training_run_id: str, url: str | None):
+def _step_writer(training_run_id: str, url: str | None, prefix: str = ""):
     def write(step: int, split: str, metrics: dict[str, float]) -> None:
         with session_scope(url) as s:
-            upsert(s, TrainingStep, [TrainingStep(training_run_id=training_run_id, step=step, split=split,
+            upsert(s, TrainingStep, [TrainingStep(training_run_id=training_run_id, step=step, split=prefix + split,
                                                   metrics=metrics)], update=["metrics", "created_at"])
     return write
 
@@ -174,11 +176,23 @@ def _finish(training_run_id: str, status: str, url: str | None, selection: dict[
         s.add(row)
 
 
+def sft_examples(pairs: list[PairExample]) -> list[SFTExample]:
+    """The chosen reply of every pair, each (prompt, reply) once: what the supervised stage learns."""
+    seen: dict[tuple[str, str], SFTExample] = {}
+    for e in pairs:
+        key = (e.prompt_key, e.chosen)
+        if key not in seen:
+            seen[key] = SFTExample(e.id, list(e.prompt), e.chosen, e.method)
+    return list(seen.values())
+
+
 def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
     """Select pairs, train, save; returns a summary. What `cai train` and the flow call."""
     url = url or cfg.database_url
     logger = run_logger(log)
     t0 = time.perf_counter()
+    if cfg.resume and cfg.stage != "dpo":
+        raise UserError(f"--resume continues a DPO checkpoint; it cannot be combined with --stage {cfg.stage}")
     examples, refs = load_examples(cfg, url)
     train, held_out = split_eval(examples, cfg.eval_fraction)
     base_path = _resolve_base(cfg.base)
@@ -203,34 +217,63 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
             # (and the saved tokenizer then carries it)
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         load_s = time.perf_counter() - t_load
-        result: TrainResult = train_dpo(
-            model, tokenizer, train, held_out, cfg.trainer, out_dir=out,
-            ref_model_id=model_fingerprint(base_path), ref_cache=StoreRefCache(url),
-            on_metrics=_step_writer(training_run_id, url), resume=cfg.resume,
-            meta={"training_run_id": training_run_id, "pairs_hash": selection["pairs_hash"]}, logger=logger)
+        ref_id = model_fingerprint(base_path)
+        sft: SFTResult | None = None
+        if cfg.stage in ("sft", "sft+dpo"):
+            sft_train, sft_held = sft_examples(train), sft_examples(held_out)
+            logger.info("sft on %d chosen replies (%d held out)", len(sft_train), len(sft_held))
+            sft = train_sft(model, tokenizer, sft_train, sft_held, cfg.sft,
+                            on_metrics=_step_writer(training_run_id, url, prefix="sft-"), logger=logger)
+            # DPO's reference is the model it starts from: the fine-tuned weights, not the base
+            ref_id += "+sft:" + content_hash(selection["pairs_hash"], cfg.sft.model_dump(), length=12)
+        result: TrainResult | None = None
+        if cfg.stage in ("dpo", "sft+dpo"):
+            result = train_dpo(
+                model, tokenizer, train, held_out, cfg.trainer, out_dir=out,
+                ref_model_id=ref_id, ref_cache=StoreRefCache(url),
+                on_metrics=_step_writer(training_run_id, url), resume=cfg.resume,
+                meta={"training_run_id": training_run_id, "pairs_hash": selection["pairs_hash"]}, logger=logger)
         t_save = time.perf_counter()
         save_model(model, tokenizer, out)
-        plot = plot_metrics(result.history, out / "metrics.png")
+        history = (result.history if result else []) + [h | {"split": "sft-" + h["split"]}
+                                                          for h in (sft.history if sft else [])]
+        plot = plot_metrics(history, out / "metrics.png")
         save_s = time.perf_counter() - t_save
     except BaseException:
         _finish(training_run_id, "failed", url)
         finish_run(run_id, "failed", url=url)
         raise
-    selection |= {"train": result.n_train, "eval": result.n_eval, "eval_fraction": cfg.eval_fraction,
-                  "truncated_sequences": result.truncated}
-    final = {"train": result.final_train, "eval": result.final_eval, "steps": result.steps,
-             "total_steps": result.total_steps, "stopped_early": result.stopped_early}
+    selection |= {"train": len(train), "eval": len(held_out), "eval_fraction": cfg.eval_fraction,
+                  "truncated_sequences": (result.truncated if result else 0) + (sft.truncated if sft else 0)}
+    if sft:
+        selection |= {"sft_train": sft.n_train, "sft_eval": sft.n_eval}
+    final: dict[str, Any] = {"stage": cfg.stage}
+    if result:
+        final |= {"train": result.final_train, "eval": result.final_eval, "steps": result.steps,
+                  "total_steps": result.total_steps, "stopped_early": result.stopped_early,
+                  "stop_reason": result.stop_reason}
+    if sft:
+        final["sft"] = {"train": sft.final_train, "eval": sft.final_eval, "steps": sft.steps,
+                        "total_steps": sft.total_steps, "stop_reason": sft.stop_reason, "best_step": sft.best_step}
     _finish(training_run_id, "completed", url, selection, final)
-    timings = {"load": round(load_s, 3), "ref_logps": result.timings["ref_s"],
-               "train": result.timings["train_s"], "save": round(save_s, 3),
-               "total": round(time.perf_counter() - t0, 3)}
+    timings = {"load": round(load_s, 3), "ref_logps": result.timings["ref_s"] if result else 0.0,
+               "train": (result.timings["train_s"] if result else 0.0) + (sft.timings["train_s"] if sft else 0.0),
+               "save": round(save_s, 3), "total": round(time.perf_counter() - t0, 3)}
     summary = {"run_id": run_id, "training_run_id": training_run_id, "out": str(out), "plot": str(plot or ""),
-               "pairs": len(examples), **result.to_dict()}
+               "pairs": len(examples), "stage": cfg.stage}
+    if result:
+        summary |= result.to_dict()
+    else:  # sft alone: the same keys, from the supervised run
+        summary |= {"steps": sft.steps, "total_steps": sft.total_steps, "n_train": sft.n_train, "n_eval": sft.n_eval,
+                    "final_train": sft.final_train, "final_eval": sft.final_eval, "ref_computed": 0, "ref_reused": 0,
+                    "stop_reason": sft.stop_reason}
+    if sft:
+        summary["sft"] = sft.to_dict()
     finish_run(run_id, "completed", summary=summary, timings=timings, url=url)
     record = {"config": cfg.model_dump(), "data_selection": selection, "summary": summary}
     (out / "training_run.json").write_text(json.dumps(record, indent=2, default=str))
-    logger.info("train done: %d steps, final %s, model in %s", result.steps,
-                ", ".join(f"{k}={v:.4g}" for k, v in result.final_train.items()
+    logger.info("train done (%s): %d steps, final %s, model in %s", cfg.stage, summary["steps"],
+                ", ".join(f"{k}={v:.4g}" for k, v in summary["final_train"].items()
                           if k in ("loss", "rewards/accuracies", "rewards/margins")), out)
     return summary
 

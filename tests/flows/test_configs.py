@@ -124,7 +124,8 @@ def test_precedence_file_then_set_then_flags(tmp_path):
     assert data["rounds"] == 4 and data["limit"] == 9
     assert data["engine"] == {"backend": "vllm", "settings": {"max_batch_tokens": 4096}}
     # a partial sub-model keeps the rest of its own default (critique's 96 tokens, not the class's 128)
-    assert data["critique"] == {"temperature": 0.1, "top_p": 0.9, "max_new_tokens": 96}
+    assert data["critique"] == {"temperature": 0.1, "top_p": 0.9, "max_new_tokens": 96, "repetition_penalty": 1.15,
+                                "no_repeat_ngram": 4}
 
 
 def test_nested_set_and_flags_reach_the_trainer():

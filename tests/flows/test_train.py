@@ -91,6 +91,8 @@ def test_store_backed_training(db_url, tiny_model_dir, tmp_path):
         assert sel["filters"]["constitution"] == "harmless" and sel["filters"]["methods"] == [
             "revision",
             "ai",
+            "contrastive",
+            "helpful",
         ]
         assert sel["train"] + sel["eval"] == 8 and len(sel["pairs_hash"]) == 32
         assert tr.final_metrics["steps"] == 3 and "loss" in tr.final_metrics["train"]
@@ -248,3 +250,37 @@ def test_trains_from_an_exported_dataset_without_column_mapping(sqlite_url, tiny
             config(tiny_model_dir, tmp_path / "x", dataset=str(tmp_path / "export"), dataset_split="nope"),
             sqlite_url,
         )
+
+
+def test_sft_then_dpo_trains_both_stages_and_records_them(sqlite_url, tiny_model_dir, tmp_path):
+    """--stage sft+dpo: the supervised stage learns the chosen replies, then DPO starts from it with
+    the fine-tuned weights as its reference; both are in the TrainingRun and the step rows."""
+    store_pairs(sqlite_url)
+    out = tmp_path / "run"
+    cfg = config(tiny_model_dir, out, stage="sft+dpo")
+    cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"lr": 3e-3, "max_steps": 4, "batch_size": 4,
+                                                                   "max_length": 64, "max_prompt_length": 48})})
+    summary = run_training(cfg, url=sqlite_url)
+    assert summary["stage"] == "sft+dpo" and summary["sft"]["steps"] >= 1 and summary["steps"] == 3
+    assert summary["sft"]["n_train"] == summary["n_train"]  # one chosen reply per train prompt
+    with session_scope(sqlite_url) as s:
+        tr = s.exec(select(TrainingRun)).one()
+        splits = {st.split for st in s.exec(select(TrainingStep))}
+        refs = {r.ref_model for r in s.exec(select(RefLogp))}
+    assert {"sft-train", "sft-eval", "train", "eval"} <= splits
+    assert tr.final_metrics["sft"]["stop_reason"] and tr.final_metrics["stage"] == "sft+dpo"
+    assert all("+sft:" in r for r in refs)  # the reference log-probs came from the fine-tuned weights
+    sft_eval = [st for st in tr.final_metrics["sft"]["eval"]]
+    assert sft_eval  # a held-out loss was measured
+
+
+def test_sft_alone_saves_a_model(sqlite_url, tiny_model_dir, tmp_path):
+    store_pairs(sqlite_url)
+    out = tmp_path / "sft"
+    cfg = config(tiny_model_dir, out, stage="sft")
+    cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"max_steps": 2, "max_length": 64,
+                                                                   "max_prompt_length": 48})})
+    summary = run_training(cfg, url=sqlite_url)
+    assert summary["stage"] == "sft" and summary["ref_computed"] == 0 and (out / "config.json").exists()
+    with pytest.raises(UserError, match="--resume"):
+        run_training(cfg.model_copy(update={"resume": True}), url=sqlite_url)
