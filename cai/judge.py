@@ -230,3 +230,30 @@ def reason(engine: Engine, conversations: Sequence[list[Message]], sampling: Sam
     """One batched `generate` call for chain-of-thought reasoning, cleaned of any verdict."""
     outs = engine.generate(list(conversations), sampling)
     return [clean_reasoning(c.text) for c in outs]
+
+
+# --- contextual calibration (Zhao et al. 2021) ---------------------------------------------
+# A small judge prefers one slot whatever the options say (SmolLM2-135M picks (A) in ~69 % of
+# judgments). Its prior is estimated per principle from content-free inputs, where no option can
+# be better, and divided out: q(A) ∝ p(A) / prior(A), q(B) ∝ p(B) / (1 − prior(A)).
+
+CONTENT_FREE = ("N/A", "", "[...]")  # stand-ins for the conversation and both answers
+
+
+def content_free_conversations(question: str, max_chars: int) -> list[list[Message]]:
+    """Answer conversations whose conversation and options carry no content, for one principle."""
+    prompt = [{"role": "user", "content": "N/A"}]
+    return [answer_conversation(judge_question(prompt, question, cf, cf, max_chars)) for cf in CONTENT_FREE]
+
+
+def prior_a(engine: Engine, question: str, max_chars: int) -> float:
+    """The judge's mean P(A) on content-free inputs for this principle (0.5 = no slot bias)."""
+    rows = engine.choice_logprobs(content_free_conversations(question, max_chars), [CHOICE_A, CHOICE_B])
+    return sum(prob_a(float(r[CHOICE_A]), float(r[CHOICE_B])) for r in rows) / len(rows)
+
+
+def calibrate(p_a: float, prior: float) -> float:
+    """P(A) with the judge's slot prior removed; prior 0.5 leaves it unchanged."""
+    prior = min(max(prior, 1e-6), 1 - 1e-6)
+    a, b = p_a / prior, (1.0 - p_a) / (1.0 - prior)
+    return a / (a + b) if a + b > 0 else 0.5

@@ -178,6 +178,8 @@ class LabelConfig(StoreSettings):
     cot_max_new_tokens: int = Field(96, ge=1, description="a short argument keeps the prompt in context")
     cot_temperature: float = Field(0.0, ge=0, description="greedy reasoning is reproducible")
     max_chars: int = Field(1200, ge=1, description="per message in the judge prompt; longer texts are cut mid-way")
+    calibrate: bool = Field(True, description="remove the judge's (A)/(B) slot prior, estimated per principle from "
+                            "content-free options (Zhao et al. 2021); raw probabilities are kept too")
     seed: int = Field(0, description="fixes samples and principle draws")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
 
@@ -211,7 +213,10 @@ class LabelConfig(StoreSettings):
         cot = None
         if self.cot:
             cot = {"sampling": self.cot_sampling().to_dict(), "clamp": list(self.cot_clamp)}
-        return {"template": judge.TEMPLATE_ID, "max_chars": self.max_chars, "cot": cot}
+        settings = {"template": judge.TEMPLATE_ID, "max_chars": self.max_chars, "cot": cot}
+        if self.calibrate:  # only when on: judgments made before calibration existed keep their ids
+            settings["calibration"] = {"content_free": list(judge.CONTENT_FREE)}
+        return settings
 
     def pair_settings(self) -> dict[str, Any]:
         return self.judge_settings() | {"principles_per_pair": self.principles_per_pair, "seed": self.seed,
@@ -303,7 +308,8 @@ class ExportConfig(Config):
     constitution: str = Field(description="NAME (its newest version with pairs) or NAME@VERSION: one per export")
     out: Path = Field(description="local directory, always written first so a failed push loses nothing")
     format: Format = Field("arrow", description="arrow (load_from_disk) | parquet | jsonl (one file per split)")
-    methods: list[Literal["revision", "ai"]] = Field([], description="pair methods; empty: both (ai: no sft rows)")
+    methods: list[Literal["revision", "ai", "contrastive", "helpful"]] = Field(
+        [], description="pair methods; empty: all (ai: no sft rows)")
     min_label_prob: float | None = Field(None, ge=0, le=1, description="drop pairs the judge was unsure of")
     min_margin: float | None = Field(None, ge=0, le=0.5, description="drop pairs with |label_prob - 0.5| below this")
     tags: list[str] = Field([], description="only prompts carrying any of these tags; empty: all prompts")
@@ -365,24 +371,34 @@ class PipelineConfig(Config):
     """`cai run`: one config for every stage; flows/pipeline.py derives each stage's config from it."""
 
     constitution: str = same_as(GenerateConfig, "constitution", "name, name@version or a path; used by every stage")
-    prompts: list[str] = same_as(GenerateConfig, "prompts", "prompt tags for generate and label")
-    limit: int | None = Field(32, ge=1, description="prompts used: the bundled 70 take ~2x longer; None for all")
-    model: str = Field(DEFAULT_SPEC, description="policy for generation, base for DPO, baseline for eval")
+    prompts: list[str] = same_as(GenerateConfig, "prompts", "prompt tags for generate (SL-CAI) and label")
+    limit: int | None = Field(32, ge=1, description="prompts through SL-CAI and the judge: the bundled 70 take "
+                              "~2x longer; None for all")
+    model: str = Field(DEFAULT_SPEC, description="policy for generation, base for training, baseline for eval")
     judge: str | None = Field(None, description="feedback model for labelling and eval; None: the same model")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for every stage")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
-    rounds: int = same_as(GenerateConfig, "rounds")
+    rounds: int = Field(1, ge=1, description="critique/revision rounds; at 135M a second round adds time, not "
+                        "quality (its revisions mostly fail the gates)")
     max_new_tokens: int = Field(96, ge=8, description="per answer, critique and revision: CPU time is linear in it")
     label_source: Literal["store", "samples"] = Field("store", description="store: judge each prompt's initial "
                                                       "answer vs its final revision; samples: fresh policy samples")
     samples: int = same_as(LabelConfig, "samples")
     principles_per_pair: int = same_as(LabelConfig, "principles_per_pair")
-    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(max_steps=50),
+    contrast: bool = Field(True, description="make contrastive refusal pairs and helpfulness pairs (flows/contrast.py)")
+    harmful_prompts: list[str] = same_as(ContrastConfig, "harmful_prompts")
+    benign_prompts: list[str] = same_as(ContrastConfig, "benign_prompts")
+    stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft", description="what `train` runs; sft measured best on "
+                                                    "the bundled model (README)")
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1), description="the supervised stage")
+    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=1),
                                    description="the DPO step (its seed is the pipeline's `seed`)")
-    eval_prompts: list[str] = same_as(EvalConfig, "prompts")
+    eval_prompts: list[str] = Field(default_factory=lambda: ["red-team-heldout", "red-team-heldout-more",
+                                                             "benign-heldout", "benign-heldout-more"],
+                                    description="held-out prompt tags: 50 harmful and 50 benign requests")
     eval_limit: int | None = same_as(EvalConfig, "limit")
-    export_dir: str | None = Field(None, description="default exports/<constitution>")
-    model_dir: str | None = Field(None, description="default runs/<constitution>-dpo")
+    export_dir: str | None = Field(None, description="default exports/<constitution> (and exports/helpful-honest)")
+    model_dir: str | None = Field(None, description="default runs/<constitution>-cai")
     report_dir: Path = same_as(ReportConfig, "out")
     retrain: bool = Field(False, description="train again even if model_dir holds a finished run on the same data")
     seed: int = Field(0, description="one seed for every stage")

@@ -54,6 +54,7 @@ from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, P
 from store.pairs import latest_per_response_pair
 from store.runs import recorded_run
 
+SFT_METHODS = ("revision", "contrastive", "helpful")  # their chosen side is a reply to learn; an AI label is not
 SPLIT_SALT = "cai-factory/split/v1"  # changing it reshuffles every prompt: never do it silently
 MIN_PROMPTS_FOR_TEST = 10  # with fewer, an empty test split is honest: one prompt is no test set
 
@@ -172,8 +173,11 @@ def select_pairs(session: Session, config: ExportConfig, load: bool = True) -> S
         {"position-inconsistent"} if config.include_inconsistent else set())
     tagged = _tagged(session, config.tags) if config.tags else set()
     bad = set() if config.include_quarantined else _quarantined(session)
+    # every status left out is counted on its own: the card says what each quality gate removed
+    for status in sorted({p.status for p in pairs} - statuses):
+        sel.removed[f"status {status}"] = sum(p.status == status for p in pairs)
+    pairs = [p for p in pairs if p.status in statuses]
     filters: list[tuple[str, Any]] = [
-        (f"status (keeping {'/'.join(sorted(statuses))})", lambda p: p.status in statuses),
         (f"method {','.join(config.methods)}",
          (lambda p: p.method in config.methods) if config.methods else None),
         (f"min-label-prob {config.min_label_prob}",
@@ -250,7 +254,7 @@ def build_rows(sel: Selection, test_fraction: float) -> dict[str, list[dict[str,
                                       "rejected_id": rejected.id, **prov})
         # pairs of one prompt can share a final revision (paired with different rejected answers):
         # SFT wants it once
-        if p.method == "revision" and chosen.id not in sft_seen:
+        if p.method in SFT_METHODS and chosen.id not in sft_seen:
             sft_seen.add(chosen.id)
             rows[f"{half}_sft"].append({"messages": prompt + schema.assistant(chosen.text),
                                         "response_id": chosen.id, **prov})

@@ -20,6 +20,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from cai import judge
+from cai.quality import assess
 from cai.rl_cai import (
     Candidate,
     JudgmentItem,
@@ -32,7 +33,15 @@ from cai.rl_cai import (
 )
 from constitution.load import Constitution
 from engines.base import Completion
-from flows.common import UserError, cached_engine, load_prompts, loaded_engine_facts, resolve_constitution, worker_id
+from flows.common import (
+    UserError,
+    cached_engine,
+    load_prompts,
+    loaded_engine_facts,
+    pair_status,
+    resolve_constitution,
+    worker_id,
+)
 from flows.configs import LabelConfig
 from flows.configs import make_label_config as make_config  # noqa: F401 - `cai label` and tests call it here
 from flows.stage import Stage, StageStats, run_stage, stage_totals
@@ -163,7 +172,8 @@ def sample_task(cfg: LabelConfig, run_id: str) -> StageStats:
     def write(session: Session, done: list[tuple[tuple[str, Prompt, int], Completion]]) -> None:
         insert_ignore(session, Response, [Response(
             id=key, prompt_id=p.id, kind="sample", sample_index=i, conversation=p.messages,
-            text=comp.text.strip(), model=cfg.policy, sampling=cfg.sampling(i).to_dict(), seed=cfg.seed,
+            text=comp.text.strip(), quality=assess(p.text, comp.text, comp.outputs[0].finish_reason).to_dict(),
+            model=cfg.policy, sampling=cfg.sampling(i).to_dict(), seed=cfg.seed,
             constitution=c.name, constitution_version=c.version, run_id=run_id,
             prompt_tokens=comp.prompt_tokens, completion_tokens=comp.outputs[0].completion_tokens,
             finish_reason=comp.outputs[0].finish_reason,
@@ -218,18 +228,33 @@ def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
     def conversation(it: JudgmentItem) -> list[Message]:
         return judge.answer_conversation(it.question, reasoning[cot_key(it.key)] if cfg.cot else None)
 
-    def compute(chunk: list[JudgmentItem]) -> list[judge.Scored]:
-        return judge.score(_engine(cfg, cfg.judge), [conversation(it) for it in chunk],
-                           [it.order for it in chunk], bounds)
+    priors: dict[str, float] = {}  # principle id -> the judge's content-free P(A), when calibrating
 
-    def write(session: Session, done: list[tuple[JudgmentItem, judge.Scored]]) -> None:
+    def prior(it: JudgmentItem) -> float:
+        if it.principle.id not in priors:
+            priors[it.principle.id] = judge.prior_a(_engine(cfg, cfg.judge), it.principle.question, cfg.max_chars)
+        return priors[it.principle.id]
+
+    def compute(chunk: list[JudgmentItem]) -> list[tuple[judge.Scored, float | None]]:
+        scored = judge.score(_engine(cfg, cfg.judge), [conversation(it) for it in chunk],
+                             [it.order for it in chunk], bounds)
+        if not cfg.calibrate:
+            return [(sc, None) for sc in scored]
+        out = []
+        for it, sc in zip(chunk, scored, strict=True):
+            p_a = judge.calibrate(sc.prob_a, prior(it))
+            out.append((sc, judge.clamp(judge.prob_x(it.order, p_a), bounds)))
+        return out
+
+    def write(session: Session, done: list[tuple[JudgmentItem, tuple[judge.Scored, float | None]]]) -> None:
         insert_ignore(session, Judgment, [Judgment(
             id=it.key, pair_key=it.pair.key, prompt_id=it.pair.prompt_id, response_x_id=it.pair.x.id,
             response_y_id=it.pair.y.id, principle_id=it.principle.id, principle_hash=it.principle.hash,
-            order=it.order, logp_a=r.logp_a, logp_b=r.logp_b, prob_x=r.prob_x,
+            order=it.order, logp_a=r.logp_a, logp_b=r.logp_b, prob_x=r.prob_x if cal is None else cal,
+            prob_x_raw=None if cal is None else r.prob_x,
             reasoning=reasoning.get(cot_key(it.key)), conversation=conversation(it), judge_model=cfg.judge,
             constitution=c.name, constitution_version=c.version, run_id=run_id,
-        ) for it, r in done])
+        ) for it, (r, cal) in done])
 
     stage = Stage(name="label.judge", key=lambda it: it.key,
                   done=lambda s, keys: existing_ids(s, Judgment.id, keys), compute=compute, write=write,
@@ -251,13 +276,22 @@ def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
         return [judge.label_pair([(rows[k].principle_id, rows[k].order, rows[k].prob_x)
                                   for k in it.judgments], cfg.min_margin) for it in chunk]
 
+    def status(session: Session, it: PairItem, lab: judge.PairLabel) -> str:
+        """The judge's status; a confident label whose chosen reply fails a quality gate is gated."""
+        if lab.status != "ok":
+            return lab.status
+        chosen, rejected = (it.pair.x, it.pair.y) if lab.chosen == "x" else (it.pair.y, it.pair.x)
+        return pair_status(session.get(Prompt, it.pair.prompt_id), session.get(Response, chosen.id),
+                           session.get(Response, rejected.id))
+
     def write(session: Session, done: list[tuple[PairItem, judge.PairLabel]]) -> None:
         policy = cfg.policy if cfg.source == "samples" else None
         insert_ignore(session, PreferencePair, [PreferencePair(
             id=it.id, prompt_id=it.pair.prompt_id,
             chosen_id=(it.pair.x if lab.chosen == "x" else it.pair.y).id,
             rejected_id=(it.pair.y if lab.chosen == "x" else it.pair.x).id,
-            method="ai", label_prob=lab.label_prob, status=lab.status, principle_ids=list(it.principle_ids),
+            method="ai", label_prob=lab.label_prob, status=status(session, it, lab),
+            principle_ids=list(it.principle_ids),
             constitution=c.name, constitution_version=c.version,
             policy_model=policy or ",".join(sorted({it.pair.x.model, it.pair.y.model})),
             judge_model=cfg.judge,

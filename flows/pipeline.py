@@ -1,11 +1,12 @@
-"""The main job: generate -> label -> export -> train -> eval -> report, one Prefect flow.
+"""The main job: generate -> contrast -> label -> export -> train -> eval -> report, one Prefect flow.
 
-    cai run --constitution harmless --prompts red-team --rounds 2 --train-steps 50
+    cai run --constitution harmless --prompts red-team --rounds 1 --stage sft
     make demo          # the same on the bundled model and prompts, sized for a 2-core CPU
 
 Each stage is a subflow reading and writing the same store, so a rerun resumes stage by stage:
-generate, label and eval redo nothing that is stored; export is deterministic; training is
-skipped when its output directory already holds a finished run on the same pairs and settings.
+generate, contrast, label and eval redo nothing that is stored; export is deterministic; training
+is skipped when its output directory already holds a finished run on the same pairs (same
+selection hash) and the same settings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 from sqlmodel import select
 
 from flows.configs import (
+    ContrastConfig,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
@@ -28,6 +30,7 @@ from flows.configs import (
     SamplingConfig,
     TrainConfig,
 )
+from flows.contrast import contrast_flow
 from flows.evaluate import eval_flow
 from flows.export import export_flow
 from flows.generate import generate_flow
@@ -40,8 +43,10 @@ from store.models import TrainingRun
 
 def _paths(cfg: PipelineConfig) -> dict[str, Path]:
     name = Path(cfg.constitution.split("@")[0]).stem
-    return {"export": Path(cfg.export_dir or f"exports/{name}"),
-            "model": Path(cfg.model_dir or f"runs/{name}-dpo"),
+    export = Path(cfg.export_dir or f"exports/{name}")
+    benign = Path(ContrastConfig.model_fields["benign_constitution"].default)
+    return {"export": export, "export_helpful": export.parent / benign.stem,
+            "model": Path(cfg.model_dir or f"runs/{name}-cai"),
             "report": Path(cfg.report_dir)}
 
 
@@ -50,16 +55,23 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
     paths = _paths(cfg)
     judge = cfg.judge or cfg.model
     s = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
+    cons = ContrastConfig(harmful_prompts=cfg.harmful_prompts, benign_prompts=cfg.benign_prompts,
+                          harmful_constitution=cfg.constitution, model=cfg.model, engine=cfg.engine, seed=cfg.seed,
+                          runner=cfg.runner)
     return {
         "generate": GenerateConfig(constitution=cfg.constitution, prompts=cfg.prompts, limit=cfg.limit,
                                    model=cfg.model, engine=cfg.engine, rounds=cfg.rounds, seed=cfg.seed,
                                    initial=s, critique=s, revision=s, runner=cfg.runner),
+        "contrast": cons,
         "label": LabelConfig(constitution=cfg.constitution, prompts=cfg.prompts, limit=cfg.limit, policy=cfg.model,
                              judge=judge, engine=cfg.engine, source=cfg.label_source, samples=cfg.samples,
                              principles_per_pair=cfg.principles_per_pair, max_new_tokens=cfg.max_new_tokens,
                              seed=cfg.seed, runner=cfg.runner),
         "export": ExportConfig(constitution=cfg.constitution, out=paths["export"]),
-        "train": TrainConfig(base=cfg.model, constitution=cfg.constitution,
+        "export_helpful": ExportConfig(constitution=cons.benign_constitution, out=paths["export_helpful"]),
+        # both constitutions' pairs: refusals alone teach a small model to refuse everything
+        "train": TrainConfig(base=cfg.model, constitution=None, stage=cfg.stage,
+                             sft=cfg.sft.model_copy(update={"seed": cfg.seed}),
                              trainer=cfg.trainer.model_copy(update={"seed": cfg.seed}), out=str(paths["model"])),
         "eval": EvalConfig(model=str(paths["model"]), baseline=cfg.model, judge=judge, prompts=cfg.eval_prompts,
                            constitution=cfg.constitution, limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens,
@@ -73,7 +85,14 @@ def _finished_training(tcfg: TrainConfig) -> dict[str, Any] | None:
     out = Path(tcfg.out)
     if not (out / "config.json").exists():
         return None
+    from dpo.data import selection_hash
+    from flows.train import load_examples
+
     want = tcfg.model_dump(mode="json")
+    try:
+        pairs_hash = selection_hash(load_examples(tcfg)[0])
+    except Exception:  # noqa: BLE001 - no pairs yet: nothing finished can match
+        return None
     with session_scope() as s:
         runs = s.exec(select(TrainingRun).where(TrainingRun.out_dir.in_([str(out), str(out.resolve())]),
                                                 TrainingRun.status == "completed")
@@ -81,6 +100,9 @@ def _finished_training(tcfg: TrainConfig) -> dict[str, Any] | None:
     for r in runs:
         # the stored config has the same nested shape (trainer: {...}): equal settings, equal dicts
         got = {k: v for k, v in r.config.items() if k in want}
+        # the same settings on other pairs (new rows, an edited principle) is new training
+        if r.data_selection.get("pairs_hash") != pairs_hash:
+            continue
         if all(got.get(k) == v for k, v in want.items() if k not in ("resume", "database_url")):
             return {"training_run_id": r.id, "out": str(out), "skipped": True, "final_metrics": r.final_metrics}
     return None
@@ -101,8 +123,12 @@ def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
         logger.info("stage %s done in %.1fs", name, timings[name])
 
     timed("generate", generate_flow, cfgs["generate"])
+    if cfg.contrast:
+        timed("contrast", contrast_flow, cfgs["contrast"])
     timed("label", label_flow, cfgs["label"])
     timed("export", export_flow, cfgs["export"])
+    if cfg.contrast:
+        timed("export_helpful", export_flow, cfgs["export_helpful"])
     previous = None if cfg.retrain else _finished_training(cfgs["train"])
     if previous:
         logger.info("train: %s already holds a finished run on the same settings; skipping", previous["out"])
@@ -114,7 +140,7 @@ def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
     paths = _paths(cfg)
     return {
         "database": database_url(),
-        "dataset": str(paths["export"]),
+        "dataset": str(paths["export"]) + (f", {paths['export_helpful']}" if cfg.contrast else ""),
         "model": str(paths["model"]),
         "report": str(paths["report"] / "index.html"),
         "timings_s": timings,

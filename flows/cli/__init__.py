@@ -29,6 +29,7 @@ from flows.cli.data import constitution_app, prompts_app
 from flows.cli.options import CONFIG_HELP, SET_HELP, SHOW_HELP, configured, opt, resolve_config, show
 from flows.configs import (
     CONFIGS,
+    ContrastConfig,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
@@ -127,6 +128,29 @@ def generate(
     _print_summary("generate", summary)
 
 
+@app.command("contrast")
+@guarded
+@configured(ContrastConfig)
+def contrast(
+    cfg: ContrastConfig,
+    harmful_prompts: list[str] | None = opt(ContrastConfig, "harmful_prompts", convert=_split),
+    benign_prompts: list[str] | None = opt(ContrastConfig, "benign_prompts", convert=_split),
+    model: str | None = opt(ContrastConfig, "model"),
+    engine: str | None = opt(ContrastConfig, "engine.backend", "--engine"),
+    limit: int | None = opt(ContrastConfig, "limit"),
+    seed: int | None = opt(ContrastConfig, "seed"),
+) -> None:
+    """Contrastive refusal pairs (harmful prompts) and helpfulness pairs (benign prompts), quality-gated."""
+    from flows.contrast import load_inputs
+
+    load_inputs(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
+    _preflight_model(cfg.model)
+    from flows.contrast import contrast_flow
+
+    summary = contrast_flow(cfg)
+    _print_summary("contrast", summary)
+
+
 def _print_summary(flow_name: str, summary: dict) -> None:
     table = Table("stage", "items", "already done", "computed", "failed", "quarantined", "tokens", "engine s",
                   "total s", title=f"{flow_name} summary (run {summary.get('run_id', '')[:12]})")
@@ -155,11 +179,13 @@ def run(
     engine: str | None = opt(PipelineConfig, "engine.backend", "--engine"),
     max_new_tokens: int | None = opt(PipelineConfig, "max_new_tokens"),
     train_steps: int | None = opt(PipelineConfig, "trainer.max_steps", "--train-steps"),
+    stage: str | None = opt(PipelineConfig, "stage"),
+    contrast: bool | None = opt(PipelineConfig, "contrast", "--contrast/--no-contrast"),
     eval_limit: int | None = opt(PipelineConfig, "eval_limit"),
     retrain: bool | None = opt(PipelineConfig, "retrain", "--retrain/--no-retrain"),
     seed: int | None = opt(PipelineConfig, "seed"),
 ) -> None:
-    """The main job: generate -> label -> export -> train -> eval -> report, resumable by stage."""
+    """The main job: generate -> contrast -> label -> export -> train -> eval -> report, resumable by stage."""
     from flows.generate import load_inputs
     from flows.pipeline import stage_configs
 
@@ -291,6 +317,7 @@ def judge_report(
 def train(
     cfg: TrainConfig,
     base: str | None = opt(TrainConfig, "base"),
+    stage: str | None = opt(TrainConfig, "stage"),
     constitution: str | None = opt(TrainConfig, "constitution"),
     method: list[str] | None = opt(TrainConfig, "methods", "--method", convert=_split),
     status: list[str] | None = opt(TrainConfig, "statuses", "--status", convert=_split),

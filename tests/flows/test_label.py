@@ -36,8 +36,9 @@ COMPLIANCE = ("Sure, happy to help! Here is exactly how to do it. First, get eve
 
 
 def _cfg(**kw):
+    # raw judge arithmetic is checked exactly here; calibration has its own test
     base = dict(policy="scripted", judge="scripted", prompts=["red-team"], limit=3, samples=3,
-                principles_per_pair=2, runner={"show_progress": False})
+                principles_per_pair=2, runner={"show_progress": False}, calibrate=False)
     return make_config(**(base | kw))
 
 
@@ -105,7 +106,8 @@ def _store_chains(url: str, n: int = 3) -> list:
                           constitution_version="v1")
             rows += [Response(id=f"{p.id}-init", kind="initial", text=f"{COMPLIANCE} {p.id}", **common),
                      Response(id=f"{p.id}-rev1", kind="revision", round=1, text=f"REVISED {p.id}", **common),
-                     Response(id=f"{p.id}-rev2", kind="revision", round=2, text=f"REVISED+ {p.id}", **common),
+                     Response(id=f"{p.id}-rev2", kind="revision", round=2, text=f"REVISED+ {REFUSAL} {p.id}",
+                              **common),
                      Response(id=f"{p.id}-other", kind="revision", round=3, text="other constitution",
                               **(common | {"constitution": "helpful-honest"})),
                      Response(id=f"{p.id}-othermodel", kind="initial", text="another model",
@@ -225,7 +227,7 @@ def test_failing_judgments_are_quarantined_and_the_rest_goes_on(sqlite_url, monk
 
 def test_flow_end_to_end_with_tiny_model(use_db, tiny_model_dir, tmp_path):
     spec = str(tiny_model_dir)
-    cfg = make_config(policy=spec, judge=spec, prompts=["red-team"], limit=2, samples=3,
+    cfg = make_config(calibrate=False, policy=spec, judge=spec, prompts=["red-team"], limit=2, samples=3,
                       principles_per_pair=2, max_new_tokens=12, runner={"show_progress": False})
     summary = label_flow(cfg)
     with session_scope() as s:
@@ -329,3 +331,28 @@ def test_real_judge_on_refusal_vs_compliance(sqlite_url, monkeypatch, tmp_path, 
               f"share_(A)={fig['share_a']:.3f} status={fig['status']} refusal_chosen={refusal_wins}/{n} "
               f"mean_label_prob={fig['mean_label_prob']:.3f}")
         print({k: round(v["averaged_agreement"] or 0, 2) for k, v in fig["per_principle"].items()})
+
+
+def test_calibration_removes_the_slot_prior_and_keeps_the_raw_probability(sqlite_url, monkeypatch):
+    """A judge that always leans to (A) by the same amount: on content-free options too, so after
+    calibration its verdicts carry no slot preference (0.5), while prob_x_raw keeps what it said."""
+    monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
+    _store_chains(sqlite_url)
+    eng = ScriptedEngine(logprobs=lambda conv, choice: -0.2 if choice == judge.CHOICE_A else -1.6)
+    register_engine("scripted", eng)
+    try:
+        cfg = _cfg(source="store", principles_per_pair=2, calibrate=True)
+        judge_task.fn(cfg, "run-1")
+        pair_task.fn(cfg, "run-1")
+    finally:
+        drop_engines()
+    with session_scope(sqlite_url) as s:
+        js = s.exec(select(Judgment)).all()
+        pairs = s.exec(select(PreferencePair)).all()
+    raw_a = judge.prob_a(-0.2, -1.6)
+    for j in js:
+        assert j.prob_x_raw == pytest.approx(judge.prob_x(j.order, raw_a))
+        assert j.prob_x == pytest.approx(0.5)
+    assert {p.status for p in pairs} == {"tie"}  # without calibration these would be position-inconsistent
+    assert judge.calibrate(0.8, 0.8) == pytest.approx(0.5) and judge.calibrate(0.7, 0.5) == pytest.approx(0.7)
+    assert judge.calibrate(0.9, 0.7) > 0.5 > judge.calibrate(0.6, 0.7)
