@@ -106,8 +106,17 @@ def check_out(out: Path) -> None:
     parent = base.parent
     while not parent.exists() and parent.parent != parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, so no directory can be made under it; "
+                        "choose another directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {parent} (permission denied); choose another directory")
+    try:  # and a probe: root passes os.access everywhere, yet a read-only filesystem refuses it
+        with tempfile.TemporaryFile(dir=parent, prefix=f".{base.name}.check-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {parent} ({exc.strerror or exc.__class__.__name__}); "
+                        "choose another directory") from None
 
 
 def hub_token(repo: str) -> str:

@@ -59,6 +59,16 @@ def check_server() -> str:
     if not url:
         raise UserError("schedules need a running Prefect server: start one with `prefect server start` "
                         "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    import httpx
+
+    try:
+        # any HTTP answer means a server is there (Prefect Cloud may answer 401/404 on /health);
+        # only a connection that fails is "unreachable"
+        httpx.get(url.rstrip("/") + "/health", timeout=10)
+    except httpx.TransportError as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot reach the Prefect server at PREFECT_API_URL={url} ({exc.__class__.__name__}: "
+                        f"{detail}); start one with `prefect server start`, or fix PREFECT_API_URL") from None
     return url
 
 

@@ -2,6 +2,9 @@
 
 SQLite gets WAL, foreign keys and a busy timeout so a reader and a writer can share it.
 Migrations (Alembic) are applied automatically on first use, or with `cai db upgrade`.
+A database that holds other tables but no `alembic_version` is refused, never migrated: it is
+another application's, or ours with its version table lost. A read-only or locked database, or a
+lost server, is a DatabaseError with one line saying what to do; the rows committed before stay.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from pathlib import Path
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session, create_engine
 
 DEFAULT_URL = "sqlite:///cai.db"
 MIGRATIONS = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT_S = 30.0  # how long a SQLite writer waits for another's lock before giving up
 
 
 class DatabaseError(RuntimeError):
@@ -46,7 +51,7 @@ def database_url(url: str | None = None) -> str:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
     # WAL is a property of the file and persists: set it once. Switching to it needs an
     # exclusive lock and fails at once with "database is locked" (no busy wait) while another
     # connection is opening the same new file, so several workers' first use retry briefly.
@@ -67,7 +72,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 def make_engine(url: str | None = None) -> Engine:
     url = database_url(url)
     if url.startswith("sqlite"):
-        eng = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        eng = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
         event.listen(eng, "connect", _sqlite_pragmas)
     else:
         eng = create_engine(url, pool_pre_ping=True)
@@ -115,11 +120,64 @@ def upgrade(eng: Engine) -> str:
     return head_revision()
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
+    """The URL as it may be printed or logged: the password masked."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - unparsable: show it as given
         return url
+
+
+_shown = shown_url
+
+
+def _our_tables() -> set[str]:
+    from sqlmodel import SQLModel
+
+    import store.models  # noqa: F401 - registers the tables
+
+    return set(SQLModel.metadata.tables)
+
+
+def _refuse_unversioned(url: str, names: set[str]) -> None:
+    """A non-empty database without alembic_version is not ours to migrate: say whose it looks like."""
+    ours = sorted(names & _our_tables())
+    shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+    if ours:
+        raise DatabaseError(
+            f"the database {_shown(url)} has cai-factory tables ({', '.join(ours[:5])}"
+            f"{', ...' if len(ours) > 5 else ''}) but no alembic_version table, so its schema version is unknown "
+            "and migrating it could fail halfway; nothing was changed: restore it from a copy that has "
+            "alembic_version, or point CAI_DATABASE_URL at a new database")
+    raise DatabaseError(
+        f"the database {_shown(url)} belongs to another application: it holds tables ({shown}) and none of "
+        "cai-factory's; nothing was changed: point CAI_DATABASE_URL at a new database (default ./cai.db)")
+
+
+def explain(exc: BaseException, url: str) -> DatabaseError | None:
+    """A one-line DatabaseError for a database that refuses work (read-only, locked, full, gone), or None."""
+    if not isinstance(exc, DBAPIError) or isinstance(exc, IntegrityError):
+        return None
+    orig = exc.orig
+    detail = (str(orig).strip().splitlines() or [""])[0]
+    low = detail.lower()
+    name = type(orig).__name__
+    where = _shown(url)
+    kept = "the rows stored before are kept"
+    if "readonly" in low or "read-only" in low or name in ("ReadOnlySqlTransaction", "InsufficientPrivilege"):
+        return DatabaseError(f"the database {where} is read-only ({detail}); {kept}, nothing more was written: "
+                             "make the file and its directory writable, or point CAI_DATABASE_URL at a writable copy")
+    if "database is locked" in low or "database table is locked" in low or name == "LockNotAvailable":
+        return DatabaseError(f"the database {where} stayed locked by another process for more than the "
+                             f"{BUSY_TIMEOUT_S:g} s busy timeout ({detail}); {kept}: rerun when the other writer "
+                             "is done (several workers at once want PostgreSQL)")
+    if "disk is full" in low or name == "DiskFull":
+        return DatabaseError(f"the database {where} cannot grow: the disk is full ({detail}); {kept}: free space, "
+                             "then rerun")
+    if isinstance(exc, OperationalError):
+        return DatabaseError(f"the database {where} failed: {name}: {detail}; {kept}: check that the file or server "
+                             "is reachable and rerun")
+    return None
 
 
 def _known_revisions() -> set[str]:
@@ -132,7 +190,11 @@ def _known_revisions() -> set[str]:
 def _engine_for(url: str) -> Engine:
     try:
         eng = make_engine(url)  # a malformed URL or an unknown driver fails here
-        rev = current_revision(eng)
+        with eng.connect() as conn:
+            # one query: a migration in progress elsewhere creates alembic_version with the tables
+            names = set(inspect(conn).get_table_names())
+            rev = (conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                   if "alembic_version" in names else None)
     except Exception as exc:  # noqa: BLE001 - turned into a message a person can act on
         detail = str(exc).splitlines()[0] if str(exc) else ""
         raise DatabaseError(
@@ -142,8 +204,16 @@ def _engine_for(url: str) -> Engine:
     if rev is not None and rev not in _known_revisions():
         raise DatabaseError(f"the database {_shown(url)} is at schema revision {rev!r}, which this version "
                             "of cai-factory does not know (a newer version migrated it); upgrade cai-factory")
+    if rev is None and names:
+        _refuse_unversioned(url, names)
     if rev != head_revision():
-        upgrade(eng)
+        try:
+            upgrade(eng)
+        except Exception as exc:
+            why = explain(exc, url)
+            if why is None:
+                raise
+            raise why from exc
     return eng
 
 
@@ -160,10 +230,26 @@ def reset_engines() -> None:
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """One transaction: commit on success, roll back on error."""
-    with Session(get_engine(url), expire_on_commit=False) as session:
+    eng = get_engine(url)
+    with Session(eng, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()
-        except BaseException:
+        except BaseException as exc:
             session.rollback()
+            why = explain(exc, eng.url.render_as_string(hide_password=False))
+            if why is not None:
+                raise why from exc
             raise
+
+
+def checkpoint_wal(url: str | None = None) -> None:
+    """Fold SQLite's write-ahead log into the database file, so copying cai.db alone copies every row.
+
+    Readers still open elsewhere can keep part of the log; `cai export` calls this at its end anyway.
+    """
+    eng = get_engine(url)
+    if eng.dialect.name != "sqlite":
+        return
+    with eng.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")

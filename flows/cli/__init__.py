@@ -24,9 +24,10 @@ from rich.table import Table
 
 from cai.errors import UserError
 from engines.bundled import DEFAULT_SPEC
-from flows.cli.common import _session, console, err, fail, guarded
+from flows.cli.common import _session, check_writable, console, err, fail, guarded
 from flows.cli.data import constitution_app, prompts_app
 from flows.cli.options import CONFIG_HELP, SET_HELP, SHOW_HELP, configured, opt, resolve_config, show
+from flows.cli.render import esc
 from flows.configs import (
     CONFIGS,
     ContrastConfig,
@@ -72,8 +73,8 @@ def db_upgrade() -> None:
     from store.db import current_revision, get_engine
 
     eng = get_engine()
-    console.print(f"database {eng.url.render_as_string(hide_password=True)} at revision {current_revision(eng)}",
-                  highlight=False)
+    console.print(f"database {esc(eng.url.render_as_string(hide_password=True))} at revision "
+                  f"{esc(current_revision(eng))}", highlight=False)
 
 
 # --- stages (each command is a thin wrapper around a flow) ---------------------------------
@@ -153,13 +154,13 @@ def contrast(
 
 def _print_summary(flow_name: str, summary: dict) -> None:
     table = Table("stage", "items", "already done", "computed", "failed", "quarantined", "tokens", "engine s",
-                  "total s", title=f"{flow_name} summary (run {summary.get('run_id', '')[:12]})")
+                  "total s", title=f"{flow_name} summary (run {esc(summary.get('run_id', '')[:12])})")
     for name, st in summary.get("stages", {}).items():
-        table.add_row(name, str(st["items"]), str(st["done_before"]), str(st["computed"]), str(st["failed"]),
+        table.add_row(esc(name), str(st["items"]), str(st["done_before"]), str(st["computed"]), str(st["failed"]),
                       str(st["quarantined"]), str(st["tokens"]), f"{st['engine_s']:.1f}", f"{st['total_s']:.1f}")
     console.print(table)
     extras = {k: v for k, v in summary.items() if k not in ("stages",)}
-    console.print(" ".join(f"{k}={v}" for k, v in extras.items()), highlight=False)
+    console.print(esc(" ".join(f"{k}={v}" for k, v in extras.items())), highlight=False)
 
 
 @app.command("run")
@@ -188,25 +189,36 @@ def run(
     """The main job: generate -> contrast -> label -> export -> train -> eval -> report, resumable by stage."""
     from flows.generate import load_inputs
     from flows.pipeline import stage_configs
+    from flows.publish import check_out
 
-    load_inputs(stage_configs(cfg)["generate"])  # bad constitution / tag / database: fail before Prefect starts
+    stages = stage_configs(cfg)
+    # the outputs are written at the end of an hour's work: check where they go first
+    flags = {"train": "--set model_dir", "report": "--set report_dir"}
+    for stage, sub in stages.items():
+        if isinstance(sub, ExportConfig):
+            check_out(sub.out)  # new, empty or an earlier export, and writable
+        elif getattr(sub, "out", None) is not None:
+            check_writable(sub.out, flags.get(stage, f"the {stage} output"))
+    load_inputs(stages["generate"])  # bad constitution / tag / database: fail before Prefect starts
     _preflight_model(cfg.model)
     from flows.pipeline import pipeline_flow
 
     t0 = __import__("time").perf_counter()
     out = pipeline_flow(cfg)
     table = Table("what", "where", title="cai run: done")
-    table.add_row("database", out["database"])
-    table.add_row("dataset", out["dataset"])
-    table.add_row("model", out["model"])
-    table.add_row("report", out["report"])
+    from store.db import shown_url
+
+    table.add_row("database", esc(shown_url(str(out["database"]))))  # never the password
+    table.add_row("dataset", esc(out["dataset"]))
+    table.add_row("model", esc(out["model"]))
+    table.add_row("report", esc(out["report"]))
     console.print(table)
     ev = out["results"].get("eval") or {}
     from flows.cli.render import render_eval
 
     if ev:
         render_eval(ev, console)
-    console.print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in out["timings_s"].items())
+    console.print("stage seconds: " + ", ".join(f"{esc(k)} {esc(v)}" for k, v in out["timings_s"].items())
                   + f"; total {__import__('time').perf_counter() - t0:.0f}s", highlight=False)
 
 
@@ -303,11 +315,12 @@ def judge_report(
     from flows.cli.render import render_judge
     from flows.judge_report import figures, write
 
+    check_writable(out)
     with _session() as s:
         fig = figures(s, constitution, judge)
     render_judge(fig, console, title=f"judge report ({constitution or 'all constitutions'})")
     paths = write(fig, out)
-    console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
+    console.print("wrote " + ", ".join(esc(p) for p in paths), highlight=False)
 
 # train: flows/train.py
 
@@ -350,17 +363,18 @@ def train(
     """DPO on the stored preference pairs; writes a HF model directory and metrics.png to OUT."""
     from flows.train import load_examples
 
+    check_writable(cfg.out)  # the model is written after training: check where it goes first
     load_examples(cfg)  # no pairs / bad dataset / unreachable database: fail before Prefect starts
     _preflight_model(cfg.base)
     from flows.train import train_flow
 
     s = train_flow(cfg)
     final = s.get("final_train", {})
-    console.print(f"trained {s['steps']} steps on {s['n_train']} pairs ({s['n_eval']} held out); "
-                  f"reference log-probs {s['ref_computed']} computed, {s['ref_reused']} reused; "
-                  f"final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
-                  f"{final.get('rewards/accuracies', float('nan')):.2f}; model in {s['out']}, "
-                  f"plot {s['plot']}",
+    console.print(esc(f"trained {s['steps']} steps on {s['n_train']} pairs ({s['n_eval']} held out); "
+                      f"reference log-probs {s['ref_computed']} computed, {s['ref_reused']} reused; "
+                      f"final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
+                      f"{final.get('rewards/accuracies', float('nan')):.2f}; model in {s['out']}, "
+                      f"plot {s['plot']}"),
                   highlight=False)
 
 # export: flows/export.py
@@ -402,9 +416,9 @@ def export(
     from flows.export import export_flow
 
     s = export_flow(cfg)
-    console.print(f"exported {s['constitution']} to {s['out']} ({s['format']}): "
-                  + ", ".join(f"{k} {n}" for k, n in s["counts"].items())
-                  + (f"; pushed to {s['url']}" if s.get("url") else ""), highlight=False)
+    console.print(esc(f"exported {s['constitution']} to {s['out']} ({s['format']}): "
+                      + ", ".join(f"{k} {n}" for k, n in s["counts"].items())
+                      + (f"; pushed to {s['url']}" if s.get("url") else "")), highlight=False)
     if s.get("warning"):
         err.print(f"[yellow]warning:[/] {escape(s['warning'])}", highlight=False, soft_wrap=True)
 
@@ -464,10 +478,11 @@ def report(
     """A static HTML report of the store (opens offline in any browser)."""
     from flows.report import make_report
 
+    check_writable(cfg.out)
     data = make_report(cfg)
     plots = sum(len(v) for v in data["images"].values())
-    console.print(f"wrote {data['index']} ({plots} plot{'' if plots == 1 else 's'}, figures in "
-                  f"{cfg.out / 'report.json'})", highlight=False)
+    console.print(esc(f"wrote {data['index']} ({plots} plot{'' if plots == 1 else 's'}, figures in "
+                      f"{cfg.out / 'report.json'})"), highlight=False)
 
 
 def process_defaults() -> None:

@@ -17,6 +17,34 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def check_writable(path, flag: str = "--out") -> None:
+    """Fail now, before any work, if the directory `path` cannot be created or written to.
+
+    A write probe rather than os.access: root passes os.access everywhere, yet a read-only
+    filesystem or /proc still refuses it.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from flows.common import UserError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is a file, not a directory; choose a directory")
+    base = path.absolute()
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"{flag} {path}: {base} is a file, so no directory can be made under it; "
+                        "choose another directory")
+    try:
+        with tempfile.TemporaryFile(dir=base, prefix=".cai-write-check-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot write in {base} ({exc.strerror or exc.__class__.__name__}); "
+                        "choose another directory") from None
+
+
 def _session():
     from store.db import DatabaseError, session_scope
 
@@ -24,6 +52,25 @@ def _session():
         return session_scope()
     except DatabaseError as exc:
         fail(str(exc))
+
+
+def _ours(exc: BaseException) -> bool:
+    """Is `exc` one of our own errors a person can act on? Only those become one line: an
+    IndexError or KeyError is a bug, and its traceback is what a bug report needs.
+    CheckpointError is looked up only if dpo.checkpoint was imported (it imports torch), since
+    otherwise nothing could have raised it."""
+    import sys
+
+    from constitution.load import ConstitutionError
+    from engines.bundled import ModelNotFound
+    from flows.common import UserError
+    from store.db import DatabaseError
+
+    types: tuple[type[BaseException], ...] = (UserError, DatabaseError, ConstitutionError, ModelNotFound)
+    checkpoint = sys.modules.get("dpo.checkpoint")
+    if checkpoint is not None:
+        types += (checkpoint.CheckpointError,)
+    return isinstance(exc, types)
 
 
 def guarded(fn):
@@ -34,18 +81,14 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         from pydantic import ValidationError
 
-        from constitution.load import ConstitutionError
-        from engines.bundled import ModelNotFound
-        from flows.common import UserError
-        from store.db import DatabaseError
-
         try:
             return fn(*args, **kwargs)
-        except (UserError, DatabaseError, ConstitutionError, ModelNotFound, LookupError) as exc:
-            msg = exc.args[0] if isinstance(exc, LookupError) and exc.args else str(exc)
-            fail(msg)
         except ValidationError as exc:  # a setting the config models reject, e.g. --label-source foo
             fail("invalid setting: " + "; ".join(map(_problem, exc.errors())))
+        except Exception as exc:
+            if not _ours(exc):
+                raise
+            fail(str(exc))
 
     return wrapper
 

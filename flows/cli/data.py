@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from flows.cli.common import _session, console, err, fail, guarded
+from flows.cli.render import esc
 
 constitution_app = typer.Typer(help="List, validate, version and diff constitution files.", no_args_is_help=True)
 prompts_app = typer.Typer(help="Load prompt sets into the store.", no_args_is_help=True)
@@ -30,10 +31,10 @@ def constitution_list() -> None:
     for name, path in available().items():
         try:
             c = load_file(path)
-            table.add_row(name, c.version, str(len(c.principles)), str(len(c.preferences)),
-                          str(len(c.few_shot)), str(path))
+            table.add_row(esc(name), esc(c.version), str(len(c.principles)), str(len(c.preferences)),
+                          str(len(c.few_shot)), esc(path))
         except ConstitutionError as exc:
-            table.add_row(name, "[red]invalid[/]", "", "", "", exc.args[0])
+            table.add_row(esc(name), "[red]invalid[/]", "", "", "", esc(exc.args[0]))
     console.print(table)
 
 
@@ -44,7 +45,7 @@ def constitution_validate(path: Path) -> None:
     from constitution.load import load_file
 
     c = load_file(path)
-    console.print(f"{c.ref}  ({len(c.principles)} principles, {len(c.preferences)} preferences, "
+    console.print(f"{esc(c.ref)}  ({len(c.principles)} principles, {len(c.preferences)} preferences, "
                   f"{len(c.few_shot)} few-shot examples)", highlight=False)
 
 
@@ -65,7 +66,8 @@ def constitution_log(name: str) -> None:
     table = Table("version", "first seen (UTC)", "principles", "file")
     for r in rows:
         n = len([k for k in r.principle_hashes if not k.startswith("pref:")])
-        table.add_row(f"{name}@{r.version}", r.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(n), r.source_path)
+        table.add_row(esc(f"{name}@{r.version}"), r.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(n),
+                      esc(r.source_path))
     console.print(table)
 
 
@@ -77,7 +79,7 @@ def constitution_record(name: str) -> None:
 
     with _session() as s:
         c = resolve_constitution(s, name)
-    console.print(f"recorded {c.ref}", highlight=False)
+    console.print(f"recorded {esc(c.ref)}", highlight=False)
 
 
 @constitution_app.command("diff")
@@ -91,16 +93,16 @@ def constitution_diff(old: str, new: str) -> None:
         a = resolve_constitution(s, old)
         b = resolve_constitution(s, new)
     changes = diff(a, b)
-    console.print(f"{a.ref} -> {b.ref}", highlight=False)
+    console.print(f"{esc(a.ref)} -> {esc(b.ref)}", highlight=False)
     if not changes:
         console.print("no differences")
         return
     for ch in changes:
         colour = {"added": "green", "removed": "red", "changed": "yellow"}[ch.kind]
-        console.print(f"[{colour}]{ch.kind:8}[/] {ch.section}: {ch.id}", highlight=False)
+        console.print(f"[{colour}]{ch.kind:8}[/] {esc(ch.section)}: {esc(ch.id)}", highlight=False)
         if ch.kind == "changed":
             for field_name, (was, now) in ch.fields.items():
-                console.print(f"    {field_name}:\n      - {was}\n      + {now}", highlight=False)
+                console.print(f"    {esc(field_name)}:\n      - {esc(was)}\n      + {esc(now)}", highlight=False)
 
 
 # --- prompts -------------------------------------------------------------------------------
@@ -119,13 +121,13 @@ def prompts_add(
         fail(f"{file}: no such file or directory")
     res = parse_file(file)
     for line, message in res.errors:
-        err.print(f"{file}:{line}: skipped: {message}", highlight=False, soft_wrap=True)  # one line each
+        err.print(esc(f"{file}:{line}: skipped: {message}"), highlight=False, soft_wrap=True)  # one line each
     with _session() as s:
         new, old = store_prompts(s, res.prompts, str(file), tag or [file.stem.replace("_", "-")])
     repeated = len(res.prompts) - new - old
-    console.print(f"{file}: {len(res.prompts)} prompts read ({new} new, {old} already stored"
-                  + (f", {repeated} repeated in the file" if repeated else "")
-                  + f"), {len(res.errors)} bad rows skipped", highlight=False, soft_wrap=True)
+    console.print(esc(f"{file}: {len(res.prompts)} prompts read ({new} new, {old} already stored"
+                      + (f", {repeated} repeated in the file" if repeated else "")
+                      + f"), {len(res.errors)} bad rows skipped"), highlight=False, soft_wrap=True)
     if res.errors and not res.prompts:
         raise typer.Exit(2)
 
@@ -143,5 +145,5 @@ def prompts_list() -> None:
         rows = s.exec(select(PromptTag.tag, func.count()).group_by(PromptTag.tag).order_by(PromptTag.tag)).all()
     table = Table("tag", "prompts")
     for t, n in rows:
-        table.add_row(t, str(n))
+        table.add_row(esc(t), str(n))
     console.print(table)

@@ -21,7 +21,7 @@ def render_status(data: dict[str, Any], console) -> None:
     console.print(f"database: {esc(data['database'])} (schema {esc(data['schema_revision'])})", highlight=False)
     t = Table("table", "rows", title="tables")
     for name, n in data["tables"].items():
-        t.add_row(name, str(n))
+        t.add_row(esc(name), str(n))
     console.print(t)
     if data["responses"]:
         t = Table("stage", "responses", title="responses per stage")
@@ -55,17 +55,36 @@ def render_eval(summary: dict[str, Any], console) -> None:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    caption = (f"model {summary['model']}, baseline {summary['baseline']}, judge {summary['judge']}, "
-               f"{summary['constitution']}. On benign sets a refusal is over-refusal: lower is better.")
+    caption = (f"model {esc(summary['model'])}, baseline {esc(summary['baseline'])}, judge {esc(summary['judge'])}, "
+               f"{esc(summary['constitution'])}. On benign sets a refusal is over-refusal: lower is better.")
     table = Table("prompt set", "role", "n", "refusal rate", "win rate vs other", "judged",
-                  title=f"eval {summary['eval_name']}", caption=caption)
+                  title=f"eval {esc(summary['eval_name'])}", caption=caption)
     for tag, roles in summary["sets"].items():
         for role, st in roles.items():
-            table.add_row(tag, role, str(st["n"]), pct(st["refusal_rate"]), pct(st["win_rate"]),
+            table.add_row(esc(tag), esc(role), str(st["n"]), pct(st["refusal_rate"]), pct(st["win_rate"]),
                           str(st["judged"]))
     console.print(table)
+    if summary.get("kinds"):
+        def num(v: float | None, fmt: str = ".3f") -> str:
+            return "-" if v is None else format(v, fmt)
+
+        kinds = Table("prompts", "role", "n", "harmful compliance", "over-refusal", "apology/boilerplate",
+                      "repeated trigrams", "distinct-2", "mean words", "drift (log-prob/token)",
+                      title="what the replies look like (cai/quality.py gates; lower is better but distinct-2)")
+        for kind, roles in summary["kinds"].items():
+            for role, st in roles.items():
+                kinds.add_row(esc(kind), esc(role), str(st["n"]), pct(st["harmful_compliance"]),
+                              pct(st["over_refusal"]), pct(st["apology_rate"]), num(st["repeated_trigrams"]),
+                              num(st["distinct_2"]), num(st["mean_words"], ".1f"), num(st["drift_logp"]))
+        console.print(kinds)
+    for ex in summary.get("examples", [])[:6]:
+        console.print(f"[bold]{esc(ex['kind'])}[/]: {esc(ex['prompt'])}", highlight=False)
+        for role in ("baseline", "model"):
+            flag = " [refused]" if ex[role]["refused"] else ""
+            flag += f" [{', '.join(ex[role]['failed'])}]" if ex[role]["failed"] else ""
+            console.print(f"  {role}{esc(flag)}: {esc(ex[role]['text'][:240])}", highlight=False)
     console.print(f"computed {summary['computed']} rows, {summary['failed']} failed, "
-                  f"{summary['total_s']:.1f}s (run {summary['run_id'][:12]})", highlight=False)
+                  f"{summary['total_s']:.1f}s (run {esc(summary['run_id'][:12])})", highlight=False)
 
 
 def render_judge(fig: dict[str, Any], console, title: str = "judge report") -> None:
@@ -77,10 +96,10 @@ def render_judge(fig: dict[str, Any], console, title: str = "judge report") -> N
     def num(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    t = Table("figure", "value", title=title)
+    t = Table("figure", "value", title=esc(title))
     t.add_row("AI-labelled pairs", str(fig["pairs"]))
     for status, n in sorted(fig["status"].items()):
-        t.add_row(f"  status {status}", str(n))
+        t.add_row(f"  status {esc(status)}", str(n))
     t.add_row("judgments", str(fig["judgments"]))
     t.add_row("position consistency",
               f"{pct(fig['position_consistency'])} of {fig['pairs_with_both_orders']} pairs")
@@ -96,5 +115,5 @@ def render_judge(fig: dict[str, Any], console, title: str = "judge report") -> N
     p = Table("principle", "judgments", "agreement", "both orders averaged",
               title="agreement with the ensemble")
     for pid, st in fig["per_principle"].items():
-        p.add_row(pid, str(st["judgments"]), pct(st["agreement"]), pct(st["averaged_agreement"]))
+        p.add_row(esc(pid), str(st["judgments"]), pct(st["agreement"]), pct(st["averaged_agreement"]))
     console.print(p)
