@@ -48,7 +48,7 @@ from flows.configs import ExportConfig
 from flows.configs import make_export_config as make_config  # noqa: F401 - `cai export` and tests call it here
 from flows.configs import naive_utc as _naive_utc
 from flows.publish import check_out, hub_token, push_export, write_export
-from store.db import session_scope
+from store.db import checkpoint_wal, session_scope
 from store.keys import content_hash
 from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
 from store.pairs import latest_per_response_pair
@@ -431,4 +431,8 @@ def export_flow(config: ExportConfig) -> dict[str, Any]:
             # a Failed state carrying the error: callers get the UserError, and no traceback is logged
             run.summary["error"], run.status = str(exc), "failed"
             return Failed(message=str(exc), data=exc)
+    try:  # the Run row is closed: fold SQLite's WAL into cai.db, so a copy of that one file has every row
+        checkpoint_wal()
+    except Exception as exc:  # noqa: BLE001 - the export is written; a reader holding the log is no failure
+        log.warning("could not checkpoint the SQLite write-ahead log (%s); copy cai.db-wal along with cai.db", exc)
     return run.summary

@@ -3,15 +3,19 @@
 Shared by the generate, label and eval flows. The caller supplies plain functions:
 `done(session, keys)` says which outputs exist, `compute(items)` calls the engine for one
 chunk (returning a result or an Exception per item), `write(session, pairs)` stores results.
-Everything a chunk produced, plus the release of its claims, is one transaction.
+Everything a chunk produced, plus the release of its claims, is one transaction. While a chunk
+computes, a background thread renews its claims every lease_s/3, so a chunk slower than its lease
+is not taken over (and computed twice) by another worker.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -86,6 +90,32 @@ def _compute_isolating(stage: Stage[T, R], chunk: list[T], logger) -> list[R | E
     return out
 
 
+@contextmanager
+def _renewing(stage: str, keys: list[str], worker: str, lease_s: float, url: str | None, logger) -> Iterator[None]:
+    """Keep this worker's claims on `keys` alive while the block runs (one renewal every lease_s/3)."""
+    stop = threading.Event()
+
+    def renew_loop() -> None:
+        while not stop.wait(max(lease_s / 3, 0.05)):
+            try:
+                with session_scope(url) as s:
+                    held = work.renew(s, stage, keys, worker, lease_s)
+            except Exception as exc:  # noqa: BLE001 - the next renewal may succeed; the lease still runs
+                logger.warning("%s: could not renew %d claims (%s)", stage, len(keys), exc)
+                continue
+            if held < len(keys):
+                logger.warning("%s: %d of %d claims were taken over by another worker while computing",
+                               stage, len(keys) - held, len(keys))
+
+    thread = threading.Thread(target=renew_loop, name=f"renew-{stage}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | None, chunk_size: int,
               lease_s: float, show_progress: bool, url: str | None = None, poll_s: float = 1.0) -> StageStats:
     """Compute every item of `items` that has no output yet; return what happened.
@@ -131,7 +161,8 @@ def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | 
                 did_any = True
                 chunk = [by_key[k] for k in mine]
                 t0 = time.perf_counter()
-                results = _compute_isolating(stage, chunk, logger)
+                with _renewing(stage.name, mine, worker, lease_s, url, logger):
+                    results = _compute_isolating(stage, chunk, logger)
                 stats.engine_s += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 good = [(item, r) for item, r in zip(chunk, results, strict=True) if not isinstance(r, Exception)]

@@ -7,10 +7,13 @@
 
 A block that raises marks the row `failed` with the error in its summary (and re-raises); one
 that ends normally records `run.status` (default `completed`) with the summary and timings it set.
+A killed process closes nothing: its row says `host:pid`, and the next run (or `cai status`) on
+that host that finds the process gone marks the row `crashed`.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import Iterator
@@ -18,8 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlmodel import Session, col, select
+
 from store.db import session_scope
 from store.models import Run, utcnow
+from store.work import dead_local
 
 
 @dataclass
@@ -35,10 +41,30 @@ def start_run(flow: str, config: dict[str, Any], model: str = "", engine: str = 
     """A `running` Run row; `constitution` is anything with `.name` and `.version` (or None)."""
     run_id = uuid.uuid4().hex
     with session_scope(url) as s:
+        mark_crashed(s)
         s.add(Run(id=run_id, flow=flow, config=config, model=model, engine=engine,
                   constitution=constitution.name if constitution else "",
-                  constitution_version=constitution.version if constitution else "", host=socket.gethostname()))
+                  constitution_version=constitution.version if constitution else "",
+                  host=f"{socket.gethostname()}:{os.getpid()}"))  # host:pid, so a dead process is recognised
     return run_id
+
+
+def mark_crashed(session: Session) -> int:
+    """Mark `crashed` every `running` Run of this host whose process is gone; returns how many.
+
+    Only this host's processes can be checked; a run on another machine stays `running` until
+    one there looks. Leaves the commit to the caller.
+    """
+    host = socket.gethostname()
+    rows = session.exec(select(Run).where(Run.status == "running", col(Run.host).startswith(f"{host}:"))).all()
+    gone = [r for r in rows if dead_local(r.host)]
+    for r in gone:
+        r.status = "crashed"
+        r.finished_at = utcnow()
+        r.summary = {**(r.summary or {}), "error": f"the process {r.host} ended without closing this run "
+                                                   "(killed, or its machine went down)"}
+        session.add(r)
+    return len(gone)
 
 
 def finish_run(run_id: str, status: str, summary: dict[str, Any] | None = None,

@@ -23,12 +23,16 @@ from store.models import (
     TrainingRun,
     TrainingStep,
 )
+from store.runs import mark_crashed
 
 TABLES = [ConstitutionVersion, Prompt, PromptTag, Run, Response, Judgment, PreferencePair, RefLogp,
           TrainingRun, TrainingStep, EvalResult, Failure, Claim]
 
 
 def collect(session: Session) -> dict[str, Any]:
+    mark_crashed(session)  # a killed run's row would say `running` for ever
+    session.flush()
+
     def count(model, *where) -> int:
         return session.exec(select(func.count()).select_from(model).where(*where)).one()
 

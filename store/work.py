@@ -6,6 +6,7 @@ The scheme (works the same on SQLite and PostgreSQL):
   claimed by someone else is not inserted, so exactly one worker holds each item.
 - A claim is a lease. It is taken over when it has expired, or when its worker ran on this
   host and that process is gone (a SIGKILLed `cai generate` does not block its own rerun).
+  A worker renews its leases while it computes (`renew`), so a slow chunk is never taken over.
 - The outputs of a batch and the deletion of its claims are committed in one transaction,
   so an item is either done (its row exists) or still pending; never half-written.
 - A failing item gets a `failure` row (error, attempts); after MAX_ATTEMPTS it is quarantined:
@@ -26,8 +27,8 @@ from store.models import MAX_ATTEMPTS, Claim, Failure, utcnow
 from store.upsert import insert_ignore
 
 
-def _dead_local(worker: str) -> bool:
-    """True if `worker` ran on this host and its process no longer exists."""
+def dead_local(worker: str) -> bool:
+    """True if `worker` ("host:pid[:...]") ran on this host and its process no longer exists."""
     host, _, rest = worker.partition(":")
     if host != socket.gethostname():
         return False
@@ -63,7 +64,7 @@ def claim(session: Session, stage: str, keys: list[str], worker: str, lease_s: f
     insert_ignore(session, Claim, [Claim(stage=stage, item_key=k, worker=worker, expires_at=expires) for k in keys])
     session.commit()
     held = session.exec(select(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys))).all()
-    stale = [c.item_key for c in held if c.worker != worker and (c.expires_at <= now or _dead_local(c.worker))]
+    stale = [c.item_key for c in held if c.worker != worker and (c.expires_at <= now or dead_local(c.worker))]
     if stale:
         # the WHERE re-checks the lease, so two workers cannot both take over one stale claim
         session.exec(update(Claim).where(Claim.stage == stage, Claim.item_key.in_(stale),
@@ -73,6 +74,21 @@ def claim(session: Session, stage: str, keys: list[str], worker: str, lease_s: f
         held = session.exec(select(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys))).all()
     mine = {c.item_key for c in held if c.worker == worker}
     return [k for k in keys if k in mine]
+
+
+def renew(session: Session, stage: str, keys: Iterable[str], worker: str, lease_s: float = 900) -> int:
+    """Extend this worker's claims on `keys` by a fresh lease; returns how many it still holds.
+
+    A chunk that computes longer than the lease would otherwise be taken over and done twice.
+    Commits, so other workers see the new expiry at once.
+    """
+    keys = list(keys)
+    if not keys:
+        return 0
+    result = session.exec(update(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys), Claim.worker == worker)
+                          .values(expires_at=utcnow() + timedelta(seconds=lease_s)))
+    session.commit()
+    return result.rowcount
 
 
 def release(session: Session, stage: str, keys: Iterable[str], worker: str) -> None:
