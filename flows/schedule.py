@@ -96,7 +96,13 @@ def serve_schedule(flow_name: str, cron: str, params: dict[str, Any], name: str 
     dep_name = name or deployment_name(flow_name, params)
     print(f"serving deployment {flow_obj.name}/{dep_name} on {cron!r} against {url}", flush=True)
     import inspect
+    import typing
 
+    # Prefect runs each served flow run in a spawned process and validates its parameters there
+    # against the function's annotations. Under `from __future__ import annotations` those are
+    # strings ("GenerateConfig") that the copy sent to that process cannot resolve, and every
+    # scheduled run failed "Generate_FlowModel is not fully defined". Resolved here, they are classes.
+    flow_obj.fn.__annotations__ = typing.get_type_hints(flow_obj.fn)
     # every flow takes its one typed config as its first parameter (named cfg or config)
     param = next(iter(inspect.signature(flow_obj.fn).parameters))
     flow_obj.serve(name=dep_name, cron=cron, parameters={param: cfg.model_dump(mode="json")}, limit=limit,
