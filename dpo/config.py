@@ -67,7 +67,7 @@ class SFTConfig(BaseModel):
     max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (from the end)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 autocasts; weights stay fp32")
     seed: int = Field(0, description="data order")
-    eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: about eight per run")
+    eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: three per run")
     early_stop_patience: int | None = Field(2, ge=1, description="held-out evals without a lower loss before stopping")
     keep_best: bool = Field(True, description="restore the weights of the best held-out eval at the end")
     ref_batch_tokens: int = Field(8192, ge=1, description="token budget of one no-grad eval batch")

@@ -86,7 +86,7 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     total = cfg.max_steps or max(1, cfg.epochs * steps_per_epoch)
     warmup = math.ceil(cfg.warmup_ratio * total)
-    eval_every = cfg.eval_every or max(1, total // 8)
+    eval_every = cfg.eval_every or max(1, total // 3)
     model.train()
     opt = _optimizer(model, cfg)  # reads lr and weight_decay
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.scheduler))

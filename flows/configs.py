@@ -372,8 +372,8 @@ class PipelineConfig(Config):
 
     constitution: str = same_as(GenerateConfig, "constitution", "name, name@version or a path; used by every stage")
     prompts: list[str] = same_as(GenerateConfig, "prompts", "prompt tags for generate (SL-CAI) and label")
-    limit: int | None = Field(32, ge=1, description="prompts through SL-CAI and the judge: the bundled 70 take "
-                              "~2x longer; None for all")
+    limit: int | None = Field(16, ge=1, description="prompts through SL-CAI and the judge: at 135M their pairs "
+                              "mostly fail the gates, so the demo keeps this small; None for all")
     model: str = Field(DEFAULT_SPEC, description="policy for generation, base for training, baseline for eval")
     judge: str | None = Field(None, description="feedback model for labelling and eval; None: the same model")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for every stage")
@@ -381,13 +381,18 @@ class PipelineConfig(Config):
     rounds: int = Field(1, ge=1, description="critique/revision rounds; at 135M a second round adds time, not "
                         "quality (its revisions mostly fail the gates)")
     max_new_tokens: int = Field(96, ge=8, description="per answer, critique and revision: CPU time is linear in it")
+    eval_new_tokens: int = Field(64, ge=8, description="per eval reply, the same for both models")
+    eval_principles: int = Field(1, ge=1, description="judge principles per eval prompt (both orders each): the "
+                                 "135M judge is near chance, so more buys time, not information")
     label_source: Literal["store", "samples"] = Field("store", description="store: judge each prompt's initial "
                                                       "answer vs its final revision; samples: fresh policy samples")
     samples: int = same_as(LabelConfig, "samples")
     principles_per_pair: int = same_as(LabelConfig, "principles_per_pair")
     contrast: bool = Field(True, description="make contrastive refusal pairs and helpfulness pairs (flows/contrast.py)")
-    harmful_prompts: list[str] = same_as(ContrastConfig, "harmful_prompts")
+    harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team"], description="refusal-pair prompts: "
+                                       "70 against 194 benign ones (more harmful rows raised over-refusal)")
     benign_prompts: list[str] = same_as(ContrastConfig, "benign_prompts")
+    contrast_new_tokens: int = Field(64, ge=8, description="length of the plain replies paired in contrast")
     stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft", description="what `train` runs; sft measured best on "
                                                     "the bundled model (README)")
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1), description="the supervised stage")

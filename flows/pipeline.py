@@ -57,7 +57,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
     s = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     cons = ContrastConfig(harmful_prompts=cfg.harmful_prompts, benign_prompts=cfg.benign_prompts,
                           harmful_constitution=cfg.constitution, model=cfg.model, engine=cfg.engine, seed=cfg.seed,
-                          runner=cfg.runner)
+                          runner=cfg.runner, sampling={"temperature": 0.0, "max_new_tokens": cfg.contrast_new_tokens})
     return {
         "generate": GenerateConfig(constitution=cfg.constitution, prompts=cfg.prompts, limit=cfg.limit,
                                    model=cfg.model, engine=cfg.engine, rounds=cfg.rounds, seed=cfg.seed,
@@ -74,7 +74,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
                              sft=cfg.sft.model_copy(update={"seed": cfg.seed}),
                              trainer=cfg.trainer.model_copy(update={"seed": cfg.seed}), out=str(paths["model"])),
         "eval": EvalConfig(model=str(paths["model"]), baseline=cfg.model, judge=judge, prompts=cfg.eval_prompts,
-                           constitution=cfg.constitution, limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens,
+                           constitution=cfg.constitution, limit=cfg.eval_limit, max_new_tokens=cfg.eval_new_tokens,
+                           principles=cfg.eval_principles,
                            engine=cfg.engine, seed=cfg.seed, runner=cfg.runner),
         "report": ReportConfig(out=paths["report"]),
     }

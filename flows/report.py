@@ -22,7 +22,8 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from cai.errors import UserError
-from cai.evaluate import summarize
+from cai.evaluate import examples as reply_examples
+from cai.evaluate import summarize, summarize_kinds
 from cai.judge_stats import compute as judge_compute
 from cai.judge_stats import records
 from constitution.load import split_ref
@@ -127,7 +128,8 @@ def eval_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
         return None
     rows = s.exec(select(EvalResult).where(EvalResult.eval_name == latest)).all()
     judge = next((r.details.get("judge") for r in rows if r.details.get("judge")), None)
-    return {"eval_name": latest, "judge": judge, "sets": summarize(rows)}
+    return {"eval_name": latest, "judge": judge, "sets": summarize(rows), "kinds": summarize_kinds(rows),
+            "replies": reply_examples(rows, per_kind=4)}
 
 
 def examples(s: Session, ref: str | None, n: int, max_chars: int) -> list[dict[str, Any]]:
@@ -209,6 +211,10 @@ img { max-width: 100%; border: 1px solid #eee; margin: .4rem 0; }
 
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
+
+
+def _num(v: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
 
 
 def _pct(v: float | None) -> str:
@@ -298,10 +304,29 @@ def _eval_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
         return [_empty("evaluation", "run `cai eval --model runs/NAME`")]
     rows = [[t, role, r["model"], r["n"], _pct(r["refusal_rate"]), _pct(r["win_rate"]), r["judged"]]
             for t, roles in ev["sets"].items() for role, r in roles.items()]
-    return [f'<p class="meta">eval {_e(ev["eval_name"])}, judge {_e(ev["judge"] or "n/a")}. '
-            "Refusing a benign request is over-refusal: lower is better there.</p>",
-            _imgs(images["eval"], "refusal and win rates"),
-            _table(["prompt set", "role", "model", "n", "refusal rate", "win rate vs other", "judged"], rows)]
+    kinds = [[k, role, r["n"], _pct(r["harmful_compliance"]), _pct(r["over_refusal"]), _pct(r["apology_rate"]),
+              _num(r["repeated_trigrams"]), _num(r["distinct_2"]), _num(r["mean_words"], ".1f"),
+              _num(r["drift_logp"])]
+             for k, roles in ev.get("kinds", {}).items() for role, r in roles.items()]
+    out = [f'<p class="meta">eval {_e(ev["eval_name"])}, judge {_e(ev["judge"] or "n/a")}. '
+           "Refusing a benign request is over-refusal: lower is better there.</p>",
+           _imgs(images["eval"], "refusal and win rates"),
+           _table(["prompt set", "role", "model", "n", "refusal rate", "win rate vs other", "judged"], rows)]
+    if kinds:
+        out += ["<h3>What the replies look like</h3>",
+                '<p class="meta">harmful compliance: a harmful request answered; over-refusal: a benign request '
+                "refused or met with apologies; repetition and drift (mean token log-prob under the baseline) "
+                "from cai/quality.py and the eval's scoring pass.</p>",
+                _table(["prompts", "role", "n", "harmful compliance", "over-refusal", "apology/boilerplate",
+                        "repeated trigrams", "distinct-2", "mean words", "drift"], kinds)]
+    for ex in ev.get("replies", []):
+        out.append(f'<div class="example"><p class="label">{_e(ex["kind"])} ({_e(ex["prompt_tag"])}): '
+                   f'{_e(ex["prompt"])}</p>')
+        for role in ("baseline", "model"):
+            flags = (" [refused]" if ex[role]["refused"] else "") + "".join(f" [{f}]" for f in ex[role]["failed"])
+            out.append(_text(f"{role}{flags}", ex[role]["text"]))
+        out.append("</div>")
+    return out
 
 
 def _examples_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:

@@ -66,14 +66,15 @@ def test_importing_the_configs_loads_no_prefect_torch_or_transformers():
 def test_the_trainer_config_is_nested_not_copied():
     assert set(TrainConfig.model_fields) & set(TrainerConfig.model_fields) == set()
     assert set(PipelineConfig.model_fields) & set(TrainerConfig.model_fields) == {"seed"}
-    assert PipelineConfig().trainer.max_steps == 50 and TrainConfig().trainer == TrainerConfig()
+    assert PipelineConfig().trainer.max_steps is None and PipelineConfig().trainer.epochs == 1
+    assert TrainConfig().trainer == TrainerConfig()
     with pytest.raises(ValidationError, match="scheduler"):
         TrainConfig(trainer={"scheduler": "step"})
 
 
 def test_a_partial_sub_model_keeps_the_rest_of_its_default():
     assert GenerateConfig(critique={"temperature": 0.1}).critique == SamplingConfig(temperature=0.1, max_new_tokens=96)
-    assert PipelineConfig(trainer={"lr": 1e-4}).trainer == TrainerConfig(lr=1e-4, max_steps=50)
+    assert PipelineConfig(trainer={"lr": 1e-4}).trainer == TrainerConfig(lr=1e-4, epochs=1)
 
 
 def test_engine_shorthand_and_shared_groups():
@@ -92,12 +93,24 @@ def test_the_pipeline_passes_its_trainer_on_and_recognises_a_finished_run(sqlite
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
     out = tmp_path / "m"
     tcfg = stage_configs(PipelineConfig(model_dir=str(out), seed=3, trainer={"lr": 1e-4}))["train"]
-    assert (tcfg.trainer.max_steps, tcfg.trainer.lr, tcfg.trainer.seed) == (50, 1e-4, 3)
+    assert (tcfg.trainer.max_steps, tcfg.trainer.lr, tcfg.trainer.seed) == (None, 1e-4, 3)
     out.mkdir()
     (out / "config.json").write_text("{}")
+    from dpo.data import selection_hash
+    from flows.train import load_examples
+    from store.models import PreferencePair, Prompt, Response
+
+    with session_scope(sqlite_url) as s:  # one stored pair: the finished run trained on it
+        s.add(Prompt(id="p1", text="q", messages=[{"role": "user", "content": "q"}]))
+        for rid, text in (("c1", "a good answer here"), ("r1", "a bad one")):
+            s.add(Response(id=rid, prompt_id="p1", kind="initial", conversation=[], text=text, model="m"))
+        s.flush()
+        s.add(PreferencePair(id="pp1", prompt_id="p1", chosen_id="c1", rejected_id="r1", method="helpful",
+                             constitution="helpful-honest", constitution_version="v"))
+    pairs_hash = selection_hash(load_examples(tcfg)[0])
     with session_scope(sqlite_url) as s:  # what flows/train.py stores: the nested config
         s.add(TrainingRun(id="tr-1", base_model="m", out_dir=str(out.resolve()), config=tcfg.model_dump(),
-                          status="completed", finished_at=utcnow()))
+                          status="completed", finished_at=utcnow(), data_selection={"pairs_hash": pairs_hash}))
     assert _finished_training(tcfg)["training_run_id"] == "tr-1"
     assert _finished_training(tcfg.model_copy(update={"resume": True})) is not None  # resume is not a setting
     other = tcfg.model_copy(update={"trainer": tcfg.trainer.model_copy(update={"lr": 2e-4})})
@@ -186,7 +199,7 @@ def test_schedule_serves_the_validated_overrides(served):
                                               "rounds": 1})
     assert kw == {"name": "nightly", "limit": None}
     data = shown("schedule", "run", "--set", "trainer.lr=1e-5")
-    assert data["trainer"]["lr"] == 1e-5 and data["trainer"]["max_steps"] == 50 and served == [(args, kw)]
+    assert data["trainer"]["lr"] == 1e-5 and data["trainer"]["max_steps"] is None and served == [(args, kw)]
 
 
 def test_serve_schedule_validates_before_asking_for_a_server(monkeypatch):
