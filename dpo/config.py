@@ -18,10 +18,23 @@ Scheduler = Literal["linear", "cosine", "constant"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
-class TrainerConfig(BaseModel):
-    """How to train: loss, optimizer, schedule, lengths, evals and checkpoints."""
+class LoopSettings(BaseModel):
+    """What the DPO and SFT loops share, written once: schedule, clipping, lengths, precision, seed."""
 
     model_config = ConfigDict(extra="forbid")
+
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps ramping the lr up (early loss is sharp)")
+    scheduler: Scheduler = Field("linear", description="lr decay after warmup: linear | cosine | constant")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 disables")
+    max_length: int = Field(512, ge=2, description="prompt + answer tokens per sequence")
+    max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (from the end)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 autocasts; weights stay fp32")
+    seed: int = Field(0, description="data order and anything random")
+    ref_batch_tokens: int = Field(8192, ge=1, description="token budget of one no-grad batch (reference, eval)")
+
+
+class TrainerConfig(LoopSettings):
+    """How to train: loss, optimizer, schedule, lengths, evals and checkpoints."""
 
     beta: float = Field(0.1, gt=0, description="KL strength; lower lets the policy drift further from the base")
     loss_type: LossType = Field("sigmoid", description="sigmoid (DPO) | ipo | hinge")
@@ -33,41 +46,23 @@ class TrainerConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="DPO is usually run without it")
     batch_size: int = Field(4, ge=1, description="pairs per forward (two sequences each); fits 135M on a laptop")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step: bigger batch, same memory")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps ramping the lr up (early loss is sharp)")
-    scheduler: Scheduler = Field("linear", description="lr decay after warmup: linear | cosine | constant")
-    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 disables")
-    max_length: int = Field(512, ge=2, description="prompt + answer tokens per sequence")
-    max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (from the end)")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 autocasts; weights stay fp32")
-    seed: int = Field(0, description="data order and anything random")
     eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: about ten per run")
     early_stop_patience: int | None = Field(3, ge=1, description="stop after this many held-out evals without a "
                                             "lower loss (None: never); over-optimisation shows there first")
     rpo_alpha: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen reply (RPO); 0: plain DPO")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (model, optimizer, RNG); 0: none")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
-    ref_batch_tokens: int = Field(8192, ge=1, description="token budget of one no-grad batch (reference, eval)")
     gradient_checkpointing: bool = Field(False, description="far less activation memory for ~30% more compute")
 
 
-class SFTConfig(BaseModel):
+class SFTConfig(LoopSettings):
     """How the supervised stage (dpo/sft.py) fine-tunes on chosen replies before preference training."""
-
-    model_config = ConfigDict(extra="forbid")
 
     lr: float = Field(2e-5, gt=0, description="peak lr; SFT moves a 135M model at 1e-5..3e-5, DPO's 5e-6 barely does")
     epochs: int = Field(2, ge=1, description="passes over the rows; more memorises a few hundred replies")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
     batch_size: int = Field(8, ge=1, description="rows per optimizer step")
     weight_decay: float = Field(0.0, ge=0, description="off, as in most instruction tuning of small models")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps ramping the lr up")
-    scheduler: Scheduler = Field("linear", description="lr decay after warmup: linear | cosine | constant")
-    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 disables")
-    max_length: int = Field(512, ge=2, description="prompt + reply tokens")
-    max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (from the end)")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 autocasts; weights stay fp32")
-    seed: int = Field(0, description="data order")
     eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: three per run")
     early_stop_patience: int | None = Field(2, ge=1, description="held-out evals without a lower loss before stopping")
     keep_best: bool = Field(True, description="restore the weights of the best held-out eval at the end")
-    ref_batch_tokens: int = Field(8192, ge=1, description="token budget of one no-grad eval batch")
