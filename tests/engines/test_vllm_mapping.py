@@ -20,7 +20,7 @@ from engines import Sampling
 from engines.chat import encode, render, row_seed
 
 SAMPLING_FIELDS = {"n", "temperature", "top_p", "max_tokens", "stop", "stop_token_ids", "seed",
-                   "skip_special_tokens", "prompt_logprobs", "detokenize"}
+                   "skip_special_tokens", "prompt_logprobs", "detokenize", "repetition_penalty"}
 
 
 @dataclass
@@ -107,6 +107,14 @@ def test_requests_carry_hf_prompts_and_per_conversation_seeds(veng):
         assert 2 in p.stop_token_ids  # <|im_end|>
     assert [o.finish_reason for o in out[0].outputs] == ["stop", "length", "length"]
     assert [o.completion_tokens for o in out[0].outputs] == [1, 2, 3]
+
+
+def test_repetition_controls_map_or_are_refused(veng):
+    veng.generate([conv("Hi")], Sampling(max_new_tokens=4, repetition_penalty=1.15))
+    (_, p), = FakeLLM.instances[0].requests
+    assert p.repetition_penalty == 1.15
+    with pytest.raises(ValueError, match="no_repeat_ngram"):  # vLLM has no n-gram ban: say so
+        veng.generate([conv("Hi")], Sampling(max_new_tokens=4, no_repeat_ngram=4))
 
 
 def test_greedy_asks_once_and_copies(veng):
