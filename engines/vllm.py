@@ -59,6 +59,7 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching, seed=seed, **(llm_kwargs or {}),
         )
         self.stats = EngineStats()
+        self._warned_ngram = False
 
     def _prompts(self, conversations: list[Conversation], reserve: int) -> tuple[list[list[int]], list[int]]:
         return encode_prompts(self.tokenizer, conversations, self.max_context, reserve, self.stats)
@@ -67,11 +68,13 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         check_sampling(sampling)
-        if sampling.no_repeat_ngram:
-            # vLLM's SamplingParams has no n-gram ban (HF's no_repeat_ngram_size); say so rather
-            # than silently produce different text than the hf engine would
-            raise ValueError("the vllm engine does not support Sampling.no_repeat_ngram; use the hf engine "
-                             "or set no_repeat_ngram to 0 (repetition_penalty works on both)")
+        if sampling.no_repeat_ngram and not self._warned_ngram:
+            # vLLM's SamplingParams has no n-gram ban (HF's no_repeat_ngram_size): the default
+            # generation settings set one, so say once that it is not applied here
+            logging.getLogger("cai.engines").warning(
+                "the vllm engine has no no_repeat_ngram; generating without the n-gram ban (repetition_penalty "
+                "%.2f still applies); set no_repeat_ngram=0 to silence this", sampling.repetition_penalty)
+            self._warned_ngram = True
         if not conversations:
             return []
         t0 = time.perf_counter()
