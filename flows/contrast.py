@@ -153,6 +153,8 @@ def contrast_flow(cfg: ContrastConfig) -> dict[str, Any]:
     cons, plans, _ = load_inputs(cfg)
     if not plans:
         raise UserError(f"no prompts tagged {','.join(cfg.harmful_prompts + cfg.benign_prompts)}")
+    # resolved once: a constitution file edited mid-run cannot mix versions in one run
+    cfg = cfg.model_copy(update={"harmful_constitution": cons[True].ref, "benign_constitution": cons[False].ref})
     with recorded_run("contrast", cfg.model_dump(), model=cfg.model, engine=cfg.engine.backend,
                       constitution=cons[True], url=cfg.database_url) as run:
         n_harm = sum(p.harmful for p in plans)

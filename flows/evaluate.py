@@ -226,6 +226,7 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
     fingerprints = {role: model_fingerprint(spec) for role, spec in
                     (("model", cfg.model), ("baseline", cfg.baseline), ("judge", cfg.judge_model))}
     name = comparison_name(cfg, c, fingerprints)
+    cfg = cfg.model_copy(update={"constitution": c.ref})  # resolved once: a file edited mid-run cannot mix versions
     with recorded_run("eval", cfg.model_dump() | {"eval_name": name}, model=cfg.model, engine=cfg.engine.backend,
                       constitution=c, url=cfg.database_url) as run:
         logger.info("eval %s: %d prompts (%s), judge %s under %s, run %s", name, len(items),

@@ -197,6 +197,7 @@ def generate_flow(cfg: GenerateConfig) -> dict[str, Any]:
     c, prompts = load_inputs(cfg)
     if not prompts:
         raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
+    cfg = cfg.model_copy(update={"constitution": c.ref})  # resolved once: a file edited mid-run cannot mix versions
     with recorded_run("generate", cfg.model_dump(), model=cfg.model, engine=cfg.engine.backend, constitution=c,
                       url=cfg.database_url) as run:
         logger.info("generate %s on %d prompts (%s), %d rounds, model %s, run %s", c.ref, len(prompts),

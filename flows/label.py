@@ -330,6 +330,7 @@ def label_flow(cfg: LabelConfig) -> dict[str, Any]:
     c, prompts = load_inputs(cfg)
     if not prompts:
         raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
+    cfg = cfg.model_copy(update={"constitution": c.ref})  # resolved once: a file edited mid-run cannot mix versions
     with recorded_run("label", cfg.model_dump(), model=cfg.judge, engine=cfg.engine.backend, constitution=c,
                       url=cfg.database_url) as run:
         logger.info("label %s on %d prompts (%s), source %s, judge %s, run %s", c.ref, len(prompts),

@@ -175,3 +175,32 @@ def test_editing_one_principle_regenerates_only_its_rows(sqlite_url, monkeypatch
     with session_scope(sqlite_url) as s:
         versions = {(p.constitution_version) for p in s.exec(select(PreferencePair))}
     assert versions == {old.version, new.version}
+
+
+def test_a_constitution_edited_mid_run_does_not_mix_versions(use_db, constitution_dir):
+    """The run resolves its constitution once: editing the file while it runs changes nothing in it."""
+    path = constitution_dir / "harmless.yaml"
+    original = load_file(path)
+
+    class Editing(ScriptedEngine):
+        def generate(self, conversations, sampling):
+            if not getattr(self, "edited", False):
+                self.edited = True
+                import yaml
+
+                doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+                doc["principles"][0]["critique"] = "Edited mid-run. " + doc["principles"][0]["critique"]
+                path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+            return super().generate(conversations, sampling)
+
+    eng = Editing()
+    register_engine("scripted", eng)
+    try:
+        summary = generate_flow(_cfg(limit=3, rounds=1))
+    finally:
+        drop_engines()
+    assert load_file(path).version != original.version  # the file did change
+    with session_scope() as s:
+        versions = {r.constitution_version for r in s.exec(select(Response))}
+        run = s.get(Run, summary["run_id"])
+    assert versions == {original.version} and run.config["constitution"] == original.ref
