@@ -134,7 +134,11 @@ def test_a_served_run_completes_and_stores_its_rows(tmp_path, sqlite_url, tiny_m
 
         dep = _wait(deployment, 120, "the deployment", [serve])
         # a run of the deployment due now (rather than at 03:00): what the schedule makes, on demand
-        r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10, json={})
+        for _ in range(10):  # a busy 2-core box can make the server answer 503 for a moment: ask again
+            r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10, json={})
+            if r.status_code < 500:
+                break
+            time.sleep(2)
         assert r.status_code in (200, 201), r.text
         run_id = r.json()["id"]
 
