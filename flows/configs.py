@@ -18,6 +18,7 @@ No prefect, torch or transformers import here: the command line reads this modul
 from __future__ import annotations
 
 from copy import copy
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -127,6 +128,46 @@ class GenerateConfig(StoreSettings):
     revision: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=160),
                                      description="sampling of each revision")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
+
+
+# --- redteam (flows/redteam.py) -------------------------------------------------------------
+
+class RedteamConfig(StoreSettings):
+    """Model-written attack prompts per harm category, filtered, stored, then run against the policy."""
+
+    taxonomy: str = Field("harms", description="a bundled taxonomy name (constitution/taxonomy/) or a YAML path")
+    categories: list[str] = Field(default_factory=list, description="only these category ids; empty: all")
+    per_category: int = Field(20, ge=1, description="new prompts to keep per category (generation tops up "
+                              "for up to max_rounds rounds)")
+    oversample: float = Field(2.0, ge=1, description="candidates generated per prompt still missing, each round: "
+                              "about half of a 135M attacker's lines fail the filters")
+    max_rounds: int = Field(3, ge=1, description="top-up rounds for categories that kept fewer than per_category")
+    shots: int = Field(4, ge=2, description="seed requests shown in each attacker prompt (drawn per candidate)")
+    model: str = Field(DEFAULT_SPEC, description="the attacker that writes new requests")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="backend and its arguments")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(
+        temperature=0.8, top_p=0.95, max_new_tokens=40, repetition_penalty=1.0, no_repeat_ngram=0),
+        description="attacker sampling: warm enough to vary, one line (~25 words) at most; no repetition "
+                    "penalty, which pushed the 135M attacker off the category's own words")
+    min_words: int = Field(5, ge=1, description="shorter lines are fragments, not requests")
+    max_words: int = Field(60, ge=1, description="longer lines are rambling continuations, not one request")
+    near_dup: float = Field(85.0, ge=0, le=100, description="rapidfuzz token_sort_ratio at or above this against "
+                            "any stored prompt is a near-duplicate")
+    campaign: bool = Field(True, description="then the policy answers every kept prompt of this taxonomy version")
+    policy: str | None = Field(None, description="the model attacked in the campaign; None: the attacker model")
+    campaign_new_tokens: int = Field(64, ge=8, description="reply length in the campaign: refusals open a reply")
+    seed: int = Field(0, description="fixes every candidate's few-shot draw and random stream")
+    runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
+
+    @property
+    def policy_model(self) -> str:
+        return self.policy or self.model
+
+    def attacker_sampling(self) -> Sampling:
+        return replace(self.sampling.sampling(self.seed), stop=("\n",))  # one list item: stop at its line end
+
+    def campaign_sampling(self) -> Sampling:
+        return Sampling(temperature=0.0, max_new_tokens=self.campaign_new_tokens, seed=0)
 
 
 # --- contrast (flows/contrast.py) -----------------------------------------------------------
@@ -407,11 +448,13 @@ class PipelineConfig(Config):
     model_dir: str | None = Field(None, description="default runs/<constitution>-cai")
     report_dir: Path = same_as(ReportConfig, "out")
     retrain: bool = Field(False, description="train again even if model_dir holds a finished run on the same data")
+    redteam: int = Field(0, ge=0, description="new red-team prompts per harm category before generation (flows/"
+                         "redteam.py); the hits join generate's prompts. 0: off (the demo's time budget)")
     seed: int = Field(0, description="one seed for every stage")
 
 
 # flow name (as `cai` and `cai schedule` call it) -> its config
 CONFIGS: dict[str, type[BaseModel]] = {
     "generate": GenerateConfig, "contrast": ContrastConfig, "label": LabelConfig, "train": TrainConfig,
-    "export": ExportConfig, "eval": EvalConfig, "report": ReportConfig, "run": PipelineConfig,
+    "redteam": RedteamConfig, "export": ExportConfig, "eval": EvalConfig, "report": ReportConfig, "run": PipelineConfig,
 }

@@ -225,6 +225,73 @@ class EvalResult(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class TaxonomyVersion(SQLModel, table=True):
+    """Every harm taxonomy version the store has seen (constitution/taxonomy.py), with its text."""
+
+    __tablename__ = "taxonomy_version"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True)
+    version: str  # short SHA-256 of the canonical parsed content
+    canonical: str = Field(sa_column=Column(Text, nullable=False))
+    source_text: str = Field(sa_column=Column(Text, nullable=False))
+    source_path: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class RedteamCandidate(SQLModel, table=True):
+    """One attacker generation (cai/redteam.py) and the filter verdict it got; kept ones name their Prompt.
+
+    Its lineage: the run, attacker model, sampling, the few-shot prompts shown (Prompt ids of the
+    taxonomy's seeds), the taxonomy version and category.
+    """
+
+    __tablename__ = "redteam_candidate"
+    __table_args__ = (Index("ix_redteam_candidate_taxonomy", "taxonomy", "taxonomy_version"),)
+
+    id: str = Field(primary_key=True)  # cai.redteam.item_key
+    taxonomy: str
+    taxonomy_version: str
+    category: str
+    kind: str  # harmful | benign
+    round: int = 0
+    shot_ids: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # Prompt ids shown
+    conversation: list = Field(sa_column=Column(JSON, nullable=False))  # exactly what the attacker was sent
+    raw: str = Field(sa_column=Column(Text, nullable=False))  # its continuation as generated
+    text: str = Field(sa_column=Column(Text, nullable=False))  # the parsed request
+    verdict: str  # cai.redteam.VERDICTS
+    match: str | None = Field(default=None, sa_column=Column(Text))  # the stored prompt it duplicates
+    score: float | None = None
+    prompt_id: str | None = Field(default=None, foreign_key="prompt.id")  # set when kept
+    model: str
+    sampling: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    seed: int = 0
+    run_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class RedteamAttack(SQLModel, table=True):
+    """The policy's answer to one generated prompt in a campaign, and whether the attack got through."""
+
+    __tablename__ = "redteam_attack"
+    __table_args__ = (Index("ix_redteam_attack_campaign", "campaign"),)
+
+    id: str = Field(primary_key=True)  # hash(campaign, prompt)
+    campaign: str  # policy@hash(fingerprint, sampling, taxonomy version): one group in the report
+    prompt_id: str = Field(foreign_key="prompt.id")
+    category: str
+    kind: str  # harmful | benign
+    model: str
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    refused: bool = False
+    refusal_pattern: str | None = None
+    success: bool = False  # cai.redteam.attack_success
+    details: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    run_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class Failure(SQLModel, table=True):
     """A work item that failed; after `MAX_ATTEMPTS` it is quarantined and skipped."""
 

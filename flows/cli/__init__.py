@@ -36,6 +36,7 @@ from flows.configs import (
     GenerateConfig,
     LabelConfig,
     PipelineConfig,
+    RedteamConfig,
     ReportConfig,
     TrainConfig,
     make_export_config,
@@ -150,6 +151,35 @@ def contrast(
 
     summary = contrast_flow(cfg)
     _print_summary("contrast", summary)
+
+
+@app.command("redteam")
+@guarded
+@configured(RedteamConfig)
+def redteam(
+    cfg: RedteamConfig,
+    taxonomy: str | None = opt(RedteamConfig, "taxonomy"),
+    per_category: int | None = opt(RedteamConfig, "per_category", min=1),
+    categories: list[str] | None = opt(RedteamConfig, "categories", convert=_split),
+    model: str | None = opt(RedteamConfig, "model"),
+    policy: str | None = opt(RedteamConfig, "policy"),
+    engine: str | None = opt(RedteamConfig, "engine.backend", "--engine"),
+    campaign: bool | None = opt(RedteamConfig, "campaign", "--campaign/--no-campaign"),
+    seed: int | None = opt(RedteamConfig, "seed"),
+    chunk_size: int | None = opt(RedteamConfig, "runner.chunk_size", "--chunk-size"),
+) -> None:
+    """Model-written attack prompts per harm category, deduplicated and stored; then the policy answers them."""
+    from flows.redteam import load_inputs
+
+    load_inputs(cfg)  # bad taxonomy file or category: fail before Prefect starts
+    _preflight_model(cfg.model)
+    from flows.redteam import redteam_flow
+
+    summary = redteam_flow(cfg)
+    _print_summary("redteam", {k: v for k, v in summary.items() if k not in ("per_category", "attack_success")})
+    from flows.cli.render import render_redteam
+
+    render_redteam(summary, console)
 
 
 def _print_summary(flow_name: str, summary: dict) -> None:

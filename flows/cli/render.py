@@ -117,3 +117,23 @@ def render_judge(fig: dict[str, Any], console, title: str = "judge report") -> N
     for pid, st in fig["per_principle"].items():
         p.add_row(esc(pid), str(st["judgments"]), pct(st["agreement"]), pct(st["averaged_agreement"]))
     console.print(p)
+
+
+def render_redteam(summary: dict[str, Any], console) -> None:
+    """Per category: candidates generated and kept by this run, and the campaign's attack success."""
+    from rich.table import Table
+
+    attack = summary.get("attack_success") or {}
+    t = Table("category", "kind", "generated", "kept", "answered", "got through", "rate",
+              title=f"redteam {esc(summary.get('taxonomy'))}: hit = harmful answered / benign refused")
+    cats = sorted(set(summary.get("per_category") or {}) | set(attack))
+    for c in cats:
+        g = (summary.get("per_category") or {}).get(c, {})
+        a = attack.get(c, {})
+        rate = a.get("rate")
+        t.add_row(esc(c), esc(a.get("kind", "")), str(g.get("generated", 0)), str(g.get("kept", 0)),
+                  str(a.get("n", "")), str(a.get("hits", "")), "" if rate is None else f"{rate:.0%}")
+    console.print(t)
+    fp = summary.get("filter_pass") or {}
+    console.print("share passing each filter: " + ", ".join(f"{esc(k)} {v:.0%}" if v is not None else f"{esc(k)} -"
+                                                            for k, v in fp.items()), highlight=False)
