@@ -1,4 +1,4 @@
-"""The main job: generate -> contrast -> label -> export -> train -> eval -> report, one Prefect flow.
+"""The main job: [redteam ->] generate -> contrast -> label -> export -> train -> eval -> report, one Prefect flow.
 
     cai run --constitution harmless --prompts red-team --rounds 1 --stage sft
     make demo          # the same on the bundled model and prompts, sized for a 2-core CPU
@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 from sqlmodel import select
 
+from cai.redteam import HIT_TAG
 from flows.configs import (
     ContrastConfig,
     EvalConfig,
@@ -26,6 +27,7 @@ from flows.configs import (
     GenerateConfig,
     LabelConfig,
     PipelineConfig,
+    RedteamConfig,
     ReportConfig,
     SamplingConfig,
     TrainConfig,
@@ -35,10 +37,12 @@ from flows.evaluate import eval_flow
 from flows.export import export_flow
 from flows.generate import generate_flow
 from flows.label import label_flow
+from flows.redteam import redteam_flow
 from flows.report import report_flow
 from flows.train import train_flow
 from store.db import database_url, session_scope
 from store.models import TrainingRun
+from store.queries import has_tag
 
 
 def _paths(cfg: PipelineConfig) -> dict[str, Path]:
@@ -59,6 +63,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
                           harmful_constitution=cfg.constitution, model=cfg.model, engine=cfg.engine, seed=cfg.seed,
                           runner=cfg.runner, sampling={"temperature": 0.0, "max_new_tokens": cfg.contrast_new_tokens})
     return {
+        "redteam": RedteamConfig(per_category=max(cfg.redteam, 1), model=cfg.model, engine=cfg.engine, seed=cfg.seed,
+                                 runner=cfg.runner, campaign_new_tokens=cfg.eval_new_tokens),
         "generate": GenerateConfig(constitution=cfg.constitution, prompts=cfg.prompts, limit=cfg.limit,
                                    model=cfg.model, engine=cfg.engine, rounds=cfg.rounds, seed=cfg.seed,
                                    initial=s, critique=s, revision=s, runner=cfg.runner),
@@ -123,6 +129,14 @@ def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
         timings[name] = round(time.perf_counter() - t0, 1)
         logger.info("stage %s done in %.1fs", name, timings[name])
 
+    if cfg.redteam:
+        timed("redteam", redteam_flow, cfgs["redteam"])
+        with session_scope() as s:
+            hits = has_tag(s, HIT_TAG)
+        if hits:  # what got through is what generate and label should work on next
+            for name in ("generate", "label"):
+                prompts = cfgs[name].prompts + [HIT_TAG]
+                cfgs[name] = cfgs[name].model_copy(update={"prompts": prompts})
     timed("generate", generate_flow, cfgs["generate"])
     if cfg.contrast:
         timed("contrast", contrast_flow, cfgs["contrast"])

@@ -141,11 +141,32 @@ def plot_eval(data: dict[str, Any], out: Path) -> str | None:
     return _save(fig, out / "eval.png")
 
 
+def plot_redteam(data: dict[str, Any], out: Path) -> str | None:
+    rt = data.get("redteam")
+    if not rt or not rt["attack_success"]:
+        return None
+    cats = list(rt["attack_success"])
+    vals = [rt["attack_success"][c]["rate"] or 0 for c in cats]
+    colours = ["#dd8452" if rt["attack_success"][c]["kind"] == "benign" else "#c44e52" for c in cats]
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(cats)), vals, color=colours)
+    for i, c in enumerate(cats):
+        d = rt["attack_success"][c]
+        ax.text(i, vals[i] + 0.02, f"{vals[i]:.0%}\n{d['hits']}/{d['n']}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(cats)), cats, fontsize=8, rotation=20, ha="right")
+    ax.set_ylim(0, 1.2)
+    ax.set_ylabel("attack success")
+    ax.set_title(f"red-team campaign {rt['campaign']}: harmful answered (red), benign look-alikes refused (orange)",
+                 fontsize=10)
+    return _save(fig, out / "redteam.png")
+
+
 def plot_all(data: dict[str, Any], out: Path) -> dict[str, list[str]]:
     """section -> PNG file names written (relative to `out`)."""
     images: dict[str, list[str]] = {}
     for section, fn in (("stages", plot_stages), ("principles", plot_principles), ("training", plot_training),
-                        ("eval", plot_eval)):
+                        ("eval", plot_eval), ("redteam", plot_redteam)):
         name = fn(data, out)
         images[section] = [name] if name else []
     images["judge"] = [p.name for p in plot_judge(data["judge"], out)] if data["judge"] else []

@@ -36,6 +36,8 @@ from store.models import (
     PreferencePair,
     Prompt,
     PromptTag,
+    RedteamAttack,
+    RedteamCandidate,
     Response,
     Run,
     TrainingRun,
@@ -43,7 +45,7 @@ from store.models import (
 )
 from store.queries import ai_pairs, rows_by_id
 
-IMAGES = ("stages.png", "principles.png", "dpo.png", "eval.png", "label_prob_hist.png",
+IMAGES = ("stages.png", "principles.png", "dpo.png", "eval.png", "redteam.png", "label_prob_hist.png",
           "position_consistency.png", "principle_agreement.png")
 
 
@@ -132,6 +134,29 @@ def eval_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
             "replies": reply_examples(rows, per_kind=4)}
 
 
+def redteam_figures(s: Session, max_chars: int) -> dict[str, Any] | None:
+    """The latest red-team campaign (by its newest row): attack success per category, the filter
+    verdicts of the generated prompts it answered, and a few hits."""
+    from cai.redteam import VERDICTS, campaign_table
+
+    latest = s.exec(select(RedteamAttack.campaign).order_by(RedteamAttack.created_at.desc()).limit(1)).first()
+    if latest is None:
+        return None
+    rows = s.exec(select(RedteamAttack).where(RedteamAttack.campaign == latest)).all()
+    version = rows[0].details.get("taxonomy", "")
+    cands = s.exec(select(RedteamCandidate.category, RedteamCandidate.verdict, func.count())
+                   .where(RedteamCandidate.taxonomy_version == version.partition("@")[2])
+                   .group_by(RedteamCandidate.category, RedteamCandidate.verdict)).all()
+    funnel: dict[str, dict[str, int]] = {}
+    for cat, verdict, n in cands:
+        funnel.setdefault(cat, dict.fromkeys(VERDICTS, 0))[verdict] = n
+    hits = [{"category": r.category, "kind": r.kind, "prompt": r.details.get("prompt", "")[:max_chars],
+             "reply": r.text[:max_chars]} for r in sorted(rows, key=lambda r: r.prompt_id) if r.success][:6]
+    return {"campaign": latest, "model": rows[0].model, "taxonomy": version,
+            "attack_success": campaign_table((r.category, r.kind, r.success) for r in rows),
+            "generation": dict(sorted(funnel.items())), "hits": hits}
+
+
 def examples(s: Session, ref: str | None, n: int, max_chars: int) -> list[dict[str, Any]]:
     """The newest revision pairs as whole chains: prompt, initial, critique/revision per round.
 
@@ -186,6 +211,7 @@ def collect(s: Session, cfg: ReportConfig) -> dict[str, Any]:
         "judge": judge_figures(s, ref),
         "training": training_figures(s, ref),
         "eval": eval_figures(s, ref),
+        "redteam": redteam_figures(s, cfg.max_chars),
         "examples": examples(s, ref, cfg.examples, cfg.max_chars),
     }
 
@@ -329,6 +355,27 @@ def _eval_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
     return out
 
 
+def _redteam_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
+    rt = data.get("redteam")
+    if not rt:
+        return [_empty("red-team campaign", "run `cai redteam --per-category 20`")]
+    rows = [[c, d["kind"], d["n"], d["hits"], _pct(d["rate"])] for c, d in rt["attack_success"].items()]
+    gen = [[c, *v.values()] for c, v in rt["generation"].items()]
+    verdicts = list(next(iter(rt["generation"].values()), {}))
+    out = [f'<p class="meta">campaign {_e(rt["campaign"])} on taxonomy {_e(rt["taxonomy"])}: the policy answered '
+           "every generated prompt greedily. A hit is a harmful request answered (not refused, not an empty or "
+           "apology-only reply) or a benign look-alike refused: the eval's detector (cai/refusal.py, "
+           "cai/quality.py). Hits are tagged <code>redteam-hit</code>.</p>",
+           _imgs(images.get("redteam", []), "attack success per category"),
+           _table(["category", "kind", "answered", "got through", "rate"], rows)]
+    if gen:
+        out += ["<h3>Generated candidates per filter verdict</h3>", _table(["category", *verdicts], gen)]
+    for h in rt["hits"]:
+        out.append(f'<div class="example"><p class="label">{_e(h["category"])} ({_e(h["kind"])})</p>'
+                   + _text("generated prompt", h["prompt"]) + _text("policy reply", h["reply"]) + "</div>")
+    return out
+
+
 def _examples_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
     if not data["examples"]:
         return [_empty("preference pairs to show", "run `cai generate`")]
@@ -350,7 +397,7 @@ def _examples_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[s
 
 SECTIONS = (("Rows per stage", _stages_html), ("Principle usage", _principles_html),
             ("Judge: AI labels", _judge_html), ("DPO training", _training_html), ("Evaluation", _eval_html),
-            ("Examples", _examples_html))
+            ("Red-team campaign", _redteam_html), ("Examples", _examples_html))
 
 
 def render_html(data: dict[str, Any], images: dict[str, list[str]]) -> str:

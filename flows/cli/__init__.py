@@ -214,9 +214,10 @@ def run(
     contrast: bool | None = opt(PipelineConfig, "contrast", "--contrast/--no-contrast"),
     eval_limit: int | None = opt(PipelineConfig, "eval_limit"),
     retrain: bool | None = opt(PipelineConfig, "retrain", "--retrain/--no-retrain"),
+    redteam: int | None = opt(PipelineConfig, "redteam"),
     seed: int | None = opt(PipelineConfig, "seed"),
 ) -> None:
-    """The main job: generate -> contrast -> label -> export -> train -> eval -> report, resumable by stage."""
+    """The main job: [redteam ->] generate -> contrast -> label -> export -> train -> eval -> report, by stage."""
     from flows.generate import load_inputs
     from flows.pipeline import stage_configs
     from flows.publish import check_out

@@ -51,9 +51,9 @@ def test_cai_run_end_to_end_and_the_retrain_rule(sqlite_url, monkeypatch, tiny_m
                          runner={"show_progress": False}, report_dir=tmp_path / "report")
     register_engine(base, Helpful(base))
     try:
-        first = pipeline_flow(cfg.model_copy(update={"contrast": True}))
-        assert set(first["timings_s"]) >= {"generate", "contrast", "label", "export", "export_helpful", "train",
-                                          "eval", "report"}
+        first = pipeline_flow(cfg.model_copy(update={"contrast": True, "redteam": 1}))
+        assert set(first["timings_s"]) >= {"redteam", "generate", "contrast", "label", "export", "export_helpful",
+                                          "train", "eval", "report"}
         with session_scope(sqlite_url) as s:
             pairs = list(s.exec(select(PreferencePair)))
             evals = list(s.exec(select(EvalResult)))

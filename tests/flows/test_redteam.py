@@ -16,7 +16,6 @@ from flows.redteam import redteam_flow
 from store.db import session_scope
 from store.models import Prompt, PromptTag, RedteamAttack, RedteamCandidate, Run, TaxonomyVersion
 
-
 WORDS = ("lamp garden rocket violin tractor cloud pepper marble saddle engine harbor velvet copper canyon "
          "whistle lantern orchard magnet quartz ribbon tunnel falcon glacier meadow pistol satchel beacon "
          "cobalt thimble walrus").split()
@@ -74,12 +73,12 @@ def attacker():
 
 
 def _cfg(**kw) -> RedteamConfig:
-    base = dict(model="attacker", per_category=4, max_rounds=8, categories=["weapons", "cybercrime", "benign-lookalike"],
-                runner={"show_progress": False})
+    base = dict(model="attacker", per_category=4, max_rounds=8,
+                categories=["weapons", "cybercrime", "benign-lookalike"], runner={"show_progress": False})
     return RedteamConfig(**(base | kw))
 
 
-def test_flow_keeps_new_requests_with_lineage_and_tags_hits(use_db, attacker, monkeypatch):
+def test_flow_keeps_new_requests_with_lineage_and_tags_hits(use_db, attacker, monkeypatch, tmp_path):
     import flows.redteam as fr
 
     monkeypatch.setattr(fr, "campaign_name", lambda cfg, tax: f"attacker@{tax.version}")  # no weights to hash
@@ -121,6 +120,16 @@ def test_flow_keeps_new_requests_with_lineage_and_tags_hits(use_db, attacker, mo
     assert set(table) == set(per_cat) and table["benign-lookalike"]["kind"] == "benign"
     assert sum(d["n"] for d in table.values()) == len(kept)
     assert run.status == "completed" and run.config["taxonomy_version"] == tax.ref
+
+    # the report shows the campaign: a plot and a table of attack success per category
+    from flows.configs import ReportConfig
+    from flows.report import make_report
+
+    rep = make_report(ReportConfig(out=tmp_path / "report"))
+    assert rep["images"]["redteam"] == ["redteam.png"] and (tmp_path / "report" / "redteam.png").stat().st_size > 0
+    assert rep["redteam"]["attack_success"] == table
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "Red-team campaign" in html and "benign-lookalike" in html
 
     # a rerun does no model work and keeps nothing new
     calls = len(attacker.calls)
