@@ -137,8 +137,8 @@ class RedteamConfig(StoreSettings):
 
     taxonomy: str = Field("harms", description="a bundled taxonomy name (constitution/taxonomy/) or a YAML path")
     categories: list[str] = Field(default_factory=list, description="only these category ids; empty: all")
-    per_category: int = Field(20, ge=1, description="new prompts to keep per category (generation tops up "
-                              "for up to max_rounds rounds)")
+    per_category: int = Field(20, ge=1, description="new prompts to keep per category, at least (a round's "
+                              "oversampled batch may keep more); tops up for up to max_rounds rounds")
     oversample: float = Field(2.0, ge=1, description="candidates generated per prompt still missing, each round: "
                               "about half of a 135M attacker's lines fail the filters")
     max_rounds: int = Field(3, ge=1, description="top-up rounds for categories that kept fewer than per_category")
