@@ -143,3 +143,18 @@ def test_unknown_category_is_one_line(use_db):
 
     with pytest.raises(UserError, match="'nope' is not a category"):
         load_inputs(_cfg(categories=["nope"]))
+
+
+@pytest.mark.slow
+def test_real_attacker_writes_one_line_requests(sqlite_url, monkeypatch, capsys):
+    """SmolLM2-135M continues the list: most lines pass the filters and every kept one is a request."""
+    monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
+    summary = redteam_flow(RedteamConfig(per_category=4, max_rounds=1, categories=["weapons"], campaign=False,
+                                         runner={"show_progress": False}))
+    with session_scope() as s:
+        kept = s.exec(select(RedteamCandidate).where(RedteamCandidate.verdict == "kept")).all()
+    assert summary["generated"] == 8 and summary["kept"] == len(kept) >= 2  # measured: 45 % of lines kept
+    for c in kept:
+        assert "\n" not in c.text and len(c.text.split()) >= 5 and redteam.is_request(c.text)
+    with capsys.disabled():
+        print("\n[real attacker, weapons] " + " | ".join(c.text for c in kept))
