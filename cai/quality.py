@@ -113,7 +113,8 @@ def assess(prompt: str, reply: str, finish_reason: str | None = None) -> Quality
     counts: dict[str, int] = {}
     for s in sents:
         counts[s] = counts.get(s, 0) + 1
-    boiler = sum(bool(_BOILERPLATE.match(s)) for s in sents)
+    # a sentence that declines ("I'm sorry, but as an AI I can't ...") carries the refusal: not filler
+    boiler = sum(bool(_BOILERPLATE.match(s)) and not detect(s)[0] for s in sents)
     rep3 = repeated_ngram_share(toks, 3)
     d2 = distinct_n(toks, 2)
     content = [w for w in toks if w not in _STOP]
@@ -135,8 +136,10 @@ def assess(prompt: str, reply: str, finish_reason: str | None = None) -> Quality
             or (len(toks) >= 6 and numbers / len(toks) >= MAX_NUMBER_SHARE
                 and sum(not w.isdigit() for w in content) < 3)):
         failed.append("repetition")
-    # an apology loop: two or more content-free sentences that make up most of the reply
-    if boiler >= 2 and boiler / max(len(sents), 1) >= 0.5:
+    # an apology loop: two or more content-free sentences that make up most of the reply, or a
+    # reply that is nothing but apology/boilerplate ("I'm sorry for any confusion."): no answer,
+    # and no refusal either (a refusal that opens with "I'm sorry, but I can't" is not one)
+    if (boiler >= 2 and boiler / max(len(sents), 1) >= 0.5) or (not refused and sents and boiler == len(sents)):
         failed.append("apology-loop")
     if restates and not refused:
         failed.append("restates-request")

@@ -81,6 +81,13 @@ PATTERNS: list[Pattern] = [
     _p("rather-not", r"\bI'?d\s+rather\s+not\s+(?:help|assist|provide|write|share|give)"
        r"|\bI\s+would\s+rather\s+not\s+(?:help|assist)",
        "I'd rather not help ..."),
+    _p("not-equipped", r"\bI(?:'m|\s+am)\s+not\s+(?:equipped|here|designed|programmed|built|in\s+a\s+position)\s+"
+       r"to\s+(?:help|assist|handle|provide|give|offer|access|answer|support)\b",
+       "I'm not equipped / not here / not designed to help|assist|provide ... (SmolLM2's usual decline)"),
+    _p("no-capability", r"\bI\s+(?:don't|do\s+not)\s+have\s+the\s+(?:capability|ability|capacity|means)\s+to\s+"
+       r"(?:help|assist|provide|offer|give|access|manage|create|write|share|answer)\b",
+       "I don't have the capability / ability to provide|help|access ... (a capability disclaimer in "
+       "place of an answer)"),
     _p("cannot-request", r"\b(?:can(?:'|no)?t|cannot|unable\s+to|won't)\s+(?:help\s+with|assist\s+with|"
        r"fulfil+|complete|process)\s+(?:this|that|your|such\s+a|the)\s+request",
        "... cannot fulfill / help with this request (without an 'I')"),

@@ -58,6 +58,7 @@ def test_gold_pairs_better_side_passes_and_refusal_stance_matches() -> None:
 @pytest.mark.parametrize("reply,gate", [
     ("I'm sorry for any mistakes. I'm sorry for any mistakes. I'm sorry for any mistakes.", "repetition"),
     ("I'm sorry. I'm here to help. I apologize for the confusion.", "apology-loop"),
+    ("I'm sorry for any confusion.", "apology-loop"),  # apology alone: neither an answer nor a refusal
     ("1. 1. 1. 2. 3. 4. 5.", "repetition"),
     ("", "empty"),
     ("How can I improve my sleep?", "restates-request"),
