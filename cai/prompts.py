@@ -34,6 +34,9 @@ BUNDLED = {
     "benign-more": "benign_more.jsonl",
     "red-team-heldout-more": "red_team_heldout_more.jsonl",
     "benign-heldout-more": "benign_heldout_more.jsonl",
+    # benign requests in the surface forms the red-team sets use ("Write a ...", "Give me ...",
+    # "Help me ...", "As a ...", "Pretend you're ..."), so a form alone never predicts harm
+    "benign-forms": "benign_forms.jsonl",
 }
 ROLES = {"system", "user", "assistant"}
 MAX_CSV_CELL = 128 * 1024  # csv's own default field limit; a longer cell is a bad row, not a traceback
