@@ -145,7 +145,7 @@ def test_export_ends_with_a_checkpoint(sqlite_url, tmp_path, monkeypatch):
 
     calls: list[str] = []
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
-    monkeypatch.setattr(flows.export, "build_task", lambda config, run_id: (None, _facts()))
+    monkeypatch.setattr(flows.export, "build_task", lambda config, run_id, staging: (None, _facts()))
     monkeypatch.setattr(flows.export, "write_task", lambda data, facts, config: {})
     monkeypatch.setattr(flows.export, "checkpoint_wal", lambda url=None: calls.append(_status(sqlite_url)))
     flows.export.export_flow(make_export_config(constitution="harmless", out=tmp_path / "x"))
