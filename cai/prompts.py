@@ -17,6 +17,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cai.errors import UserError
 from store.keys import content_hash
@@ -261,27 +262,55 @@ def _csv_row(row: list[str], header: list[str]) -> tuple[list[dict[str, str]], s
     return [{"role": "user", "content": _clean(value, "'prompt'")}], _category(cells.get("category") or None)
 
 
+def load_saved_dataset(path: Path, where: str = "", expected: str = "") -> Any:
+    """`datasets.load_from_disk(path)`, its errors turned into one UserError naming the directory.
+
+    `where` prefixes the message (e.g. "--dataset "); `expected` says what the caller wanted there.
+    A damaged directory fails here or when its rows are read (arrow files are memory-mapped):
+    callers that read rows wrap that in `saved_dataset_error` too.
+    """
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        if not any((Path(path) / f).exists() for f in ("dataset_dict.json", "state.json")):  # never one
+            raise UserError(f"{where}{path}: a directory, but not a saved Hugging Face dataset (no "
+                            f"dataset_dict.json or state.json); expected {expected or _SAVED}") from None
+        raise saved_dataset_error(path, exc, where, expected) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged directory: arrow, json and os errors alike
+        raise saved_dataset_error(path, exc, where, expected) from None
+
+
+_SAVED = "a directory written by Dataset.save_to_disk or `cai export --out DIR` (or a JSONL, CSV or text file)"
+
+
+def saved_dataset_error(path: Path, exc: BaseException, where: str = "", expected: str = "") -> UserError:
+    """One line for a saved dataset that is damaged (a file missing, truncated or not what it should be)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return UserError(f"{where}{path}: cannot read this saved dataset, it is damaged or incomplete "
+                     f"({exc.__class__.__name__}: {first}); expected {expected or _SAVED}")
+
+
 def _parse_dataset_dir(path: Path) -> ParseResult:
-    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets import Dataset, DatasetDict
 
     res = ParseResult()
-    try:
-        ds = load_from_disk(str(path))
-    except FileNotFoundError as exc:
-        raise UserError(f"{path}: a directory, but not a saved Hugging Face dataset ({exc}); "
-                        "save one with Dataset.save_to_disk, or pass a JSONL, CSV or text file") from None
-    except Exception as exc:  # noqa: BLE001 - a damaged directory: arrow, json and os errors alike
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{path}: cannot read this saved dataset ({exc.__class__.__name__}: {first})") from None
+    ds = load_saved_dataset(path)
     parts: list[tuple[str, Dataset]] = list(ds.items()) if isinstance(ds, DatasetDict) else [("", ds)]
     if any(name.endswith("_prefs") for name, _ in parts):
         # a `cai export` directory: every *_sft row's prompt is also a *_prefs row's prompt
         parts = [(name, part) for name, part in parts if not name.endswith("_sft")]
     if not sum(len(part) for _, part in parts):
         raise UserError(f"{path}: the saved dataset has no rows")
+    from pyarrow import ArrowException
+
     n = 0
-    for _split, part in parts:
-        for rec in part:
-            n += 1
-            _add(res, n, _from_record, rec)
+    try:
+        for _split, part in parts:
+            for rec in part:
+                n += 1
+                _add(res, n, _from_record, rec)
+    except (OSError, ArrowException) as exc:  # a damaged arrow file, found as its rows are read: nothing is
+        raise saved_dataset_error(path, exc) from None  # stored from it, the file as a whole is bad
     return res

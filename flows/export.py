@@ -21,6 +21,10 @@ it never changes as data is added and a prompt never sits in both halves (a smal
 hash put no prompt in test moves the lowest buckets there; the card says so). The same store and
 options give byte-identical files; flows/publish.py writes them (and pushes), cai/card.py
 renders the card and manifest.
+
+Memory: the selected pairs' rows (ids, labels, provenance) are held; their prompts and texts are
+read PAGE pairs at a time (`iter_rows`, reading only the columns a row needs) and written to arrow
+files beside --out as they come (`to_dataset_dict`), memory-mapped from there for writing.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import shutil
+import tempfile
+import weakref
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,7 +56,7 @@ from flows.configs import make_export_config as make_config  # noqa: F401 - `cai
 from flows.configs import naive_utc as _naive_utc
 from flows.publish import check_out, hub_token, push_export, write_export
 from store.db import checkpoint_wal, session_scope
-from store.keys import content_hash
+from store.keys import canonical_json
 from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
 from store.pairs import latest_per_response_pair
 from store.runs import recorded_run
@@ -57,6 +64,7 @@ from store.runs import recorded_run
 SFT_METHODS = ("revision", "contrastive", "helpful")  # their chosen side is a reply to learn; an AI label is not
 SPLIT_SALT = "cai-factory/split/v1"  # changing it reshuffles every prompt: never do it silently
 MIN_PROMPTS_FOR_TEST = 10  # with fewer, an empty test split is honest: one prompt is no test set
+PAGE = 1000  # pairs whose prompts and texts are read per query while rows are written (iter_rows)
 
 
 def parse_when(value: str | None, option: str) -> datetime | None:
@@ -99,11 +107,12 @@ def command_line(config: ExportConfig) -> str:
 
 @dataclass
 class Selection:
+    """The selected pairs' rows (ids, labels, provenance: no texts). Texts are read a page at a time
+    while the data files are written (`iter_rows`), so an export never holds the store's texts."""
+
     name: str
     version: str
     pairs: list[PreferencePair]  # sorted by id
-    prompts: dict[str, Prompt]
-    responses: dict[str, Response]
     available: int  # pairs of this version before any filter
     removed: dict[str, int] = field(default_factory=dict)  # filter -> pairs it removed
 
@@ -156,13 +165,13 @@ def _quarantined(session: Session) -> set[str]:
     return set(session.exec(select(Failure.item_key).where(Failure.quarantined == True)))  # noqa: E712
 
 
-def select_pairs(session: Session, config: ExportConfig, load: bool = True) -> Selection:
-    """The pairs the config selects, with their prompts and responses loaded (if `load`)."""
+def select_pairs(session: Session, config: ExportConfig) -> Selection:
+    """The pairs the config selects (their rows; the texts are read later, a page at a time)."""
     name, version = resolve_version(session, config.constitution)
     pairs = list(session.exec(select(PreferencePair).where(
         PreferencePair.constitution == name, PreferencePair.constitution_version == version)
         .order_by(PreferencePair.id)))
-    sel = Selection(name, version, [], {}, {}, available=len(pairs))
+    sel = Selection(name, version, [], available=len(pairs))
     # before the status filters: a relabelled pair is judged by its latest label, not its best one
     pairs, superseded = latest_per_response_pair(pairs)
     if superseded:
@@ -202,9 +211,6 @@ def select_pairs(session: Session, config: ExportConfig, load: bool = True) -> S
                         f"after the filters ({why}); loosen --method/--tag/--min-label-prob/--min-margin/"
                         "--since/--until or add --include-ties/--include-inconsistent/--include-quarantined")
     sel.pairs = pairs
-    if load:
-        sel.prompts = _by_ids(session, Prompt, (p.prompt_id for p in pairs))
-        sel.responses = _by_ids(session, Response, (i for p in pairs for i in (p.chosen_id, p.rejected_id)))
     return sel
 
 
@@ -236,50 +242,172 @@ def held_out_prompts(prompt_ids: Iterable[str], test_fraction: float) -> set[str
     return set(sorted(ids, key=lambda p: (_bucket(p), p))[:want])
 
 
-def build_rows(sel: Selection, test_fraction: float) -> dict[str, list[dict[str, Any]]]:
-    """Rows per split, sorted by id, shaped exactly as dataset_schema declares."""
-    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in schema.SPLITS}
+Plan = dict[str, list[PreferencePair]]  # split -> the pairs whose rows it holds, in id order
+
+
+def plan_splits(sel: Selection, test_fraction: float) -> Plan:
+    """Which pair gives a row of which split, sorted by id: everything about the rows but their texts.
+
+    Every selected pair is a *_prefs row; a pair whose chosen reply is one to learn (SFT_METHODS)
+    is also a *_sft row, once per chosen reply (pairs of one prompt can share a final revision,
+    paired with different rejected answers: SFT wants it once).
+    """
+    plan: Plan = {name: [] for name in schema.SPLITS}
     sft_seen: set[str] = set()
     test = held_out_prompts((p.prompt_id for p in sel.pairs), test_fraction)
     for p in sorted(sel.pairs, key=lambda p: p.id):
         half = "test" if p.prompt_id in test else "train"
-        prompt = schema.messages(sel.prompts[p.prompt_id].messages)
-        chosen, rejected = sel.responses[p.chosen_id], sel.responses[p.rejected_id]
-        prov = {"id": p.id, "prompt_id": p.prompt_id, "method": p.method, "status": p.status,
-                "label_prob": float(p.label_prob), "principle_ids": [str(x) for x in p.principle_ids or []],
-                "constitution": p.constitution, "constitution_version": p.constitution_version,
-                "policy_model": p.policy_model, "judge_model": p.judge_model, "run_id": p.run_id}
-        rows[f"{half}_prefs"].append({"prompt": prompt, "chosen": schema.assistant(chosen.text),
-                                      "rejected": schema.assistant(rejected.text), "chosen_id": chosen.id,
-                                      "rejected_id": rejected.id, **prov})
-        # pairs of one prompt can share a final revision (paired with different rejected answers):
-        # SFT wants it once
-        if p.method in SFT_METHODS and chosen.id not in sft_seen:
-            sft_seen.add(chosen.id)
-            rows[f"{half}_sft"].append({"messages": prompt + schema.assistant(chosen.text),
-                                        "response_id": chosen.id, **prov})
-    return rows
+        plan[f"{half}_prefs"].append(p)
+        if p.method in SFT_METHODS and p.chosen_id not in sft_seen:
+            sft_seen.add(p.chosen_id)
+            plan[f"{half}_sft"].append(p)
+    return plan
 
 
-def to_dataset_dict(rows: dict[str, list[dict[str, Any]]]):
-    """A DatasetDict built from in-memory lists against the schema, with content fingerprints.
+def _provenance(p: PreferencePair) -> dict[str, Any]:
+    return {"id": p.id, "prompt_id": p.prompt_id, "method": p.method, "status": p.status,
+            "label_prob": float(p.label_prob), "principle_ids": [str(x) for x in p.principle_ids or []],
+            "constitution": p.constitution, "constitution_version": p.constitution_version,
+            "policy_model": p.policy_model, "judge_model": p.judge_model, "run_id": p.run_id}
 
-    Lists, not from_generator: its cache can serve stale rows after the store changes. The
-    fingerprint (written to state.json by save_to_disk) is a hash of the rows, so two exports of
-    the same data are byte-identical and different data never shares a fingerprint.
-    An empty split is left out: `load_from_disk` raises IndexError on one and `load_dataset`
-    cannot infer its format, so every client could load none of the export.
+
+def _column_by_ids(session: Session, column: Any, ids: Iterable[str]) -> dict[str, Any]:
+    """id -> one column of the rows with these ids (never the whole row: a response's conversation
+    is far larger than its text), in chunks under SQLite's bound-parameter limit."""
+    key = column.class_.id
+    out: dict[str, Any] = {}
+    for chunk in _chunks(sorted(set(ids))):
+        out.update(session.exec(select(key, column).where(col(key).in_(chunk))).all())
+    return out
+
+
+def iter_rows(session: Session, split: str, pairs: Sequence[PreferencePair], page: int | None = None
+              ) -> Iterator[dict[str, Any]]:
+    """The rows of one split, in the order of `pairs`, shaped exactly as dataset_schema declares.
+
+    The prompts and response texts are read PAGE pairs at a time, so memory holds one page of
+    texts however large the store is.
+    """
+    page = page or PAGE
+    prefs = split.endswith("_prefs")
+    for start in range(0, len(pairs), page):
+        chunk = pairs[start:start + page]
+        prompts = _column_by_ids(session, Prompt.messages, (p.prompt_id for p in chunk))
+        texts = _column_by_ids(session, Response.text, (i for p in chunk
+                                                        for i in ((p.chosen_id, p.rejected_id) if prefs
+                                                                  else (p.chosen_id,))))
+        for p in chunk:
+            prompt = schema.messages(prompts[p.prompt_id])
+            if prefs:
+                yield {"prompt": prompt, "chosen": schema.assistant(texts[p.chosen_id]),
+                       "rejected": schema.assistant(texts[p.rejected_id]), "chosen_id": p.chosen_id,
+                       "rejected_id": p.rejected_id, **_provenance(p)}
+            else:
+                yield {"messages": prompt + schema.assistant(texts[p.chosen_id]), "response_id": p.chosen_id,
+                       **_provenance(p)}
+
+
+def build_rows(session: Session, sel: Selection, test_fraction: float) -> dict[str, list[dict[str, Any]]]:
+    """Every row per split as lists, sorted by id (all in memory: for tests and small looks)."""
+    return {name: list(iter_rows(session, name, pairs)) for name, pairs in plan_splits(sel, test_fraction).items()}
+
+
+class _RowsHash:
+    """content_hash(*head, rows) computed as rows arrive: the same digest, without the list."""
+
+    def __init__(self, *head: Any) -> None:
+        self._h = hashlib.sha256(canonical_json(list(head))[:-1].encode("utf-8") + b",[")
+        self._first = True
+
+    def add_all(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self._h.update((b"" if self._first else b",") + canonical_json(row).encode("utf-8"))
+            self._first = False
+
+    def hexdigest(self, length: int) -> str:
+        h = self._h.copy()
+        h.update(b"]]")
+        return h.hexdigest()[:length]
+
+
+def _batches(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
+
+
+def _as_sliced(table: Any, batch: list[dict[str, Any]], after: list[dict[str, Any]], n: int, first: bool):
+    """This batch as arrow's IPC writer would see it as a slice of one table of all `n` rows.
+
+    The writer keeps a slice's data buffers up to 64-byte padding, filled by the rows after it
+    (here: the next batch), and copies a slice's null bitmap to its exact size, except for a
+    first slice whose padded bitmap would reach past the whole table's (then it keeps that
+    whole bitmap). A slice that starts past a row it does not hold gets the exact copy.
+    """
+    if n <= len(batch):  # the whole split in one batch: the whole table, no slice
+        return table(batch)
+    if first and _padded(-(-len(batch) // 8)) >= -(-n // 8):
+        return table(batch + after).slice(0, len(batch))
+    return table(batch[:1] + batch + after).slice(1, len(batch))
+
+
+def to_dataset_dict(session: Session, plan: Plan, staging: Path):
+    """A DatasetDict against the schema, its rows streamed from the store into arrow files under
+    `staging` (memory-mapped, so no split is ever held in memory), with content fingerprints.
+
+    Byte-identical to building each split as one in-memory table (what export did before it
+    streamed; tests compare): `save_to_disk` writes a split by datasets' DEFAULT_MAX_BATCH_SIZE
+    rows, each batch a slice of that table, and arrow's IPC writer pads a slice's data buffers to
+    64 bytes with the rows that follow it. So each batch here is written as the slice of a table
+    that also holds the next batch (two batches in memory at most; `_as_sliced`). The one case
+    this cannot reproduce: a column whose next batch holds under 64 bytes while later rows
+    hold more; then that buffer's padding differs, never the data read back. Not from_generator: its cache
+    can serve stale rows after the store changes. The fingerprint (written to state.json by
+    save_to_disk) is a hash of the rows, so two exports of the same data are byte-identical and
+    different data never shares a fingerprint. An empty split is left out: `load_from_disk`
+    raises IndexError on one and `load_dataset` cannot infer its format, so every client could
+    load none of the export.
     """
     from datasets import Dataset, DatasetDict, NamedSplit
+    from datasets import config as hf_config
+    from datasets.arrow_writer import ArrowWriter
 
+    size = hf_config.DEFAULT_MAX_BATCH_SIZE  # what save_to_disk and to_parquet read by
     out = {}
     for name, features in schema.SPLITS.items():
-        if not rows[name]:
+        if not plan[name]:
             continue
-        data = {column: [r[column] for r in rows[name]] for column in features}
-        built = Dataset.from_dict(data, features=features, split=NamedSplit(name))
-        fingerprint = content_hash(schema.SCHEMA_VERSION, name, features.to_dict(), rows[name], length=16)
-        out[name] = Dataset(built.data, info=built.info, split=built.split, fingerprint=fingerprint)
+        path = Path(staging) / f"{name}.arrow"
+        digest = _RowsHash(schema.SCHEMA_VERSION, name, features.to_dict())
+
+        def table(rows: list[dict[str, Any]], features=features):
+            return Dataset.from_dict({column: [r[column] for r in rows] for column in features},
+                                     features=features).data.table
+
+        n = len(plan[name])
+        writer = ArrowWriter(features=features, path=str(path), writer_batch_size=size)
+        try:
+            batches = _batches(iter_rows(session, name, plan[name]), size)
+            batch, first = next(batches), True
+            while batch:
+                digest.add_all(batch)
+                after = next(batches, [])
+                writer.write_table(_as_sliced(table, batch, after, n, first))
+                batch, first = after, False
+            writer.finalize()
+        finally:
+            writer.close()
+        built = Dataset.from_file(str(path), split=NamedSplit(name))
+        out[name] = Dataset(built.data, info=built.info, split=built.split, fingerprint=digest.hexdigest(16))
     return DatasetDict(out)
 
 
@@ -289,21 +417,33 @@ def _iso(dt: datetime | None) -> str | None:
     return _naive_utc(dt).replace(microsecond=0).isoformat() + "Z" if dt else None
 
 
-def collect_facts(session: Session, config: ExportConfig, sel: Selection,
-                  rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _response_facts(session: Session, ids: Iterable[str]) -> tuple[Counter, Counter, set[str]]:
+    """(sampling settings, models, run ids) of these responses, counted a chunk at a time."""
+    sampling: Counter = Counter()
+    models: Counter = Counter()
+    run_ids: set[str] = set()
+    for chunk in _chunks(sorted(set(ids))):
+        for sampled, model, run_id in session.exec(select(Response.sampling, Response.model, Response.run_id)
+                                                   .where(col(Response.id).in_(chunk))):
+            sampling[json.dumps(sampled, sort_keys=True)] += 1
+            models[model] += 1
+            run_ids.add(run_id)
+    return sampling, models, run_ids
+
+
+def collect_facts(session: Session, config: ExportConfig, sel: Selection, plan: Plan) -> dict[str, Any]:
     """What the card and manifest say, all taken from the data (no clock), so re-exports match."""
     cv = session.exec(select(ConstitutionVersion).where(
         ConstitutionVersion.name == sel.name, ConstitutionVersion.version == sel.version)).first()
-    prefs = rows["train_prefs"] + rows["test_prefs"]
-    response_ids = sorted({i for p in sel.pairs for i in (p.chosen_id, p.rejected_id)})
-    responses = [sel.responses[i] for i in response_ids]
-    sampling = Counter(json.dumps(r.sampling, sort_keys=True) for r in responses)
-    run_ids = {p.run_id for p in sel.pairs} | {r.run_id for r in responses}
+    prefs = plan["train_prefs"] + plan["test_prefs"]
+    sampling, response_models, response_runs = _response_facts(
+        session, (i for p in sel.pairs for i in (p.chosen_id, p.rejected_id)))
+    run_ids = {p.run_id for p in sel.pairs} | response_runs
     runs = _by_ids(session, Run, (i for i in run_ids if i))
-    tags = Counter(t for chunk in _chunks(sorted(sel.prompts))
+    tags = Counter(t for chunk in _chunks(sorted({p.prompt_id for p in sel.pairs}))
                    for t in session.exec(select(PromptTag.tag).where(col(PromptTag.prompt_id).in_(chunk))))
     created = [_naive_utc(p.created_at) for p in sel.pairs]
-    test_ids = {x["prompt_id"] for x in rows["test_prefs"]}
+    test_ids = {p.prompt_id for p in plan["test_prefs"]}
     moved = sorted(p for p in test_ids if not is_test(p, config.test_fraction))
     return {
         "schema_version": schema.SCHEMA_VERSION,
@@ -330,18 +470,18 @@ def collect_facts(session: Session, config: ExportConfig, sel: Selection,
         "split_rule": f"test if sha256('{SPLIT_SALT}:' + prompt_id)[:8 bytes] / 2**64 < test_fraction",
         # the hash put no prompt in test: these (lowest buckets) were moved there, see held_out_prompts
         "moved_to_test": moved,
-        "counts": {name: len(r) for name, r in rows.items()},
-        "splits_written": [name for name in schema.SPLITS if rows[name]],
-        "counts_by_method": {name: dict(sorted(Counter(x["method"] for x in r).items()))
-                             for name, r in rows.items()},
-        "counts_by_status": dict(sorted(Counter(x["status"] for x in prefs).items())),
-        "prompts": {half: len({x["prompt_id"] for x in rows[f"{half}_prefs"]}) for half in ("train", "test")},
-        "label_prob": {"all": label_prob_stats([x["label_prob"] for x in prefs])} | {
-            m: label_prob_stats([x["label_prob"] for x in prefs if x["method"] == m])
-            for m in sorted({x["method"] for x in prefs})},
+        "counts": {name: len(r) for name, r in plan.items()},
+        "splits_written": [name for name in schema.SPLITS if plan[name]],
+        "counts_by_method": {name: dict(sorted(Counter(p.method for p in r).items()))
+                             for name, r in plan.items()},
+        "counts_by_status": dict(sorted(Counter(p.status for p in prefs).items())),
+        "prompts": {half: len({p.prompt_id for p in plan[f"{half}_prefs"]}) for half in ("train", "test")},
+        "label_prob": {"all": label_prob_stats([float(p.label_prob) for p in prefs])} | {
+            m: label_prob_stats([float(p.label_prob) for p in prefs if p.method == m])
+            for m in sorted({p.method for p in prefs})},
         "models": {
             "policy": dict(sorted(Counter(p.policy_model for p in sel.pairs).items())),
-            "responses": dict(sorted(Counter(r.model for r in responses).items())),
+            "responses": dict(sorted(response_models.items())),
             "judge": dict(sorted(Counter(p.judge_model for p in sel.pairs if p.judge_model).items())),
         },
         "sampling": [{"settings": json.loads(k), "responses": n} for k, n in sorted(sampling.items())],
@@ -355,11 +495,29 @@ def collect_facts(session: Session, config: ExportConfig, sel: Selection,
     }
 
 
-def build_export(session: Session, config: ExportConfig):
-    """(DatasetDict, facts): the pure heart of the export, what tests call."""
+def build_export(session: Session, config: ExportConfig, staging: Path | None = None):
+    """(DatasetDict, facts): the heart of the export, what tests call.
+
+    The DatasetDict's arrow files go under `staging` (the caller removes it once they are
+    written out); without one, a temporary directory removed when the DatasetDict is collected.
+    """
     sel = select_pairs(session, config)
-    rows = build_rows(sel, config.test_fraction)
-    return to_dataset_dict(rows), collect_facts(session, config, sel, rows)
+    plan = plan_splits(sel, config.test_fraction)
+    facts = collect_facts(session, config, sel, plan)
+    if staging is None:
+        staging = Path(tempfile.mkdtemp(prefix="cai-export-rows-"))
+        data = to_dataset_dict(session, plan, staging)
+        weakref.finalize(data, shutil.rmtree, staging, ignore_errors=True)
+        return data, facts
+    return to_dataset_dict(session, plan, staging), facts
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh directory beside `out` (same disk, never a fixed name that could be a person's) for
+    the rows while they are written: not the system temp dir, which may be memory (tmpfs)."""
+    base = Path(out).resolve()
+    base.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{base.name}.rows-", dir=base.parent))
 
 
 # --- checks before a flow run --------------------------------------------------------------
@@ -370,7 +528,7 @@ def preflight(config: ExportConfig) -> None:
     if config.push_to_hub:
         hub_token(config.push_to_hub)
     with session_scope() as s:
-        select_pairs(s, config, load=False)
+        select_pairs(s, config)
 
 
 # --- the Prefect flow ----------------------------------------------------------------------
@@ -380,9 +538,9 @@ def preflight(config: ExportConfig) -> None:
 # defeats dill's stdout capture of dis.dis() inside datasets' fingerprinting, and every
 # disassembled line would land in the run log
 @task(name="export-build", cache_policy=NO_CACHE, log_prints=False)
-def build_task(config: ExportConfig, run_id: str):
+def build_task(config: ExportConfig, run_id: str, staging: Path):
     with session_scope() as s:
-        data, facts = build_export(s, config)
+        data, facts = build_export(s, config, staging)
         run = s.get(Run, run_id)
         if run is not None:  # so `cai status` shows which version this run exported
             run.constitution = facts["constitution"]["name"]
@@ -410,9 +568,10 @@ def export_flow(config: ExportConfig) -> dict[str, Any]:
     with recorded_run("export", config.model_dump(mode="json")) as run:
         run.summary = {"run_id": run.id, "out": str(config.out), "format": config.format}
         run.timings = timer.totals
+        staging = staging_dir(config.out)
         try:
             with timer("build"):
-                data, facts = build_task(config, run.id)
+                data, facts = build_task(config, run.id, staging)
             run.summary |= {"constitution": facts["constitution"]["ref"], "counts": facts["counts"]}
             log.info("export %s: %s", facts["constitution"]["ref"], facts["counts"])
             if config.test_fraction > 0 and not facts["counts"]["test_sft"] and not facts["counts"]["test_prefs"]:
@@ -431,6 +590,8 @@ def export_flow(config: ExportConfig) -> dict[str, Any]:
             # a Failed state carrying the error: callers get the UserError, and no traceback is logged
             run.summary["error"], run.status = str(exc), "failed"
             return Failed(message=str(exc), data=exc)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     try:  # the Run row is closed: fold SQLite's WAL into cai.db, so a copy of that one file has every row
         checkpoint_wal()
     except Exception as exc:  # noqa: BLE001 - the export is written; a reader holding the log is no failure

@@ -57,9 +57,9 @@ def _write_data(data, root: Path, fmt: str) -> None:
 def _file_facts(root: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        blob = path.read_bytes()
-        digest = hashlib.sha256(blob).hexdigest()
-        out[path.relative_to(root).as_posix()] = {"bytes": len(blob), "sha256": digest}
+        with path.open("rb") as f:  # hashed as it is read: a data file is never held in memory whole
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        out[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": digest}
     return out
 
 

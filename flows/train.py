@@ -22,6 +22,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from cai.prompts import load_saved_dataset, saved_dataset_error
 from dpo.checkpoint import latest_checkpoint, read_meta
 from dpo.data import (
     PairExample,
@@ -51,15 +52,20 @@ def _read_records(cfg: TrainConfig) -> list[dict[str, Any]]:
     if not path.exists():
         raise UserError(f"--dataset {path}: no such file or directory")
     if path.is_dir():  # save_to_disk output, e.g. `cai export --out DIR`
-        from datasets import load_from_disk
+        from pyarrow import ArrowException
 
-        ds = load_from_disk(str(path))
+        expected = ("a directory written by `cai export --out DIR` (format arrow) or Dataset.save_to_disk, "
+                    "or a JSONL file of preference pairs")
+        ds = load_saved_dataset(path, "--dataset ", expected)
         if hasattr(ds, "keys"):
             if cfg.dataset_split not in ds:
                 raise UserError(f"--dataset {path}: no split {cfg.dataset_split!r} "
                                 f"(has {', '.join(ds.keys())})")
             ds = ds[cfg.dataset_split]
-        return list(ds)
+        try:  # arrow files are memory-mapped: a damaged one can fail only as its rows are read
+            return list(ds)
+        except (OSError, ArrowException) as exc:
+            raise saved_dataset_error(path, exc, "--dataset ", expected) from None
     records = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

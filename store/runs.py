@@ -8,7 +8,7 @@
 A block that raises marks the row `failed` with the error in its summary (and re-raises); one
 that ends normally records `run.status` (default `completed`) with the summary and timings it set.
 A killed process closes nothing: its row says `host:pid`, and the next run (or `cai status`) on
-that host that finds the process gone marks the row `crashed`.
+that host that finds the process gone marks the row `crashed`, and its `running` TrainingRun with it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from store.db import session_scope
-from store.models import Run, utcnow
+from store.models import Run, TrainingRun, utcnow
 from store.work import dead_local
 
 
@@ -64,7 +64,23 @@ def mark_crashed(session: Session) -> int:
         r.summary = {**(r.summary or {}), "error": f"the process {r.host} ended without closing this run "
                                                    "(killed, or its machine went down)"}
         session.add(r)
+    session.flush()
+    close_orphans(session)
     return len(gone)
+
+
+def close_orphans(session: Session) -> int:
+    """Rows that live as long as a Run (a TrainingRun) follow it: a `running` one whose Run has
+    ended `crashed` or `failed` without closing it (killed mid-training, or the store refused
+    the closing write) takes that status. Returns how many; leaves the commit to the caller."""
+    rows = session.exec(select(TrainingRun, Run.status).join(Run, TrainingRun.run_id == Run.id)
+                        .where(TrainingRun.status == "running", col(Run.status).in_(("crashed", "failed")))).all()
+    for row, status in rows:
+        row.status, row.finished_at = status, utcnow()
+        row.final_metrics = {**(row.final_metrics or {}), "error": f"its run {row.run_id} ended {status} "
+                                                                   "before the training run was closed"}
+        session.add(row)
+    return len(rows)
 
 
 def finish_run(run_id: str, status: str, summary: dict[str, Any] | None = None,

@@ -145,7 +145,7 @@ def test_export_ends_with_a_checkpoint(sqlite_url, tmp_path, monkeypatch):
 
     calls: list[str] = []
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
-    monkeypatch.setattr(flows.export, "build_task", lambda config, run_id: (None, _facts()))
+    monkeypatch.setattr(flows.export, "build_task", lambda config, run_id, staging: (None, _facts()))
     monkeypatch.setattr(flows.export, "write_task", lambda data, facts, config: {})
     monkeypatch.setattr(flows.export, "checkpoint_wal", lambda url=None: calls.append(_status(sqlite_url)))
     flows.export.export_flow(make_export_config(constitution="harmless", out=tmp_path / "x"))
@@ -167,3 +167,48 @@ def test_dead_local(pid_alive):
     pid = __import__("os").getppid() if pid_alive else _dead_pid()
     assert work.dead_local(f"{socket.gethostname()}:{pid}:7") is (not pid_alive)
     assert work.dead_local(f"another-machine:{pid}") is False
+
+
+def test_a_killed_training_run_is_marked_crashed_with_its_run(db_url):
+    """A TrainingRun lives as long as its Run: killed mid-training, both are marked by the next run."""
+    from store.models import TrainingRun, TrainingStep
+
+    host = socket.gethostname()
+    with session_scope(db_url) as s:
+        s.add(Run(id="killed", flow="train", host=f"{host}:{_dead_pid()}"))
+        s.add(Run(id="elsewhere", flow="train", host="another-machine:1"))
+        s.add(Run(id="refused", flow="train", host=f"{host}:1", status="failed"))  # its closing write failed
+    with session_scope(db_url) as s:  # the parent rows first: PostgreSQL checks the step's foreign key
+        for tid, rid in (("t-killed", "killed"), ("t-elsewhere", "elsewhere"), ("t-refused", "refused")):
+            s.add(TrainingRun(id=tid, base_model="b", out_dir="/o", run_id=rid, final_metrics={"steps": 2}))
+        s.add(TrainingRun(id="t-done", base_model="b", out_dir="/o", run_id="killed", status="completed"))
+    with session_scope(db_url) as s:
+        s.add(TrainingStep(training_run_id="t-killed", step=1, split="train", metrics={"loss": 0.6}))
+    with recorded_run("train", {}, url=db_url):
+        pass
+    with session_scope(db_url) as s:
+        rows = {r.id: r for r in s.exec(select(TrainingRun))}
+        steps = list(s.exec(select(TrainingStep)))
+    assert rows["t-killed"].status == "crashed" and rows["t-killed"].finished_at is not None
+    assert rows["t-killed"].final_metrics["steps"] == 2 and "ended crashed" in rows["t-killed"].final_metrics["error"]
+    assert rows["t-refused"].status == "failed"
+    assert rows["t-elsewhere"].status == "running" and rows["t-elsewhere"].finished_at is None  # cannot be checked
+    assert rows["t-done"].status == "completed" and "error" not in rows["t-done"].final_metrics
+    assert [(st.training_run_id, st.step) for st in steps] == [("t-killed", 1)]  # the steps stored before are kept
+
+
+def test_status_marks_a_killed_training_run_crashed(sqlite_url, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from store.models import TrainingRun
+
+    monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
+    with session_scope(sqlite_url) as s:
+        s.add(Run(id="killed", flow="train", host=f"{socket.gethostname()}:{_dead_pid()}"))
+    with session_scope(sqlite_url) as s:
+        s.add(TrainingRun(id="t", base_model="b", out_dir="/o", run_id="killed"))
+    r = CliRunner().invoke(app, ["status", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    with session_scope(sqlite_url) as s:
+        assert s.get(TrainingRun, "t").status == "crashed"

@@ -19,6 +19,7 @@ from flows.common import UserError, record_constitution
 from flows.export import build_export, is_test, make_config
 from flows.publish import write_export
 from store.db import get_engine, session_scope
+from store.keys import content_hash
 from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
 
 CONSTITUTION = """\
@@ -596,6 +597,7 @@ def test_flow_records_a_completed_run(store: str, tmp_path: Path, monkeypatch):
         export_flow(make_config(constitution="harmless", out=tmp_path / "y", min_label_prob=1.0,
                                 methods=["ai"]))
     assert not (tmp_path / "y").exists()
+    assert not list(tmp_path.glob(".*")), "staging dirs left behind"  # the rows are staged beside --out
 
 
 @pytest.mark.prefect_server
@@ -627,3 +629,67 @@ def test_export_under_a_printing_parent_flow_keeps_the_log_clean(store: str, tmp
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     assert not [m for m in records if "LOAD_GLOBAL" in m or "RESUME" in m]
+
+
+# --- streaming (issue 13 item 11): the store's texts are read a page at a time ----------------
+
+def test_export_reads_the_texts_a_page_at_a_time(store: str, tmp_path: Path, monkeypatch):
+    """No query reads more than one page of texts, none reads a response's conversation (the large
+    column), and the paged export is the same bytes as one read in a single page."""
+    from sqlalchemy import event
+
+    import flows.export as ex
+
+    whole, _ = export(store, tmp_path / "whole", format="arrow")  # the default page holds every pair here
+    monkeypatch.setattr(ex, "PAGE", 3)
+    statements: list[tuple[str, tuple]] = []
+
+    def seen(conn, cursor, statement, params, context, executemany):
+        statements.append((statement, tuple(params or ())))
+
+    eng = get_engine(store)
+    event.listen(eng, "before_cursor_execute", seen)
+    try:
+        data, facts = export(store, tmp_path / "paged", format="arrow")
+    finally:
+        event.remove(eng, "before_cursor_execute", seen)
+    assert files_of(tmp_path / "paged") == files_of(tmp_path / "whole")
+    texts = [params for st, params in statements if "response.text" in st]
+    prompts = [params for st, params in statements if "prompt.messages" in st]
+    rows = {name: n for name, n in facts["counts"].items() if n}
+    assert len(texts) == len(prompts) == sum(math.ceil(n / 3) for n in rows.values())
+    assert max(map(len, texts)) <= 2 * 3 and max(map(len, prompts)) <= 3  # a page: 3 pairs, 2 replies each
+    assert not [st for st, _ in statements if "response.conversation" in st], "a query read whole responses"
+    for name, n in rows.items():  # the streamed fingerprint is the content hash of the rows, as before
+        listed = ex.build_rows(Session(eng), ex.select_pairs(Session(eng), make_config(
+            constitution="harmless", out=Path("unused"))), 0.1)[name]
+        assert len(listed) == n == len(data[name])
+        assert data[name]._fingerprint == content_hash(schema.SCHEMA_VERSION, name, schema.SPLITS[name].to_dict(),
+                                                       listed, length=16)
+        assert whole[name]._fingerprint == data[name]._fingerprint
+
+
+def test_batches_after_the_first_are_the_same_bytes(sqlite_url: str, tmp_path: Path, monkeypatch):
+    """Splits longer than one writer batch (datasets writes 1000 rows a batch; 256 here) come out as
+    the same bytes as from one in-memory table, the way export built them before it streamed.
+    (Below 256 rows a batch, a null bitmap of the batch after is shorter than arrow's 64-byte
+    padding, and one batch of lookahead no longer reproduces it.)"""
+    from datasets import Dataset, DatasetDict, NamedSplit
+    from datasets import config as hf_config
+
+    import flows.export as ex
+
+    seed(sqlite_url, range(500))
+    monkeypatch.setattr(hf_config, "DEFAULT_MAX_BATCH_SIZE", 256)
+    monkeypatch.setattr(ex, "PAGE", 100)
+    data, facts = export(sqlite_url, tmp_path / "streamed", format="arrow")
+    with Session(get_engine(sqlite_url)) as s:
+        config = make_config(constitution="harmless", out=Path("unused"))
+        rows = ex.build_rows(s, ex.select_pairs(s, config), config.test_fraction)
+    built = {name: Dataset.from_dict({c: [r[c] for r in rows[name]] for c in features}, features=features,
+                                     split=NamedSplit(name)) for name, features in schema.SPLITS.items() if rows[name]}
+    in_memory = DatasetDict({name: Dataset(b.data, info=b.info, split=b.split, fingerprint=data[name]._fingerprint)
+                             for name, b in built.items()})
+    assert max(len(r) for r in rows.values()) > 2 * 256  # three batches or more in a split
+    write_export(in_memory, facts, tmp_path / "in-memory", "arrow")
+    assert files_of(tmp_path / "streamed") == files_of(tmp_path / "in-memory")
