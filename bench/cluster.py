@@ -5,7 +5,8 @@ store; one worker against two on the same `cai submit`, in one run. Prints one J
     python -m bench.cluster --model smollm2-135m --prompts 16 --max-new-tokens 32
     CAI_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test python -m bench.cluster
 
-Each case gets a fresh seed, so both compute the same amount of new work. The wall time counts from
+Each case gets a fresh seed, so both compute the same amount of new work; by default each case submits
+one run per worker (`cai submit --shards N`), the way the README recipe does. The wall time counts from
 `cai submit` to the last run completed, so it includes each flow run's start (Python imports, model
 load), which a worker pays once per run. tests/flows/test_deploy.py uses the helpers below.
 """
@@ -203,6 +204,23 @@ def progress(db_url: str, run_ids: set[str] | None = None) -> dict[str, dict[str
     return out
 
 
+def run_times(db_url: str, workers: list[str]) -> list[dict[str, float]]:
+    """Each cai run these workers started: model load and stage seconds (from its Run summary)."""
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(db_url)
+    try:
+        with eng.connect() as c:
+            ids = {r for (r,) in c.execute(sa.text("SELECT DISTINCT run_id FROM work_progress WHERE worker IN :w")
+                                           .bindparams(sa.bindparam("w", expanding=True)), {"w": workers})}
+            rows = c.execute(sa.text("SELECT id, summary FROM run")).all()
+    finally:
+        eng.dispose()
+    summaries = [json.loads(s) if isinstance(s, str) else (s or {}) for rid, s in rows if rid in ids]  # SQLite: text
+    return [{"load_s": s.get("load_s"), "stages_s": s.get("total_s"), "computed": s.get("computed")}
+            for s in summaries]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: a tiny random-weight model built here")
@@ -210,7 +228,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--chunk-size", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=2, help="flow runs submitted per case (`--shards`)")
+    ap.add_argument("--runs", type=int, default=None, help="flow runs submitted per case (`--shards`); "
+                    "default: one per worker")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="cai-cluster-"))
     db_url = os.environ.get("CAI_DATABASE_URL") or f"sqlite:///{home / 'cai.db'}"
@@ -225,7 +244,7 @@ def main() -> None:
     cluster = Cluster(home, db_url, {"CAI_CPU_DTYPE": "float32"})
     out: dict[str, Any] = {"bench": "cluster", "model": model if args.model else "tiny-random",
                            "prompts": args.prompts, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
-                           "runs_per_case": args.runs, "cores": os.cpu_count(),
+                           "runs_per_case": args.runs or "one per worker", "cores": os.cpu_count(),
                            "store": db_url.split(":", 1)[0]}
     try:
         cluster.start_server()
@@ -243,12 +262,13 @@ def main() -> None:
                 cluster.start_worker(name, "bench")
             wait_for(lambda names=names: set(names) <= cluster.workers_online("bench"), 120, "workers online")
             t0 = time.perf_counter()
-            ids = submit(cluster, "generate/bench", args.runs, f"seed={100 + n_workers}")
+            ids = submit(cluster, "generate/bench", args.runs or n_workers, f"seed={100 + n_workers}")
             states = wait_completed(cluster, ids, 1800)
             wall = time.perf_counter() - t0
             per = {w: v for w, v in progress(db_url).items() if w in names}  # names are per case
             out[f"workers_{n_workers}"] = {"wall_s": round(wall, 1), "states": sorted(states.values()),
-                                           "done_per_worker": {w: v["done"] for w, v in sorted(per.items())}}
+                                           "done_per_worker": {w: v["done"] for w, v in sorted(per.items())},
+                                           "runs": run_times(db_url, names)}
             for name in names:
                 cluster.kill_worker(name)
         out["speedup"] = round(out["workers_1"]["wall_s"] / out["workers_2"]["wall_s"], 2)

@@ -277,7 +277,7 @@ def deploy(
 
     The settings are validated against the flow's config before the server is asked anything.
     """
-    from flows.cli.options import parse_set
+    from flows.cli.options import merge, parse_set
     from flows.schedule import FLOWS
 
     if flow_name not in FLOWS:
@@ -290,9 +290,8 @@ def deploy(
         show(cfg)
         return
     jv: dict = {}
-    for item in job_variables or ():
-        key, value = next(iter(parse_set(item).items()))
-        jv[key] = value
+    for item in job_variables or ():  # dotted keys nest: -j env.CUDA_VISIBLE_DEVICES=0
+        jv = merge(jv, parse_set(item))
     from flows.schedule import deploy as deploy_flow
 
     out = deploy_flow(flow_name, pool, cfg.model_dump(mode="json", exclude_unset=True), name=name, cron=cron,
