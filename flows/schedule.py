@@ -196,6 +196,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _full_name(dep: Any) -> str:
+    """FLOW/NAME of a deployment made by `cai deploy` (its tag names the cai flow), else its name."""
+    key = next((t.removeprefix(FLOW_TAG) for t in dep.tags if t.startswith(FLOW_TAG)), None)
+    return f"{ {'run': 'pipeline'}.get(key, key)}/{dep.name}" if key else dep.name
+
+
 def submit(deployment: str, shards: int = 1, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Create `shards` flow runs of `deployment` ("flow/name"), each with the same settings.
 
@@ -217,7 +223,10 @@ def submit(deployment: str, shards: int = 1, overrides: dict[str, Any] | None = 
         try:
             dep = client.read_deployment_by_name(deployment)
         except ObjectNotFound:
-            known = sorted(d.name for d in client.read_deployments(limit=50))
+            from prefect.client.schemas.sorting import DeploymentSort
+
+            # sort given: Prefect 3.8.8's server answers 422 to the client's default sort=null
+            known = sorted(_full_name(d) for d in client.read_deployments(limit=50, sort=DeploymentSort.NAME_ASC))
             raise UserError(f"no deployment {deployment!r} on the Prefect server (deployments: "
                             f"{', '.join(known) or 'none'}; make one with `cai deploy FLOW --pool NAME`)") from None
         flow_name = next((t.removeprefix(FLOW_TAG) for t in dep.tags if t.startswith(FLOW_TAG)), None)

@@ -5,6 +5,8 @@ by the other; `cai status` counts what each worker claimed, wrote and failed."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -12,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from bench.cluster import Cluster, flow_run_states, progress, submit, wait_completed, wait_for
+from bench.cluster import REPO, Cluster, flow_run_states, progress, submit, wait_completed, wait_for
 from flows.cli import app
 
 N = 24  # prompts; generate with one round makes 3 rows per prompt
@@ -129,8 +131,27 @@ def test_two_workers_on_a_work_pool_share_the_work_and_survive_a_killed_worker(t
         assert dep["work_pool_name"] == "cai-test" and dep["parameters"]["cfg"]["limit"] == N
         assert [s["schedule"].get("cron") for s in dep["schedules"]] == ["0 3 * * *"]
 
+        # meanwhile, in one process (the imports are the cost): every other stage flow registers too, and
+        # `cai submit` checks its --set against the flow's config and names the deployments it knows
+        code = ("import json\nfrom cai.errors import UserError\nfrom pydantic import ValidationError\n"
+                "from flows.schedule import deploy, submit\n"
+                "extra = {'export': {'constitution': 'harmless', 'out': 'exports/x'}, 'eval': {'model': 'm'}}\n"
+                "out = [deploy(f, 'cai-test', extra.get(f, {}), name='other')['deployment']\n"
+                "       for f in ('label', 'train', 'export', 'eval', 'run')]\n"
+                "for name, over in (('generate/split', {'rounds': 0}), ('generate/nope', {})):\n"
+                "    try:\n        submit(name, 1, over)\n        out.append('submitted')\n"
+                "    except (UserError, ValidationError) as exc:\n        out.append(str(exc))\n"
+                "print(json.dumps(out))\n")
+        checks = subprocess.Popen([sys.executable, "-c", code], env=cluster.env, cwd=REPO, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for name in ("w1", "w2"):
             cluster.start_worker(name, "cai-test", limit=1)
+        out, err = checks.communicate(timeout=180)
+        assert checks.returncode == 0, out + err
+        *deployed, bad_set, missing = json.loads(out)
+        assert deployed == ["label/other", "train/other", "export/other", "eval/other", "pipeline/other"]
+        assert "rounds" in bad_set and "greater than or equal to 1" in bad_set, bad_set
+        assert "no deployment 'generate/nope'" in missing and "generate/split" in missing, missing
         wait_for(lambda: {"w1", "w2"} <= cluster.workers_online("cai-test"), 90, "both workers online",
                  lambda: [cluster._check(n) for n in ("w1", "w2")])
 
