@@ -1,11 +1,17 @@
-"""Schedules: a Prefect deployment with a cron schedule, served by this process.
+"""Deployments: served by this process (`cai schedule`), or on a work pool for workers anywhere (`cai deploy`).
 
     prefect server start                       # in another terminal; UI at http://127.0.0.1:4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     cai schedule generate --cron "0 3 * * *" --constitution harmless --prompts red-team
 
-Prefect creates the scheduled flow runs on its server; `serve` polls for them and runs each
-in this process. Watch them in the UI under Deployments -> <flow>/<name> -> Runs.
+    cai deploy generate --pool cai --name nightly --set limit=200      # the pool is created if missing
+    prefect worker start --pool cai --limit 1                           # on every machine (CAI_DATABASE_URL set)
+    cai submit generate/nightly --shards 4                              # 4 runs that split the work
+
+`serve` polls for scheduled runs and runs each in this process. A work-pool deployment names its
+flow by module path (`flows.generate.generate_flow`), so a `prefect worker` on any machine where
+the project is installed imports it; the K runs of `cai submit` are identical and share the
+pending items through the store's claims (store/work.py). Watch them in the UI under Deployments.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ FLOWS: dict[str, tuple[str, str, str]] = {
     "label": ("flows.label", "label_flow", "LabelConfig"),
     "train": ("flows.train", "train_flow", "TrainConfig"),
     "export": ("flows.export", "export_flow", "ExportConfig"),
+    "eval": ("flows.evaluate", "eval_flow", "EvalConfig"),
     "run": ("flows.pipeline", "pipeline_flow", "PipelineConfig"),
 }
 
@@ -85,12 +92,7 @@ def serve_schedule(flow_name: str, cron: str, params: dict[str, Any], name: str 
     typo fails here with exit 2 rather than in the first scheduled run.
     """
     cfg = check_settings(flow_name, params)
-    try:
-        from prefect.client.schemas.schedules import construct_schedule
-
-        construct_schedule(cron=cron)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"--cron {cron!r} is not a valid cron expression ({exc})") from None
+    _check_cron(cron)
     url = check_server()
     flow_obj, _ = resolve_flow(flow_name)
     dep_name = name or deployment_name(flow_name, params)
@@ -107,3 +109,158 @@ def serve_schedule(flow_name: str, cron: str, params: dict[str, Any], name: str 
     param = next(iter(inspect.signature(flow_obj.fn).parameters))
     flow_obj.serve(name=dep_name, cron=cron, parameters={param: cfg.model_dump(mode="json")}, limit=limit,
                    print_starting_message=True)
+
+
+# --- work-pool deployments: `cai deploy`, `cai submit` -------------------------------------------
+
+FLOW_TAG = "cai-flow:"  # a deployment's tag naming its cai flow, so `cai submit` can check settings
+
+
+def _check_cron(cron: str | None) -> None:
+    if cron is None:
+        return
+    try:
+        from prefect.client.schemas.schedules import construct_schedule
+
+        construct_schedule(cron=cron)
+    except Exception as exc:  # noqa: BLE001
+        errors = getattr(exc, "errors", None)
+        why = errors()[0]["msg"].removeprefix("Value error, ") if callable(errors) else str(exc).splitlines()[0]
+        raise UserError(f"--cron {cron!r} is not a valid cron expression ({why})") from None
+
+
+def ensure_pool(pool: str, pool_type: str = "process") -> bool:
+    """Create the work pool with its type's default job template if it is missing; True if created."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.base import BaseWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            return False
+        except ObjectNotFound:
+            pass
+        worker_cls = BaseWorker.get_worker_class_from_type(pool_type)
+        if worker_cls is None:
+            raise UserError(f"--pool-type {pool_type!r}: no worker of that type is installed here (process is "
+                            f"built in); create the pool yourself with `prefect work-pool create {pool} --type ...`")
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type,
+                                                   base_job_template=worker_cls.get_default_base_job_template()))
+        except ObjectAlreadyExists:  # another `cai deploy` made it meanwhile
+            return False
+    return True
+
+
+def deploy(flow_name: str, pool: str, params: dict[str, Any], *, name: str | None = None, cron: str | None = None,
+           job_variables: dict[str, Any] | None = None, pool_type: str = "process") -> dict[str, Any]:
+    """Register a deployment of `flow_name` on work pool `pool` (created if missing); returns what was made.
+
+    Settings and cron are checked before the server is asked anything. The flow is named by module path,
+    so workers need the project installed (or on PYTHONPATH), not this checkout. `working_dir` defaults to
+    this directory: relative output paths (train's runs/, export's exports/) land there, not in a
+    temporary directory the worker deletes; give `-j working_dir=...` where workers keep their data.
+    """
+    import inspect
+    import typing
+    from pathlib import Path
+
+    cfg = check_settings(flow_name, params)
+    _check_cron(cron)
+    url = check_server()
+    flow_obj, _ = resolve_flow(flow_name)
+    created = ensure_pool(pool, pool_type)
+    from prefect.deployments.runner import EntrypointType
+
+    dep_name = name or deployment_name(flow_name, params)
+    # the parameter schema is built from the annotations; resolved here, they are classes, not strings
+    flow_obj.fn.__annotations__ = typing.get_type_hints(flow_obj.fn)
+    param = next(iter(inspect.signature(flow_obj.fn).parameters))
+    variables = {"working_dir": str(Path.cwd())} | (job_variables or {})
+    # flow.deploy() would do the same, but Prefect 3.8.8's first asks the server for the pool's workers
+    # with limit=null, which its own server answers 422; to_deployment + apply skip that query
+    runner_dep = flow_obj.to_deployment(name=dep_name, cron=cron, parameters={param: cfg.model_dump(mode="json")},
+                                        work_pool_name=pool, job_variables=variables,
+                                        tags=["cai", FLOW_TAG + flow_name], entrypoint_type=EntrypointType.MODULE_PATH)
+    dep_id = runner_dep.apply(work_pool_name=pool)
+    return {"deployment": f"{flow_obj.name}/{dep_name}", "id": str(dep_id), "pool": pool, "pool_created": created,
+            "cron": cron, "job_variables": variables, "api": url}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _full_name(dep: Any) -> str:
+    """FLOW/NAME of a deployment made by `cai deploy` (its tag names the cai flow), else its name."""
+    key = next((t.removeprefix(FLOW_TAG) for t in dep.tags if t.startswith(FLOW_TAG)), None)
+    return f"{ {'run': 'pipeline'}.get(key, key)}/{dep.name}" if key else dep.name
+
+
+def submit(deployment: str, shards: int = 1, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Create `shards` flow runs of `deployment` ("flow/name"), each with the same settings.
+
+    They are K identical runs, not K disjoint slices: each run computes whatever is still pending and
+    claims it chunk by chunk, so a fast machine takes more, later stages (which only exist once
+    earlier ones ran) split as well, and a run that dies leaves its items to the others once its
+    lease ends, instead of a slice nobody does. `overrides` (from --set) change these runs only.
+    """
+    if shards < 1:
+        raise UserError(f"--shards {shards}: expected 1 or more")
+    if "/" not in deployment:
+        raise UserError(f"deployment {deployment!r}: expected FLOW/NAME as `cai deploy` printed it, "
+                        "e.g. generate/nightly")
+    check_server()
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            from prefect.client.schemas.sorting import DeploymentSort
+
+            # sort given: Prefect 3.8.8's server answers 422 to the client's default sort=null
+            known = sorted(_full_name(d) for d in client.read_deployments(limit=50, sort=DeploymentSort.NAME_ASC))
+            raise UserError(f"no deployment {deployment!r} on the Prefect server (deployments: "
+                            f"{', '.join(known) or 'none'}; make one with `cai deploy FLOW --pool NAME`)") from None
+        flow_name = next((t.removeprefix(FLOW_TAG) for t in dep.tags if t.startswith(FLOW_TAG)), None)
+        params = dict(dep.parameters or {})
+        if flow_name in FLOWS and len(params) == 1:
+            (param, base), = params.items()
+            cfg = check_settings(flow_name, _merge(base or {}, overrides or {}))
+            params = {param: cfg.model_dump(mode="json")}
+        elif overrides:
+            raise UserError(f"deployment {deployment!r} was not made by `cai deploy`: --set cannot be checked; "
+                            "submit it without --set")
+        runs = []
+        for i in range(shards):
+            fr = client.create_flow_run_from_deployment(dep.id, parameters=params,
+                                                        tags=["cai", f"shard-{i + 1}-of-{shards}"])
+            runs.append({"id": str(fr.id), "name": fr.name, "state": fr.state.type.value if fr.state else None})
+    return runs
+
+
+def wait_runs(run_ids: list[str], timeout_s: float | None = None, poll_s: float = 2.0) -> dict[str, str]:
+    """Poll until every run is in a final state (or timeout); returns run id -> state type."""
+    import time
+
+    from prefect import get_client
+
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    states: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        while True:
+            for rid in run_ids:
+                st = client.read_flow_run(rid).state
+                states[rid] = st.type.value if st else "UNKNOWN"
+            if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()):
+                return states
+            if end is not None and time.monotonic() > end:
+                return states
+            time.sleep(poll_s)

@@ -11,6 +11,8 @@ is not taken over (and computed twice) by another worker.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import traceback
@@ -121,7 +123,10 @@ def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | 
     """Compute every item of `items` that has no output yet; return what happened.
 
     chunk_size, lease_s and show_progress are a flow config's `runner` (flows.configs.RunnerSettings).
+    With a run_id, what this run claims, writes and fails is counted in `work_progress` under the
+    Prefect worker that started it (PREFECT__WORKER_NAME, set by `prefect worker`) and this host.
     """
+    who = {"worker": os.environ.get("PREFECT__WORKER_NAME", ""), "host": socket.gethostname()}
     t_start = time.perf_counter()
     stats = StageStats(stage.name, items=len(items))
     logger = run_logger(log)
@@ -155,7 +160,9 @@ def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | 
                     finished = stage.done(s, mine)
                     if finished:
                         work.release(s, stage.name, finished, worker)
-                mine = [k for k in mine if k not in finished]
+                    mine = [k for k in mine if k not in finished]
+                    if mine and run_id:
+                        work.tally(s, run_id, stage.name, **who, claimed=len(mine))
                 if not mine:
                     continue
                 did_any = True
@@ -177,6 +184,8 @@ def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | 
                             stats.quarantined += 1
                     work.clear_failures(s, stage.name, [stage.key(i) for i, _ in good])
                     work.release(s, stage.name, mine, worker)
+                    if run_id:
+                        work.tally(s, run_id, stage.name, **who, done=len(good), failed=len(bad_items))
                 stats.write_s += time.perf_counter() - t1
                 stats.computed += len(good)
                 stats.tokens += sum(stage.tokens(r) for _, r in good)

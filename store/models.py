@@ -317,4 +317,20 @@ class Claim(SQLModel, table=True):
     expires_at: datetime
 
 
+class WorkProgress(SQLModel, table=True):
+    """What one run of one stage claimed, wrote and failed, and on which worker and host: `cai status`
+    shows it per worker while runs are going (claims themselves are deleted when their item is done)."""
+
+    __tablename__ = "work_progress"
+
+    run_id: str = Field(primary_key=True)
+    stage: str = Field(primary_key=True)
+    worker: str = ""  # the Prefect worker that started the run (PREFECT__WORKER_NAME); "" for a plain `cai` run
+    host: str = Field(default="", index=True)  # the machine's host name
+    claimed: int = 0  # items claimed (taken over ones included)
+    done: int = 0  # items computed and written by this run
+    failed: int = 0  # failed attempts
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
 MAX_ATTEMPTS = 3

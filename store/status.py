@@ -22,11 +22,12 @@ from store.models import (
     Run,
     TrainingRun,
     TrainingStep,
+    WorkProgress,
 )
 from store.runs import mark_crashed
 
 TABLES = [ConstitutionVersion, Prompt, PromptTag, Run, Response, Judgment, PreferencePair, RefLogp,
-          TrainingRun, TrainingStep, EvalResult, Failure, Claim]
+          TrainingRun, TrainingStep, EvalResult, Failure, Claim, WorkProgress]
 
 
 def collect(session: Session) -> dict[str, Any]:
@@ -59,9 +60,38 @@ def collect(session: Session) -> dict[str, Any]:
                    "error": f.error.splitlines()[0][:200] if f.error else ""}
                   for f in session.exec(select(Failure).order_by(Failure.updated_at.desc()).limit(20))],
     }
+    data["workers"] = workers(session)
     data["runs"] = [{"id": r.id[:12], "flow": r.flow, "status": r.status, "model": r.model,
                      "constitution": f"{r.constitution}@{r.constitution_version}" if r.constitution else "",
                      "started_at": r.started_at.isoformat(timespec="seconds"),
                      "finished_at": r.finished_at.isoformat(timespec="seconds") if r.finished_at else None}
                     for r in session.exec(select(Run).order_by(Run.started_at.desc()).limit(10))]
     return data
+
+
+def workers(session: Session) -> list[dict[str, Any]]:
+    """Per Prefect worker and host: runs (and how many are still running), items claimed, done and
+    failed, and the claims it holds right now (a claim's worker is host:pid:thread, a run's host:pid)."""
+    rows = session.exec(select(WorkProgress.worker, WorkProgress.host, WorkProgress.run_id, Run.status, Run.host,
+                               func.sum(WorkProgress.claimed), func.sum(WorkProgress.done),
+                               func.sum(WorkProgress.failed), func.max(WorkProgress.updated_at))
+                        .join(Run, Run.id == WorkProgress.run_id, isouter=True)
+                        .group_by(WorkProgress.worker, WorkProgress.host, WorkProgress.run_id, Run.status,
+                                  Run.host)).all()
+    holding: dict[str, int] = {}
+    for (w,) in session.exec(select(Claim.worker)).all() if rows else ():
+        key = ":".join(str(w).split(":")[:2])  # host:pid of the process holding it
+        holding[key] = holding.get(key, 0) + 1
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for worker, host, _run, status, run_host, claimed, done, failed, seen in rows:
+        w = out.setdefault((worker, host), {"worker": worker, "host": host, "runs": 0, "running": 0, "claimed": 0,
+                                            "done": 0, "failed": 0, "holding": 0, "last_seen": None})
+        w["runs"] += 1
+        w["running"] += status == "running"
+        w["claimed"] += int(claimed or 0)
+        w["done"] += int(done or 0)
+        w["failed"] += int(failed or 0)
+        w["holding"] += holding.get(run_host or "", 0)
+        if seen is not None and (w["last_seen"] is None or seen.isoformat(timespec="seconds") > w["last_seen"]):
+            w["last_seen"] = seen.isoformat(timespec="seconds")
+    return sorted(out.values(), key=lambda w: (w["host"], w["worker"]))

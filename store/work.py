@@ -9,6 +9,9 @@ The scheme (works the same on SQLite and PostgreSQL):
   A worker renews its leases while it computes (`renew`), so a slow chunk is never taken over.
 - The outputs of a batch and the deletion of its claims are committed in one transaction,
   so an item is either done (its row exists) or still pending; never half-written.
+- Each run counts what it claimed, wrote and failed per stage in `work_progress`, with its
+  worker and host (`tally`); the counts of a batch commit with its outputs, so `cai status`
+  shows per-worker progress that agrees with the rows.
 - A failing item gets a `failure` row (error, attempts); after MAX_ATTEMPTS it is quarantined:
   skipped by later runs and reported by `cai status`, never silently dropped.
 """
@@ -23,7 +26,7 @@ from datetime import timedelta
 from sqlalchemy import delete, update
 from sqlmodel import Session, select
 
-from store.models import MAX_ATTEMPTS, Claim, Failure, utcnow
+from store.models import MAX_ATTEMPTS, Claim, Failure, WorkProgress, utcnow
 from store.upsert import insert_ignore
 
 
@@ -89,6 +92,16 @@ def renew(session: Session, stage: str, keys: Iterable[str], worker: str, lease_
                           .values(expires_at=utcnow() + timedelta(seconds=lease_s)))
     session.commit()
     return result.rowcount
+
+
+def tally(session: Session, run_id: str, stage: str, worker: str, host: str, *, claimed: int = 0, done: int = 0,
+          failed: int = 0) -> None:
+    """Add to this run's counts for `stage` (in the caller's transaction)."""
+    insert_ignore(session, WorkProgress, [WorkProgress(run_id=run_id, stage=stage, worker=worker, host=host)])
+    # an increment in SQL, not read-modify-write: safe whatever else updates the row
+    session.exec(update(WorkProgress).where(WorkProgress.run_id == run_id, WorkProgress.stage == stage)
+                 .values(claimed=WorkProgress.claimed + claimed, done=WorkProgress.done + done,
+                         failed=WorkProgress.failed + failed, updated_at=utcnow()))
 
 
 def release(session: Session, stage: str, keys: Iterable[str], worker: str) -> None:

@@ -256,7 +256,7 @@ def run(
 @app.command("schedule")
 @guarded
 def schedule(
-    flow_name: str = typer.Argument(..., metavar="FLOW", help="generate | label | train | export | run"),
+    flow_name: str = typer.Argument(..., metavar="FLOW", help="generate | label | train | export | eval | run"),
     cron: str | None = typer.Option(None, help='Cron expression, e.g. "0 3 * * *" (required unless --show-config).'),
     constitution: str | None = typer.Option(None, help="Constitution for the scheduled runs (the flow's default)."),
     prompts: list[str] | None = typer.Option(None, help="Prompt tag(s) (the flow's default)."),
@@ -286,6 +286,89 @@ def schedule(
     from flows.schedule import serve_schedule
 
     serve_schedule(flow_name, cron, cfg.model_dump(mode="json", exclude_unset=True), name=name, limit=limit_runs)
+
+@app.command("deploy")
+@guarded
+def deploy(
+    flow_name: str = typer.Argument(..., metavar="FLOW", help="generate | label | train | export | eval | run"),
+    pool: str = typer.Option(..., "--pool", help="Prefect work pool; created (process type) if missing."),
+    cron: str | None = typer.Option(None, help='Also run on this schedule, e.g. "0 3 * * *".'),
+    name: str | None = typer.Option(None, help="Deployment name (default: from flow, constitution, tags)."),
+    constitution: str | None = typer.Option(None, help="Constitution for the runs (the flow's default)."),
+    prompts: list[str] | None = typer.Option(None, help="Prompt tag(s) (the flow's default)."),
+    job_variables: list[str] | None = typer.Option(None, "--job-variable", "-j", metavar="KEY=VALUE",
+                                                   help="A work-pool job variable, e.g. working_dir=/srv/cai or "
+                                                        "env='{\"CUDA_VISIBLE_DEVICES\": \"0\"}'. Repeatable."),
+    pool_type: str = typer.Option("process", help="Type of a pool that is created (an existing pool is kept)."),
+    config_file: Path | None = typer.Option(None, "--config", metavar="FILE", help=CONFIG_HELP),
+    settings: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    show_config: bool = typer.Option(False, "--show-config", help=SHOW_HELP),
+) -> None:
+    """Register a deployment on a Prefect work pool; `prefect worker start --pool NAME` runs it anywhere.
+
+    The settings are validated against the flow's config before the server is asked anything.
+    """
+    from flows.cli.options import merge, parse_set
+    from flows.schedule import FLOWS
+
+    if flow_name not in FLOWS:
+        fail(f"cannot deploy {flow_name!r}: choose one of {', '.join(FLOWS)}")
+    flags = {"constitution": constitution} if constitution else {}
+    if prompts:
+        flags["prompts"] = _split(prompts)
+    cfg = resolve_config(CONFIGS[flow_name], config_file, settings or (), flags)
+    if show_config:
+        show(cfg)
+        return
+    jv: dict = {}
+    for item in job_variables or ():  # dotted keys nest: -j env.CUDA_VISIBLE_DEVICES=0
+        jv = merge(jv, parse_set(item))
+    from flows.schedule import deploy as deploy_flow
+
+    out = deploy_flow(flow_name, pool, cfg.model_dump(mode="json", exclude_unset=True), name=name, cron=cron,
+                      job_variables=jv, pool_type=pool_type)
+    console.print(f"deployment {esc(out['deployment'])} on work pool {esc(pool)}"
+                  + (" (created, type process)" if out["pool_created"] and pool_type == "process" else
+                     " (created)" if out["pool_created"] else "")
+                  + (f", schedule {esc(cron)}" if cron else "")
+                  + f"; working_dir {esc(out['job_variables'].get('working_dir'))}", highlight=False)
+    console.print(f"start workers: prefect worker start --pool {esc(pool)} --limit 1   (CAI_DATABASE_URL and "
+                  f"PREFECT_API_URL={esc(out['api'])} set)", highlight=False)
+    console.print(f"submit runs:   cai submit {esc(out['deployment'])} --shards K", highlight=False)
+
+
+@app.command("submit")
+@guarded
+def submit(
+    deployment: str = typer.Argument(..., metavar="FLOW/NAME", help="A deployment made by `cai deploy`."),
+    shards: int = typer.Option(1, "--shards", min=1, help="Flow runs to create; they split the pending work "
+                               "through the store's claims, so any number of workers can take them."),
+    settings: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                              help="Change a setting for these runs only (validated). Repeatable."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until every run has finished; exit 1 if one did not "
+                              "complete."),
+    timeout: float | None = typer.Option(None, help="With --wait: give up after this many seconds."),
+) -> None:
+    """Create K flow runs of a deployment; workers of its pool pick them up."""
+    from flows.cli.options import merge, parse_set
+    from flows.schedule import submit as submit_runs
+    from flows.schedule import wait_runs
+
+    overrides: dict = {}
+    for item in settings or ():
+        overrides = merge(overrides, parse_set(item))
+    runs = submit_runs(deployment, shards, overrides)
+    for r in runs:
+        console.print(f"flow run {esc(r['name'])} ({esc(r['id'])}) {esc(r['state'])}", highlight=False)
+    if not wait:
+        return
+    states = wait_runs([r["id"] for r in runs], timeout_s=timeout)
+    names = {r["id"]: r["name"] for r in runs}
+    for rid, st in states.items():
+        console.print(f"flow run {esc(names[rid])}: {esc(st)}", highlight=False)
+    if any(st != "COMPLETED" for st in states.values()):
+        raise typer.Exit(1)
+
 
 # label / judge-report: flows/label.py, flows/judge_report.py
 

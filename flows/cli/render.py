@@ -41,6 +41,13 @@ def render_status(data: dict[str, Any], console) -> None:
             t.add_row(esc(i["stage"]), esc(i["key"][:16]), str(i["attempts"]), "yes" if i["quarantined"] else "",
                       esc(i["error"]))
         console.print(t)
+    if data.get("workers"):
+        t = Table("worker", "host", "runs", "running", "claimed", "done", "failed", "holding now", "last update",
+                  title="work per worker (claimed includes items taken over from a dead worker)")
+        for w in data["workers"]:
+            t.add_row(esc(w["worker"] or "(cai command)"), esc(w["host"]), str(w["runs"]), str(w["running"]),
+                      str(w["claimed"]), str(w["done"]), str(w["failed"]), str(w["holding"]), esc(w["last_seen"]))
+        console.print(t)
     if data["runs"]:
         t = Table("run", "flow", "status", "model", "constitution", "started", title="recent runs")
         for r in data["runs"]:
