@@ -27,7 +27,7 @@ ENGINES = ("hf", "vllm", "auto")
 # log line instead of failing; a setting neither knows is an error.
 HF_SETTINGS = {"device", "dtype", "max_batch_tokens", "max_batch_size", "prefix_reuse", "min_prefix_tokens",
                "max_context", "threads"}
-VLLM_SETTINGS = {"dtype", "tensor_parallel_size", "gpu_memory_utilization", "max_context",
+VLLM_SETTINGS = {"dtype", "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_gib", "threads", "max_context",
                  "enable_prefix_caching", "seed", "llm_kwargs"}
 
 
