@@ -31,12 +31,14 @@ VLLM_SETTINGS = {"dtype", "tensor_parallel_size", "gpu_memory_utilization", "kv_
                  "enable_prefix_caching", "seed", "llm_kwargs"}
 
 
-# What `engine: auto` weighs on a CPU, measured by `python -m bench.engines` for the bundled
-# SmolLM2-135M on the 2-core CPU machine (README, "vLLM on CPU"): vLLM starts much slower (its
-# import, two engine processes, model load, torch.compile) and then generates faster.
+# What `engine: auto` weighs on a CPU: `.venv-vllm/bin/python -m bench.engines` (bundled
+# SmolLM2-135M, 32 prompts x 64 tokens, bf16, vLLM's compile cache warm) on the 2-core CPU machine,
+# 2026-12-02, shared with four other jobs (README, "vLLM on CPU"). vLLM starts far slower (its
+# import, two engine processes, model load, compiled graphs), then generates 2.6x faster and
+# scores choices 0.64x as fast (prompt log-probs bypass its prefix cache).
 CPU_COSTS = {
-    "hf": {"startup_s": 10.0, "gen_tok_s": 150.0, "score_items_s": 10.0},
-    "vllm": {"startup_s": 180.0, "gen_tok_s": 300.0, "score_items_s": 10.0},
+    "hf": {"startup_s": 38.0, "gen_tok_s": 51.5, "score_items_s": 3.36},
+    "vllm": {"startup_s": 321.0, "gen_tok_s": 132.9, "score_items_s": 2.15},
 }
 
 
