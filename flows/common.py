@@ -118,16 +118,22 @@ def _engine_key(spec: str, backend: str, settings: dict[str, Any]) -> tuple:
     return spec, backend, tuple(sorted(settings.items()))
 
 
-def cached_engine(spec: str, backend: str = "auto", **settings: Any):
-    """Load an engine once per process: tasks call this instead of taking a model as input."""
+def cached_engine(spec: str, backend: str = "auto", *, job_tokens: int | None = None, job_scorings: int = 0,
+                  **settings: Any):
+    """Load an engine once per process: tasks call this instead of taking a model as input.
+
+    job_tokens / job_scorings: the size of the job the first caller is about to run (new tokens
+    at most, choice scorings), which `auto` weighs (engines.choose_backend); later calls reuse
+    the engine whatever they pass."""
     key = _engine_key(spec, backend, settings)
     with _ENGINE_LOCK:
         if key not in _ENGINES:
             from engines import load
 
             t0 = time.perf_counter()
+            job = {"job_tokens": job_tokens, "job_scorings": job_scorings} if backend == "auto" else {}
             try:
-                _ENGINES[key] = load(spec, engine=backend, **settings)
+                _ENGINES[key] = load(spec, engine=backend, **job, **settings)
             except Exception as exc:  # noqa: BLE001 - one line a person can act on
                 raise UserError(f"cannot load model {spec!r} ({exc.__class__.__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local HF directory, "
@@ -135,6 +141,8 @@ def cached_engine(spec: str, backend: str = "auto", **settings: Any):
             facts = engine_facts(_ENGINES[key])
             run_logger().info("loaded %s in %.1fs: %s", spec, time.perf_counter() - t0,
                                ", ".join(f"{k} {v}" for k, v in facts.items()))
+            if why := (getattr(getattr(_ENGINES[key], "stats", None), "extra", None) or {}).get("auto"):
+                run_logger().info("engine auto chose %s: %s", facts["backend"], why)
         return _ENGINES[key]
 
 

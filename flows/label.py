@@ -132,10 +132,23 @@ def plan_pair_items(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> lis
     return pair_items(c, pairs, plan_judgments(cfg, c, pairs), cfg.judge, cfg.pair_settings())
 
 
+_JOB: dict[str, Any] = {}  # the running flow's job size (job_size), for `engine: auto`'s choice
+
+
+def job_size(cfg: LabelConfig, n_prompts: int) -> dict[str, int]:
+    """New tokens (samples, CoT arguments) and choice scorings the run needs at most."""
+    pairs = n_prompts * (cfg.samples * (cfg.samples - 1) // 2 if cfg.source == "samples" else 1)
+    judgments = pairs * cfg.principles_per_pair * 2  # both orders
+    tokens = n_prompts * cfg.samples * cfg.max_new_tokens if cfg.source == "samples" else 0
+    if cfg.cot:
+        tokens += judgments * cfg.cot_max_new_tokens
+    return {"job_tokens": tokens, "job_scorings": judgments}
+
+
 def _engine(cfg: LabelConfig, spec: str):
     # called inside `compute`, so a rerun with nothing pending never loads a model; the first
     # stage that needs one counts its loading time as engine seconds
-    return cached_engine(spec, cfg.engine.backend, **cfg.engine.settings)
+    return cached_engine(spec, cfg.engine.backend, **_JOB, **cfg.engine.settings)
 
 
 def _run(cfg: LabelConfig, run_id: str, stage: Stage, items: list) -> StageStats:
@@ -335,11 +348,16 @@ def label_flow(cfg: LabelConfig) -> dict[str, Any]:
                       url=cfg.database_url) as run:
         logger.info("label %s on %d prompts (%s), source %s, judge %s, run %s", c.ref, len(prompts),
                     ",".join(cfg.prompts), cfg.source, cfg.judge, run.id)
-        stages = [sample_task(cfg, run.id)] if cfg.source == "samples" else []
-        if cfg.cot:
-            stages.append(cot_task(cfg, run.id))
-        stages.append(judge_task(cfg, run.id))
-        stages.append(pair_task(cfg, run.id))
+        _JOB.clear()
+        _JOB.update(job_size(cfg, len(prompts)))
+        try:
+            stages = [sample_task(cfg, run.id)] if cfg.source == "samples" else []
+            if cfg.cot:
+                stages.append(cot_task(cfg, run.id))
+            stages.append(judge_task(cfg, run.id))
+            stages.append(pair_task(cfg, run.id))
+        finally:
+            _JOB.clear()
         found = counts(cfg, c, prompts)
         run.summary = {"run_id": run.id, "constitution": c.ref, "prompts": len(prompts), "source": cfg.source,
                        **found, **stage_totals(stages), "total_s": round(time.perf_counter() - t0, 3)}

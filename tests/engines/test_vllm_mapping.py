@@ -63,11 +63,22 @@ class FakeLLM:
         return out
 
 
+class FakePlatform:
+    cpu = False
+
+    def is_cpu(self) -> bool:
+        return self.cpu
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
     mod = types.ModuleType("vllm")
     mod.LLM, mod.SamplingParams = FakeLLM, FakeSamplingParams
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = FakePlatform()
+    mod.platforms = platforms
     monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     FakeLLM.instances.clear()
     return mod
 
@@ -89,7 +100,32 @@ def test_llm_settings(veng):
     kw = FakeLLM.instances[0].kwargs
     assert kw["enable_prefix_caching"] is True and kw["max_model_len"] == 64
     assert kw["tensor_parallel_size"] == 2 and kw["gpu_memory_utilization"] == 0.9 and kw["dtype"] == "auto"
-    assert veng.backend == "vllm"
+    assert "kv_cache_memory_bytes" not in kw
+    assert veng.backend == "vllm" and veng.stats.extra["device"] == "cuda"
+
+
+def test_cpu_settings_chosen_automatically(fake_vllm, varied_model_dir, monkeypatch):
+    from engines.vllm import VLLMEngine, cpu_list
+
+    fake_vllm.platforms.current_platform.cpu = True
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    e = VLLMEngine(str(varied_model_dir), max_context=64, kv_cache_gib=1.5)
+    kw = FakeLLM.instances[0].kwargs
+    assert "gpu_memory_utilization" not in kw and kw["kv_cache_memory_bytes"] == int(1.5 * 2**30)
+    assert kw["dtype"] == "float32"  # CAI_CPU_DTYPE (tests/conftest.py), as the hf engine decides
+    assert e.stats.extra["device"] == "cpu"
+    import os
+
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == cpu_list(sorted(os.sched_getaffinity(0)))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the user's own binding is kept
+    VLLMEngine(str(varied_model_dir), max_context=64, threads=1)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+
+
+def test_cpu_list_is_what_vllm_parses():
+    from engines.vllm import cpu_list
+
+    assert cpu_list([0, 1]) == "0-1" and cpu_list([5, 0, 1, 2]) == "0-2,5" and cpu_list([3]) == "3"
 
 
 def test_requests_carry_hf_prompts_and_per_conversation_seeds(veng):
