@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpo.lora import backbone
+
 # Config attributes of models whose head is more than a plain Linear (soft-capping, scaling):
 # those take the model's own forward, which applies them.
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -223,6 +225,7 @@ def _token_logps(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) ->
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the scored tokens per output sequence, and how many each has."""
+    model = backbone(model)  # a PeftModel's own base_model is the LoRA wrapper, not the decoder
     device = next(model.parameters()).device
     inputs = {"input_ids": batch["input_ids"].to(device),
               "attention_mask": batch["attention_mask"].to(device), "use_cache": False}

@@ -283,6 +283,15 @@ class TrainConfig(StoreSettings):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of prompts, chosen by prompt hash")
     out: str = Field("runs/dpo", description="the trained model (HF format), metrics.png and checkpoints go here")
     resume: bool = Field(False, description="continue from the newest checkpoint in out/checkpoints")
+    merge_lora: bool = Field(False, description="with trainer.lora.r > 0: also write out/merged, the adapter "
+                             "folded into the base (a plain HF model, what vLLM serves)")
+
+    @model_validator(mode="after")
+    def _lora_stage(self) -> TrainConfig:
+        if self.trainer.lora.enabled and self.stage != "dpo":
+            raise ValueError(f"LoRA (trainer.lora.r > 0) trains the DPO stage only, not --stage {self.stage}; "
+                             "run --stage sft first and pass its output as --base")
+        return self
 
     def pair_filter(self):
         from dpo.data import PairFilter

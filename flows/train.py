@@ -32,6 +32,7 @@ from dpo.data import (
     selection_hash,
     split_eval,
 )
+from dpo.lora import apply_lora, merge, trainable_parameters
 from dpo.sft import SFTExample, SFTResult, train_sft
 from dpo.trainer import TrainResult, load_policy, plot_metrics, save_model, train_dpo
 from engines.bundled import DEFAULT_SPEC, model_fingerprint
@@ -218,6 +219,15 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         load_s = time.perf_counter() - t_load
         ref_id = model_fingerprint(base_path)
+        lora = cfg.trainer.lora
+        if lora.enabled:
+            try:
+                model = apply_lora(model, lora, seed=cfg.trainer.seed)
+            except ValueError as exc:
+                raise UserError(f"--lora-target-modules: {exc}") from None
+            n_train, n_all = trainable_parameters(model)
+            logger.info("LoRA r=%d alpha=%g on %s: %d trainable parameters of %d (%.2f%%)", lora.r, lora.alpha,
+                        ",".join(lora.target_modules), n_train, n_all, 100 * n_train / n_all)
         sft: SFTResult | None = None
         if cfg.stage in ("sft", "sft+dpo"):
             sft_train, sft_held = sft_examples(train), sft_examples(held_out)
@@ -234,7 +244,9 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
                 on_metrics=_step_writer(training_run_id, url), resume=cfg.resume,
                 meta={"training_run_id": training_run_id, "pairs_hash": selection["pairs_hash"]}, logger=logger)
         t_save = time.perf_counter()
-        save_model(model, tokenizer, out)
+        save_model(model, tokenizer, out)  # LoRA: the adapter alone (adapter_model.safetensors, MBs)
+        if lora.enabled and cfg.merge_lora:
+            save_model(merge(model), tokenizer, out / "merged")
         history = (result.history if result else []) + [h | {"split": "sft-" + h["split"]}
                                                           for h in (sft.history if sft else [])]
         plot = plot_metrics(history, out / "metrics.png")
@@ -261,6 +273,11 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
                "save": round(save_s, 3), "total": round(time.perf_counter() - t0, 3)}
     summary = {"run_id": run_id, "training_run_id": training_run_id, "out": str(out), "plot": str(plot or ""),
                "pairs": len(examples), "stage": cfg.stage}
+    if lora.enabled:
+        summary["lora"] = {"r": lora.r, "alpha": lora.alpha, "target_modules": lora.target_modules,
+                           "trainable_parameters": n_train, "parameters": n_all,
+                           "adapter_mb": round(sum(f.stat().st_size for f in out.glob("adapter_model.*")) / 2**20, 3),
+                           "merged": str(out / "merged") if cfg.merge_lora else None}
     if result:
         summary |= result.to_dict()
     else:  # sft alone: the same keys, from the supervised run

@@ -357,6 +357,11 @@ def train(
     checkpoint_every: int | None = opt(TrainConfig, "trainer.checkpoint_every", "--checkpoint-every"),
     gradient_checkpointing: bool | None = opt(TrainConfig, "trainer.gradient_checkpointing",
                                               "--gradient-checkpointing/--no-gradient-checkpointing"),
+    lora_r: int | None = opt(TrainConfig, "trainer.lora.r", "--lora-r"),
+    lora_alpha: float | None = opt(TrainConfig, "trainer.lora.alpha", "--lora-alpha"),
+    lora_target_modules: list[str] | None = opt(TrainConfig, "trainer.lora.target_modules",
+                                                "--lora-target-modules", convert=_split),
+    merge_lora: bool | None = opt(TrainConfig, "merge_lora", "--merge-lora/--no-merge-lora"),
     out: str | None = opt(TrainConfig, "out"),
     resume: bool | None = opt(TrainConfig, "resume", "--resume"),
 ) -> None:
@@ -376,6 +381,10 @@ def train(
                       f"{final.get('rewards/accuracies', float('nan')):.2f}; model in {s['out']}, "
                       f"plot {s['plot']}"),
                   highlight=False)
+    if lora := s.get("lora"):
+        merged = f"; merged model in {lora['merged']}" if lora["merged"] else " (add --merge-lora for vLLM)"
+        console.print(esc(f"LoRA r={lora['r']}: {lora['trainable_parameters']:,} of {lora['parameters']:,} "
+                          f"parameters trained, adapter {lora['adapter_mb']:.2f} MB{merged}"), highlight=False)
 
 # export: flows/export.py
 

@@ -284,3 +284,39 @@ def test_sft_alone_saves_a_model(sqlite_url, tiny_model_dir, tmp_path):
     assert summary["stage"] == "sft" and summary["ref_computed"] == 0 and (out / "config.json").exists()
     with pytest.raises(UserError, match="--resume"):
         run_training(cfg.model_copy(update={"resume": True}), url=sqlite_url)
+
+
+def test_cli_lora_train_resume_and_merge(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
+    """`cai train --lora-r`: an adapter directory, a merged model, a TrainingRun that says so, and
+    --resume continuing from an adapter checkpoint."""
+    from typer.testing import CliRunner
+
+    from engines.bundled import is_adapter_dir
+    from flows.cli import app
+
+    monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
+    store_pairs(sqlite_url, n=4)
+    out = tmp_path / "lora"
+    args = ["train", "--base", str(tiny_model_dir), "--constitution", "harmless", "--max-steps", "2", "--lr", "1e-2",
+            "--batch-size", "2", "--max-length", "64", "--max-prompt-length", "48", "--eval-fraction", "0",
+            "--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "q_proj,v_proj,down_proj",
+            "--checkpoint-every", "1", "--merge-lora", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "LoRA r=4" in res.output and "merged model in" in res.output
+    assert is_adapter_dir(out) and (out / "merged" / "model.safetensors").exists()
+    record = json.loads((out / "training_run.json").read_text())
+    assert record["config"]["trainer"]["lora"] == {"r": 4, "alpha": 8.0, "dropout": 0.0,
+                                                   "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    assert record["summary"]["lora"]["adapter_mb"] < 1
+    with session_scope(sqlite_url) as s:
+        tr = s.get(TrainingRun, record["summary"]["training_run_id"])
+        assert tr.status == "completed" and tr.config["trainer"]["lora"]["r"] == 4
+
+    res = CliRunner().invoke(app, [*args, "--resume"])  # step-1 is the checkpoint left (2 was the last step)
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "training_run.json").read_text())["summary"]
+    assert again["resumed_from"] == 1 and again["training_run_id"] == record["summary"]["training_run_id"]
+
+    res = CliRunner().invoke(app, [*args[:-2], "--stage", "sft+dpo", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "LoRA" in res.output and "--stage sft" in res.output
