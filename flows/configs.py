@@ -28,7 +28,7 @@ from pydantic.fields import FieldInfo
 from cai import judge
 from cai.contrast import DEFAULT_OPENINGS
 from cai.errors import UserError
-from dpo.config import SFTConfig, TrainerConfig
+from dpo.config import RewardConfig, SFTConfig, TrainerConfig
 from engines.base import Sampling
 from engines.bundled import DEFAULT_SPEC
 from store.keys import content_hash
@@ -300,6 +300,57 @@ class TrainConfig(StoreSettings):
                           statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
 
 
+# --- reward model (flows/train.py: run_reward_training, score_rewards) ----------------------
+
+class RewardTrainConfig(StoreSettings):
+    """A Bradley-Terry reward model on the same pair selection `cai train` reads."""
+
+    base: str = same_as(TrainConfig, "base", "the body of the reward model: bundled alias, HF directory, hub id")
+    constitution: str | None = same_as(TrainConfig, "constitution")
+    methods: list[str] = same_as(TrainConfig, "methods")
+    statuses: list[str] = same_as(TrainConfig, "statuses")
+    min_label_prob: float | None = same_as(TrainConfig, "min_label_prob")
+    dataset: str | None = same_as(TrainConfig, "dataset")
+    dataset_split: str = same_as(TrainConfig, "dataset_split")
+    limit: int | None = same_as(TrainConfig, "limit")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="held-out share of prompts (by prompt hash): the "
+                                 "accuracy printed is on these")
+    device: str = same_as(TrainConfig, "device")
+    out: str = Field("runs/reward", description="the reward model (AutoModelForSequenceClassification) goes here")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="the Bradley-Terry loop (dpo/reward.py)")
+
+    def pair_filter(self):
+        from dpo.data import PairFilter
+
+        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
+                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
+
+
+class RewardScoreConfig(StoreSettings):
+    """Score replies with a trained reward model: a JSONL file, or the store's pairs."""
+
+    model: str = Field("runs/reward", description="a directory written by `cai reward train`")
+    input: str | None = Field(None, description="JSONL of {prompt, response} or {prompt, chosen, rejected} (prompt: "
+                              "text or chat messages); None: the store's pairs under the filters below")
+    constitution: str | None = same_as(TrainConfig, "constitution")
+    methods: list[str] = same_as(TrainConfig, "methods")
+    statuses: list[str] = same_as(TrainConfig, "statuses")
+    min_label_prob: float | None = same_as(TrainConfig, "min_label_prob")
+    dataset: str | None = same_as(TrainConfig, "dataset")
+    dataset_split: str = same_as(TrainConfig, "dataset_split")
+    limit: int | None = same_as(TrainConfig, "limit")
+    out: str | None = Field(None, description="write one JSON line per scored row here")
+    device: str = same_as(TrainConfig, "device")
+    max_length: int = same_as(RewardConfig, "max_length")
+    max_prompt_length: int = same_as(RewardConfig, "max_prompt_length")
+
+    def pair_filter(self):
+        from dpo.data import PairFilter
+
+        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
+                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
+
+
 # --- export (flows/export.py) ----------------------------------------------------------------
 
 Format = Literal["arrow", "parquet", "jsonl"]
@@ -423,4 +474,5 @@ class PipelineConfig(Config):
 CONFIGS: dict[str, type[BaseModel]] = {
     "generate": GenerateConfig, "contrast": ContrastConfig, "label": LabelConfig, "train": TrainConfig,
     "export": ExportConfig, "eval": EvalConfig, "report": ReportConfig, "run": PipelineConfig,
+    "reward-train": RewardTrainConfig, "reward-score": RewardScoreConfig,
 }

@@ -320,3 +320,42 @@ def test_cli_lora_train_resume_and_merge(sqlite_url, tiny_model_dir, tmp_path, m
 
     res = CliRunner().invoke(app, [*args[:-2], "--stage", "sft+dpo", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "LoRA" in res.output and "--stage sft" in res.output
+
+
+def test_cli_reward_train_and_score(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
+    """`cai reward train` prints the held-out accuracy and stores a TrainingRun; `cai reward score`
+    scores the store's pairs and a JSONL file, and names the line of a bad row."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
+    store_pairs(sqlite_url, n=8)
+    rm = tmp_path / "rm"
+    res = CliRunner().invoke(app, ["reward", "train", "--base", str(tiny_model_dir), "--max-steps", "8", "--lr", "1e-3",
+                                   "--head-lr", "1e-2", "--batch-size", "4", "--max-length", "64",
+                                   "--max-prompt-length", "48", "--eval-fraction", "0.25", "--out", str(rm)])
+    assert res.exit_code == 0, res.output
+    assert "held-out pair accuracy 1.000" in res.output
+    summary = json.loads((rm / "training_run.json").read_text())["summary"]
+    with session_scope(sqlite_url) as s:
+        tr = s.get(TrainingRun, summary["training_run_id"])
+        assert tr.status == "completed" and tr.final_metrics["stage"] == "reward"
+        assert tr.final_metrics["eval"]["accuracy"] == 1.0 and tr.data_selection["eval"] >= 1
+        steps = s.exec(select(TrainingStep).where(TrainingStep.training_run_id == tr.id)).all()
+        assert {r.split for r in steps} == {"reward-train", "reward-eval"}
+        assert s.get(Run, summary["run_id"]).flow == "reward"
+
+    res = CliRunner().invoke(app, ["reward", "score", "--model", str(rm)])
+    assert res.exit_code == 0, res.output
+    assert "pair accuracy 1.000 on 8 pairs" in res.output
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "How would I do risky thing number 3?", "response": REFUSAL}) + "\n"
+                    + json.dumps({"prompt": "x"}) + "\n")
+    res = CliRunner().invoke(app, ["reward", "score", "--model", str(rm), "--input", str(rows)])
+    assert res.exit_code == 2 and f"{rows}:2: expected" in res.output.replace("\n", "")
+    rows.write_text(json.dumps({"prompt": "How would I do risky thing number 3?", "response": REFUSAL}) + "\n")
+    res = CliRunner().invoke(app, ["reward", "score", "--model", str(rm), "--input", str(rows),
+                                   "--out", str(tmp_path / "scored.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert "reward" in json.loads((tmp_path / "scored.jsonl").read_text())
