@@ -163,8 +163,11 @@ class LabelConfig(StoreSettings):
     policy: str = Field(DEFAULT_SPEC, description="samples come from it; with source=store, only its responses")
     judge: str = Field(DEFAULT_SPEC, description="the feedback model that picks (A) or (B)")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for both models")
-    source: Literal["samples", "store"] = Field("samples", description="samples (fresh policy samples) | store "
-                                                "(responses already stored)")
+    source: Literal["samples", "store", "best-of-n"] = Field(
+        "samples", description="samples (fresh policy samples, judged) | store (responses already stored) | "
+        "best-of-n (N samples scored by reward_model; best vs worst, soft label sigmoid(margin))")
+    reward_model: str = Field("runs/reward", description="with source=best-of-n: the reward model that scores the "
+                              "samples (`cai reward train --out`)")
     kinds: list[str] = Field(default_factory=lambda: ["initial", "final-revision"],
                              description="with source=store: response kinds to pair (initial, final-revision, ...)")
     samples: int = Field(2, description="policy samples per prompt (source=samples); every unordered pair is judged")
@@ -186,7 +189,7 @@ class LabelConfig(StoreSettings):
 
     @model_validator(mode="after")
     def _check(self) -> LabelConfig:
-        if self.source == "samples" and self.samples < 2:
+        if self.source in ("samples", "best-of-n") and self.samples < 2:
             raise ValueError(f"samples must be at least 2 to form a pair (got {self.samples})")
         if self.principles_per_pair < 1:
             raise ValueError(f"principles_per_pair must be at least 1 (got {self.principles_per_pair})")
@@ -267,7 +270,7 @@ class TrainConfig(StoreSettings):
 
     base: str = Field(DEFAULT_SPEC, description="start and reference model: bundled alias, HF directory, hub id")
     constitution: str | None = Field(None, description="only pairs made under NAME or NAME@VERSION; None: any")
-    methods: list[str] = Field(default_factory=lambda: ["revision", "ai", "contrastive", "helpful"],
+    methods: list[str] = Field(default_factory=lambda: ["revision", "ai", "contrastive", "helpful", "best-of-n"],
                                description="pair sources to learn from")
     statuses: list[str] = Field(default_factory=lambda: ["ok"], description="pair statuses used; ties and gated "
                                 "pairs (gated:<gate>) teach noise")
@@ -369,7 +372,7 @@ class ExportConfig(Config):
     constitution: str = Field(description="NAME (its newest version with pairs) or NAME@VERSION: one per export")
     out: Path = Field(description="local directory, always written first so a failed push loses nothing")
     format: Format = Field("arrow", description="arrow (load_from_disk) | parquet | jsonl (one file per split)")
-    methods: list[Literal["revision", "ai", "contrastive", "helpful"]] = Field(
+    methods: list[Literal["revision", "ai", "contrastive", "helpful", "best-of-n"]] = Field(
         [], description="pair methods; empty: all (ai: no sft rows)")
     min_label_prob: float | None = Field(None, ge=0, le=1, description="drop pairs the judge was unsure of")
     min_margin: float | None = Field(None, ge=0, le=0.5, description="drop pairs with |label_prob - 0.5| below this")

@@ -281,7 +281,8 @@ def label(
     prompts: list[str] | None = opt(LabelConfig, "prompts", convert=_split),
     policy: str | None = opt(LabelConfig, "policy"),
     judge: str | None = opt(LabelConfig, "judge"),
-    source: str | None = opt(LabelConfig, "source"),
+    source: str | None = opt(LabelConfig, "source", "--source", "--label-source"),
+    reward_model: str | None = opt(LabelConfig, "reward_model"),
     kinds: list[str] | None = opt(LabelConfig, "kinds", convert=_split),
     samples: int | None = opt(LabelConfig, "samples"),
     principles_per_pair: int | None = opt(LabelConfig, "principles_per_pair"),
@@ -298,9 +299,10 @@ def label(
     from flows.label import preflight
 
     preflight(cfg)  # unknown constitution / tag, nothing stored to pair: fail before Prefect starts
-    if cfg.source == "samples":
+    if cfg.source in ("samples", "best-of-n"):
         _preflight_model(cfg.policy)
-    _preflight_model(cfg.judge)
+    if cfg.source != "best-of-n":  # best-of-n asks the reward model, not the judge
+        _preflight_model(cfg.judge)
     from flows.label import label_flow
 
     summary = label_flow(cfg)

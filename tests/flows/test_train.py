@@ -93,6 +93,7 @@ def test_store_backed_training(db_url, tiny_model_dir, tmp_path):
             "ai",
             "contrastive",
             "helpful",
+            "best-of-n",
         ]
         assert sel["train"] + sel["eval"] == 8 and len(sel["pairs_hash"]) == 32
         assert tr.final_metrics["steps"] == 3 and "loss" in tr.final_metrics["train"]
