@@ -38,6 +38,10 @@ _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "
 # Above this many logit elements per chunk (1 GiB in fp32) the head is recomputed in backward
 # instead of keeping all logits alive.
 _LOGIT_CHUNK_ELEMENTS = 1 << 28
+# Without grad (the reference pass, evals) nothing is recomputed, so chunks cost nothing: 128 MiB
+# of fp32 logits at a time instead of all of a big batch's (its logits and log-softmax were the
+# peak of a LoRA run: ~750 MB for 32 pairs of the bench at once).
+_NO_GRAD_CHUNK_ELEMENTS = 1 << 25
 _PROBE = "\u2063cai-probe\u2063"
 
 
@@ -240,7 +244,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         picked = hidden[rows, cols]
         head = model.get_output_embeddings()
         chunk = max(1, _LOGIT_CHUNK_ELEMENTS // head.out_features)
-        if picked.shape[0] <= chunk:
+        if not torch.is_grad_enabled():
+            small = max(1, min(_LOGIT_CHUNK_ELEMENTS, _NO_GRAD_CHUNK_ELEMENTS) // head.out_features)
+            token_logps = torch.cat([_token_logps(head, picked[i:i + small], targets[i:i + small])
+                                     for i in range(0, picked.shape[0], small)])
+        elif picked.shape[0] <= chunk:
             token_logps = _token_logps(head, picked, targets)
         else:
             from torch.utils.checkpoint import checkpoint
