@@ -39,8 +39,8 @@ _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "
 # instead of keeping all logits alive.
 _LOGIT_CHUNK_ELEMENTS = 1 << 28
 # Without grad (the reference pass, evals) nothing is recomputed, so chunks cost nothing: 128 MiB
-# of fp32 logits at a time instead of all of a big batch's (its logits and log-softmax were the
-# peak of a LoRA run: ~750 MB for 32 pairs of the bench at once).
+# of fp32 logits at a time instead of a whole big batch's logits and log-softmax. (It did not
+# move bench/dpo.py's LoRA peak, 2008 -> 2011 MB: that peak is elsewhere.)
 _NO_GRAD_CHUNK_ELEMENTS = 1 << 25
 _PROBE = "\u2063cai-probe\u2063"
 
