@@ -2,12 +2,17 @@
 
     python -m bench.dpo                       # 64 pairs, 16 steps of batch 4, max_length 256, fp32
     python -m bench.dpo --steps 8 --dtype bfloat16 --gradient-checkpointing
+    python -m bench.dpo --only lora,trl       # the LoRA row against TRL's default alone
 
-Three runs on the same pairs and settings, each in its own Python process so its peak RSS
-(ru_maxrss) is its own:
+Four runs on the same pairs and settings, each in its own Python process so its peak memory
+is its own: the peak resident set size (ru_maxrss, the RSS high-water mark of the process,
+which counts torch's CPU allocations and the loaded weights alike; tracemalloc would not):
 
     ours            dpo.trainer.train_dpo, reference log-probs computed first (and stored in a
                     temp SQLite store, as the flow does), then the policy alone
+    lora            the same loop with LoRA adapters (peft; r=16, alpha=32 on q,k,v,o_proj by
+                    default, --lora-lr): the reference pass runs with adapters off, the base is
+                    frozen, so there are no weight gradients or optimizer state for it
     trl             trl.DPOTrainer as configured by default: a reference model in memory
     trl_precompute  trl.DPOTrainer(precompute_ref_log_probs=True)
 
@@ -78,22 +83,27 @@ def _workdir(args, name: str) -> str:
     return str(path)
 
 
-def child_ours(args, records: list[dict], model_dir: str) -> dict:
+def child_ours(args, records: list[dict], model_dir: str, lora: bool = False) -> dict:
     import torch
 
+    from dpo.config import LoraSettings
     from dpo.data import StoreRefCache, examples_from_records
+    from dpo.lora import apply_lora
     from dpo.trainer import TrainerConfig, load_policy, train_dpo
 
     torch.manual_seed(args.seed)
     examples = examples_from_records(records)
     model, tok = load_policy(model_dir, "cpu")
     loaded_mb = _peak_mb()
-    tmp = _workdir(args, "ours")
-    cfg = TrainerConfig(beta=0.1, lr=args.lr, batch_size=args.batch_size, max_steps=args.steps,
-                        warmup_ratio=0.1, scheduler="linear", max_length=args.max_length,
+    tmp = _workdir(args, "lora" if lora else "ours")
+    settings = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if lora else LoraSettings()
+    cfg = TrainerConfig(beta=0.1, lr=args.lora_lr if lora else args.lr, batch_size=args.batch_size,
+                        max_steps=args.steps, warmup_ratio=0.1, scheduler="linear", max_length=args.max_length,
                         max_prompt_length=args.max_length // 2, dtype=args.dtype, seed=args.seed,
-                        gradient_checkpointing=args.gradient_checkpointing)
-    t0 = time.perf_counter()
+                        gradient_checkpointing=args.gradient_checkpointing, lora=settings)
+    t0 = time.perf_counter()  # adding the adapters is part of the timed region: TRL's includes its ref model
+    if lora:
+        model = apply_lora(model, settings, seed=args.seed)
     res = train_dpo(model, tok, examples, [], cfg, out_dir=Path(tmp), ref_model_id="bench",
                     ref_cache=StoreRefCache(f"sqlite:///{tmp}/bench.db"))
     seconds = time.perf_counter() - t0
@@ -137,7 +147,8 @@ def run_child(mode: str, args, data_file: Path, model_dir: str) -> dict:
     cmd = [sys.executable, "-m", "bench.dpo", "--child", mode, "--data", str(data_file),
            "--model-dir", model_dir, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--max-length", str(args.max_length), "--dtype", args.dtype, "--lr", str(args.lr),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha),
+           "--lora-lr", str(args.lora_lr)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -160,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--only", default="ours,trl,trl_precompute", help="comma-separated subset of the runs")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=float, default=32.0)
+    ap.add_argument("--lora-lr", type=float, default=1e-4, help="adapters take a larger lr than full weights")
+    ap.add_argument("--only", default="ours,lora,trl,trl_precompute", help="comma-separated subset of the runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -168,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.child:
         records = json.loads(Path(args.data).read_text())
-        if args.child == "ours":
-            out = child_ours(args, records, args.model_dir)
+        if args.child in ("ours", "lora"):
+            out = child_ours(args, records, args.model_dir, lora=args.child == "lora")
         else:
             out = child_trl(args, records, args.model_dir, precompute=args.child == "trl_precompute")
         out["peak_mb"] = _peak_mb()
@@ -186,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         data_file.write_text(json.dumps(records))
         runs = {mode: run_child(mode, args, data_file, model_dir) for mode in args.only.split(",")}
 
-    result: dict = {"model": DEFAULT_SPEC, "pairs": args.pairs, "steps": args.steps,
+    result: dict = {"model": DEFAULT_SPEC, "peak_memory": "ru_maxrss of a fresh process per run",
+                    "pairs": args.pairs, "steps": args.steps,
                     "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
                     "gradient_checkpointing": args.gradient_checkpointing, "threads": _threads()}
     for mode, r in runs.items():
@@ -198,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     if "ours" in runs and "trl" in runs:
         result["speed_ratio"] = round(result["ours_pairs_s"] / result["trl_pairs_s"], 3)
         result["memory_ratio"] = round(result["ours_peak_mb"] / result["trl_peak_mb"], 3)
+    if "lora" in runs and "trl" in runs:
+        result["lora_speed_ratio"] = round(result["lora_pairs_s"] / result["trl_pairs_s"], 3)
+        result["lora_memory_ratio"] = round(result["lora_peak_mb"] / result["trl_peak_mb"], 3)
+        result["lora_r"], result["lora_alpha"] = args.lora_r, args.lora_alpha
     if "ours" in runs and "trl_precompute" in runs:
         pre = "trl_precompute"
         result["speed_ratio_vs_precompute"] = round(result["ours_pairs_s"] / result[f"{pre}_pairs_s"], 3)

@@ -138,8 +138,20 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 
 def load_weights(model, path: Path) -> None:
-    """Load a saved HF directory's weights into `model` in place (ties were dropped on save)."""
+    """Load a saved HF directory's weights into `model` in place (ties were dropped on save);
+    a LoRA model loads the checkpoint's adapter."""
     from safetensors.torch import load_file
+
+    from dpo.lora import ADAPTER_WEIGHTS, is_peft, load_adapter_weights
+
+    if is_peft(model):
+        try:
+            load_adapter_weights(model, path)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise CheckpointError(str(exc)) from None
+        return
+    if (path / ADAPTER_WEIGHTS).exists() and not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: a LoRA checkpoint (adapter only); resume it with the same --lora-r")
 
     files = sorted(path.glob("*.safetensors"))
     if not files:

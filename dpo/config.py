@@ -18,6 +18,28 @@ Scheduler = Literal["linear", "cosine", "constant"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
+LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class LoraSettings(BaseModel):
+    """LoRA through peft (dpo/lora.py): r=0 trains every weight; r>0 trains low-rank adapters only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(0, ge=0, description="adapter rank; 0: full-weight training (no adapters)")
+    alpha: float = Field(16.0, gt=0, description="adapter scale is alpha/r: 16 with r=8 is the common start")
+    dropout: float = Field(0.0, ge=0, lt=1, description="on the adapter input only; 0 keeps policy == reference "
+                           "at step 0")
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_ATTENTION),
+                                      description="module names that get adapters: Llama attention projections; "
+                                      "add gate_proj,up_proj,down_proj for the MLP (or pass 'all-linear')")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
 class LoopSettings(BaseModel):
     """What the DPO and SFT loops share, written once: schedule, clipping, lengths, precision, seed."""
 
@@ -53,6 +75,8 @@ class TrainerConfig(LoopSettings):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (model, optimizer, RNG); 0: none")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
     gradient_checkpointing: bool = Field(False, description="far less activation memory for ~30% more compute")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="low-rank adapters instead of full "
+                               "weights; the reference is the base with adapters off")
 
 
 class SFTConfig(LoopSettings):
@@ -66,3 +90,20 @@ class SFTConfig(LoopSettings):
     eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: three per run")
     early_stop_patience: int | None = Field(2, ge=1, description="held-out evals without a lower loss before stopping")
     keep_best: bool = Field(True, description="restore the weights of the best held-out eval at the end")
+
+
+class RewardConfig(LoopSettings):
+    """How the Bradley-Terry reward model (dpo/reward.py) trains: a scalar head on the base model."""
+
+    lr: float = Field(1e-5, gt=0, description="peak lr for the body; the fresh head learns at head_lr")
+    head_lr: float = Field(1e-3, gt=0, description="the new scalar head starts at random: it needs a far larger lr")
+    epochs: int = Field(2, ge=1, description="passes over the pairs; reward models overfit after one or two")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    batch_size: int = Field(8, ge=1, description="pairs per optimizer step (two sequences each)")
+    weight_decay: float = Field(0.0, ge=0, description="off: a few hundred pairs, one or two epochs")
+    use_soft_labels: bool = Field(True, description="AI-labelled pairs train towards their label_prob, not 1")
+    center_rewards: float = Field(0.01, ge=0, description="weight of (r_c + r_r)^2: keeps scores near 0 "
+                                  "(Eisenstein et al. 2023), so scores of different runs compare")
+    eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: four per run")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="adapters instead of full weights "
+                               "(the head is always trained in full)")

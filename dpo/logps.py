@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpo.lora import backbone
+
 # Config attributes of models whose head is more than a plain Linear (soft-capping, scaling):
 # those take the model's own forward, which applies them.
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -36,6 +38,10 @@ _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "
 # Above this many logit elements per chunk (1 GiB in fp32) the head is recomputed in backward
 # instead of keeping all logits alive.
 _LOGIT_CHUNK_ELEMENTS = 1 << 28
+# Without grad (the reference pass, evals) nothing is recomputed, so chunks cost nothing: 128 MiB
+# of fp32 logits at a time instead of a whole big batch's logits and log-softmax. (It did not
+# move bench/dpo.py's LoRA peak, 2008 -> 2011 MB: that peak is elsewhere.)
+_NO_GRAD_CHUNK_ELEMENTS = 1 << 25
 _PROBE = "\u2063cai-probe\u2063"
 
 
@@ -223,6 +229,7 @@ def _token_logps(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) ->
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the scored tokens per output sequence, and how many each has."""
+    model = backbone(model)  # a PeftModel's own base_model is the LoRA wrapper, not the decoder
     device = next(model.parameters()).device
     inputs = {"input_ids": batch["input_ids"].to(device),
               "attention_mask": batch["attention_mask"].to(device), "use_cache": False}
@@ -237,7 +244,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         picked = hidden[rows, cols]
         head = model.get_output_embeddings()
         chunk = max(1, _LOGIT_CHUNK_ELEMENTS // head.out_features)
-        if picked.shape[0] <= chunk:
+        if not torch.is_grad_enabled():
+            small = max(1, min(_LOGIT_CHUNK_ELEMENTS, _NO_GRAD_CHUNK_ELEMENTS) // head.out_features)
+            token_logps = torch.cat([_token_logps(head, picked[i:i + small], targets[i:i + small])
+                                     for i in range(0, picked.shape[0], small)])
+        elif picked.shape[0] <= chunk:
             token_logps = _token_logps(head, picked, targets)
         else:
             from torch.utils.checkpoint import checkpoint

@@ -32,6 +32,7 @@ from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dpo.config import TrainerConfig
 from dpo.data import PairExample, RefCache, RefValue, ref_key
 from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_pair_logps, pair_batch, sequence_logps
+from dpo.lora import reference
 from dpo.loss import dpo_loss, pair_metrics
 
 log = logging.getLogger("cai.dpo")
@@ -96,8 +97,8 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 
 def _disable_dropout(model) -> None:
     # with dropout on, policy != reference at step 0 and the loss starts off ln 2 for no reason
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in name:  # LoRA's own is a setting
             m.p = 0.0
 
 
@@ -158,8 +159,9 @@ def prepare_pairs(model, encoder: ChatEncoder, examples: Sequence[PairExample], 
     todo = [i for i, (c, r) in enumerate(keys) if c not in known or r not in known]
     computed: dict[str, RefValue] = {}
     if todo:
-        values = batched_pair_logps(model, [enc[i] for i in todo], encoder.pad_id, cfg.ref_batch_tokens,
-                                    cfg.dtype)
+        with reference(model):  # LoRA: the base with adapters off; a plain model: itself before training
+            values = batched_pair_logps(model, [enc[i] for i in todo], encoder.pad_id, cfg.ref_batch_tokens,
+                                        cfg.dtype)
         for i, ((lp_c, n_c), (lp_r, n_r)) in zip(todo, values, strict=True):
             (kc, kr), (ec, er) = keys[i], enc[i]
             for key, lp, n, seq in ((kc, lp_c, n_c, ec), (kr, lp_r, n_r, er)):

@@ -101,12 +101,27 @@ def resolve(spec: str) -> Path | str:
             raise ModelNotFound(f"model file {p} does not exist")
         return gguf_model_dir(p)
     if p.is_dir():
-        if not (p / "config.json").exists():
+        if not (p / "config.json").exists() and not is_adapter_dir(p):
             raise ModelNotFound(f"{p} is not a model directory in HF format (no config.json)")
         return p
     if p.exists() or spec.startswith((".", "/", "~")):
         raise ModelNotFound(f"model path {spec} does not exist")
     return spec  # a hub id; loading fails with a clear message where the hub is unreachable
+
+
+def is_adapter_dir(path: Path | str) -> bool:
+    """A LoRA adapter directory (`cai train --lora-r`): adapter_config.json, no full model."""
+    p = Path(path)
+    return p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists()
+
+
+def merged_dir(path: Path | str, engine: str) -> Path:
+    """What an engine that serves plain weights only loads for an adapter directory: its merged/."""
+    p = Path(path)
+    if (p / "merged" / "config.json").exists():
+        return p / "merged"
+    raise ModelNotFound(f"{p} holds a LoRA adapter; the {engine} engine serves merged weights: retrain with "
+                        f"--merge-lora (writes {p / 'merged'}) or use --engine hf")
 
 
 def model_fingerprint(path: Path | str) -> str:
@@ -116,7 +131,7 @@ def model_fingerprint(path: Path | str) -> str:
     p = Path(path)
     if not p.is_dir():
         return str(path)  # a hub id names fixed weights
-    h = hashlib.sha256((p / "config.json").read_bytes())
+    h = hashlib.sha256((p / ("adapter_config.json" if is_adapter_dir(p) else "config.json")).read_bytes())
     for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())

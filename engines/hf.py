@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engines.base import Completion, Conversation, EngineStats, Output, Sampling
-from engines.bundled import ALIASES, DEFAULT_SPEC, ModelNotFound, resolve
+from engines.bundled import ALIASES, DEFAULT_SPEC, ModelNotFound, is_adapter_dir, resolve
 from engines.chat import (
     check_sampling,
     common_prefix_len,
@@ -134,7 +134,12 @@ class HFEngine:
         path = resolve(spec)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
+            if is_adapter_dir(path):  # a LoRA run's output: base + adapter, merged once for fast decoding
+                from peft import AutoPeftModelForCausalLM
+
+                self.model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=self.dtype).merge_and_unload()
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
         except OSError as exc:
             raise ModelNotFound(
                 f"cannot load model {spec!r}: it is not a bundled alias ({', '.join(sorted(ALIASES))}), "

@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 
 from engines.base import Completion, Conversation, EngineStats, Output, Sampling
-from engines.bundled import ALIASES, DEFAULT_SPEC, resolve
+from engines.bundled import ALIASES, DEFAULT_SPEC, is_adapter_dir, merged_dir, resolve
 from engines.chat import check_sampling, encode, encode_prompts, end_of_turn_ids, row_seed
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class VLLMEngine:
         from vllm import LLM
 
         self.model_id = DEFAULT_SPEC if spec.lower() in ALIASES else spec
-        path = str(resolve(spec))
+        path = resolve(spec)
+        path = str(merged_dir(path, "vllm") if is_adapter_dir(path) else path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         cfg = AutoConfig.from_pretrained(path).get_text_config()
         # we truncate prompts ourselves (vLLM rejects over-long ones), so we must know the limit

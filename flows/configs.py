@@ -29,7 +29,7 @@ from pydantic.fields import FieldInfo
 from cai import judge
 from cai.contrast import DEFAULT_OPENINGS
 from cai.errors import UserError
-from dpo.config import SFTConfig, TrainerConfig
+from dpo.config import RewardConfig, SFTConfig, TrainerConfig
 from engines.base import Sampling
 from engines.bundled import DEFAULT_SPEC
 from store.keys import content_hash
@@ -205,8 +205,11 @@ class LabelConfig(StoreSettings):
     policy: str = Field(DEFAULT_SPEC, description="samples come from it; with source=store, only its responses")
     judge: str = Field(DEFAULT_SPEC, description="the feedback model that picks (A) or (B)")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for both models")
-    source: Literal["samples", "store"] = Field("samples", description="samples (fresh policy samples) | store "
-                                                "(responses already stored)")
+    source: Literal["samples", "store", "best-of-n"] = Field(
+        "samples", description="samples (fresh policy samples, judged) | store (responses already stored) | "
+        "best-of-n (N samples scored by reward_model; best vs worst, soft label sigmoid(margin))")
+    reward_model: str = Field("runs/reward", description="with source=best-of-n: the reward model that scores the "
+                              "samples (`cai reward train --out`)")
     kinds: list[str] = Field(default_factory=lambda: ["initial", "final-revision"],
                              description="with source=store: response kinds to pair (initial, final-revision, ...)")
     samples: int = Field(2, description="policy samples per prompt (source=samples); every unordered pair is judged")
@@ -228,7 +231,7 @@ class LabelConfig(StoreSettings):
 
     @model_validator(mode="after")
     def _check(self) -> LabelConfig:
-        if self.source == "samples" and self.samples < 2:
+        if self.source in ("samples", "best-of-n") and self.samples < 2:
             raise ValueError(f"samples must be at least 2 to form a pair (got {self.samples})")
         if self.principles_per_pair < 1:
             raise ValueError(f"principles_per_pair must be at least 1 (got {self.principles_per_pair})")
@@ -309,7 +312,7 @@ class TrainConfig(StoreSettings):
 
     base: str = Field(DEFAULT_SPEC, description="start and reference model: bundled alias, HF directory, hub id")
     constitution: str | None = Field(None, description="only pairs made under NAME or NAME@VERSION; None: any")
-    methods: list[str] = Field(default_factory=lambda: ["revision", "ai", "contrastive", "helpful"],
+    methods: list[str] = Field(default_factory=lambda: ["revision", "ai", "contrastive", "helpful", "best-of-n"],
                                description="pair sources to learn from")
     statuses: list[str] = Field(default_factory=lambda: ["ok"], description="pair statuses used; ties and gated "
                                 "pairs (gated:<gate>) teach noise")
@@ -325,6 +328,66 @@ class TrainConfig(StoreSettings):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of prompts, chosen by prompt hash")
     out: str = Field("runs/dpo", description="the trained model (HF format), metrics.png and checkpoints go here")
     resume: bool = Field(False, description="continue from the newest checkpoint in out/checkpoints")
+    merge_lora: bool = Field(False, description="with trainer.lora.r > 0: also write out/merged, the adapter "
+                             "folded into the base (a plain HF model, what vLLM serves)")
+
+    @model_validator(mode="after")
+    def _lora_stage(self) -> TrainConfig:
+        if self.trainer.lora.enabled and self.stage != "dpo":
+            raise ValueError(f"LoRA (trainer.lora.r > 0) trains the DPO stage only, not --stage {self.stage}; "
+                             "run --stage sft first and pass its output as --base")
+        return self
+
+    def pair_filter(self):
+        from dpo.data import PairFilter
+
+        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
+                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
+
+
+# --- reward model (flows/train.py: run_reward_training, score_rewards) ----------------------
+
+class RewardTrainConfig(StoreSettings):
+    """A Bradley-Terry reward model on the same pair selection `cai train` reads."""
+
+    base: str = same_as(TrainConfig, "base", "the body of the reward model: bundled alias, HF directory, hub id")
+    constitution: str | None = same_as(TrainConfig, "constitution")
+    methods: list[str] = same_as(TrainConfig, "methods")
+    statuses: list[str] = same_as(TrainConfig, "statuses")
+    min_label_prob: float | None = same_as(TrainConfig, "min_label_prob")
+    dataset: str | None = same_as(TrainConfig, "dataset")
+    dataset_split: str = same_as(TrainConfig, "dataset_split")
+    limit: int | None = same_as(TrainConfig, "limit")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="held-out share of prompts (by prompt hash): the "
+                                 "accuracy printed is on these")
+    device: str = same_as(TrainConfig, "device")
+    out: str = Field("runs/reward", description="the reward model (AutoModelForSequenceClassification) goes here")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="the Bradley-Terry loop (dpo/reward.py)")
+
+    def pair_filter(self):
+        from dpo.data import PairFilter
+
+        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
+                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
+
+
+class RewardScoreConfig(StoreSettings):
+    """Score replies with a trained reward model: a JSONL file, or the store's pairs."""
+
+    model: str = Field("runs/reward", description="a directory written by `cai reward train`")
+    input: str | None = Field(None, description="JSONL of {prompt, response} or {prompt, chosen, rejected} (prompt: "
+                              "text or chat messages); None: the store's pairs under the filters below")
+    constitution: str | None = same_as(TrainConfig, "constitution")
+    methods: list[str] = same_as(TrainConfig, "methods")
+    statuses: list[str] = same_as(TrainConfig, "statuses")
+    min_label_prob: float | None = same_as(TrainConfig, "min_label_prob")
+    dataset: str | None = same_as(TrainConfig, "dataset")
+    dataset_split: str = same_as(TrainConfig, "dataset_split")
+    limit: int | None = same_as(TrainConfig, "limit")
+    out: str | None = Field(None, description="write one JSON line per scored row here")
+    device: str = same_as(TrainConfig, "device")
+    max_length: int = same_as(RewardConfig, "max_length")
+    max_prompt_length: int = same_as(RewardConfig, "max_prompt_length")
 
     def pair_filter(self):
         from dpo.data import PairFilter
@@ -351,7 +414,7 @@ class ExportConfig(Config):
     constitution: str = Field(description="NAME (its newest version with pairs) or NAME@VERSION: one per export")
     out: Path = Field(description="local directory, always written first so a failed push loses nothing")
     format: Format = Field("arrow", description="arrow (load_from_disk) | parquet | jsonl (one file per split)")
-    methods: list[Literal["revision", "ai", "contrastive", "helpful"]] = Field(
+    methods: list[Literal["revision", "ai", "contrastive", "helpful", "best-of-n"]] = Field(
         [], description="pair methods; empty: all (ai: no sft rows)")
     min_label_prob: float | None = Field(None, ge=0, le=1, description="drop pairs the judge was unsure of")
     min_margin: float | None = Field(None, ge=0, le=0.5, description="drop pairs with |label_prob - 0.5| below this")
@@ -458,4 +521,5 @@ class PipelineConfig(Config):
 CONFIGS: dict[str, type[BaseModel]] = {
     "generate": GenerateConfig, "contrast": ContrastConfig, "label": LabelConfig, "train": TrainConfig,
     "redteam": RedteamConfig, "export": ExportConfig, "eval": EvalConfig, "report": ReportConfig, "run": PipelineConfig,
+    "reward-train": RewardTrainConfig, "reward-score": RewardScoreConfig,
 }

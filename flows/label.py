@@ -2,11 +2,16 @@
 
     cai label --constitution harmless --prompts red-team --policy smollm2-135m \
         --judge smollm2-135m --samples 2 --principles-per-pair 4 [--source store] [--cot]
+    cai label --label-source best-of-n --samples 4 --reward-model runs/reward
 
 Stages, each batched over every pending item and resumable (rows are keyed by what made them):
 sample (k policy samples per prompt; skipped with --source store) -> cot (optional reasoning)
 -> judge ((A)/(B) log-probs per pair x principle x order) -> pair (the averaged soft label).
 The pure parts (prompts, draws, probabilities) live in flows/judge.py.
+
+With `--label-source best-of-n` the judge is not asked: sample (N per prompt) -> reward (the
+reward model scores all N; best vs worst, soft label sigmoid(margin), cai/best_of_n.py). Its
+pairs (method "best-of-n") get their status from the same quality gates as judged pairs.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from cai import judge
+from cai import best_of_n, judge
 from cai.quality import assess
 from cai.rl_cai import (
     Candidate,
@@ -74,6 +79,24 @@ def preflight(cfg: LabelConfig) -> None:
         raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
     if cfg.source == "store":
         candidates(cfg, c, prompts)
+    if cfg.source == "best-of-n":
+        reward_model_dir(cfg)
+
+
+def reward_model_dir(cfg: LabelConfig):
+    """The reward model directory of best-of-n, checked: a UserError unless `cai reward train` wrote it."""
+    import json
+    from pathlib import Path
+
+    path = Path(cfg.reward_model).expanduser()
+    try:
+        arch = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        arch = []
+    if not any(a.endswith("ForSequenceClassification") for a in arch):
+        raise UserError(f"--reward-model {path}: not a reward model directory; train one with "
+                        f"`cai reward train --out {path}`")
+    return path
 
 
 def sample_items(cfg: LabelConfig, prompts: list[Prompt]) -> list[tuple[str, Prompt, int]]:
@@ -85,7 +108,7 @@ def candidates(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict
     """prompt id -> the responses to compare: this config's samples, or stored rows of `kinds`."""
     out: dict[str, list[Candidate]] = {p.id: [] for p in prompts}
     with session_scope(cfg.database_url) as s:
-        if cfg.source == "samples":
+        if cfg.source in ("samples", "best-of-n"):
             keys = [k for k, _, _ in sample_items(cfg, prompts)]
             for i in range(0, len(keys), 500):
                 for r in s.exec(select(Response).where(Response.id.in_(keys[i:i + 500]))):
@@ -139,7 +162,7 @@ def job_size(cfg: LabelConfig, n_prompts: int) -> dict[str, int]:
     """New tokens (samples, CoT arguments) and choice scorings the run needs at most."""
     pairs = n_prompts * (cfg.samples * (cfg.samples - 1) // 2 if cfg.source == "samples" else 1)
     judgments = pairs * cfg.principles_per_pair * 2  # both orders
-    tokens = n_prompts * cfg.samples * cfg.max_new_tokens if cfg.source == "samples" else 0
+    tokens = n_prompts * cfg.samples * cfg.max_new_tokens if cfg.source in ("samples", "best-of-n") else 0
     if cfg.cot:
         tokens += judgments * cfg.cot_max_new_tokens
     return {"job_tokens": tokens, "job_scorings": judgments}
@@ -320,6 +343,68 @@ def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
     return _run(cfg, run_id, stage, items)
 
 
+def plan_best_of_n(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]
+                   ) -> list[tuple[str, Prompt, list[Candidate]]]:
+    """(pair id, prompt, its sampled replies) for every prompt with at least two non-empty samples."""
+    from engines.bundled import model_fingerprint
+
+    rm = model_fingerprint(reward_model_dir(cfg))
+    cands = candidates(cfg, c, prompts)
+    return [(best_of_n.pair_id(p.id, [x.id for x in cands[p.id]], rm, cfg.min_margin), p, cands[p.id])
+            for p in prompts if len(cands[p.id]) >= 2]
+
+
+@task(name="reward", cache_policy=NO_CACHE)
+def best_of_n_task(cfg: LabelConfig, run_id: str) -> StageStats:
+    c, prompts = load_inputs(cfg)
+    items = plan_best_of_n(cfg, c, prompts)
+    loaded: dict[str, Any] = {}
+
+    def compute(chunk: list[tuple[str, Prompt, list[Candidate]]]) -> list[dict[str, float]]:
+        from dpo.config import RewardConfig
+        from dpo.reward import load_reward_model, score
+
+        if "model" not in loaded:  # once per task, and only when something is pending
+            loaded["model"], loaded["tok"] = load_reward_model(reward_model_dir(cfg), "auto")
+        flat = [(p.messages, x.text) for _, p, cands in chunk for x in cands]
+        values = iter(score(loaded["model"], loaded["tok"], flat, RewardConfig()))
+        return [{x.id: next(values) for x in cands} for _, _, cands in chunk]
+
+    def write(session: Session, done: list[tuple[tuple[str, Prompt, list[Candidate]], dict[str, float]]]) -> None:
+        rows = []
+        for (key, p, cands), scores in done:
+            picked = best_of_n.pick(scores, cfg.min_margin)
+            status = picked.status
+            if status == "ok":  # the same gates as every other pair: a degenerate "best" is gated
+                status = pair_status(session.get(Prompt, p.id), session.get(Response, picked.chosen),
+                                     session.get(Response, picked.rejected))
+            rows.append(PreferencePair(
+                id=key, prompt_id=p.id, chosen_id=picked.chosen, rejected_id=picked.rejected, method="best-of-n",
+                label_prob=picked.label_prob, status=status, principle_ids=[], constitution=c.name,
+                constitution_version=c.version, policy_model=cfg.policy, judge_model=cfg.reward_model,
+                details={"source": "best-of-n", "scores": scores, "margin": picked.margin, "n": len(cands),
+                         "min_margin": cfg.min_margin},
+                run_id=run_id))
+        insert_ignore(session, PreferencePair, rows)
+
+    stage = Stage(name="label.reward", key=lambda it: it[0],
+                  done=lambda s, keys: existing_ids(s, PreferencePair.id, keys), compute=compute, write=write,
+                  size=lambda it: sum(len(x.text) for x in it[2]))
+    return _run(cfg, run_id, stage, items)
+
+
+def counts_best_of_n(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str, int]:
+    ids = [k for k, _, _ in plan_best_of_n(cfg, c, prompts)]
+    out = {"pairs": 0, "ok": 0, "tie": 0, "position-inconsistent": 0, "judgments": 0, "candidate_pairs": len(ids)}
+    with session_scope(cfg.database_url) as s:
+        for i in range(0, len(ids), 500):
+            for status, n in s.exec(select(PreferencePair.status, func.count()).where(
+                    PreferencePair.id.in_(ids[i:i + 500])).group_by(PreferencePair.status)):
+                out[status] = out.get(status, 0) + n
+                out["pairs"] += n
+    return out
+
+
 def counts(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str, int]:
     """What the store holds for this config: pairs by status and their judgments."""
     items = plan_pair_items(cfg, c, plan_pairs(cfg, c, prompts))
@@ -344,27 +429,32 @@ def label_flow(cfg: LabelConfig) -> dict[str, Any]:
     if not prompts:
         raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
     cfg = cfg.model_copy(update={"constitution": c.ref})  # resolved once: a file edited mid-run cannot mix versions
-    with recorded_run("label", cfg.model_dump(), model=cfg.judge, engine=cfg.engine.backend, constitution=c,
+    with recorded_run("label", cfg.model_dump(), model=cfg.reward_model if cfg.source == "best-of-n" else cfg.judge,
+                      engine=cfg.engine.backend, constitution=c,
                       url=cfg.database_url) as run:
         logger.info("label %s on %d prompts (%s), source %s, judge %s, run %s", c.ref, len(prompts),
                     ",".join(cfg.prompts), cfg.source, cfg.judge, run.id)
         _JOB.clear()
         _JOB.update(job_size(cfg, len(prompts)))
         try:
-            stages = [sample_task(cfg, run.id)] if cfg.source == "samples" else []
-            if cfg.cot:
-                stages.append(cot_task(cfg, run.id))
-            stages.append(judge_task(cfg, run.id))
-            stages.append(pair_task(cfg, run.id))
+            stages = [sample_task(cfg, run.id)] if cfg.source in ("samples", "best-of-n") else []
+            if cfg.source == "best-of-n":
+                stages.append(best_of_n_task(cfg, run.id))
+            else:
+                if cfg.cot:
+                    stages.append(cot_task(cfg, run.id))
+                stages.append(judge_task(cfg, run.id))
+                stages.append(pair_task(cfg, run.id))
         finally:
             _JOB.clear()
-        found = counts(cfg, c, prompts)
+        found = counts_best_of_n(cfg, c, prompts) if cfg.source == "best-of-n" else counts(cfg, c, prompts)
         run.summary = {"run_id": run.id, "constitution": c.ref, "prompts": len(prompts), "source": cfg.source,
                        **found, **stage_totals(stages), "total_s": round(time.perf_counter() - t0, 3)}
         # how the judge (and the policy, for fresh samples) computes; absent when no model was loaded
-        if facts := loaded_engine_facts(cfg.judge, cfg.engine.backend, **cfg.engine.settings):
+        if cfg.source != "best-of-n" and (facts := loaded_engine_facts(cfg.judge, cfg.engine.backend,
+                                                                       **cfg.engine.settings)):
             run.summary["engine"] = facts
-        if cfg.source == "samples" and (facts := loaded_engine_facts(cfg.policy, cfg.engine.backend,
+        if cfg.source in ("samples", "best-of-n") and (facts := loaded_engine_facts(cfg.policy, cfg.engine.backend,
                                                                      **cfg.engine.settings)):
             run.summary["policy_engine"] = facts
         run.timings = {s.stage: round(s.total_s, 3) for s in stages}

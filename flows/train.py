@@ -33,11 +33,12 @@ from dpo.data import (
     selection_hash,
     split_eval,
 )
+from dpo.lora import apply_lora, merge, trainable_parameters
 from dpo.sft import SFTExample, SFTResult, train_sft
 from dpo.trainer import TrainResult, load_policy, plot_metrics, save_model, train_dpo
 from engines.bundled import DEFAULT_SPEC, model_fingerprint
 from flows.common import UserError, run_logger
-from flows.configs import TrainConfig
+from flows.configs import RewardScoreConfig, RewardTrainConfig, TrainConfig
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import Run, TrainingRun, TrainingStep, utcnow
@@ -130,22 +131,22 @@ def _step_writer(training_run_id: str, url: str | None, prefix: str = ""):
     return write
 
 
-def _begin(cfg: TrainConfig, examples: list[PairExample], refs: list[str], url: str | None
-           ) -> tuple[str, str, dict[str, Any]]:
+def _begin(cfg: TrainConfig | RewardTrainConfig, examples: list[PairExample], refs: list[str], url: str | None,
+           flow: str = "train") -> tuple[str, str, dict[str, Any]]:
     """Run and TrainingRun rows; a resumed run keeps its TrainingRun (its steps continue)."""
     names = sorted({r.split("@", 1)[0] for r in refs})
     versions = sorted({r.split("@", 1)[1] for r in refs})
     constitution = cfg.constitution.split("@", 1)[0] if cfg.constitution else ",".join(names) or None
     pairs_hash = selection_hash(examples)
     resumed_id = None
-    found = latest_checkpoint(Path(cfg.out) / "checkpoints") if cfg.resume else None
+    found = latest_checkpoint(Path(cfg.out) / "checkpoints") if getattr(cfg, "resume", False) else None
     if found:
         meta = read_meta(found[0])
         if meta.get("pairs_hash") not in (None, pairs_hash):
             raise UserError(f"--resume: {found[0]} was trained on other pairs than these filters select "
                             f"({cfg.pair_filter().describe()}); drop --resume or pick another --out")
         resumed_id = meta.get("training_run_id")
-    run_id = start_run("train", cfg.model_dump(), model=cfg.base, engine="dpo", url=url)
+    run_id = start_run(flow, cfg.model_dump(), model=cfg.base, engine="dpo" if flow == "train" else flow, url=url)
     with session_scope(url) as s:
         run = s.get(Run, run_id)
         run.constitution, run.constitution_version = constitution or "", ",".join(versions)
@@ -224,6 +225,15 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         load_s = time.perf_counter() - t_load
         ref_id = model_fingerprint(base_path)
+        lora = cfg.trainer.lora
+        if lora.enabled:
+            try:
+                model = apply_lora(model, lora, seed=cfg.trainer.seed)
+            except ValueError as exc:
+                raise UserError(f"--lora-target-modules: {exc}") from None
+            n_train, n_all = trainable_parameters(model)
+            logger.info("LoRA r=%d alpha=%g on %s: %d trainable parameters of %d (%.2f%%)", lora.r, lora.alpha,
+                        ",".join(lora.target_modules), n_train, n_all, 100 * n_train / n_all)
         sft: SFTResult | None = None
         if cfg.stage in ("sft", "sft+dpo"):
             sft_train, sft_held = sft_examples(train), sft_examples(held_out)
@@ -240,7 +250,9 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
                 on_metrics=_step_writer(training_run_id, url), resume=cfg.resume,
                 meta={"training_run_id": training_run_id, "pairs_hash": selection["pairs_hash"]}, logger=logger)
         t_save = time.perf_counter()
-        save_model(model, tokenizer, out)
+        save_model(model, tokenizer, out)  # LoRA: the adapter alone (adapter_model.safetensors, MBs)
+        if lora.enabled and cfg.merge_lora:
+            save_model(merge(model), tokenizer, out / "merged")
         history = (result.history if result else []) + [h | {"split": "sft-" + h["split"]}
                                                           for h in (sft.history if sft else [])]
         plot = plot_metrics(history, out / "metrics.png")
@@ -267,6 +279,11 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
                "save": round(save_s, 3), "total": round(time.perf_counter() - t0, 3)}
     summary = {"run_id": run_id, "training_run_id": training_run_id, "out": str(out), "plot": str(plot or ""),
                "pairs": len(examples), "stage": cfg.stage}
+    if lora.enabled:
+        summary["lora"] = {"r": lora.r, "alpha": lora.alpha, "target_modules": lora.target_modules,
+                           "trainable_parameters": n_train, "parameters": n_all,
+                           "adapter_mb": round(sum(f.stat().st_size for f in out.glob("adapter_model.*")) / 2**20, 3),
+                           "merged": str(out / "merged") if cfg.merge_lora else None}
     if result:
         summary |= result.to_dict()
     else:  # sft alone: the same keys, from the supervised run
@@ -293,3 +310,146 @@ def train_task(cfg: TrainConfig) -> dict[str, Any]:
 @flow(name="train", log_prints=True)
 def train_flow(cfg: TrainConfig) -> dict[str, Any]:
     return train_task(cfg)
+
+
+# --- the reward model: `cai reward train`, `cai reward score` --------------------------------
+
+def run_reward_training(cfg: RewardTrainConfig, url: str | None = None) -> dict[str, Any]:
+    """Bradley-Terry reward model on the selected pairs; stored as a TrainingRun (stage "reward")
+    with one TrainingStep per step and split; returns a summary with the held-out accuracy."""
+    from dpo.reward import load_reward_model, save_reward_model, train_reward
+
+    url = url or cfg.database_url
+    logger = run_logger(log)
+    t0 = time.perf_counter()
+    examples, refs = load_examples(cfg, url)
+    train, held_out = split_eval(examples, cfg.eval_fraction)
+    base_path = _resolve_base(cfg.base)
+    run_id, training_run_id, selection = _begin(cfg, examples, refs, url, flow="reward")
+    logger.info("reward model on %s: %d pairs (%d train, %d held out) [%s], run %s", cfg.base, len(examples),
+                len(train), len(held_out), cfg.pair_filter().describe(), run_id)
+    out = Path(cfg.out)
+    try:
+        try:
+            model, tokenizer = load_reward_model(base_path, cfg.device, cfg.reward)
+        except OSError as exc:
+            raise UserError(f"cannot load base model {cfg.base!r} ({str(exc).splitlines()[0]})") from None
+        if getattr(tokenizer, "chat_template", None) is None:
+            from engines.chat import FALLBACK_CHAT_TEMPLATE
+
+            tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        result = train_reward(model, tokenizer, train, held_out, cfg.reward,
+                              on_metrics=_step_writer(training_run_id, url, prefix="reward-"), logger=logger)
+        save_reward_model(model, tokenizer, out)
+        plot = plot_reward(result.history, out / "metrics.png")
+    except BaseException:
+        _finish(training_run_id, "failed", url)
+        finish_run(run_id, "failed", url=url)
+        raise
+    selection |= {"train": len(train), "eval": len(held_out), "eval_fraction": cfg.eval_fraction}
+    final = {"stage": "reward", "train": result.final_train, "eval": result.final_eval, "steps": result.steps,
+             "total_steps": result.total_steps}
+    _finish(training_run_id, "completed", url, selection, final)
+    summary = {"run_id": run_id, "training_run_id": training_run_id, "out": str(out), "plot": str(plot or ""),
+               "pairs": len(examples), "stage": "reward", **result.to_dict()}
+    summary.pop("history")
+    finish_run(run_id, "completed", summary=summary, timings=result.timings | {
+        "total": round(time.perf_counter() - t0, 3)}, url=url)
+    (out / "training_run.json").write_text(json.dumps({"config": cfg.model_dump(), "data_selection": selection,
+                                                       "summary": summary}, indent=2, default=str))
+    acc = result.final_eval.get("accuracy")
+    logger.info("reward model done: %d steps, held-out accuracy %s on %d pairs, model in %s", result.steps,
+                f"{acc:.3f}" if acc is not None else "n/a", len(held_out), out)
+    return summary
+
+
+def plot_reward(history: list[dict[str, Any]], path: Path) -> Path | None:
+    if not history:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4))
+    for ax, key in zip(fig.subplots(1, 3), ("loss", "accuracy", "margin"), strict=True):
+        for split, style in (("train", "-"), ("eval", "o--")):
+            pts = [(h["step"], h[key]) for h in history if h["split"] == split and key in h]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, style, label=split, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def _score_rows(cfg: RewardScoreConfig, url: str | None) -> list[dict[str, Any]]:
+    """{prompt (messages), response} or {prompt, chosen, rejected} rows to score."""
+    if not cfg.input:
+        examples, _ = load_examples(cfg, url)
+        return [{"id": e.id, "prompt": list(e.prompt), "chosen": e.chosen, "rejected": e.rejected,
+                 "label_prob": e.label_prob, "method": e.method} for e in examples]
+    path = Path(cfg.input)
+    if not path.is_file():
+        raise UserError(f"--input {path}: no such file")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        ok = isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)
+        if not ok or not (isinstance(row.get("response"), str)
+                          or (isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str))):
+            raise UserError(f"{path}:{n}: expected {{prompt, response}} or {{prompt, chosen, rejected}} "
+                            "(prompt: text or a list of chat messages)")
+        rows.append(row | {"prompt": prompt})
+    if not rows:
+        raise UserError(f"--input {path}: no rows")
+    return rows
+
+
+def score_rewards(cfg: RewardScoreConfig, url: str | None = None) -> dict[str, Any]:
+    """Scores for every row (written to cfg.out as JSON lines); for pairs, the share the model
+    ranks as their label does."""
+    from dpo.config import RewardConfig
+    from dpo.reward import load_reward_model, score
+
+    url = url or cfg.database_url
+    rows = _score_rows(cfg, url)
+    path = Path(cfg.model)
+    if not (path / "config.json").exists():
+        raise UserError(f"--model {path}: not a reward model directory (train one with `cai reward train`)")
+    model, tok = load_reward_model(path, cfg.device)
+    rc = RewardConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    items = [(r["prompt"], text) for r in rows for text in
+             ([r["response"]] if "response" in r else [r["chosen"], r["rejected"]])]
+    values = iter(score(model, tok, items, rc))
+    scored, pairs, right = [], 0, 0
+    for r in rows:
+        if "response" in r:
+            scored.append(r | {"reward": next(values)})
+        else:
+            c, rj = next(values), next(values)
+            pairs += 1
+            right += c > rj
+            scored.append(r | {"reward_chosen": c, "reward_rejected": rj, "margin": c - rj})
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        with Path(cfg.out).open("w", encoding="utf-8") as f:
+            for r in scored:
+                f.write(json.dumps(r, default=str) + "\n")
+    return {"model": str(path), "rows": len(rows), "pairs": pairs,
+            "accuracy": right / pairs if pairs else None, "scored": scored, "out": cfg.out}
+
+
+@flow(name="reward", log_prints=True)
+def reward_flow(cfg: RewardTrainConfig) -> dict[str, Any]:
+    return run_reward_training(cfg)

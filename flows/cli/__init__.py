@@ -38,6 +38,8 @@ from flows.configs import (
     PipelineConfig,
     RedteamConfig,
     ReportConfig,
+    RewardScoreConfig,
+    RewardTrainConfig,
     TrainConfig,
     make_export_config,
 )
@@ -48,6 +50,8 @@ db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(constitution_app, name="constitution")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(db_app, name="db")
+reward_app = typer.Typer(help="A Bradley-Terry reward model on the store's pairs.", no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
 
 # --- status and db -------------------------------------------------------------------------
 
@@ -391,7 +395,8 @@ def label(
     prompts: list[str] | None = opt(LabelConfig, "prompts", convert=_split),
     policy: str | None = opt(LabelConfig, "policy"),
     judge: str | None = opt(LabelConfig, "judge"),
-    source: str | None = opt(LabelConfig, "source"),
+    source: str | None = opt(LabelConfig, "source", "--source", "--label-source"),
+    reward_model: str | None = opt(LabelConfig, "reward_model"),
     kinds: list[str] | None = opt(LabelConfig, "kinds", convert=_split),
     samples: int | None = opt(LabelConfig, "samples"),
     principles_per_pair: int | None = opt(LabelConfig, "principles_per_pair"),
@@ -408,9 +413,10 @@ def label(
     from flows.label import preflight
 
     preflight(cfg)  # unknown constitution / tag, nothing stored to pair: fail before Prefect starts
-    if cfg.source == "samples":
+    if cfg.source in ("samples", "best-of-n"):
         _preflight_model(cfg.policy)
-    _preflight_model(cfg.judge)
+    if cfg.source != "best-of-n":  # best-of-n asks the reward model, not the judge
+        _preflight_model(cfg.judge)
     from flows.label import label_flow
 
     summary = label_flow(cfg)
@@ -471,6 +477,11 @@ def train(
     checkpoint_every: int | None = opt(TrainConfig, "trainer.checkpoint_every", "--checkpoint-every"),
     gradient_checkpointing: bool | None = opt(TrainConfig, "trainer.gradient_checkpointing",
                                               "--gradient-checkpointing/--no-gradient-checkpointing"),
+    lora_r: int | None = opt(TrainConfig, "trainer.lora.r", "--lora-r"),
+    lora_alpha: float | None = opt(TrainConfig, "trainer.lora.alpha", "--lora-alpha"),
+    lora_target_modules: list[str] | None = opt(TrainConfig, "trainer.lora.target_modules",
+                                                "--lora-target-modules", convert=_split),
+    merge_lora: bool | None = opt(TrainConfig, "merge_lora", "--merge-lora/--no-merge-lora"),
     out: str | None = opt(TrainConfig, "out"),
     resume: bool | None = opt(TrainConfig, "resume", "--resume"),
 ) -> None:
@@ -489,6 +500,83 @@ def train(
                       f"final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
                       f"{final.get('rewards/accuracies', float('nan')):.2f}; model in {s['out']}, "
                       f"plot {s['plot']}"),
+                  highlight=False)
+    if lora := s.get("lora"):
+        merged = f"; merged model in {lora['merged']}" if lora["merged"] else " (add --merge-lora for vLLM)"
+        console.print(esc(f"LoRA r={lora['r']}: {lora['trainable_parameters']:,} of {lora['parameters']:,} "
+                          f"parameters trained, adapter {lora['adapter_mb']:.2f} MB{merged}"), highlight=False)
+
+# reward: flows/train.py (run_reward_training, score_rewards)
+
+@reward_app.command("train")
+@guarded
+@configured(RewardTrainConfig)
+def reward_train(
+    cfg: RewardTrainConfig,
+    base: str | None = opt(RewardTrainConfig, "base"),
+    constitution: str | None = opt(RewardTrainConfig, "constitution"),
+    method: list[str] | None = opt(RewardTrainConfig, "methods", "--method", convert=_split),
+    status: list[str] | None = opt(RewardTrainConfig, "statuses", "--status", convert=_split),
+    min_label_prob: float | None = opt(RewardTrainConfig, "min_label_prob"),
+    dataset: str | None = opt(RewardTrainConfig, "dataset"),
+    limit: int | None = opt(RewardTrainConfig, "limit"),
+    eval_fraction: float | None = opt(RewardTrainConfig, "eval_fraction"),
+    epochs: int | None = opt(RewardTrainConfig, "reward.epochs", "--epochs"),
+    max_steps: int | None = opt(RewardTrainConfig, "reward.max_steps", "--max-steps"),
+    lr: float | None = opt(RewardTrainConfig, "reward.lr", "--lr"),
+    head_lr: float | None = opt(RewardTrainConfig, "reward.head_lr", "--head-lr"),
+    batch_size: int | None = opt(RewardTrainConfig, "reward.batch_size", "--batch-size"),
+    max_length: int | None = opt(RewardTrainConfig, "reward.max_length", "--max-length"),
+    max_prompt_length: int | None = opt(RewardTrainConfig, "reward.max_prompt_length", "--max-prompt-length"),
+    soft_labels: bool | None = opt(RewardTrainConfig, "reward.use_soft_labels", "--soft-labels/--hard-labels"),
+    lora_r: int | None = opt(RewardTrainConfig, "reward.lora.r", "--lora-r"),
+    lora_alpha: float | None = opt(RewardTrainConfig, "reward.lora.alpha", "--lora-alpha"),
+    seed: int | None = opt(RewardTrainConfig, "reward.seed", "--seed"),
+    out: str | None = opt(RewardTrainConfig, "out"),
+) -> None:
+    """Train a reward model (scalar head, Bradley-Terry on soft labels); prints held-out pair accuracy."""
+    from flows.train import load_examples
+
+    check_writable(cfg.out)
+    load_examples(cfg)
+    _preflight_model(cfg.base)
+    from flows.train import reward_flow
+
+    s = reward_flow(cfg)
+    ev = s.get("final_eval") or {}
+    held = (f"held-out pair accuracy {ev['accuracy']:.3f} on {s['n_eval']} pairs (margin {ev['margin']:.3f}, "
+            f"loss {ev['loss']:.4f})" if ev else "no held-out pairs (raise --eval-fraction)")
+    console.print(esc(f"reward model: {s['steps']} steps on {s['n_train']} pairs; {held}; "
+                      f"train accuracy {s['final_train'].get('accuracy', float('nan')):.3f}; model in {s['out']}"),
+                  highlight=False)
+
+
+@reward_app.command("score")
+@guarded
+@configured(RewardScoreConfig)
+def reward_score(
+    cfg: RewardScoreConfig,
+    model: str | None = opt(RewardScoreConfig, "model"),
+    input: str | None = opt(RewardScoreConfig, "input"),  # noqa: A002 - the flag's name
+    constitution: str | None = opt(RewardScoreConfig, "constitution"),
+    method: list[str] | None = opt(RewardScoreConfig, "methods", "--method", convert=_split),
+    status: list[str] | None = opt(RewardScoreConfig, "statuses", "--status", convert=_split),
+    limit: int | None = opt(RewardScoreConfig, "limit"),
+    out: str | None = opt(RewardScoreConfig, "out"),
+) -> None:
+    """Score replies (a JSONL file, or the store's pairs) with a reward model; pairs get an accuracy."""
+    if cfg.out:
+        check_writable(Path(cfg.out).parent)
+    from flows.train import score_rewards
+
+    s = score_rewards(cfg)
+    for r in s["scored"][:10]:
+        text = r.get("response") or r.get("chosen", "")
+        value = r.get("reward", r.get("margin"))
+        label = "reward" if "reward" in r else "margin"
+        console.print(esc(f"{label} {value:+.3f}  {text[:70]!r}"), highlight=False)
+    acc = f"; pair accuracy {s['accuracy']:.3f} on {s['pairs']} pairs" if s["pairs"] else ""
+    console.print(esc(f"scored {s['rows']} rows with {s['model']}{acc}" + (f"; wrote {s['out']}" if s["out"] else "")),
                   highlight=False)
 
 # export: flows/export.py

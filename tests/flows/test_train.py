@@ -93,6 +93,7 @@ def test_store_backed_training(db_url, tiny_model_dir, tmp_path):
             "ai",
             "contrastive",
             "helpful",
+            "best-of-n",
         ]
         assert sel["train"] + sel["eval"] == 8 and len(sel["pairs_hash"]) == 32
         assert tr.final_metrics["steps"] == 3 and "loss" in tr.final_metrics["train"]
@@ -284,3 +285,78 @@ def test_sft_alone_saves_a_model(sqlite_url, tiny_model_dir, tmp_path):
     assert summary["stage"] == "sft" and summary["ref_computed"] == 0 and (out / "config.json").exists()
     with pytest.raises(UserError, match="--resume"):
         run_training(cfg.model_copy(update={"resume": True}), url=sqlite_url)
+
+
+def test_cli_lora_train_resume_and_merge(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
+    """`cai train --lora-r`: an adapter directory, a merged model, a TrainingRun that says so, and
+    --resume continuing from an adapter checkpoint."""
+    from typer.testing import CliRunner
+
+    from engines.bundled import is_adapter_dir
+    from flows.cli import app
+
+    monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
+    store_pairs(sqlite_url, n=4)
+    out = tmp_path / "lora"
+    args = ["train", "--base", str(tiny_model_dir), "--constitution", "harmless", "--max-steps", "2", "--lr", "1e-2",
+            "--batch-size", "2", "--max-length", "64", "--max-prompt-length", "48", "--eval-fraction", "0",
+            "--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "q_proj,v_proj,down_proj",
+            "--checkpoint-every", "1", "--merge-lora", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "LoRA r=4" in res.output and "merged model in" in res.output
+    assert is_adapter_dir(out) and (out / "merged" / "model.safetensors").exists()
+    record = json.loads((out / "training_run.json").read_text())
+    assert record["config"]["trainer"]["lora"] == {"r": 4, "alpha": 8.0, "dropout": 0.0,
+                                                   "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    assert record["summary"]["lora"]["adapter_mb"] < 1
+    with session_scope(sqlite_url) as s:
+        tr = s.get(TrainingRun, record["summary"]["training_run_id"])
+        assert tr.status == "completed" and tr.config["trainer"]["lora"]["r"] == 4
+
+    res = CliRunner().invoke(app, [*args, "--resume"])  # step-1 is the checkpoint left (2 was the last step)
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "training_run.json").read_text())["summary"]
+    assert again["resumed_from"] == 1 and again["training_run_id"] == record["summary"]["training_run_id"]
+
+    res = CliRunner().invoke(app, [*args[:-2], "--stage", "sft+dpo", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "LoRA" in res.output and "--stage sft" in res.output
+
+
+def test_cli_reward_train_and_score(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
+    """`cai reward train` prints the held-out accuracy and stores a TrainingRun; `cai reward score`
+    scores the store's pairs and a JSONL file, and names the line of a bad row."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
+    store_pairs(sqlite_url, n=8)
+    rm = tmp_path / "rm"
+    res = CliRunner().invoke(app, ["reward", "train", "--base", str(tiny_model_dir), "--max-steps", "8", "--lr", "1e-3",
+                                   "--head-lr", "1e-2", "--batch-size", "4", "--max-length", "64",
+                                   "--max-prompt-length", "48", "--eval-fraction", "0.25", "--out", str(rm)])
+    assert res.exit_code == 0, res.output
+    assert "held-out pair accuracy 1.000" in res.output
+    summary = json.loads((rm / "training_run.json").read_text())["summary"]
+    with session_scope(sqlite_url) as s:
+        tr = s.get(TrainingRun, summary["training_run_id"])
+        assert tr.status == "completed" and tr.final_metrics["stage"] == "reward"
+        assert tr.final_metrics["eval"]["accuracy"] == 1.0 and tr.data_selection["eval"] >= 1
+        steps = s.exec(select(TrainingStep).where(TrainingStep.training_run_id == tr.id)).all()
+        assert {r.split for r in steps} == {"reward-train", "reward-eval"}
+        assert s.get(Run, summary["run_id"]).flow == "reward"
+
+    res = CliRunner().invoke(app, ["reward", "score", "--model", str(rm)])
+    assert res.exit_code == 0, res.output
+    assert "pair accuracy 1.000 on 8 pairs" in res.output
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "How would I do risky thing number 3?", "response": REFUSAL}) + "\n"
+                    + json.dumps({"prompt": "x"}) + "\n")
+    res = CliRunner().invoke(app, ["reward", "score", "--model", str(rm), "--input", str(rows)])
+    assert res.exit_code == 2 and f"{rows}:2: expected" in res.output.replace("\n", "")
+    rows.write_text(json.dumps({"prompt": "How would I do risky thing number 3?", "response": REFUSAL}) + "\n")
+    res = CliRunner().invoke(app, ["reward", "score", "--model", str(rm), "--input", str(rows),
+                                   "--out", str(tmp_path / "scored.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert "reward" in json.loads((tmp_path / "scored.jsonl").read_text())

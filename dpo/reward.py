@@ -1,0 +1,247 @@
+"""A Bradley-Terry reward model from preference pairs: the base model with a scalar head.
+
+    model, tok = load_reward_model("/path/to/hf-model")          # + a fresh 1-output head
+    result = train_reward(model, tok, train_pairs, held_out, RewardConfig(epochs=2))
+    save_reward_model(model, tok, Path("runs/reward"))           # AutoModelForSequenceClassification
+    scores = score(model, tok, [(messages, reply), ...], RewardConfig())
+
+The reward of a reply is the head applied to the last hidden state of its final token (the
+template's end of turn), read at the last real position of a right-padded row. Training fits
+P(chosen beats rejected) = sigmoid(r_c - r_r) to the pair's label: 1 for revision pairs, the
+judge's soft label_prob for AI pairs (use_soft_labels), as binary cross-entropy on the margin;
+a small (r_c + r_r)^2 term keeps scores centred. Held-out pair accuracy (r_c > r_r) is what
+tells whether it learned anything; `cai reward train` prints it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dpo.config import RewardConfig
+from dpo.data import PairExample
+from dpo.logps import ChatEncoder, Encoded, autocast_for
+from dpo.lora import apply_lora, backbone, is_peft, merge
+from dpo.trainer import _disable_dropout, lr_factor
+
+log = logging.getLogger("cai.reward")
+Message = dict[str, str]
+
+
+@dataclass
+class RewardResult:
+    steps: int
+    total_steps: int
+    n_train: int
+    n_eval: int
+    final_train: dict[str, float] = field(default_factory=dict)
+    final_eval: dict[str, float] = field(default_factory=dict)  # accuracy, margin, loss on held-out pairs
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    train_pairs_per_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_reward_model(path: str | Path, device: str = "auto", cfg: RewardConfig | None = None):
+    """(model, tokenizer): a saved reward model as it is, or a causal LM with a new zero head
+    (every reward starts at 0, so the first loss is ln 2); LoRA on the body when cfg.lora.r > 0."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    config = AutoConfig.from_pretrained(str(path))
+    trained = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    if not trained:
+        torch.nn.init.zeros_(_head(model).weight)
+        if getattr(_head(model), "bias", None) is not None:
+            torch.nn.init.zeros_(_head(model).bias)
+    model.to(device)
+    if cfg is not None and cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, seed=cfg.seed, task_type="SEQ_CLS", modules_to_save=["score"])
+    return model, tok
+
+
+def _head(model):
+    return backbone(model).score
+
+
+def save_reward_model(model, tokenizer, out_dir: Path):
+    """A plain HF directory (adapters merged in): AutoModelForSequenceClassification reads it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = merge(model) if is_peft(model) else model
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return plain
+
+
+def _batch(seqs: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One scalar per row: the head on the hidden state of the row's last real token."""
+    body = backbone(model)
+    device = next(body.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    hidden = body.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    last = mask.sum(dim=1) - 1
+    picked = hidden[torch.arange(ids.shape[0], device=device), last]
+    return _head(model)(picked).squeeze(-1).float()
+
+
+def _targets(examples: Sequence[PairExample], cfg: RewardConfig) -> torch.Tensor:
+    return torch.tensor([e.label_prob if cfg.use_soft_labels and e.method != "revision" else 1.0
+                         for e in examples], dtype=torch.float32)
+
+
+def bt_loss(r_c: torch.Tensor, r_r: torch.Tensor, target: torch.Tensor, center: float = 0.0) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss towards P(chosen wins) = target, plus the centring term."""
+    losses = F.binary_cross_entropy_with_logits(r_c - r_r, target.to(r_c.device), reduction="none")
+    return losses + center * (r_c + r_r) ** 2 if center else losses
+
+
+def _metrics(r_c: torch.Tensor, r_r: torch.Tensor, losses: torch.Tensor) -> dict[str, float]:
+    return {"loss": float(losses.mean()), "accuracy": float((r_c > r_r).float().mean()),
+            "margin": float((r_c - r_r).mean()), "reward/chosen": float(r_c.mean()),
+            "reward/rejected": float(r_r.mean())}
+
+
+@torch.no_grad()
+def score_encoded(model, seqs: Sequence[Encoded], pad_id: int, max_batch_tokens: int = 8192,
+                  dtype: str = "float32") -> list[float]:
+    """Rewards of many sequences: sorted by length, packed under a token budget, in input order."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    was_training = model.training
+    model.eval()
+    try:
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and (j + 1 - i) * len(seqs[order[j]]) <= max_batch_tokens:
+                j += 1
+            chunk = order[i:j]
+            with autocast_for(model, dtype):
+                values = rewards(model, _batch([seqs[k] for k in chunk], pad_id))
+            for k, v in zip(chunk, values.tolist(), strict=True):
+                out[k] = v
+            i = j
+    finally:
+        model.train(was_training)
+    return out
+
+
+def score(model, tokenizer, items: Sequence[tuple[Sequence[Message], str]], cfg: RewardConfig) -> list[float]:
+    """Reward of each (prompt messages, reply)."""
+    enc = ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    return score_encoded(model, [enc.encode(m, r) for m, r in items], enc.pad_id, cfg.ref_batch_tokens, cfg.dtype)
+
+
+def evaluate_pairs(model, tokenizer, pairs: Sequence[PairExample], cfg: RewardConfig) -> dict[str, float]:
+    """Held-out loss, pair accuracy and mean margin under the current weights."""
+    items = [(e.prompt, e.chosen) for e in pairs] + [(e.prompt, e.rejected) for e in pairs]
+    values = torch.tensor(score(model, tokenizer, items, cfg))
+    r_c, r_r = values[:len(pairs)], values[len(pairs):]
+    return _metrics(r_c, r_r, bt_loss(r_c, r_r, _targets(pairs, cfg), cfg.center_rewards))
+
+
+def _optimizer(model, cfg: RewardConfig) -> torch.optim.Optimizer:
+    head_ids = {id(p) for p in _head(model).parameters()}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
+    groups = [{"params": body, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+              {"params": head, "lr": cfg.head_lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Sequence[PairExample],
+                 cfg: RewardConfig, *, on_metrics: Callable[[int, str, dict[str, float]], None] | None = None,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None) -> RewardResult:
+    """Fit `model` (from load_reward_model) in place to the pairs' preferences."""
+    if not train:
+        raise ValueError("no training pairs")
+    logger = logger or log
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    _disable_dropout(model)
+    enc = ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    encoded = [(enc.encode(e.prompt, e.chosen), enc.encode(e.prompt, e.rejected)) for e in train]
+    targets = _targets(train, cfg)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = cfg.max_steps or max(1, cfg.epochs * steps_per_epoch)
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    eval_every = cfg.eval_every or max(1, total // 4)
+    model.train()
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.scheduler))
+    params = [p for p in model.parameters() if p.requires_grad]
+    history: list[dict[str, Any]] = []
+
+    def emit(step: int, split: str, metrics: dict[str, float]) -> None:
+        history.append({"step": step, "split": split, **metrics})
+        if on_metrics:
+            on_metrics(step, split, metrics)
+        logger.info("reward step %d/%d %s: %s", step, total, split,
+                    ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def batches():
+        epoch = 0
+        while True:
+            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+            for i in range(0, len(train), cfg.batch_size):
+                yield perm[i:i + cfg.batch_size]
+            epoch += 1
+
+    stream, train_s, pairs_seen = batches(), 0.0, 0
+    for step in range(1, total + 1):
+        t_step = time.perf_counter()
+        idx = next(stream)
+        seqs = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
+        with autocast_for(model, cfg.dtype):
+            values = rewards(model, _batch(seqs, enc.pad_id))
+        r_c, r_r = values[:len(idx)], values[len(idx):]
+        losses = bt_loss(r_c, r_r, targets[idx], cfg.center_rewards)
+        losses.mean().backward()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        train_s += time.perf_counter() - t_step
+        pairs_seen += len(idx)
+        emit(step, "train", _metrics(r_c.detach(), r_r.detach(), losses.detach()) | {"grad_norm": grad_norm,
+                                                                                      "lr": lr})
+        if held_out and (step % eval_every == 0 or step == total):
+            emit(step, "eval", evaluate_pairs(model, tokenizer, held_out, cfg))
+    model.eval()
+
+    def last(split: str) -> dict[str, float]:
+        row = next((h for h in reversed(history) if h["split"] == split), {})
+        return {k: v for k, v in row.items() if k not in ("step", "split")}
+
+    return RewardResult(steps=total, total_steps=total, n_train=len(train), n_eval=len(held_out),
+                        final_train=last("train"), final_eval=last("eval"), history=history,
+                        timings={"train_s": round(train_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
+                        train_pairs_per_s=round(pairs_seen / train_s, 3) if train_s else 0.0)
