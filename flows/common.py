@@ -198,3 +198,54 @@ class Timer:
             yield
         finally:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+
+# --- our errors are one line in Prefect's run logs too ----------------------------------
+
+def ours(exc: BaseException) -> bool:
+    """Is `exc` one of our own errors a person can act on? Only those become one line: an
+    IndexError or KeyError is a bug, and its traceback is what a bug report needs.
+    CheckpointError is looked up only if dpo.checkpoint was imported (it imports torch), since
+    otherwise nothing could have raised it."""
+    import sys
+
+    from engines.bundled import ModelNotFound
+    from store.db import DatabaseError
+
+    types: tuple[type[BaseException], ...] = (UserError, DatabaseError, ConstitutionError, ModelNotFound)
+    checkpoint = sys.modules.get("dpo.checkpoint")
+    if checkpoint is not None:
+        types += (checkpoint.CheckpointError,)
+    return isinstance(exc, types)
+
+
+class _NoTracebackForOurs:
+    """A logging filter: a record carrying one of our errors (`ours`) keeps its one-line message and
+    loses its traceback. Prefect's engines log every exception a task or flow raises with its
+    traceback, on the console and into the run's logs; for a read-only or locked database met
+    mid-run that buried the one line `guarded` prints. A bug's traceback is left as it is."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and ours(exc):
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+# where Prefect logs a failed task or flow run (the run loggers) and an engine that gave up
+PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
+_ONE_LINE = _NoTracebackForOurs()
+
+
+def quiet_our_tracebacks() -> None:
+    """Install the filter on Prefect's run loggers (once). Logger filters survive Prefect's own
+    logging setup (dictConfig replaces handlers, not filters), so this may run before Prefect is imported."""
+    for name in PREFECT_RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if _ONE_LINE not in logger.filters:
+            logger.addFilter(_ONE_LINE)
+
+
+# Installed on import, not only by `cai`'s guard: a run served by `cai schedule` runs in a process
+# Prefect spawns, which imports the flow's module (and so this one) but never runs the guard.
+quiet_our_tracebacks()

@@ -166,7 +166,7 @@ def _ids(url: str) -> dict[str, set]:
             "tags": set(s.exec(select(PromptTag.prompt_id, PromptTag.tag)))}
 
 
-@pytest.mark.parametrize("command", ["generate", "label", "contrast", "eval", "train"])
+@pytest.mark.parametrize("command", ["generate", "label", "contrast", "eval", "train", "run"])
 def test_a_database_locked_mid_run_is_one_line(runner, home, sqlite_url, monkeypatch, prefect_records, command,
                                                request):
     import store.db
@@ -201,6 +201,8 @@ def test_a_database_locked_mid_run_is_one_line(runner, home, sqlite_url, monkeyp
                      "--set", "harmful_constitution=tiny", "--set", "benign_constitution=tiny"],
         "eval": ["eval", "--model", "scripted", "--baseline", "base", "--judge", "judge", "--constitution", "tiny",
                  "--prompts", "before"],
+        "run": ["run", "--model", "scripted", "--judge", "judge", "--constitution", "tiny", "--prompts", "before",
+                "--rounds", "1"],
         "train": ["train", "--base", str(request.getfixturevalue("tiny_model_dir")), "--constitution", "tiny",
                   "--out", "runs/t", "--max-steps", "2", "--batch-size", "2", "--max-length", "64",
                   "--max-prompt-length", "48"],
@@ -214,6 +216,43 @@ def test_a_database_locked_mid_run_is_one_line(runner, home, sqlite_url, monkeyp
     after = _ids(sqlite_url)
     for table, ids in before.items():
         assert ids <= after[table], f"{table}: {len(ids - after[table])} rows stored before are gone"
+    flow = {"run": "generate"}.get(command, command)  # `cai run` met the lock in its first stage
     with session_scope(sqlite_url) as s:  # the run that hit the lock is not recorded as a success
-        statuses = {r.status for r in s.exec(select(Run).where(Run.flow == command))}
+        statuses = {r.status for r in s.exec(select(Run).where(Run.flow == flow))}
     assert statuses and "completed" not in statuses, statuses
+
+
+# --- a run served by `cai schedule`: Prefect runs it in a process it spawns ---------------
+
+_SPAWNED = """
+import logging, sys
+import flows.label  # what the spawned process imports when it unpickles label_flow; `cai` never runs there
+from cai.errors import UserError
+
+out = []
+class H(logging.Handler):
+    def emit(self, record):
+        out.append(logging.Formatter().format(record))
+logging.getLogger("prefect.task_runs").addHandler(H())
+for exc in (UserError("no stored responses of kind initial"), KeyError("a bug")):
+    try:
+        raise exc
+    except Exception as e:  # how Prefect's task engine logs a failed task run
+        logging.getLogger("prefect.task_runs").error("Task run failed with exception: %r", e, exc_info=True)
+print("\\n=====\\n".join(out))
+"""
+
+
+def test_a_served_run_logs_our_errors_in_one_line_and_bugs_with_their_traceback():
+    """`cai schedule` serves each run in a fresh process that Prefect spawns (flow_engine.run_flow_in_subprocess):
+    it imports the flow's module, never `cai`'s guard, so the one-line filter must come with the flows."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, "-c", _SPAWNED], cwd=root, capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    ours, bug = r.stdout.split("\n=====\n")
+    assert ours.strip() == "Task run failed with exception: UserError('no stored responses of kind initial')"
+    assert "Traceback" in bug and "KeyError: 'a bug'" in bug  # a bug keeps what a bug report needs

@@ -55,64 +55,22 @@ def _session():
 
 
 def _ours(exc: BaseException) -> bool:
-    """Is `exc` one of our own errors a person can act on? Only those become one line: an
-    IndexError or KeyError is a bug, and its traceback is what a bug report needs.
-    CheckpointError is looked up only if dpo.checkpoint was imported (it imports torch), since
-    otherwise nothing could have raised it."""
-    import sys
+    from flows.common import ours
 
-    from constitution.load import ConstitutionError
-    from engines.bundled import ModelNotFound
-    from flows.common import UserError
-    from store.db import DatabaseError
-
-    types: tuple[type[BaseException], ...] = (UserError, DatabaseError, ConstitutionError, ModelNotFound)
-    checkpoint = sys.modules.get("dpo.checkpoint")
-    if checkpoint is not None:
-        types += (checkpoint.CheckpointError,)
-    return isinstance(exc, types)
-
-
-class _NoTracebackForOurs:
-    """A logging filter: a record carrying one of our errors (`_ours`) keeps its one-line message and
-    loses its traceback. Prefect's engines log every exception a task or flow raises with its
-    traceback, on the console and into the run's logs; for a read-only or locked database met
-    mid-run that buried the one line `guarded` prints. A bug's traceback is left as it is."""
-
-    def filter(self, record) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and _ours(exc):
-            record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
-
-
-# where Prefect logs a failed task or flow run (the run loggers) and an engine that gave up
-PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
-_ONE_LINE = _NoTracebackForOurs()
-
-
-def quiet_our_tracebacks() -> None:
-    """Install the filter on Prefect's run loggers (once). Logger filters survive Prefect's own
-    logging setup (dictConfig replaces handlers, not filters), so this may run before Prefect is imported."""
-    import logging
-
-    for name in PREFECT_RUN_LOGGERS:
-        logger = logging.getLogger(name)
-        if _ONE_LINE not in logger.filters:
-            logger.addFilter(_ONE_LINE)
+    return ours(exc)
 
 
 def guarded(fn):
     """Turn the errors a user can act on into one line and exit code 2, whether they are raised
     before a flow starts or inside one of its tasks (the flow call re-raises the task's error;
-    Prefect's log of it keeps one line, without the traceback)."""
+    Prefect's log of it keeps one line, without the traceback: the filter flows/common.py
+    installs when a flow module is imported)."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from pydantic import ValidationError
 
-        quiet_our_tracebacks()
         try:
             return fn(*args, **kwargs)
         except ValidationError as exc:  # a setting the config models reject, e.g. --label-source foo
