@@ -178,11 +178,14 @@ class ContrastConfig(StoreSettings):
 
     harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team", "red-team-more"],
                                        description="tags of requests to refuse: chosen = a refusal opening")
-    benign_prompts: list[str] = Field(default_factory=lambda: ["benign", "benign-more"],
+    benign_prompts: list[str] = Field(default_factory=lambda: ["benign", "benign-more", "benign-forms"],
                                       description="tags of requests to answer: chosen = the plain reply")
     harmful_constitution: str = Field(DEFAULT_CONSTITUTION, description="whose version the refusal pairs carry")
     benign_constitution: str = Field("helpful-honest", description="whose version the helpfulness pairs carry")
     limit: int | None = Field(None, ge=1, description="only the first N prompts of each group (by id)")
+    harmful_limit: int | None = Field(None, ge=1, description="only the first N harmful prompts (by id); None: "
+                                      "`limit`. The refusal/helpful balance decides over-refusal (README)")
+    benign_limit: int | None = Field(None, ge=1, description="only the first N benign prompts (by id); None: `limit`")
     model: str = Field(DEFAULT_SPEC, description="the policy whose plain replies are paired")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend and its arguments")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=96),
@@ -478,8 +481,8 @@ class PipelineConfig(Config):
 
     constitution: str = same_as(GenerateConfig, "constitution", "name, name@version or a path; used by every stage")
     prompts: list[str] = same_as(GenerateConfig, "prompts", "prompt tags for generate (SL-CAI) and label")
-    limit: int | None = Field(16, ge=1, description="prompts through SL-CAI and the judge: at 135M their pairs "
-                              "mostly fail the gates, so the demo keeps this small; None for all")
+    limit: int | None = Field(8, ge=1, description="prompts through SL-CAI and the judge: at 135M their pairs "
+                              "all fail the gates (README), so the demo keeps this small; None for all")
     model: str = Field(DEFAULT_SPEC, description="policy for generation, base for training, baseline for eval")
     judge: str | None = Field(None, description="feedback model for labelling and eval; None: the same model")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for every stage")
@@ -495,13 +498,16 @@ class PipelineConfig(Config):
     samples: int = same_as(LabelConfig, "samples")
     principles_per_pair: int = same_as(LabelConfig, "principles_per_pair")
     contrast: bool = Field(True, description="make contrastive refusal pairs and helpfulness pairs (flows/contrast.py)")
-    harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team"], description="refusal-pair prompts: "
-                                       "70 against 194 benign ones (more harmful rows raised over-refusal)")
+    harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team", "red-team-more"],
+                                       description="refusal-pair prompts (150; `harmful_limit` of them are used)")
+    harmful_limit: int | None = Field(110, ge=1, description="refusal pairs against 294 benign prompts: 70 left "
+                                      "harmful compliance high, 149 raised over-refusal by 8 points (README)")
     benign_prompts: list[str] = same_as(ContrastConfig, "benign_prompts")
     contrast_new_tokens: int = Field(64, ge=8, description="length of the plain replies paired in contrast")
     stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft", description="what `train` runs; sft measured best on "
                                                     "the bundled model (README)")
-    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1), description="the supervised stage")
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1, lr=4e-5),
+                           description="the supervised stage: one pass at 4e-5, half the CPU time of two at 2e-5 (README)")
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=1),
                                    description="the DPO step (its seed is the pipeline's `seed`)")
     eval_prompts: list[str] = Field(default_factory=lambda: ["red-team-heldout", "red-team-heldout-more",

@@ -1,6 +1,6 @@
 """Contrastive refusal pairs and helpfulness pairs as a Prefect flow (the method: cai/contrast.py).
 
-    cai contrast --harmful-prompts red-team,red-team-more --benign-prompts benign,benign-more
+    cai contrast --harmful-prompts red-team,red-team-more --benign-prompts benign,benign-more,benign-forms
 
 One plain reply per prompt (greedy, with repetition controls) and one steered side (a refusal
 opening, drawn per prompt). On a harmful prompt the refusal is chosen (method `contrastive`,
@@ -43,8 +43,10 @@ def load_inputs(cfg: ContrastConfig) -> tuple[dict[bool, Constitution], list[con
     with session_scope(cfg.database_url) as s:
         cons = {True: resolve_constitution(s, cfg.harmful_constitution),
                 False: resolve_constitution(s, cfg.benign_constitution)}
-    harmful = load_prompts(cfg.database_url, cfg.harmful_prompts, cfg.limit) if cfg.harmful_prompts else []
-    benign = load_prompts(cfg.database_url, cfg.benign_prompts, cfg.limit) if cfg.benign_prompts else []
+    harmful = (load_prompts(cfg.database_url, cfg.harmful_prompts, cfg.harmful_limit or cfg.limit)
+               if cfg.harmful_prompts else [])
+    benign = (load_prompts(cfg.database_url, cfg.benign_prompts, cfg.benign_limit or cfg.limit)
+              if cfg.benign_prompts else [])
     seen = {p.id for p in harmful}
     sampling = cfg.sampling.sampling(cfg.seed).to_dict()
     plans, prompts = [], {}

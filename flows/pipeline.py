@@ -59,7 +59,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
     paths = _paths(cfg)
     judge = cfg.judge or cfg.model
     s = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
-    cons = ContrastConfig(harmful_prompts=cfg.harmful_prompts, benign_prompts=cfg.benign_prompts,
+    cons = ContrastConfig(harmful_prompts=cfg.harmful_prompts, harmful_limit=cfg.harmful_limit,
+                          benign_prompts=cfg.benign_prompts,
                           harmful_constitution=cfg.constitution, model=cfg.model, engine=cfg.engine, seed=cfg.seed,
                           runner=cfg.runner, sampling={"temperature": 0.0, "max_new_tokens": cfg.contrast_new_tokens})
     return {
