@@ -81,6 +81,17 @@ def test_pairs_per_prompt_kind_with_steering_recorded(use_db, engine):
     assert engine.calls == 12 and again["pairs"]["new_pairs"] == 0  # a rerun computes nothing
 
 
+def test_each_group_can_have_its_own_limit(use_db, engine):
+    # the refusal/helpful balance is what keeps over-refusal down, so it is set per group
+    summary = contrast_flow(_cfg(harmful_limit=2, benign_limit=5))
+    with session_scope() as s:
+        methods = [p.method for p in s.exec(select(PreferencePair))]
+    assert summary["harmful"] == 2 and summary["prompts"] == 7
+    assert methods.count("contrastive") == 2 and methods.count("helpful") == 5
+    # without its own limit a group takes `limit`
+    assert contrast_flow(_cfg(harmful_limit=3))["prompts"] == 3 + 6
+
+
 def test_a_looping_chosen_reply_keeps_its_pair_out(use_db, engine, tmp_path):
     from cai.prompts import parse_file
     from store.queries import store_prompts
