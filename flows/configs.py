@@ -500,8 +500,8 @@ class PipelineConfig(Config):
     contrast: bool = Field(True, description="make contrastive refusal pairs and helpfulness pairs (flows/contrast.py)")
     harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team", "red-team-more"],
                                        description="refusal-pair prompts (150; `harmful_limit` of them are used)")
-    harmful_limit: int | None = Field(90, ge=1, description="refusal pairs against 294 benign prompts: 70 left "
-                                      "harmful compliance high, 110 and 149 raised over-refusal by 6 and 8 points (README)")
+    harmful_limit: int | None = Field(110, ge=1, description="refusal pairs against 294 benign prompts: 70 left "
+                                      "harmful compliance high; 90, 110 and 149 all raised over-refusal by 6-12 points (README)")
     benign_prompts: list[str] = same_as(ContrastConfig, "benign_prompts")
     contrast_new_tokens: int = Field(64, ge=8, description="length of the plain replies paired in contrast")
     stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft", description="what `train` runs; sft measured best on "
