@@ -501,13 +501,13 @@ class PipelineConfig(Config):
     harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team", "red-team-more"],
                                        description="refusal-pair prompts (150; `harmful_limit` of them are used)")
     harmful_limit: int | None = Field(110, ge=1, description="refusal pairs against 294 benign prompts: 70 left "
-                                      "harmful compliance high; 90, 110 and 149 all raised over-refusal by 6-12 points (README)")
+                                      "harmful compliance high; 90, 110 and 149 raised over-refusal 6-12 points")
     benign_prompts: list[str] = same_as(ContrastConfig, "benign_prompts")
     contrast_new_tokens: int = Field(64, ge=8, description="length of the plain replies paired in contrast")
     stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft", description="what `train` runs; sft measured best on "
                                                     "the bundled model (README)")
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1, lr=4e-5),
-                           description="the supervised stage: one pass at 4e-5, half the CPU time of two at 2e-5 (README)")
+                           description="the supervised stage: one pass at 4e-5, half the CPU of two at 2e-5")
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=1),
                                    description="the DPO step (its seed is the pipeline's `seed`)")
     eval_prompts: list[str] = Field(default_factory=lambda: ["red-team-heldout", "red-team-heldout-more",
