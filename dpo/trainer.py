@@ -343,19 +343,29 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
         train_pairs_per_s=round(pairs_trained / train_s, 3) if train_s else 0.0)
 
 
-def plot_metrics(history: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Loss, reward margins/accuracy, log-probs and lr per step, train and eval, to one PNG."""
+DPO_PANELS = (("loss", ("loss",)), ("rewards", ("rewards/chosen", "rewards/rejected", "rewards/margins")),
+              ("reward accuracy", ("rewards/accuracies",)), ("log-probs", ("logps/chosen", "logps/rejected")),
+              ("grad norm", ("grad_norm",)), ("learning rate", ("lr",)))
+
+
+def plot_metrics(history: Sequence[dict[str, Any]], path: Path,
+                 panels: Sequence[tuple[str, Sequence[str]]] = DPO_PANELS) -> Path | None:
+    """Per-step metrics, train and eval, one panel per (title, keys), three panels a row, to one PNG.
+
+    The default panels are the DPO loop's: loss, reward margins/accuracy, log-probs, grad norm, lr.
+    """
     if not history:
         return None
     # a bare Figure renders with Agg and leaves pyplot's global backend alone (no display on servers)
     from matplotlib.figure import Figure
 
-    panels = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
-              ("reward accuracy", ["rewards/accuracies"]), ("log-probs", ["logps/chosen", "logps/rejected"]),
-              ("grad norm", ["grad_norm"]), ("learning rate", ["lr"])]
-    fig = Figure(figsize=(15, 8))
-    axes = fig.subplots(2, 3)
-    for ax, (title, keys) in zip(axes.flat, panels, strict=True):
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(5 * cols, 4 * rows_n))
+    axes = list(fig.subplots(rows_n, cols, squeeze=False).flat)
+    for ax in axes[len(panels):]:  # a last row that is not full
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes, panels, strict=False):
         for split, style in (("train", "-"), ("eval", "o--")):  # one colour per metric, eval dashed
             rows = [h for h in history if h["split"] == split]
             for colour, key in enumerate(keys):

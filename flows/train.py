@@ -364,25 +364,9 @@ def run_reward_training(cfg: RewardTrainConfig, url: str | None = None) -> dict[
 
 
 def plot_reward(history: list[dict[str, Any]], path: Path) -> Path | None:
-    if not history:
-        return None
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4))
-    for ax, key in zip(fig.subplots(1, 3), ("loss", "accuracy", "margin"), strict=True):
-        for split, style in (("train", "-"), ("eval", "o--")):
-            pts = [(h["step"], h[key]) for h in history if h["split"] == split and key in h]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, style, label=split, markersize=3)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
+    """The reward model's loss, held-out pair accuracy and score margin per step."""
+    return plot_metrics(history, path, panels=(("loss", ("loss",)), ("accuracy", ("accuracy",)),
+                                               ("margin", ("margin",))))
 
 
 def _score_rows(cfg: RewardScoreConfig, url: str | None) -> list[dict[str, Any]]:
