@@ -393,15 +393,20 @@ def best_of_n_task(cfg: LabelConfig, run_id: str) -> StageStats:
     return _run(cfg, run_id, stage, items)
 
 
+def _count_statuses(s, ids: list[str], out: dict[str, int]) -> None:
+    """Add the stored pairs among `ids` to `out`, by status and in all ("pairs")."""
+    for i in range(0, len(ids), 500):
+        for status, n in s.exec(select(PreferencePair.status, func.count()).where(
+                PreferencePair.id.in_(ids[i:i + 500])).group_by(PreferencePair.status)):
+            out[status] = out.get(status, 0) + n
+            out["pairs"] += n
+
+
 def counts_best_of_n(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str, int]:
     ids = [k for k, _, _ in plan_best_of_n(cfg, c, prompts)]
     out = {"pairs": 0, "ok": 0, "tie": 0, "position-inconsistent": 0, "judgments": 0, "candidate_pairs": len(ids)}
     with session_scope(cfg.database_url) as s:
-        for i in range(0, len(ids), 500):
-            for status, n in s.exec(select(PreferencePair.status, func.count()).where(
-                    PreferencePair.id.in_(ids[i:i + 500])).group_by(PreferencePair.status)):
-                out[status] = out.get(status, 0) + n
-                out["pairs"] += n
+        _count_statuses(s, ids, out)
     return out
 
 
@@ -411,11 +416,7 @@ def counts(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str
     ids = [it.id for it in items]
     out = {"pairs": 0, "ok": 0, "tie": 0, "position-inconsistent": 0}
     with session_scope(cfg.database_url) as s:
-        for i in range(0, len(ids), 500):
-            for status, n in s.exec(select(PreferencePair.status, func.count()).where(
-                    PreferencePair.id.in_(ids[i:i + 500])).group_by(PreferencePair.status)):
-                out[status] = out.get(status, 0) + n
-                out["pairs"] += n
+        _count_statuses(s, ids, out)
         out["judgments"] = len(existing_ids(s, Judgment.id, [k for it in items for k in it.judgments]))
     out["candidate_pairs"] = len(items)
     return out
