@@ -257,6 +257,19 @@ def run(
                   + f"; total {__import__('time').perf_counter() - t0:.0f}s", highlight=False)
 
 
+def _served_flow_config(verb: str, flow_name: str, constitution: str | None, prompts: list[str] | None,
+                        config_file: Path | None, settings: list[str] | None):
+    """The validated config a scheduled or deployed flow will run with (exit 2 on a bad flow or setting)."""
+    from flows.schedule import FLOWS
+
+    if flow_name not in FLOWS:
+        fail(f"cannot {verb} {flow_name!r}: choose one of {', '.join(FLOWS)}")
+    flags = {"constitution": constitution} if constitution else {}
+    if prompts:
+        flags["prompts"] = _split(prompts)
+    return resolve_config(CONFIGS[flow_name], config_file, settings or (), flags)
+
+
 @app.command("schedule")
 @guarded
 def schedule(
@@ -274,14 +287,7 @@ def schedule(
 
     The settings are validated against the flow's config before anything is served.
     """
-    from flows.schedule import FLOWS
-
-    if flow_name not in FLOWS:
-        fail(f"cannot schedule {flow_name!r}: choose one of {', '.join(FLOWS)}")
-    flags = {"constitution": constitution} if constitution else {}
-    if prompts:
-        flags["prompts"] = _split(prompts)
-    cfg = resolve_config(CONFIGS[flow_name], config_file, settings or (), flags)
+    cfg = _served_flow_config("schedule", flow_name, constitution, prompts, config_file, settings)
     if show_config:
         show(cfg)
         return
@@ -313,14 +319,8 @@ def deploy(
     The settings are validated against the flow's config before the server is asked anything.
     """
     from flows.cli.options import merge, parse_set
-    from flows.schedule import FLOWS
 
-    if flow_name not in FLOWS:
-        fail(f"cannot deploy {flow_name!r}: choose one of {', '.join(FLOWS)}")
-    flags = {"constitution": constitution} if constitution else {}
-    if prompts:
-        flags["prompts"] = _split(prompts)
-    cfg = resolve_config(CONFIGS[flow_name], config_file, settings or (), flags)
+    cfg = _served_flow_config("deploy", flow_name, constitution, prompts, config_file, settings)
     if show_config:
         show(cfg)
         return
