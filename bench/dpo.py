@@ -2,7 +2,7 @@
 
     python -m bench.dpo                       # 64 pairs, 16 steps of batch 4, max_length 256, fp32
     python -m bench.dpo --steps 8 --dtype bfloat16 --gradient-checkpointing
-    python -m bench.dpo --only lora,trl       # the LoRA row against TRL's default alone
+    python -m bench.dpo --only lora,trl --repeats 3   # the LoRA row against TRL's default, median of 3
 
 Four runs on the same pairs and settings, each in its own Python process so its peak memory
 is its own: the peak resident set size (ru_maxrss, the RSS high-water mark of the process,
@@ -13,15 +13,19 @@ which counts torch's CPU allocations and the loaded weights alike; tracemalloc w
     lora            the same loop with LoRA adapters (peft; r=16, alpha=32 on q,k,v,o_proj by
                     default, --lora-lr): the reference pass runs with adapters off, the base is
                     frozen, so there are no weight gradients or optimizer state for it
+                    (both of ours: the lean SwiGLU and the heap trim of dpo/memory.py, as in
+                    every `cai train`; no activation checkpointing, no token budget)
     trl             trl.DPOTrainer as configured by default: a reference model in memory
     trl_precompute  trl.DPOTrainer(precompute_ref_log_probs=True)
 
 The timed region starts with the policy loaded and ends when training returns: it includes
 tokenization, the reference model (loading it, or the precompute pass) and every step, and
-excludes imports, loading the policy and saving. Both sides get the same optimizer (fused
-AdamW), lr schedule, clipping, batch size, max_length, dtype, gradient checkpointing setting
-and number of steps. Prints one JSON line. TRL is a dev dependency (the `test` extra); only
-this file imports it.
+excludes imports, loading the policy and saving. With --repeats N the modes run interleaved
+N times (a slow spell of the machine then hits each of them), each in a fresh directory (no
+cached reference log-probs), and the median time and the highest peak are reported. Both
+sides get the same optimizer (fused AdamW), lr schedule, clipping, batch size, max_length,
+dtype, gradient checkpointing setting and number of steps. Prints one JSON line. TRL is a
+dev dependency (the `test` extra); only this file imports it.
 """
 
 from __future__ import annotations
@@ -77,10 +81,9 @@ def _peak_mb() -> float:
 
 
 def _workdir(args, name: str) -> str:
-    # inside the parent's temp dir, so nothing is left behind
-    path = Path(args.data).parent / name
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
+    # inside the parent's temp dir, so nothing is left behind; a fresh one per run, so a repeat
+    # never finds the reference log-probs an earlier run stored
+    return tempfile.mkdtemp(prefix=f"{name}-", dir=Path(args.data).parent)
 
 
 def child_ours(args, records: list[dict], model_dir: str, lora: bool = False) -> dict:
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=float, default=32.0)
     ap.add_argument("--lora-lr", type=float, default=1e-4, help="adapters take a larger lr than full weights")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each mode, interleaved; the median time "
+                    "and the highest peak are reported")
     ap.add_argument("--only", default="ours,lora,trl,trl_precompute", help="comma-separated subset of the runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -198,10 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         data_file = Path(tmp) / "pairs.json"
         data_file.write_text(json.dumps(records))
-        runs = {mode: run_child(mode, args, data_file, model_dir) for mode in args.only.split(",")}
+        modes = args.only.split(",")
+        tries: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every mode
+            for mode in modes:
+                tries[mode].append(run_child(mode, args, data_file, model_dir))
+    runs = {mode: _median_run(t) for mode, t in tries.items()}
 
     result: dict = {"model": DEFAULT_SPEC, "peak_memory": "ru_maxrss of a fresh process per run",
-                    "pairs": args.pairs, "steps": args.steps,
+                    "repeats": args.repeats, "pairs": args.pairs, "steps": args.steps,
                     "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
                     "gradient_checkpointing": args.gradient_checkpointing, "threads": _threads()}
     for mode, r in runs.items():
@@ -210,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         result[f"{mode}_seconds"] = round(r["seconds"], 2)
         result[f"{mode}_loop_s"] = round(r["train_s"], 2) if r.get("train_s") is not None else None
         result[f"{mode}_final_loss"] = r.get("final_loss")
+        if args.repeats > 1:
+            result[f"{mode}_seconds_all"] = [round(t["seconds"], 2) for t in tries[mode]]
     if "ours" in runs and "trl" in runs:
         result["speed_ratio"] = round(result["ours_pairs_s"] / result["trl_pairs_s"], 3)
         result["memory_ratio"] = round(result["ours_peak_mb"] / result["trl_peak_mb"], 3)
@@ -222,6 +234,13 @@ def main(argv: list[str] | None = None) -> None:
         result["speed_ratio_vs_precompute"] = round(result["ours_pairs_s"] / result[f"{pre}_pairs_s"], 3)
         result["memory_ratio_vs_precompute"] = round(result["ours_peak_mb"] / result[f"{pre}_peak_mb"], 3)
     print(json.dumps(result), flush=True)
+
+
+def _median_run(tries: list[dict]) -> dict:
+    """The run of median time, with the highest peak memory of all tries (memory barely varies;
+    time does, with the machine's load)."""
+    ordered = sorted(tries, key=lambda t: t["seconds"])
+    return {**ordered[len(ordered) // 2], "peak_mb": max(t["peak_mb"] for t in tries)}
 
 
 def _threads() -> int:

@@ -12,8 +12,11 @@ of the weights, no second forward per step. A rerun on the same pairs finds ever
 log-prob cached and skips that pass. On `resume` the pass runs (if anything is missing) before
 the checkpoint's weights are loaded, so it always sees the base weights.
 
-Chosen and rejected of a micro-batch go through one forward (concatenated), so the step pays
-the per-call overhead once and pads both to one width.
+Chosen and rejected of a micro-batch go through one forward (packed), so the step pays the
+per-call overhead once and pads both to one width. With `train_batch_tokens` a batch goes through
+in forwards of at most that many tokens (same gradients, less activation memory, more time); the
+MLP blocks keep less for backward, and freed heap memory goes back to the OS after every step
+(dpo/memory.py).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from dpo.data import PairExample, RefCache, RefValue, ref_key
 from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_pair_logps, pair_batch, sequence_logps
 from dpo.lora import reference
 from dpo.loss import dpo_loss, pair_metrics
+from dpo.memory import release_freed_memory, training_memory
 
 log = logging.getLogger("cai.dpo")
+
 
 
 @dataclass
@@ -186,6 +191,23 @@ def _micro_batches(n: int, cfg: TrainerConfig):
         epoch += 1
 
 
+def _token_split(enc: list[tuple[Encoded, Encoded]], idx: list[int], budget: int | None) -> list[list[int]]:
+    """`idx` in consecutive parts of at most `budget` packed tokens each (a longer pair alone)."""
+    if not budget:
+        return [idx]
+    parts: list[list[int]] = [[]]
+    used = 0
+    for i in idx:
+        c, r = enc[i]
+        n = len(c) + len(r.completion_ids)  # one packed row: prompt + chosen + rejected
+        if parts[-1] and used + n > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append(i)
+        used += n
+    return parts
+
+
 def _pair_forward(model, pairs: _Pairs, idx: list[int], pad_id: int, cfg: TrainerConfig):
     chosen_rejected = [pairs.enc[i] for i in idx]
     with autocast_for(model, cfg.dtype):
@@ -231,6 +253,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
     eval_pairs, c2, r2, tr2 = (prepare_pairs(model, encoder, held_out, cfg, ref_model_id, ref_cache)
                                if held_out else (None, 0, 0, 0))
     ref_s = time.perf_counter() - t0
+    release_freed_memory()
     logger.info("reference log-probs: %d computed, %d reused from the cache (%.1fs); %d sequences truncated",
                 c1 + c2, r1 + r2, ref_s, tr1 + tr2)
 
@@ -270,56 +293,60 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
         logger.info("step %d/%d %s: %s", step, total, split, shown)
 
     batches = _micro_batches(len(train_pairs), cfg)
+    budget = cfg.train_batch_tokens
     for _ in range(start * micro_per_step):  # skip what the checkpoint already trained on
         next(batches)
     params = [p for p in model.parameters() if p.requires_grad]
     train_s, stopped_early, step, pairs_trained = 0.0, False, start, 0
     stop_reason = "max steps"
-    for step in range(start + 1, total + 1):
-        t_step = time.perf_counter()
-        micro = [next(batches) for _ in range(micro_per_step)]
-        n_pairs = sum(len(m) for m in micro)
-        pairs_trained += n_pairs
-        parts, tokens = [], 0
-        for idx in micro:
-            losses, rc, rr, pi_c, pi_r, n_tok = _pair_forward(model, train_pairs, idx, encoder.pad_id, cfg)
-            (losses.sum() / n_pairs).backward()  # the step's mean over pairs, however it is split
-            parts.append((losses.detach(), rc, rr, pi_c.detach(), pi_r.detach()))
-            tokens += n_tok
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t_step
-        train_s += dt
-        metrics = pair_metrics(*(torch.cat([p[i] for p in parts]) for i in range(5)))
-        metrics.update({"grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens / dt,
-                        "epoch": step * cfg.batch_size * micro_per_step / len(train_pairs)})
-        emit(step, "train", metrics)
+    # MLP blocks keep less for backward (dpo/memory.py); full checkpointing already keeps nothing
+    with training_memory(model, cfg.recompute_mlp and not cfg.gradient_checkpointing):
+        for step in range(start + 1, total + 1):
+            t_step = time.perf_counter()
+            micro = [next(batches) for _ in range(micro_per_step)]
+            n_pairs = sum(len(m) for m in micro)
+            pairs_trained += n_pairs
+            parts, tokens = [], 0
+            for idx in (part for m in micro for part in _token_split(train_pairs.enc, m, budget)):
+                losses, rc, rr, pi_c, pi_r, n_tok = _pair_forward(model, train_pairs, idx, encoder.pad_id, cfg)
+                (losses.sum() / n_pairs).backward()  # the step's mean over pairs, however it is split
+                parts.append((losses.detach(), rc, rr, pi_c.detach(), pi_r.detach()))
+                tokens += n_tok
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            release_freed_memory()  # else the heap keeps this step's activations' pages (dpo/memory.py)
+            dt = time.perf_counter() - t_step
+            train_s += dt
+            metrics = pair_metrics(*(torch.cat([p[i] for p in parts]) for i in range(5)))
+            metrics.update({"grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens / dt,
+                            "epoch": step * cfg.batch_size * micro_per_step / len(train_pairs)})
+            emit(step, "train", metrics)
 
-        if eval_pairs is not None and (step % eval_every == 0 or step == total):
-            ev = evaluate(model, eval_pairs, encoder.pad_id, cfg)
-            emit(step, "eval", ev)
-            if ev["loss"] < best_eval:
-                best_eval, bad_evals = ev["loss"], 0
-            else:
-                bad_evals += 1
-            if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
-                logger.info("early stop at step %d: eval loss has not improved on %.4f for %d evals",
-                            step, best_eval, bad_evals)
-                stopped_early = True
-                stop_reason = (f"early stop at step {step}: held-out loss has not improved on {best_eval:.4f} "
-                               f"for {bad_evals} evals")
-        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total and not stopped_early:
-            state_meta = {**(meta or {}), "history": history, "best_eval": best_eval, "bad_evals": bad_evals,
-                          "total_steps": total}
-            path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state_meta,
-                                   cfg.keep_checkpoints)
-            logger.info("checkpoint %s", path)
-        if stopped_early:
-            break
+            if eval_pairs is not None and (step % eval_every == 0 or step == total):
+                ev = evaluate(model, eval_pairs, encoder.pad_id, cfg)
+                emit(step, "eval", ev)
+                if ev["loss"] < best_eval:
+                    best_eval, bad_evals = ev["loss"], 0
+                else:
+                    bad_evals += 1
+                if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
+                    logger.info("early stop at step %d: eval loss has not improved on %.4f for %d evals",
+                                step, best_eval, bad_evals)
+                    stopped_early = True
+                    stop_reason = (f"early stop at step {step}: held-out loss has not improved on {best_eval:.4f} "
+                                   f"for {bad_evals} evals")
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total and not stopped_early:
+                state_meta = {**(meta or {}), "history": history, "best_eval": best_eval, "bad_evals": bad_evals,
+                              "total_steps": total}
+                path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state_meta,
+                                       cfg.keep_checkpoints)
+                logger.info("checkpoint %s", path)
+            if stopped_early:
+                break
 
     # the optimizer state is twice the model: free it before the caller saves the weights
     del optimizer, scheduler, params
