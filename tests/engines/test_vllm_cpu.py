@@ -154,3 +154,47 @@ def test_cli_generate_and_label_with_engine_vllm(veng, tmp_path, monkeypatch):
     labelled = [p for p in pairs if p.method == "ai"]
     assert labelled, [p.method for p in pairs]
     assert all(0.0 <= p.label_prob <= 1.0 and p.judge_model == SPEC for p in labelled)
+
+
+def test_a_trained_lora_adapter_serves_in_vllm_as_in_hf(veng, tmp_path, tokenizer_dir):
+    """A LoRA adapter directory as `cai train --lora-r --merge-lora` writes it: vLLM serves its
+    merged/ weights, the hf engine merges the adapter itself, and both give the same greedy text,
+    which is not the base model's (so the adapter was applied, not skipped). A small random
+    Llama with 64-wide heads (vLLM's CPU attention kernels take 64, not the test suite's 16)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dpo.config import LoraSettings
+    from dpo.lora import apply_lora, merge
+    from dpo.trainer import save_model
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, initializer_range=0.1)  # peaked logits: no near-ties
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "lora"
+    save_model(LlamaForCausalLM(cfg), tok, base_dir)
+    model = apply_lora(LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+                       LoraSettings(r=8, alpha=16))
+    with torch.no_grad():  # as if trained: B = 0 would leave the merged weights equal to the base
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    save_model(model, tok, adapter_dir)
+    save_model(merge(model), tok, adapter_dir / "merged")
+
+    greedy = Sampling(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
+    convs = [conv(q) for q in QUESTIONS[:3]]
+    texts = {}
+    for name, path, backend in (("base", base_dir, "hf"), ("hf", adapter_dir, "hf"), ("vllm", adapter_dir, "vllm")):
+        kwargs = ({"max_context": 512, "kv_cache_gib": 1, "llm_kwargs": {"enforce_eager": True}}
+                  if backend == "vllm" else {"dtype": "float32"})
+        e = engines.load(str(path), engine=backend, **kwargs)
+        try:
+            texts[name] = [r.text for r in e.generate(convs, greedy)]
+        finally:
+            e.close()
+    assert texts["vllm"] == texts["hf"], texts
+    assert texts["hf"] != texts["base"], texts
