@@ -103,7 +103,8 @@ def resolve(spec: str) -> Path | str:
     if p.is_dir():
         if not (p / "config.json").exists() and not is_adapter_dir(p):
             raise ModelNotFound(f"{p} is not a model directory in HF format (no config.json)")
-        return p
+        # absolute: a LoRA adapter records its base's path, and must load from any directory
+        return p.resolve()
     if p.exists() or spec.startswith((".", "/", "~")):
         raise ModelNotFound(f"model path {spec} does not exist")
     return spec  # a hub id; loading fails with a clear message where the hub is unreachable

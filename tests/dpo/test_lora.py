@@ -125,3 +125,20 @@ def test_unknown_target_module_names_what_the_model_has(tiny_model_dir):
     model, _ = load_policy(tiny_model_dir, "cpu")
     with pytest.raises(ValueError, match="qkv_proj not in this model .*q_proj"):
         apply_lora(model, LoraSettings(r=2, target_modules=["qkv_proj"]))
+
+
+def test_an_adapter_on_a_relative_base_path_loads_from_any_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """`cai train --base runs/sft --lora-r 16` records the base in adapter_config.json: a path
+    relative to where training ran would not load from anywhere else."""
+    from engines.bundled import resolve
+    from engines.hf import HFEngine
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    base = resolve(tiny_model_dir.name)  # what `cai train --base <relative dir>` loads
+    model, tok = load_policy(base, "cpu")
+    save_model(apply_lora(model, LORA), tok, tmp_path / "adapter")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    engine = HFEngine(str(tmp_path / "adapter"), device="cpu", dtype="float32")
+    assert engine.model is not None
