@@ -30,7 +30,7 @@ from dpo.config import RewardConfig
 from dpo.data import PairExample
 from dpo.logps import ChatEncoder, Encoded, autocast_for
 from dpo.lora import apply_lora, backbone, is_peft, merge
-from dpo.trainer import _disable_dropout, lr_factor
+from dpo.trainer import _disable_dropout, lr_factor, optimizer_step
 
 log = logging.getLogger("cai.reward")
 Message = dict[str, str]
@@ -223,12 +223,7 @@ def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Seque
         r_c, r_r = values[:len(idx)], values[len(idx):]
         losses = bt_loss(r_c, r_r, targets[idx], cfg.center_rewards)
         losses.mean().backward()
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(params, opt, sched, cfg.max_grad_norm)
         train_s += time.perf_counter() - t_step
         pairs_seen += len(idx)
         emit(step, "train", _metrics(r_c.detach(), r_r.detach(), losses.detach()) | {"grad_norm": grad_norm,

@@ -24,7 +24,7 @@ import torch
 
 from dpo.config import SFTConfig
 from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_logps, collate, sequence_logps
-from dpo.trainer import _disable_dropout, _optimizer, lr_factor
+from dpo.trainer import _disable_dropout, _optimizer, lr_factor, optimizer_step
 
 log = logging.getLogger("cai.sft")
 
@@ -115,11 +115,7 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
         idx = order[start:start + cfg.batch_size]
         nll, n = _nll(model, [tr[i] for i in idx], enc.pad_id, cfg.dtype)
         (nll / max(n, 1)).backward()
-        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        norm, lr = optimizer_step(params, opt, sched, cfg.max_grad_norm)
         emit(step, "train", {"loss": float(nll.detach()) / max(n, 1), "grad_norm": norm, "lr": lr,
                              "epoch": step * cfg.batch_size / len(tr)})
         if ev and (step % eval_every == 0 or step == total):

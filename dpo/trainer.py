@@ -132,6 +132,20 @@ def _optimizer(model, cfg: TrainerConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+    """Clip (0: no clipping), step, advance the schedule, drop the gradients and give freed heap
+    memory back (dpo/memory.py); returns (grad norm before clipping, the lr this step used).
+    The one step of the DPO, SFT and reward loops."""
+    max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    release_freed_memory()  # else the heap keeps this step's activations' pages
+    return grad_norm, lr
+
+
 class _Pairs:
     """Encoded pairs with their reference log-probs and per-pair label smoothing, as tensors."""
 
@@ -312,13 +326,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
                 (losses.sum() / n_pairs).backward()  # the step's mean over pairs, however it is split
                 parts.append((losses.detach(), rc, rr, pi_c.detach(), pi_r.detach()))
                 tokens += n_tok
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            release_freed_memory()  # else the heap keeps this step's activations' pages (dpo/memory.py)
+            grad_norm, lr = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
             dt = time.perf_counter() - t_step
             train_s += dt
             metrics = pair_metrics(*(torch.cat([p[i] for p in parts]) for i in range(5)))
