@@ -12,6 +12,7 @@ a run on a superset, reads instead of recomputing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -153,6 +154,17 @@ def constitution_versions(session: Session, pair_ids: Sequence[str]) -> list[str
                             .where(PreferencePair.id.in_(ids[i:i + 500]))).all()
         refs.update(f"{n}@{v}" for n, v in rows)
     return sorted(refs)
+
+
+def cap_method(pairs: Sequence[PairExample], method: str, ratio: float | None) -> list[PairExample]:
+    """`pairs` with at most `ratio` pairs of `method` per pair of any other method: the first by
+    pair id (stable across runs), the others all kept, the order otherwise unchanged."""
+    if ratio is None:
+        return list(pairs)
+    others = sum(p.method != method for p in pairs)
+    keep = {p.id for p in sorted((p for p in pairs if p.method == method), key=lambda p: p.id)
+            [:math.floor(ratio * others)]}
+    return [p for p in pairs if p.method != method or p.id in keep]
 
 
 def split_eval(examples: Sequence[PairExample], fraction: float

@@ -333,12 +333,15 @@ class TrainConfig(StoreSettings):
     resume: bool = Field(False, description="continue from the newest checkpoint in out/checkpoints")
     merge_lora: bool = Field(False, description="with trainer.lora.r > 0: also write out/merged, the adapter "
                              "folded into the base (a plain HF model, what vLLM serves)")
+    dpo_helpful_ratio: float | None = Field(None, gt=0, description="DPO stage: at most this many `helpful` pairs "
+                                            "per other pair (1: balanced; None: all). After SFT on the bundled "
+                                            "model, all 250 undid the refusals SFT taught, 1:1 kept them (README)")
 
     @model_validator(mode="after")
     def _lora_stage(self) -> TrainConfig:
-        if self.trainer.lora.enabled and self.stage != "dpo":
-            raise ValueError(f"LoRA (trainer.lora.r > 0) trains the DPO stage only, not --stage {self.stage}; "
-                             "run --stage sft first and pass its output as --base")
+        if self.trainer.lora.enabled and self.stage == "sft":
+            raise ValueError("LoRA (trainer.lora.r > 0) trains the DPO stage, and --stage sft has none; use "
+                             "--stage sft+dpo (full-weight SFT, then adapters for DPO) or drop --lora-r")
         return self
 
     def pair_filter(self):

@@ -27,6 +27,7 @@ from dpo.checkpoint import latest_checkpoint, read_meta
 from dpo.data import (
     PairExample,
     StoreRefCache,
+    cap_method,
     constitution_versions,
     examples_from_records,
     select_pairs,
@@ -226,14 +227,6 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
         load_s = time.perf_counter() - t_load
         ref_id = model_fingerprint(base_path)
         lora = cfg.trainer.lora
-        if lora.enabled:
-            try:
-                model = apply_lora(model, lora, seed=cfg.trainer.seed)
-            except ValueError as exc:
-                raise UserError(f"--lora-target-modules: {exc}") from None
-            n_train, n_all = trainable_parameters(model)
-            logger.info("LoRA r=%d alpha=%g on %s: %d trainable parameters of %d (%.2f%%)", lora.r, lora.alpha,
-                        ",".join(lora.target_modules), n_train, n_all, 100 * n_train / n_all)
         sft: SFTResult | None = None
         if cfg.stage in ("sft", "sft+dpo"):
             sft_train, sft_held = sft_examples(train), sft_examples(held_out)
@@ -244,14 +237,31 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
             ref_id += "+sft:" + content_hash(selection["pairs_hash"], cfg.sft.model_dump(), length=12)
         result: TrainResult | None = None
         if cfg.stage in ("dpo", "sft+dpo"):
+            if lora.enabled:  # after SFT: the adapters train DPO, the SFT weights are their base and reference
+                try:
+                    model = apply_lora(model, lora, seed=cfg.trainer.seed)
+                except ValueError as exc:
+                    raise UserError(f"--lora-target-modules: {exc}") from None
+                n_train, n_all = trainable_parameters(model)
+                logger.info("LoRA r=%d alpha=%g on %s: %d trainable parameters of %d (%.2f%%)", lora.r,
+                            lora.alpha, ",".join(lora.target_modules), n_train, n_all, 100 * n_train / n_all)
+            dpo_train = cap_method(train, "helpful", cfg.dpo_helpful_ratio)
+            dpo_held = cap_method(held_out, "helpful", cfg.dpo_helpful_ratio)
+            if cfg.dpo_helpful_ratio is not None:
+                logger.info("dpo on %d of %d pairs (at most %g helpful pairs per other pair)", len(dpo_train),
+                            len(train), cfg.dpo_helpful_ratio)
+                selection |= {"dpo_train": len(dpo_train), "dpo_eval": len(dpo_held)}
             result = train_dpo(
-                model, tokenizer, train, held_out, cfg.trainer, out_dir=out,
+                model, tokenizer, dpo_train, dpo_held, cfg.trainer, out_dir=out,
                 ref_model_id=ref_id, ref_cache=StoreRefCache(url),
                 on_metrics=_step_writer(training_run_id, url), resume=cfg.resume,
                 meta={"training_run_id": training_run_id, "pairs_hash": selection["pairs_hash"]}, logger=logger)
         t_save = time.perf_counter()
+        if lora.enabled and sft is not None:
+            # the adapters' base is the SFT model, which exists only here: save the two merged
+            model = merge(model)
         save_model(model, tokenizer, out)  # LoRA: the adapter alone (adapter_model.safetensors, MBs)
-        if lora.enabled and cfg.merge_lora:
+        if lora.enabled and cfg.merge_lora and sft is None:
             save_model(merge(model), tokenizer, out / "merged")
         history = (result.history if result else []) + [h | {"split": "sft-" + h["split"]}
                                                           for h in (sft.history if sft else [])]
@@ -283,7 +293,8 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
         summary["lora"] = {"r": lora.r, "alpha": lora.alpha, "target_modules": lora.target_modules,
                            "trainable_parameters": n_train, "parameters": n_all,
                            "adapter_mb": round(sum(f.stat().st_size for f in out.glob("adapter_model.*")) / 2**20, 3),
-                           "merged": str(out / "merged") if cfg.merge_lora else None}
+                           "merged": (str(out) if sft is not None else
+                                      str(out / "merged") if cfg.merge_lora else None)}
     if result:
         summary |= result.to_dict()
     else:  # sft alone: the same keys, from the supervised run

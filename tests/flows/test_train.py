@@ -4,6 +4,7 @@ a tiny model, and what the store and the output directory hold afterwards."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from pydantic import ValidationError
@@ -319,8 +320,36 @@ def test_cli_lora_train_resume_and_merge(sqlite_url, tiny_model_dir, tmp_path, m
     again = json.loads((out / "training_run.json").read_text())["summary"]
     assert again["resumed_from"] == 1 and again["training_run_id"] == record["summary"]["training_run_id"]
 
-    res = CliRunner().invoke(app, [*args[:-2], "--stage", "sft+dpo", "--out", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "LoRA" in res.output and "--stage sft" in res.output
+    res = CliRunner().invoke(app, [*args[:-2], "--stage", "sft", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "LoRA" in res.output and "--stage sft+dpo" in res.output
+
+
+def test_sft_then_lora_dpo_on_capped_helpful_pairs_saves_the_merged_model(sqlite_url, tiny_model_dir, tmp_path):
+    """--stage sft+dpo --lora-r: full-weight SFT, then adapters for DPO whose reference is the SFT
+    model (adapters off), so the first DPO loss is ln 2; the output is SFT + adapters merged, a
+    plain model, since the adapters' base exists nowhere else. dpo_helpful_ratio caps the
+    `helpful` pairs DPO sees; SFT still learns from all of them."""
+    from sqlmodel import update
+
+    from engines.bundled import is_adapter_dir
+
+    store_pairs(sqlite_url, n=8)
+    with session_scope(sqlite_url) as s:  # six of the eight become helpfulness pairs
+        s.exec(update(PreferencePair).where(PreferencePair.id.in_([f"pair-{i}" for i in range(2, 8)]))
+               .values(method="helpful"))
+    out = tmp_path / "run"
+    cfg = config(tiny_model_dir, out, stage="sft+dpo", eval_fraction=0, dpo_helpful_ratio=1.0, max_steps=2,
+                 lr=1e-2, lora={"r": 4, "alpha": 8})
+    cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"lr": 3e-3, "max_steps": 2, "batch_size": 4,
+                                                                   "max_length": 64, "max_prompt_length": 48})})
+    summary = run_training(cfg, url=sqlite_url)
+    assert summary["sft"]["n_train"] == 8 and summary["n_train"] == 4  # 2 others + 2 of the 6 helpful
+    assert summary["lora"]["merged"] == str(out)
+    assert (out / "model.safetensors").exists() and not is_adapter_dir(out)
+    with session_scope(sqlite_url) as s:
+        first = s.exec(select(TrainingStep).where(TrainingStep.split == "train", TrainingStep.step == 1)).one()
+        assert all("+sft:" in r.ref_model for r in s.exec(select(RefLogp)))
+    assert abs(first.metrics["loss"] - math.log(2)) < 1e-4  # policy == reference (the SFT model) at step 1
 
 
 def test_cli_reward_train_and_score(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
