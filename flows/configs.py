@@ -507,12 +507,16 @@ class PipelineConfig(Config):
                                       "harmful compliance high; 90, 110 and 149 raised over-refusal 6-12 points")
     benign_prompts: list[str] = same_as(ContrastConfig, "benign_prompts")
     contrast_new_tokens: int = Field(64, ge=8, description="length of the plain replies paired in contrast")
-    stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft", description="what `train` runs; sft measured best on "
-                                                    "the bundled model (README)")
+    stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft+dpo", description="what `train` runs: SFT, then LoRA DPO "
+                                                    "on balanced pairs measured best on the bundled model (README)")
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1, lr=4e-5),
                            description="the supervised stage: one pass at 4e-5, half the CPU of two at 2e-5")
-    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=1),
-                                   description="the DPO step (its seed is the pipeline's `seed`)")
+    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=1, lr=1e-4,
+                                                                         lora={"r": 16, "alpha": 32}),
+                                   description="the DPO step after SFT: LoRA r=16 at 1e-4, one pass (its seed is "
+                                   "the pipeline's `seed`)")
+    dpo_helpful_ratio: float | None = Field(1.0, gt=0, description="helpful pairs per refusal pair in DPO: all of "
+                                            "them undid SFT's refusals (README)")
     eval_prompts: list[str] = Field(default_factory=lambda: ["red-team-heldout", "red-team-heldout-more",
                                                              "benign-heldout", "benign-heldout-more"],
                                     description="held-out prompt tags: 50 harmful and 50 benign requests")

@@ -48,6 +48,7 @@ def test_cai_run_end_to_end_and_the_retrain_rule(sqlite_url, monkeypatch, tiny_m
     cfg = PipelineConfig(model=base, limit=3, harmful_prompts=["red-team"], benign_prompts=["benign"],
                          eval_prompts=["red-team-heldout", "benign-heldout"], eval_limit=2, max_new_tokens=16,
                          sft={"max_steps": 2, "batch_size": 2, "max_length": 128, "max_prompt_length": 96},
+                         trainer={"max_steps": 2, "batch_size": 2, "max_length": 128, "max_prompt_length": 96},
                          runner={"show_progress": False}, report_dir=tmp_path / "report")
     register_engine(base, Helpful(base))
     try:
@@ -63,7 +64,9 @@ def test_cai_run_end_to_end_and_the_retrain_rule(sqlite_url, monkeypatch, tiny_m
         assert {"contrastive", "helpful"} <= methods
         # SL-CAI revisions equal to the initial answer are kept out: no better than what they revise
         assert all(p.status.startswith("gated:") for p in pairs if p.method == "revision")
-        assert len(runs) == 1 and runs[0].final_metrics["stage"] == "sft" and sft_rows
+        # the default: SFT, then LoRA DPO on balanced pairs, saved as one merged model
+        assert len(runs) == 1 and runs[0].final_metrics["stage"] == "sft+dpo" and sft_rows
+        assert first["results"]["train"]["lora"]["r"] == 16 and runs[0].final_metrics["sft"]["steps"] == 2
         assert evals and all("quality" in e.details for e in evals)
         assert (tmp_path / "exports" / "harmless").is_dir() and (tmp_path / "exports" / "helpful-honest").is_dir()
         assert (tmp_path / "runs" / "harmless-cai" / "config.json").exists()
