@@ -70,13 +70,27 @@ def distinct_n(tokens: Sequence[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def trim_to_sentence(text: str) -> str:
-    """A reply cut off by the token limit, shortened to its last complete sentence (if it has one)."""
+# A list item or heading opened and left empty at the very end ("...help:\n\n1.", "\n- ", "\n### ").
+_DANGLING_MARKER = re.compile(r"(?:\n[ \t]*(?:\d+[.)]|[-*\u2022]|#+)[ \t]*)+$")
+_LIST_NUMBER = re.compile(r"(?:^|\n)[ \t]*\d+$")  # before a ".", it numbers an item: no sentence ends there
+
+
+def dangling(text: str) -> bool:
+    """The reply ends announcing what never comes: a trailing colon, or an empty list item or heading."""
     text = text.strip()
-    if not text or text[-1] in ".!?)\"'`*":
+    return text.endswith(":") or bool(_DANGLING_MARKER.search("\n" + text))
+
+
+def trim_to_sentence(text: str) -> str:
+    """A reply cut off by the token limit, shortened to its last complete sentence (if it has one).
+
+    An empty list item at the end goes, and so does an announcement that nothing follows ("Here are
+    some tips:"): a row ending "...help:\n\n1." would teach a model to stop right after the opener."""
+    text = _DANGLING_MARKER.sub("", "\n" + text.strip()).strip()
+    if not text or (text[-1] in ".!?)\"'`*" and not _LIST_NUMBER.search(text[:-1])):
         return text
-    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
-    return text[:cut + 1].strip() if cut > 0 else text
+    ends = [m.start() for m in re.finditer(r"[.!?](?=\s)", text) if not _LIST_NUMBER.search(text[:m.start()])]
+    return text[:ends[-1] + 1].strip() if ends else text
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,7 @@ class Quality:
         return d
 
 
-GATES = ("empty", "truncated", "repetition", "apology-loop", "restates-request")
+GATES = ("empty", "truncated", "dangling", "repetition", "apology-loop", "restates-request")
 
 
 def assess(prompt: str, reply: str, finish_reason: str | None = None) -> Quality:
@@ -129,6 +143,8 @@ def assess(prompt: str, reply: str, finish_reason: str | None = None) -> Quality
         failed.append("empty")
     if truncated and trim_to_sentence(reply) == reply.strip():  # cut off with no complete sentence
         failed.append("truncated")
+    if finish_reason != "length" and dangling(reply):  # the model itself stopped after "Here's how:\n\n1."
+        failed.append("dangling")
     top_word = max((toks.count(w) for w in set(content)), default=0)
     numbers = sum(w.isdigit() for w in toks)
     if (rep3 > MAX_REPEATED_TRIGRAMS or most > MAX_SAME_SENTENCE or (len(toks) >= 12 and d2 < MIN_DISTINCT_2)

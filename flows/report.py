@@ -331,8 +331,8 @@ def _eval_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
     rows = [[t, role, r["model"], r["n"], _pct(r["refusal_rate"]), _pct(r["win_rate"]), r["judged"]]
             for t, roles in ev["sets"].items() for role, r in roles.items()]
     kinds = [[k, role, r["n"], _pct(r["harmful_compliance"]), _pct(r["over_refusal"]), _pct(r["apology_rate"]),
-              _num(r["repeated_trigrams"]), _num(r["distinct_2"]), _num(r["mean_words"], ".1f"),
-              _num(r["drift_logp"])]
+              _pct(r.get("dangling_rate")), _num(r["repeated_trigrams"]), _num(r["distinct_2"]),
+              _num(r["mean_words"], ".1f"), _num(r["drift_logp"])]
              for k, roles in ev.get("kinds", {}).items() for role, r in roles.items()]
     out = [f'<p class="meta">eval {_e(ev["eval_name"])}, judge {_e(ev["judge"] or "n/a")}. '
            "Refusing a benign request is over-refusal: lower is better there.</p>",
@@ -341,10 +341,11 @@ def _eval_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
     if kinds:
         out += ["<h3>What the replies look like</h3>",
                 '<p class="meta">harmful compliance: a harmful request answered; over-refusal: a benign request '
-                "refused or met with apologies; repetition and drift (mean token log-prob under the baseline) "
-                "from cai/quality.py and the eval's scoring pass.</p>",
+                "refused or met with apologies; hollow endings: the reply stops right after announcing an answer "
+                "(\"Here's how:\" and an empty list item); repetition and drift (mean token log-prob under the "
+                "baseline) from cai/quality.py and the eval's scoring pass.</p>",
                 _table(["prompts", "role", "n", "harmful compliance", "over-refusal", "apology/boilerplate",
-                        "repeated trigrams", "distinct-2", "mean words", "drift"], kinds)]
+                        "hollow endings", "repeated trigrams", "distinct-2", "mean words", "drift"], kinds)]
     for ex in ev.get("replies", []):
         out.append(f'<div class="example"><p class="label">{_e(ex["kind"])} ({_e(ex["prompt_tag"])}): '
                    f'{_e(ex["prompt"])}</p>')

@@ -76,12 +76,13 @@ def render_eval(summary: dict[str, Any], console) -> None:
             return "-" if v is None else format(v, fmt)
 
         kinds = Table("prompts", "role", "n", "harmful compliance", "over-refusal", "apology/boilerplate",
-                      "repeated trigrams", "distinct-2", "mean words", "drift (log-prob/token)",
+                      "hollow endings", "repeated trigrams", "distinct-2", "mean words", "drift (log-prob/token)",
                       title="what the replies look like (cai/quality.py gates; lower is better but distinct-2)")
         for kind, roles in summary["kinds"].items():
             for role, st in roles.items():
                 kinds.add_row(esc(kind), esc(role), str(st["n"]), pct(st["harmful_compliance"]),
-                              pct(st["over_refusal"]), pct(st["apology_rate"]), num(st["repeated_trigrams"]),
+                              pct(st["over_refusal"]), pct(st["apology_rate"]), pct(st.get("dangling_rate")),
+                              num(st["repeated_trigrams"]),
                               num(st["distinct_2"]), num(st["mean_words"], ".1f"), num(st["drift_logp"]))
         console.print(kinds)
     for ex in summary.get("examples", [])[:6]:

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from cai.quality import assess, distinct_n, gate_pair, is_harmful, repeated_ngram_share, trim_to_sentence, words
+from cai.quality import (
+    assess,
+    distinct_n,
+    finish,
+    gate_pair,
+    is_harmful,
+    repeated_ngram_share,
+    trim_to_sentence,
+    words,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 
@@ -78,6 +87,24 @@ def test_truncation_and_trimming() -> None:
     assert trim_to_sentence(cut) == "Keep a regular bedtime."
     assert "truncated" not in assess("q", cut, "length").failed  # it has a complete sentence to keep
     assert "truncated" in assess("q", "Keep the room cool and dark and avoid", "length").failed
+
+
+def test_a_list_opened_and_left_empty_is_cut_back_and_gated() -> None:
+    # what SmolLM2 writes when 64 tokens run out right after announcing a list: "1." is a list
+    # number, not a sentence end, and the announcement with nothing after it goes too
+    cut = "Moving can be stressful. Here's some advice that might help:\n\n1. **Declutter"
+    assert trim_to_sentence(cut) == "Moving can be stressful."
+    assert trim_to_sentence("Moving can be stressful. Here's some advice:\n\n1.") == "Moving can be stressful."
+    listed = "Tips:\n\n1. Sleep more.\n2. Eat well."
+    assert trim_to_sentence(listed + "\n3. **Exer") == listed
+    assert trim_to_sentence("In 1995. The year was") == "In 1995."  # a number inside a line ends a sentence
+    # the stored text of a cut reply never ends announcing what never comes
+    text, q = finish("How do I pack?", "Here are 5 exercises:\n\n1.", "length")
+    assert text == "Here are 5 exercises:" and q["failed"] == ["dangling"]
+    assert finish("How do I pack?", "Here are 5 exercises:\n\n1. Squats", "length")[1]["failed"] == ["truncated"]
+    # a model that itself stops there gave a hollow reply
+    assert assess("How do I pack?", "Moving is hard. Here's how:\n\n1.", "stop").failed == ("dangling",)
+    assert assess("How do I pack?", "Moving is hard. Pack one room a day.", "stop").ok
 
 
 def test_ngram_figures() -> None:

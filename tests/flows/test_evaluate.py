@@ -78,6 +78,19 @@ def test_summarize_computes_rates_per_set_and_role_exactly() -> None:
     assert summarize([_row("x", "model", False, None)])["x"]["model"]["win_rate"] is None
 
 
+def test_reply_stats_count_hollow_endings() -> None:
+    from cai.evaluate import reply_stats
+    from cai.quality import assess
+
+    def row(text: str) -> EvalResult:
+        q = assess("How do I pack a kitchen?", text, "stop")
+        return EvalResult(id=text, eval_name="e", prompt_id="p", prompt_tag="b", model="m", role="model", text=text,
+                          details={"quality": q.to_dict(), "harmful": False})
+
+    st = reply_stats([row("Packing is hard. Here's some advice:\n\n1."), row("Wrap each glass in paper.")])
+    assert st["dangling_rate"] == 0.5 and st["over_refusal"] == 0.0
+
+
 def test_judge_chunk_averages_both_orders_and_principles() -> None:
     from constitution.load import Preference
 
