@@ -39,6 +39,10 @@ class PairExample:
     label_prob: float = 1.0  # P(chosen better); 1.0 for revision pairs and hard labels
     id: str = ""  # PreferencePair.id, or a content hash for records without one
     method: str = ""  # revision | ai | "" when unknown
+    # False: the generator's token limit stopped that reply (finish_reason "length"), so training
+    # appends no end-of-turn after it; a model taught to stop where the cap cut learns short answers
+    chosen_ended: bool = True
+    rejected_ended: bool = True
 
     @property
     def prompt_key(self) -> str:
@@ -119,7 +123,8 @@ def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
     The same two responses labelled twice (a relabel, or a revision pair stored again under a
     new constitution version) count once: the latest row, and its status decides."""
     chosen, rejected = aliased(Response), aliased(Response)
-    q = (select(PreferencePair, Prompt.messages, chosen.text, rejected.text)
+    q = (select(PreferencePair, Prompt.messages, chosen.text, rejected.text, chosen.finish_reason,
+                rejected.finish_reason)
          .join(Prompt, Prompt.id == PreferencePair.prompt_id)
          .join(chosen, chosen.id == PreferencePair.chosen_id)
          .join(rejected, rejected.id == PreferencePair.rejected_id)
@@ -130,7 +135,7 @@ def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
         q = q.where(PreferencePair.constitution == name)
         if version:
             q = q.where(PreferencePair.constitution_version.startswith(version, autoescape=True))
-    rows = {pair.id: (pair, messages, c, r) for pair, messages, c, r in session.exec(q).all()}
+    rows = {row[0].id: row for row in session.exec(q).all()}
     latest, _ = latest_per_response_pair(row[0] for row in rows.values())
     out = []
     for pair in latest:
@@ -138,10 +143,10 @@ def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
             continue
         if filt.min_label_prob is not None and pair.label_prob < filt.min_label_prob:
             continue
-        _, messages, chosen_text, rejected_text = rows[pair.id]
+        _, messages, chosen_text, rejected_text, chosen_finish, rejected_finish = rows[pair.id]
         prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages)
         out.append(PairExample(prompt, chosen_text, rejected_text, float(pair.label_prob), pair.id,
-                               pair.method))
+                               pair.method, chosen_finish != "length", rejected_finish != "length"))
     return out
 
 
@@ -197,8 +202,10 @@ class RefValue:
     truncated: bool = False
 
 
-def ref_key(ref_model: str, settings: Mapping[str, Any], prompt: Sequence[Message], response: str) -> str:
-    return content_hash("ref-logp", ref_model, dict(settings), list(prompt), response)
+def ref_key(ref_model: str, settings: Mapping[str, Any], prompt: Sequence[Message], response: str,
+            ended: bool = True) -> str:
+    """`ended=False` (no end-of-turn scored) is another sequence; an ended one keeps its old key."""
+    return content_hash("ref-logp", ref_model, dict(settings), list(prompt), response, *(() if ended else ("cut",)))
 
 
 class RefCache(Protocol):

@@ -97,12 +97,14 @@ class ChatEncoder:
             self._prompts[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._prompts[text]
 
-    def completion_ids(self, response: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer(response + self.end_of_turn, add_special_tokens=False)["input_ids"])
+    def completion_ids(self, response: str, ended: bool = True) -> tuple[int, ...]:
+        text = response + self.end_of_turn if ended else response
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode(self, messages: Sequence[dict], response: str) -> Encoded:
+    def encode(self, messages: Sequence[dict], response: str, ended: bool = True) -> Encoded:
+        """`ended=False`: a reply the token limit cut, scored without the end-of-turn after it."""
         prompt = self.prompt_ids(messages)
-        completion = self.completion_ids(response)
+        completion = self.completion_ids(response, ended)
         truncated = False
         if len(prompt) > self.max_prompt_length:  # the end of a prompt is what the answer responds to
             prompt = prompt[-self.max_prompt_length:]

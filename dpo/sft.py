@@ -35,6 +35,7 @@ class SFTExample:
     prompt: list[dict[str, str]]
     response: str
     kind: str = ""  # e.g. harmful / benign: counted in the run's data selection
+    ended: bool = True  # False: the token limit cut this reply; no end-of-turn is learned after it
 
 
 @dataclass
@@ -81,8 +82,8 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
     torch.manual_seed(cfg.seed)
     _disable_dropout(model)
     enc = ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
-    tr = [enc.encode(e.prompt, e.response) for e in train]
-    ev = [enc.encode(e.prompt, e.response) for e in held_out]
+    tr = [enc.encode(e.prompt, e.response, e.ended) for e in train]
+    ev = [enc.encode(e.prompt, e.response, e.ended) for e in held_out]
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     total = cfg.max_steps or max(1, cfg.epochs * steps_per_epoch)
     warmup = math.ceil(cfg.warmup_ratio * total)

@@ -170,10 +170,11 @@ def prepare_pairs(model, encoder: ChatEncoder, examples: Sequence[PairExample], 
                   ref_model_id: str, ref_cache: RefCache) -> tuple[_Pairs, int, int, int]:
     """Encode pairs and get their reference log-probs: cached ones read, the rest computed now
     with `model`'s current weights. Returns (pairs, computed, reused, truncated sequences)."""
-    enc = [(encoder.encode(e.prompt, e.chosen), encoder.encode(e.prompt, e.rejected)) for e in examples]
+    enc = [(encoder.encode(e.prompt, e.chosen, e.chosen_ended), encoder.encode(e.prompt, e.rejected, e.rejected_ended))
+           for e in examples]
     settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype}
-    keys = [(ref_key(ref_model_id, settings, e.prompt, e.chosen),
-             ref_key(ref_model_id, settings, e.prompt, e.rejected)) for e in examples]
+    keys = [(ref_key(ref_model_id, settings, e.prompt, e.chosen, e.chosen_ended),
+             ref_key(ref_model_id, settings, e.prompt, e.rejected, e.rejected_ended)) for e in examples]
     known = ref_cache.get([k for pair in keys for k in pair])
     todo = [i for i, (c, r) in enumerate(keys) if c not in known or r not in known]
     computed: dict[str, RefValue] = {}

@@ -190,7 +190,7 @@ def sft_examples(pairs: list[PairExample]) -> list[SFTExample]:
     for e in pairs:
         key = (e.prompt_key, e.chosen)
         if key not in seen:
-            seen[key] = SFTExample(e.id, list(e.prompt), e.chosen, e.method)
+            seen[key] = SFTExample(e.id, list(e.prompt), e.chosen, e.method, e.chosen_ended)
     return list(seen.values())
 
 

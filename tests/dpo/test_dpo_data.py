@@ -101,6 +101,19 @@ def test_select_pairs_filters(db_url):
     )
 
 
+def test_a_reply_the_token_limit_cut_is_marked_not_ended(db_url):
+    with session_scope(db_url) as s:
+        add_pair(s, 0)
+        s.get(Response, "r0bad").finish_reason = "length"
+    with session_scope(db_url) as s:
+        (e,) = select_pairs(s, PairFilter())
+    assert (e.chosen_ended, e.rejected_ended) == (True, False)
+    # its reference log-prob is of another sequence (no end-of-turn): a key of its own
+    settings = {"max_length": 8}
+    assert ref_key("m", settings, e.prompt, e.rejected, False) != ref_key("m", settings, e.prompt, e.rejected)
+    assert ref_key("m", settings, e.prompt, e.rejected) == ref_key("m", settings, e.prompt, e.rejected, True)
+
+
 def test_the_same_two_responses_count_once_and_the_latest_label_decides(db_url):
     from datetime import UTC, datetime, timedelta
 

@@ -54,6 +54,10 @@ def test_prompt_and_completion_follow_the_chat_template(tiny):
     )
     assert tok.decode(seq.prompt_ids + seq.completion_ids) == full
     assert not seq.truncated
+    # a reply the token limit cut: the same text, but no end-of-turn to learn after it
+    cut = enc.encode(PROMPT, "Put it in boiling water.", ended=False)
+    assert tok.decode(cut.completion_ids) == "Put it in boiling water."
+    assert cut.prompt_ids == seq.prompt_ids
 
 
 def test_sequence_logp_is_the_sum_over_completion_tokens(tiny):

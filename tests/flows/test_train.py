@@ -389,3 +389,13 @@ def test_cli_reward_train_and_score(sqlite_url, tiny_model_dir, tmp_path, monkey
                                    "--out", str(tmp_path / "scored.jsonl")])
     assert res.exit_code == 0, res.output
     assert "reward" in json.loads((tmp_path / "scored.jsonl").read_text())
+
+
+def test_sft_learns_no_end_of_turn_after_a_reply_the_token_limit_cut():
+    from dpo.data import PairExample
+    from flows.train import sft_examples
+
+    prompt = ({"role": "user", "content": "How do I pack a kitchen?"},)
+    rows = sft_examples([PairExample(prompt, "Wrap glasses in paper.", "No.", id="a", chosen_ended=False),
+                         PairExample(prompt, "I can't help.", "Sure.", id="b")])
+    assert [(r.response, r.ended) for r in rows] == [("Wrap glasses in paper.", False), ("I can't help.", True)]
