@@ -135,7 +135,8 @@ def assess(prompt: str, reply: str, finish_reason: str | None = None) -> Quality
     asked = set(words(prompt))
     overlap = sum(w in asked for w in content) / len(content) if content else 0.0
     restates = bool(content) and overlap >= RESTATE_OVERLAP and len(toks) <= 2 * max(len(words(prompt)), 4)
-    truncated = finish_reason == "length" and bool(reply.strip()) and reply.strip()[-1] not in ".!?)\"'`*:"
+    # a colon the cap cut after announces what never came: cut off, not complete
+    truncated = finish_reason == "length" and bool(reply.strip()) and reply.strip()[-1] not in ".!?)\"'`*"
     refused, pattern = detect(reply)
     most = max(counts.values(), default=0)
     failed = []

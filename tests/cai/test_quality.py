@@ -102,6 +102,7 @@ def test_a_list_opened_and_left_empty_is_cut_back_and_gated() -> None:
     text, q = finish("How do I pack?", "Here are 5 exercises:\n\n1.", "length")
     assert text == "Here are 5 exercises:" and q["failed"] == ["dangling"]
     assert finish("How do I pack?", "Here are 5 exercises:\n\n1. Squats", "length")[1]["failed"] == ["truncated"]
+    assert finish("How do I pack?", "Here are 5 exercises:", "length")[1]["failed"] == ["truncated"]
     # a model that itself stops there gave a hollow reply
     assert assess("How do I pack?", "Moving is hard. Here's how:\n\n1.", "stop").failed == ("dangling",)
     assert assess("How do I pack?", "Moving is hard. Pack one room a day.", "stop").ok
