@@ -507,8 +507,8 @@ class PipelineConfig(Config):
                                       "harmful compliance high; 90, 110 and 149 raised over-refusal 6-12 points")
     benign_prompts: list[str] = same_as(ContrastConfig, "benign_prompts")
     contrast_new_tokens: int = Field(64, ge=8, description="length of the plain replies paired in contrast")
-    stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft+dpo", description="what `train` runs: SFT, then LoRA DPO "
-                                                    "on balanced pairs measured best on the bundled model (README)")
+    stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft+dpo", description="what `train` runs: the CAI recipe, SFT "
+                                                    "then LoRA DPO (SFT alone: one reply of 50 worse each way, README)")
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1, lr=4e-5, dtype="bfloat16"),
                            description="the supervised stage: one pass at 4e-5, half the CPU of two at 2e-5; bf16 "
                            "autocast, ~1.6x fp32's step speed on this CPU (weights stay fp32)")
@@ -516,8 +516,8 @@ class PipelineConfig(Config):
                                                                          eval_every=8, lora={"r": 16, "alpha": 32}),
                                    description="the DPO step after SFT: LoRA r=16 at 1e-4, one pass, bf16 autocast, "
                                    "a held-out eval every 8 steps (its seed is the pipeline's `seed`)")
-    dpo_helpful_ratio: float | None = Field(1.0, gt=0, description="helpful pairs per refusal pair in DPO: all of "
-                                            "them undid SFT's refusals (README)")
+    dpo_helpful_ratio: float | None = Field(1.0, gt=0, description="helpful pairs per refusal pair in DPO: 1 cut "
+                                            "compliance most, 1.5 or 2 kept over-refusal lower; all undid SFT (README)")
     eval_prompts: list[str] = Field(default_factory=lambda: ["red-team-heldout", "red-team-heldout-more",
                                                              "benign-heldout", "benign-heldout-more"],
                                     description="held-out prompt tags: 50 harmful and 50 benign requests")
