@@ -101,6 +101,7 @@ def header(facts: dict[str, Any], data_files: dict[str, str]) -> dict[str, Any]:
             "constitution": {"name": c["name"], "version": c["version"], "sha256": c["sha256"]},
             "counts": counts,
             "counts_by_method": facts["counts_by_method"],
+            "cut": facts["cut"],  # replies the token cap stopped, per split: see the *_cut columns
             "prompts": facts["prompts"],
             "label_prob": {k: lp[k] for k in ("count", "mean", "min", "max") if k in lp},
             "policy_models": sorted(facts["models"]["policy"]),
@@ -169,7 +170,23 @@ def _counts(facts: dict[str, Any]) -> list[str]:
     statuses = facts["counts_by_status"]
     if set(statuses) - {"ok"}:
         out += ["Pair status: " + ", ".join(f"{k} {n}" for k, n in statuses.items()), ""]
-    return out
+    return out + _cut(facts)
+
+
+def _cut(facts: dict[str, Any]) -> list[str]:
+    """How many replies the generator's token cap stopped, and what a trainer should do with them."""
+    counts, cut = facts["counts"], facts["cut"]
+    pairs = sum(counts[s] for s in schema.CONFIGS["prefs"][0])
+    sft = sum(counts[s] for s in schema.CONFIGS["sft"][0])
+    chosen = sum(cut[s]["chosen"] for s in schema.CONFIGS["prefs"][0])
+    rejected = sum(cut[s]["rejected"] for s in schema.CONFIGS["prefs"][0])
+    responses = sum(cut[s]["response"] for s in schema.CONFIGS["sft"][0])
+    if not chosen + rejected + responses:
+        return ["Cut replies: none. The generator's token cap stopped no reply in this export "
+                "(every `chosen_cut`, `rejected_cut` and `response_cut` is false).", ""]
+    return [f"Cut replies (the generator's token cap stopped them before the model finished; the row's "
+            f"`chosen_cut`, `rejected_cut` or `response_cut` is true): {chosen} chosen and {rejected} rejected "
+            f"of the {pairs} preference pairs, {responses} of the {sft} SFT replies. " + schema.CUT_ADVICE, ""]
 
 
 def _label_probs(facts: dict[str, Any]) -> list[str]:

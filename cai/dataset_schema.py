@@ -7,6 +7,11 @@ Column names follow TRL, so the splits train without any column mapping:
   what TRL's SFTTrainer reads for conversational data.
 - `*_prefs` splits: `prompt`, `chosen`, `rejected` as lists of {"role", "content"}, what TRL's
   DPOTrainer reads for conversational data (`chosen`/`rejected` hold one assistant turn).
+- `chosen_cut` / `rejected_cut` / `response_cut`: the generator's token cap stopped that reply
+  (store.Response.finish_reason "length"). TRL appends an end-of-turn to every completion, so a
+  trainer that keeps these rows teaches the model to stop where the cap cut (`cai train` scores a
+  cut reply without one; see DESCRIPTIONS). Readers of a version-1 export (no such columns) take
+  a missing column as "not cut".
 Every row also carries its provenance, so it can be traced back to the store.
 
 The two row shapes differ, so the Hub card declares two configs (`prefs`, the default, and
@@ -19,7 +24,7 @@ from typing import Any
 
 from datasets import Features, List, Value
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the *_cut columns
 
 MESSAGE = {"role": Value("string"), "content": Value("string")}
 
@@ -41,6 +46,7 @@ _PROVENANCE: dict[str, Any] = {
 SFT_FEATURES = Features({
     "messages": List(MESSAGE),
     "response_id": Value("string"),
+    "response_cut": Value("bool"),
     **_PROVENANCE,
 })
 
@@ -50,6 +56,8 @@ PREFS_FEATURES = Features({
     "rejected": List(MESSAGE),
     "chosen_id": Value("string"),
     "rejected_id": Value("string"),
+    "chosen_cut": Value("bool"),
+    "rejected_cut": Value("bool"),
     **_PROVENANCE,
 })
 
@@ -66,6 +74,15 @@ CONFIGS: dict[str, tuple[tuple[str, ...], bool]] = {
     "sft": (("train_sft", "test_sft"), False),
 }
 
+# What a trainer should do with a cut reply: the card says it beside the columns and the counts.
+# TRL (1.x) ends every completion with an end-of-turn, conversational (the chat template) or plain
+# text (it appends the EOS token), so the rows cannot simply be passed in another format.
+CUT_ADVICE = ("Score a cut reply without an end-of-turn/EOS token after it, or a model learns to stop "
+              "mid-answer: TRL appends one to every completion (chat template or plain text), so drop "
+              "rows with a cut chosen reply (`ds.filter(lambda r: not r[\"chosen_cut\"])`; "
+              "`response_cut` for the SFT splits) or tokenize them yourself without it; "
+              "`cai train --dataset` does this itself.")
+
 # One line per column for the dataset card.
 DESCRIPTIONS: dict[str, str] = {
     "messages": "prompt turns followed by the final revision as the assistant turn",
@@ -75,6 +92,11 @@ DESCRIPTIONS: dict[str, str] = {
     "response_id": "store id of the final revision (store.Response.id)",
     "chosen_id": "store id of the chosen response",
     "rejected_id": "store id of the rejected response",
+    "response_cut": "true when the token cap stopped the final revision (see `chosen_cut`)",
+    "chosen_cut": "true when the generator's token cap stopped the chosen response (finish_reason "
+                  "`length`): the model had not finished, though the text may end at a trimmed sentence. "
+                  + CUT_ADVICE,
+    "rejected_cut": "true when the token cap stopped the rejected response (see `chosen_cut`)",
     "id": "store id of the preference pair the row comes from (store.PreferencePair.id)",
     "prompt_id": "store id of the prompt; the train/test split is a hash of it",
     "method": "`revision` (SL-CAI: final revision over initial answer) or `ai` (RL-CAI: feedback model)",
@@ -87,6 +109,14 @@ DESCRIPTIONS: dict[str, str] = {
     "judge_model": "feedback model that labelled the pair (null for revision pairs)",
     "run_id": "store id of the flow run that made the pair (store.Run.id)",
 }
+
+
+CUT_FINISH_REASON = "length"  # store.Response.finish_reason when the generator's token cap stopped it
+
+
+def is_cut(finish_reason: str | None) -> bool:
+    """What the *_cut columns hold: the token cap stopped the reply, the model had not finished."""
+    return finish_reason == CUT_FINISH_REASON
 
 
 def messages(turns: list[dict[str, Any]]) -> list[dict[str, str]]:

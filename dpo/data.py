@@ -76,8 +76,21 @@ def _messages(value: Any, where: str) -> tuple[Message, ...]:
     return tuple(out)
 
 
+def _ended(r: Mapping[str, Any], key: str, where: str) -> bool:
+    """Not `key` (`chosen_cut` / `rejected_cut`, as `cai export` writes them): a reply the token cap
+    cut is trained without an end-of-turn, as from the store. Absent or null (a version-1 export,
+    a hand-made file): not cut."""
+    cut = r.get(key)
+    if cut is None:
+        return True
+    if not isinstance(cut, bool):
+        raise ValueError(f"{where}: {key} must be true, false or null, got {cut!r}")
+    return not cut
+
+
 def examples_from_records(records: Iterable[Mapping[str, Any]]) -> list[PairExample]:
-    """Pairs from dicts with prompt / chosen / rejected (+ optional label_prob, id, method).
+    """Pairs from dicts with prompt / chosen / rejected (+ optional label_prob, id, method,
+    chosen_cut, rejected_cut).
 
     Accepts what `cai export` writes (TRL's conversational preference format), so a HF
     `Dataset` of the prefs split can be passed as it is. Errors name the row and the field.
@@ -95,7 +108,8 @@ def examples_from_records(records: Iterable[Mapping[str, Any]]) -> list[PairExam
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"record {i}: label_prob must lie in [0, 1], got {p}")
         pid = r.get("id") or r.get("pair_id") or content_hash("pair", list(prompt), chosen, rejected)
-        out.append(PairExample(prompt, chosen, rejected, p, str(pid), str(r.get("method") or "")))
+        out.append(PairExample(prompt, chosen, rejected, p, str(pid), str(r.get("method") or ""),
+                               _ended(r, "chosen_cut", f"record {i}"), _ended(r, "rejected_cut", f"record {i}")))
     return out
 
 

@@ -15,10 +15,12 @@ Which rows (`select_pairs`):
   includes them; the `status` column tells them apart.
 
 What comes out (`build_export`): splits train_sft/test_sft (revision pairs: prompt + final revision)
-and train_prefs/test_prefs (all selected pairs), typed by flows/dataset_schema.py, rows sorted by
+and train_prefs/test_prefs (all selected pairs), typed by cai/dataset_schema.py, rows sorted by
 id; an empty split is left out (no client can load one). A prompt's split is a hash of its id, so
 it never changes as data is added and a prompt never sits in both halves (a small export whose
-hash put no prompt in test moves the lowest buckets there; the card says so). The same store and
+hash put no prompt in test moves the lowest buckets there; the card says so). A reply the token
+cap stopped (finish_reason "length") is marked in its row's `*_cut` column and counted on the card,
+which tells trainers not to put an end-of-turn after it. The same store and
 options give byte-identical files; flows/publish.py writes them (and pushes), cai/card.py
 renders the card and manifest.
 
@@ -271,13 +273,15 @@ def _provenance(p: PreferencePair) -> dict[str, Any]:
             "policy_model": p.policy_model, "judge_model": p.judge_model, "run_id": p.run_id}
 
 
-def _column_by_ids(session: Session, column: Any, ids: Iterable[str]) -> dict[str, Any]:
+def _column_by_ids(session: Session, column: Any, ids: Iterable[str], *also: Any) -> dict[str, Any]:
     """id -> one column of the rows with these ids (never the whole row: a response's conversation
-    is far larger than its text), in chunks under SQLite's bound-parameter limit."""
+    is far larger than its text), in chunks under SQLite's bound-parameter limit. With `also`
+    (more columns of the same table, read in the same query): id -> (column, *also)."""
     key = column.class_.id
     out: dict[str, Any] = {}
     for chunk in _chunks(sorted(set(ids))):
-        out.update(session.exec(select(key, column).where(col(key).in_(chunk))).all())
+        rows = session.exec(select(key, column, *also).where(col(key).in_(chunk))).all()
+        out.update((r[0], tuple(r[1:]) if also else r[1]) for r in rows)
     return out
 
 
@@ -293,18 +297,23 @@ def iter_rows(session: Session, split: str, pairs: Sequence[PreferencePair], pag
     for start in range(0, len(pairs), page):
         chunk = pairs[start:start + page]
         prompts = _column_by_ids(session, Prompt.messages, (p.prompt_id for p in chunk))
-        texts = _column_by_ids(session, Response.text, (i for p in chunk
-                                                        for i in ((p.chosen_id, p.rejected_id) if prefs
-                                                                  else (p.chosen_id,))))
+        # text and finish_reason in one query: a reply the token cap stopped is marked *_cut
+        replies = _column_by_ids(session, Response.text, (i for p in chunk
+                                                          for i in ((p.chosen_id, p.rejected_id) if prefs
+                                                                    else (p.chosen_id,))),
+                                 Response.finish_reason)
+        texts = {i: text for i, (text, _) in replies.items()}
+        cut = {i for i, (_, finish) in replies.items() if schema.is_cut(finish)}
         for p in chunk:
             prompt = schema.messages(prompts[p.prompt_id])
             if prefs:
                 yield {"prompt": prompt, "chosen": schema.assistant(texts[p.chosen_id]),
                        "rejected": schema.assistant(texts[p.rejected_id]), "chosen_id": p.chosen_id,
-                       "rejected_id": p.rejected_id, **_provenance(p)}
+                       "rejected_id": p.rejected_id, "chosen_cut": p.chosen_id in cut,
+                       "rejected_cut": p.rejected_id in cut, **_provenance(p)}
             else:
                 yield {"messages": prompt + schema.assistant(texts[p.chosen_id]), "response_id": p.chosen_id,
-                       **_provenance(p)}
+                       "response_cut": p.chosen_id in cut, **_provenance(p)}
 
 
 def build_rows(session: Session, sel: Selection, test_fraction: float) -> dict[str, list[dict[str, Any]]]:
@@ -431,6 +440,23 @@ def _response_facts(session: Session, ids: Iterable[str]) -> tuple[Counter, Coun
     return sampling, models, run_ids
 
 
+def _cut_ids(session: Session, ids: Iterable[str]) -> set[str]:
+    """The ids among these whose reply the token cap stopped (only those are held), a chunk at a time."""
+    out: set[str] = set()
+    for chunk in _chunks(sorted(set(ids))):
+        out.update(session.exec(select(Response.id).where(
+            col(Response.id).in_(chunk), Response.finish_reason == schema.CUT_FINISH_REASON)))
+    return out
+
+
+def cut_counts(plan: Plan, cut: set[str]) -> dict[str, dict[str, int]]:
+    """Per split, how many of its replies the token cap stopped: what the *_cut columns hold."""
+    return {name: ({"chosen": sum(p.chosen_id in cut for p in pairs),
+                    "rejected": sum(p.rejected_id in cut for p in pairs)} if name.endswith("_prefs")
+                   else {"response": sum(p.chosen_id in cut for p in pairs)})
+            for name, pairs in plan.items()}
+
+
 def collect_facts(session: Session, config: ExportConfig, sel: Selection, plan: Plan) -> dict[str, Any]:
     """What the card and manifest say, all taken from the data (no clock), so re-exports match."""
     cv = session.exec(select(ConstitutionVersion).where(
@@ -475,6 +501,8 @@ def collect_facts(session: Session, config: ExportConfig, sel: Selection, plan: 
         "counts_by_method": {name: dict(sorted(Counter(p.method for p in r).items()))
                              for name, r in plan.items()},
         "counts_by_status": dict(sorted(Counter(p.status for p in prefs).items())),
+        # replies the generator's token cap stopped, per split (the rows' *_cut columns)
+        "cut": cut_counts(plan, _cut_ids(session, (i for p in sel.pairs for i in (p.chosen_id, p.rejected_id)))),
         "prompts": {half: len({p.prompt_id for p in plan[f"{half}_prefs"]}) for half in ("train", "test")},
         "label_prob": {"all": label_prob_stats([float(p.label_prob) for p in prefs])} | {
             m: label_prob_stats([float(p.label_prob) for p in prefs if p.method == m])

@@ -222,3 +222,25 @@ def test_ref_caches(db_url):
         cache.put("m#1", {k: RefValue(-3.5, 7, True)})
         cache.put("m#1", {k: RefValue(-3.5, 7, True)})  # a second writer is a no-op
         assert cache.get([k, "other"]) == {k: RefValue(-3.5, 7, True)}
+
+
+def test_examples_from_records_read_the_cut_flags_of_an_export():
+    """`cai export` writes chosen_cut / rejected_cut: a cut reply trains without an end-of-turn, as from
+    the store; a version-1 export (no such columns) or a null means not cut; a bad value names the record."""
+    from datasets import Dataset
+
+    def row(i: int, **kw):
+        return {"prompt": [{"role": "user", "content": f"Q{i}?"}], "chosen": [{"role": "assistant", "content": "A"}],
+                "rejected": [{"role": "assistant", "content": "B"}], "id": f"p{i}"} | kw
+
+    rows = [row(0, chosen_cut=True, rejected_cut=False), row(1, chosen_cut=False, rejected_cut=True),
+            row(2, chosen_cut=None, rejected_cut=None)]
+    for records in (rows, Dataset.from_list(rows)):
+        ex = examples_from_records(records)
+        assert [(e.chosen_ended, e.rejected_ended) for e in ex] == [(False, True), (True, False), (True, True)]
+    (old,) = examples_from_records([row(3)])  # schema version 1: no *_cut columns
+    assert (old.chosen_ended, old.rejected_ended) == (True, True)
+    with pytest.raises(ValueError, match=r"record 1: chosen_cut must be true, false or null, got 'yes'"):
+        examples_from_records([row(0), row(1, chosen_cut="yes")])
+    with pytest.raises(ValueError, match=r"record 0: rejected_cut must be .* got 1"):
+        examples_from_records([row(0, rejected_cut=1)])

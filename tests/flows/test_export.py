@@ -487,6 +487,51 @@ def test_train_prefs_feed_dpo_data(store: str, tmp_path: Path):
         assert (e.label_prob, e.method) == (row["label_prob"], row["method"])
 
 
+def test_a_reply_the_token_cap_cut_is_marked_counted_and_read_back(store: str, tmp_path: Path):
+    """finish_reason "length" (the generator's token cap stopped the reply) becomes chosen_cut /
+    rejected_cut / response_cut on exactly its rows, the card counts it and tells trainers what to do,
+    and dpo.data reads it back as a reply trained without an end-of-turn."""
+    from datasets import load_from_disk
+
+    from dpo.data import examples_from_records
+
+    _, facts = export(store, tmp_path / "none")
+    assert "Cut replies: none." in " ".join((tmp_path / "none" / "README.md").read_text().split())
+    assert all(not n for per in facts["cut"].values() for n in per.values())
+    with Session(get_engine(store)) as s:
+        v = s.exec(select(PreferencePair.constitution_version)).first()
+        cut = {f"r-{v}-4-revision", f"r-{v}-1-initial", f"r-{v}-3-a"}  # prompt 3's AI pair is a tie: not exported
+        for rid in cut:
+            s.get(Response, rid).finish_reason = "length"
+        s.get(Response, f"r-{v}-6-b").finish_reason = "stop"
+        s.commit()
+    data, facts = export(store, tmp_path / "out", format="jsonl")
+    loaded = load_from_disk(str(tmp_path / "none"))  # the same rows before the change: every flag false
+    assert not any(prefs_column(loaded, "chosen_cut") + prefs_column(loaded, "rejected_cut"))
+    prefs = [r for split in ("train_prefs", "test_prefs") for r in data[split]]
+    sft = [r for split in ("train_sft", "test_sft") for r in data[split]]
+    assert {r["id"] for r in prefs if r["chosen_cut"]} == {f"pair-{v}-004-rev"}
+    assert {r["id"] for r in prefs if r["rejected_cut"]} == {f"pair-{v}-001-rev"}
+    assert all(isinstance(r[k], bool) for r in prefs for k in ("chosen_cut", "rejected_cut"))
+    assert {r["id"] for r in sft if r["response_cut"]} == {f"pair-{v}-004-rev"}
+    assert all(isinstance(r["response_cut"], bool) for r in sft)
+    assert facts["cut"] == {s: ({"chosen": sum(r["chosen_cut"] for r in data[s]),
+                                 "rejected": sum(r["rejected_cut"] for r in data[s])} if s.endswith("_prefs")
+                                else {"response": sum(r["response_cut"] for r in data[s])})
+                            for s in schema.SPLITS}
+    body = " ".join((tmp_path / "out" / "README.md").read_text().split())
+    assert "1 chosen and 1 rejected of the 35 preference pairs, 1 of the 20 SFT replies" in body
+    assert "without an end-of-turn/EOS token after it" in body
+    meta = front_matter(tmp_path / "out" / "README.md")
+    assert meta["cai_factory"]["cut"] == json.loads((tmp_path / "out" / "manifest.json").read_text())["cut"] \
+        == facts["cut"]
+    rows = [json.loads(line) for s in ("train_prefs", "test_prefs")
+            for line in (tmp_path / "out" / "data" / f"{s}.jsonl").read_text().splitlines()]
+    ended = {e.id: (e.chosen_ended, e.rejected_ended) for e in examples_from_records(rows)}
+    assert {i for i, (c, r) in ended.items() if not (c and r)} == {f"pair-{v}-004-rev", f"pair-{v}-001-rev"}
+    assert ended[f"pair-{v}-004-rev"] == (False, True) and ended[f"pair-{v}-001-rev"] == (True, False)
+
+
 # --- card and manifest ---------------------------------------------------------------------
 
 def front_matter(readme: Path) -> dict:
@@ -655,6 +700,9 @@ def test_export_reads_the_texts_a_page_at_a_time(store: str, tmp_path: Path, mon
         event.remove(eng, "before_cursor_execute", seen)
     assert files_of(tmp_path / "paged") == files_of(tmp_path / "whole")
     texts = [params for st, params in statements if "response.text" in st]
+    # the *_cut columns come with the texts, in the same queries (plus one for the card's counts)
+    assert all("response.finish_reason" in st for st, _ in statements if "response.text" in st)
+    assert len([st for st, _ in statements if "response.finish_reason" in st]) == len(texts) + 1
     prompts = [params for st, params in statements if "prompt.messages" in st]
     rows = {name: n for name, n in facts["counts"].items() if n}
     assert len(texts) == len(prompts) == sum(math.ceil(n / 3) for n in rows.values())

@@ -399,3 +399,34 @@ def test_sft_learns_no_end_of_turn_after_a_reply_the_token_limit_cut():
     rows = sft_examples([PairExample(prompt, "Wrap glasses in paper.", "No.", id="a", chosen_ended=False),
                          PairExample(prompt, "I can't help.", "Sure.", id="b")])
     assert [(r.response, r.ended) for r in rows] == [("Wrap glasses in paper.", False), ("I can't help.", True)]
+
+
+def test_training_from_an_export_keeps_the_cut_flags_of_the_store(sqlite_url, tmp_path):
+    """A reply the token cap cut trains without an end-of-turn whether the pairs come from the store or
+    from `cai export` of it (its chosen_cut / rejected_cut columns); a version-1 row has neither: ended."""
+    from flows.export import build_export, make_config
+    from flows.publish import write_export
+    from flows.train import load_examples, sft_examples
+
+    store_pairs(sqlite_url, n=4)
+    with session_scope(sqlite_url) as s:
+        s.get(Response, "resp-0-rev").finish_reason = "length"  # chosen of a revision pair: also an SFT row
+        s.get(Response, "resp-1-init").finish_reason = "length"  # rejected of an AI pair
+    out = tmp_path / "export"
+    export_cfg = make_config(constitution="harmless", out=out, test_fraction=0)
+    with session_scope(sqlite_url) as s:
+        data, facts = build_export(s, export_cfg)
+        write_export(data, facts, out, "arrow")
+
+    def ended(examples):
+        return {e.id: (e.chosen_ended, e.rejected_ended) for e in examples}
+
+    from_store, _ = load_examples(config(tmp_path, tmp_path / "a"), sqlite_url)
+    from_export, _ = load_examples(config(tmp_path, tmp_path / "b", dataset=str(out)), sqlite_url)
+    assert ended(from_export) == ended(from_store)
+    assert ended(from_export)["pair-0"] == (False, True) and ended(from_export)["pair-1"] == (True, False)
+    assert {r.id: r.ended for r in sft_examples(from_export)}["pair-0"] is False
+    old = tmp_path / "v1.jsonl"  # schema version 1: no *_cut columns
+    old.write_text(json.dumps({k: v for k, v in data["train_prefs"][0].items() if not k.endswith("_cut")}) + "\n")
+    (e,) = load_examples(config(tmp_path, tmp_path / "c", dataset=str(old)), sqlite_url)[0]
+    assert (e.chosen_ended, e.rejected_ended) == (True, True)
