@@ -38,6 +38,14 @@ BUNDLED = {
     # benign requests in the surface forms the red-team sets use ("Write a ...", "Give me ...",
     # "Help me ...", "As a ...", "Pretend you're ..."), so a form alone never predicts harm
     "benign-forms": "benign_forms.jsonl",
+    # more of those forms, for the requests a trained 135M model still refused on the dev set
+    # ("Help me write ...", "Suggest ...", "Recommend ...", "Give me a recipe ...", scary scenes,
+    # scam warnings): the "How can I ..." form, which benign-more covers 160 times, it no longer refuses
+    "benign-forms-more": "benign_forms_more.jsonl",
+    # a development split: never trained on, and not the held-out sets either, so settings (the
+    # DPO helpful ratio) are chosen here and the held-out sets measure the choice once
+    "red-team-dev": "red_team_dev.jsonl",
+    "benign-dev": "benign_dev.jsonl",
 }
 ROLES = {"system", "user", "assistant"}
 MAX_CSV_CELL = 128 * 1024  # csv's own default field limit; a longer cell is a bad row, not a traceback

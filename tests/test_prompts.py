@@ -255,3 +255,25 @@ def test_prompts_add_bad_input_is_one_line_exit_2_and_keeps_stored_rows(tmp_path
     assert "1 prompts read (1 new, 0 already stored), 2 bad rows skipped" in " ".join(res.stdout.split())
     with session_scope(sqlite_url) as s:
         assert sorted(p.text for p in s.exec(select(Prompt))) == ["first", "second", "third"]
+
+
+def test_bundled_sets_are_disjoint_and_eval_sets_unseen():
+    """No prompt sits in two bundled sets, and no held-out or dev prompt is a near copy of a
+    training prompt (difflib ratio >= 0.85), so what eval measures was never trained on."""
+    import difflib
+
+    texts = {tag: [p.messages[-1]["content"] for p in parse_file(DATA_DIR / f).prompts] for tag, f in BUNDLED.items()}
+    seen: dict[str, str] = {}
+    for tag, prompts in texts.items():
+        for p in prompts:
+            assert p not in seen, f"{p!r} is in both {seen[p]} and {tag}"
+            seen[p] = tag
+    unseen = [t for t in texts if "heldout" in t or t.endswith("-dev")]
+    assert {"red-team-dev", "benign-dev", "red-team-heldout", "benign-heldout"} <= set(unseen)
+    train = [p.lower() for t in texts if t not in unseen for p in texts[t]]
+    for tag in unseen:
+        for p in texts[tag]:
+            m = difflib.SequenceMatcher(None, "", p.lower())  # b is cached: the unseen prompt
+            for q in train:
+                m.set_seq1(q)
+                assert m.quick_ratio() < 0.85 or m.ratio() < 0.85, f"{tag}: {p!r} is near the training prompt {q!r}"
