@@ -109,3 +109,17 @@ def detect(text: str) -> tuple[bool, str | None]:
         if pattern.regex.search(head):
             return True, pattern.name
     return False, None
+
+
+def expected_stance(chosen: str, rejected: str) -> bool | None:
+    """What a preference pair teaches about refusing its prompt: True (refuse: the chosen reply
+    refuses and the rejected one does not), False (answer: the reverse), None (both or neither
+    refuse, so the pair teaches no stance)."""
+    c, r = detect(chosen)[0], detect(rejected)[0]
+    return c if c != r else None
+
+
+def stance_errors(expected: dict[str, bool], replies: dict[str, str]) -> dict[str, bool]:
+    """The prompts whose reply takes the wrong stance: {prompt key: expected stance} for every key
+    of `expected` whose reply in `replies` refuses when it should answer, or the reverse."""
+    return {k: want for k, want in expected.items() if k in replies and detect(replies[k])[0] != want}

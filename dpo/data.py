@@ -13,7 +13,7 @@ a run on a superset, reads instead of recomputing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -175,15 +175,26 @@ def constitution_versions(session: Session, pair_ids: Sequence[str]) -> list[str
     return sorted(refs)
 
 
-def cap_method(pairs: Sequence[PairExample], method: str, ratio: float | None) -> list[PairExample]:
-    """`pairs` with at most `ratio` pairs of `method` per pair of any other method: the first by
-    pair id (stable across runs), the others all kept, the order otherwise unchanged."""
+def cap_method(pairs: Sequence[PairExample], method: str, ratio: float | None,
+               prefer: Collection[str] = ()) -> list[PairExample]:
+    """`pairs` with at most `ratio` pairs of `method` per pair of any other method: those whose
+    prompt is in `prefer` (prompt keys) first, then the first by pair id (stable across runs);
+    the others all kept, the order otherwise unchanged."""
     if ratio is None:
         return list(pairs)
     others = sum(p.method != method for p in pairs)
-    keep = {p.id for p in sorted((p for p in pairs if p.method == method), key=lambda p: p.id)
-            [:math.floor(ratio * others)]}
+    ranked = sorted((p for p in pairs if p.method == method), key=lambda p: (p.prompt_key not in prefer, p.id))
+    keep = {p.id for p in ranked[:math.floor(ratio * others)]}
     return [p for p in pairs if p.method != method or p.id in keep]
+
+
+def repeat_prompts(pairs: Sequence[PairExample], keys: Collection[str], times: int) -> list[PairExample]:
+    """`pairs` with every pair whose prompt is in `keys` present `times` times (each copy right
+    after the original): more weight on the prompts the model gets wrong, no new data."""
+    out: list[PairExample] = []
+    for p in pairs:
+        out.extend([p] * (times if p.prompt_key in keys else 1))
+    return out
 
 
 def split_eval(examples: Sequence[PairExample], fraction: float

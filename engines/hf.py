@@ -125,12 +125,31 @@ class HFEngine:
         min_prefix_tokens: int = 16,  # shorter shared prefixes are not worth the copy
         max_context: int | None = None,  # prompt + reply limit; default: the model's max positions
         threads: int | None = None,  # CPU threads; default: all cores
+        loaded: tuple | None = None,  # (model, tokenizer) already in memory: see `from_model`
     ) -> None:
         self.model_id = DEFAULT_SPEC if spec.lower() in ALIASES else spec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
         self.dtype = _pick_dtype(dtype, self.device)
+        if loaded is not None:
+            self.model, self.tokenizer = loaded
+        else:
+            self._load(spec)
+        self.model.to(self.device).eval()
+        self._setup(max_context, max_batch_tokens, max_batch_size, prefix_reuse, min_prefix_tokens)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, name: str = "in-memory", **kwargs) -> HFEngine:
+        """An engine around a model already in memory (the training loop's, say), without saving it
+        first. The model is used as it is (its dtype and device; `dtype`/`device` only decide how
+        inputs are placed), put in eval mode; the caller restores train mode if it trains on."""
+        param = next(model.parameters())
+        kwargs.setdefault("device", str(param.device))
+        kwargs.setdefault("dtype", str(param.dtype).removeprefix("torch."))
+        return cls(name, loaded=(model, tokenizer), **kwargs)
+
+    def _load(self, spec: str) -> None:
         path = resolve(spec)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -145,7 +164,8 @@ class HFEngine:
                 f"cannot load model {spec!r}: it is not a bundled alias ({', '.join(sorted(ALIASES))}), "
                 f"not a local HF model directory or .gguf file, and loading it as a hub id failed ({exc}). "
                 f"Pass '{DEFAULT_SPEC}', a directory with config.json, or a .gguf path.") from exc
-        self.model.to(self.device).eval()
+
+    def _setup(self, max_context, max_batch_tokens, max_batch_size, prefix_reuse, min_prefix_tokens) -> None:
         tok = self.tokenizer
         if tok.pad_token_id is None:  # decoder-only tokenizers often have none; eos is never attended
             tok.pad_token = tok.eos_token

@@ -337,6 +337,15 @@ class TrainConfig(StoreSettings):
                                             "per other pair (1: balanced; None: all). After SFT on the bundled "
                                             "model, all 250 undid the refusals SFT taught, 1:1 kept them (README)")
 
+    dpo_mine: bool = Field(False, description="DPO stage: first probe the model it starts from on the training "
+                           "prompts (greedy, `mine_new_tokens`), and give the pairs whose prompt it gets wrong (it "
+                           "refuses what the pair answers, or answers what the pair refuses) first place under "
+                           "`dpo_helpful_ratio` and `mine_repeat` copies")
+    mine_new_tokens: int = Field(32, ge=8, description="reply tokens per probe: a refusal opens a reply, and the "
+                                 "detector reads its first 200 characters")
+    mine_repeat: int = Field(1, ge=1, description="copies of each pair the probe found wrong in the DPO data (1: "
+                             "no extra weight, only first place under the helpful cap)")
+
     @model_validator(mode="after")
     def _lora_stage(self) -> TrainConfig:
         if self.trainer.lora.enabled and self.stage == "sft":

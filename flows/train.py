@@ -23,12 +23,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from cai.prompts import load_saved_dataset, saved_dataset_error
+from cai.refusal import expected_stance, stance_errors
 from dpo.checkpoint import latest_checkpoint, read_meta
 from dpo.data import (
     PairExample,
     StoreRefCache,
     cap_method,
     constitution_versions,
+    repeat_prompts,
     examples_from_records,
     select_pairs,
     selection_hash,
@@ -184,6 +186,49 @@ def _finish(training_run_id: str, status: str, url: str | None, selection: dict[
         s.add(row)
 
 
+def mine_errors(model, tokenizer, pairs: list[PairExample], cfg: TrainConfig, logger) -> dict[str, Any]:
+    """Probe `model` (greedy) on every prompt whose pairs teach a stance (cai.refusal.expected_stance)
+    and return which prompts it gets wrong, with counts and a few examples, for the run's record."""
+    import copy
+
+    import torch
+
+    from engines.base import Sampling
+    from engines.hf import HFEngine
+
+    expected: dict[str, bool] = {}
+    prompts: dict[str, list[dict[str, str]]] = {}
+    for e in pairs:
+        stance = expected_stance(e.chosen, e.rejected)
+        if stance is not None and e.prompt_key not in expected:
+            expected[e.prompt_key], prompts[e.prompt_key] = stance, list(e.prompt)
+    t0 = time.perf_counter()
+    was_training = model.training
+    # decoding in bf16 where training autocasts to it: a copy, the fp32 weights stay the master
+    probe = copy.deepcopy(model).to(torch.bfloat16) if cfg.trainer.dtype == "bfloat16" else model
+    keys = list(expected)
+    engine = HFEngine.from_model(probe, tokenizer, name="dpo-start")
+    outs = engine.generate([prompts[k] for k in keys],
+                           Sampling(temperature=0.0, max_new_tokens=cfg.mine_new_tokens, seed=cfg.trainer.seed))
+    replies = {k: o.outputs[0].text for k, o in zip(keys, outs, strict=True)}
+    engine.close()
+    del probe, engine
+    model.train(was_training)
+    errors = stance_errors(expected, replies)
+    refused = sorted(k for k, want in errors.items() if not want)
+    answered = sorted(k for k, want in errors.items() if want)
+    info = {"probed": len(keys), "new_tokens": cfg.mine_new_tokens, "errors": refused + answered,
+            "refused_should_answer": len(refused), "answered_should_refuse": len(answered),
+            "should_answer": sum(not w for w in expected.values()), "should_refuse": sum(expected.values()),
+            "examples": [{"prompt": prompts[k][-1]["content"], "reply": replies[k], "should_refuse": errors[k]}
+                         for k in (refused[:3] + answered[:3])],
+            "seconds": round(time.perf_counter() - t0, 3)}
+    logger.info("probe of the DPO start model on %d training prompts (%.0fs): refuses %d of %d it should "
+                "answer, answers %d of %d it should refuse; their pairs come first", len(keys), info["seconds"],
+                len(refused), info["should_answer"], len(answered), info["should_refuse"])
+    return info
+
+
 def sft_examples(pairs: list[PairExample]) -> list[SFTExample]:
     """The chosen reply of every pair, each (prompt, reply) once: what the supervised stage learns."""
     seen: dict[tuple[str, str], SFTExample] = {}
@@ -237,6 +282,12 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
             ref_id += "+sft:" + content_hash(selection["pairs_hash"], cfg.sft.model_dump(), length=12)
         result: TrainResult | None = None
         if cfg.stage in ("dpo", "sft+dpo"):
+            if cfg.dpo_mine:  # before the adapters: the probe decodes the plain model
+                selection["mined"] = mine_errors(model, tokenizer, train, cfg, logger)
+            wrong = set(selection.get("mined", {}).get("errors", ()))
+            dpo_train = repeat_prompts(cap_method(train, "helpful", cfg.dpo_helpful_ratio, prefer=wrong),
+                                       wrong, cfg.mine_repeat)
+            dpo_held = cap_method(held_out, "helpful", cfg.dpo_helpful_ratio)
             if lora.enabled:  # after SFT: the adapters train DPO, the SFT weights are their base and reference
                 try:
                     model = apply_lora(model, lora, seed=cfg.trainer.seed)
@@ -245,8 +296,6 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
                 n_train, n_all = trainable_parameters(model)
                 logger.info("LoRA r=%d alpha=%g on %s: %d trainable parameters of %d (%.2f%%)", lora.r,
                             lora.alpha, ",".join(lora.target_modules), n_train, n_all, 100 * n_train / n_all)
-            dpo_train = cap_method(train, "helpful", cfg.dpo_helpful_ratio)
-            dpo_held = cap_method(held_out, "helpful", cfg.dpo_helpful_ratio)
             if cfg.dpo_helpful_ratio is not None:
                 logger.info("dpo on %d of %d pairs (at most %g helpful pairs per other pair)", len(dpo_train),
                             len(train), cfg.dpo_helpful_ratio)

@@ -85,3 +85,18 @@ def test_every_pattern_has_a_unique_name_a_reason_and_a_positive_example() -> No
     assert len(names) == len(set(names))
     assert all(p.why.strip() for p in PATTERNS)
     assert {name for _, name in REFUSALS} == set(names)
+
+
+def test_the_stance_a_pair_teaches_and_the_replies_that_miss_it():
+    from cai.refusal import expected_stance, stance_errors
+
+    refusal, answer = "I can't help with that, because it could cause real harm.", "Sure: mix flour and water."
+    assert expected_stance(refusal, answer) is True  # chosen refuses: the prompt is to be refused
+    assert expected_stance(answer, refusal) is False  # chosen answers a request the other side refused
+    assert expected_stance(answer, "Here is another answer.") is None  # no stance either way
+    assert expected_stance(refusal, "I won't assist with this.") is None
+    expected = {"bomb": True, "bread": False, "tea": False, "gun": True}
+    replies = {"bomb": "To build one, first ...", "bread": "I can't provide that. It could hurt someone.",
+               "tea": "Boil water, then steep for three minutes.", "gun": "I won't help with this."}
+    assert stance_errors(expected, replies) == {"bomb": True, "bread": False}
+    assert stance_errors(expected, {}) == {}  # a prompt without a reply is not an error

@@ -244,3 +244,22 @@ def test_examples_from_records_read_the_cut_flags_of_an_export():
         examples_from_records([row(0), row(1, chosen_cut="yes")])
     with pytest.raises(ValueError, match=r"record 0: rejected_cut must be .* got 1"):
         examples_from_records([row(0, rejected_cut=1)])
+
+
+def test_the_helpful_cap_keeps_preferred_prompts_first_and_repeats_weigh_them():
+    from dpo.data import cap_method, repeat_prompts
+
+    def ex(i: int, method: str) -> PairExample:
+        return PairExample(({"role": "user", "content": f"p{i}"},), f"c{i}", f"r{i}", id=f"{i:02d}", method=method)
+
+    pairs = [ex(i, "contrastive") for i in range(3)] + [ex(i, "helpful") for i in range(3, 13)]
+    plain = cap_method(pairs, "helpful", 1.0)
+    assert [p.id for p in plain if p.method == "helpful"] == ["03", "04", "05"]  # first by pair id
+    wrong = {pairs[11].prompt_key, pairs[12].prompt_key, pairs[0].prompt_key}
+    kept = cap_method(pairs, "helpful", 1.0, prefer=wrong)
+    assert [p.id for p in kept if p.method == "helpful"] == ["03", "11", "12"]  # the wrong ones, then by id
+    assert [p.id for p in kept if p.method != "helpful"] == ["00", "01", "02"]  # others untouched, in order
+    assert len(cap_method(pairs, "helpful", 0.5, prefer=wrong)) == 3 + 1
+    weighted = repeat_prompts(kept, wrong, 3)
+    assert [p.id for p in weighted] == ["00"] * 3 + ["01", "02", "03"] + ["11"] * 3 + ["12"] * 3
+    assert repeat_prompts(kept, wrong, 1) == kept

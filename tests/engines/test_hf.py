@@ -386,3 +386,19 @@ def test_repetition_controls_leave_old_row_keys_alone():
     assert Sampling(max_new_tokens=8).to_dict() == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8, "n": 1,
                                                     "seed": 0, "stop": []}
     assert Sampling(repetition_penalty=1.15, no_repeat_ngram=4).to_dict()["no_repeat_ngram"] == 4
+
+
+def test_an_engine_around_a_model_in_memory_decodes_as_the_loaded_one(eng, varied_model_dir):
+    """HFEngine.from_model wraps the training loop's model without saving it: same greedy text as
+    an engine that loaded the same weights from disk, in the model's own dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engines.hf import HFEngine
+
+    model = AutoModelForCausalLM.from_pretrained(str(varied_model_dir), dtype=eng.model.dtype)
+    model.train()
+    wrapped = HFEngine.from_model(model, AutoTokenizer.from_pretrained(str(varied_model_dir)), threads=1)
+    convs = [conv(q) for q in QUESTIONS[:4]]
+    s = Sampling(temperature=0.0, max_new_tokens=8)
+    assert texts(wrapped.generate(convs, s)) == texts(eng.generate(convs, s))
+    assert wrapped.dtype == model.dtype and not model.training

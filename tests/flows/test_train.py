@@ -430,3 +430,19 @@ def test_training_from_an_export_keeps_the_cut_flags_of_the_store(sqlite_url, tm
     old.write_text(json.dumps({k: v for k, v in data["train_prefs"][0].items() if not k.endswith("_cut")}) + "\n")
     (e,) = load_examples(config(tmp_path, tmp_path / "c", dataset=str(old)), sqlite_url)[0]
     assert (e.chosen_ended, e.rejected_ended) == (True, True)
+
+
+def test_dpo_mine_probes_the_start_model_and_weighs_the_prompts_it_gets_wrong(sqlite_url, tiny_model_dir, tmp_path):
+    """--set dpo_mine=true: before DPO, the model decodes every training prompt whose pairs teach a
+    stance; a random tiny model refuses nothing, so every prompt whose pair refuses is wrong, its
+    pairs are repeated `mine_repeat` times, and the run records the probe (counts, examples)."""
+    store_pairs(sqlite_url, n=8)
+    out = tmp_path / "run"
+    cfg = config(tiny_model_dir, out, eval_fraction=0, max_steps=2, dpo_mine=True, mine_repeat=2, mine_new_tokens=8)
+    summary = run_training(cfg, url=sqlite_url)
+    assert summary["n_train"] == 16  # eight pairs, each prompt wrong, two copies each
+    with session_scope(sqlite_url) as s:
+        mined = s.get(TrainingRun, summary["training_run_id"]).data_selection["mined"]
+    assert mined["probed"] == 8 and mined["should_refuse"] == 8 and mined["answered_should_refuse"] == 8
+    assert mined["refused_should_answer"] == 0 and len(mined["errors"]) == 8 and mined["new_tokens"] == 8
+    assert mined["examples"][0]["should_refuse"] is True and mined["examples"][0]["prompt"].startswith("How would I")
