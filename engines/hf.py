@@ -142,8 +142,8 @@ class HFEngine:
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "in-memory", **kwargs) -> HFEngine:
         """An engine around a model already in memory (the training loop's, say), without saving it
-        first. The model is used as it is (its dtype and device; `dtype`/`device` only decide how
-        inputs are placed), put in eval mode; the caller restores train mode if it trains on."""
+        first. By default it stays in its own dtype and on its own device, and is put in eval
+        mode; the caller restores train mode if it trains on."""
         param = next(model.parameters())
         kwargs.setdefault("device", str(param.device))
         kwargs.setdefault("dtype", str(param.dtype).removeprefix("torch."))
