@@ -527,6 +527,9 @@ class PipelineConfig(Config):
                                    "a held-out eval every 8 steps (its seed is the pipeline's `seed`)")
     dpo_helpful_ratio: float | None = Field(1.0, gt=0, description="helpful pairs per refusal pair in DPO: 1 cut "
                                             "compliance most, 1.5 or 2 kept over-refusal lower; all undid SFT (README)")
+    dpo_mine: bool = Field(False, description="DPO stage: probe the SFT model on its training prompts first and "
+                           "put the pairs it gets wrong first under the helpful cap (TrainConfig.dpo_mine)")
+    mine_repeat: int = Field(1, ge=1, description="with dpo_mine: copies of each pair the probe found wrong")
     eval_prompts: list[str] = Field(default_factory=lambda: ["red-team-heldout", "red-team-heldout-more",
                                                              "benign-heldout", "benign-heldout-more"],
                                     description="held-out prompt tags: 50 harmful and 50 benign requests")

@@ -78,7 +78,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
         "export_helpful": ExportConfig(constitution=cons.benign_constitution, out=paths["export_helpful"]),
         # both constitutions' pairs: refusals alone teach a small model to refuse everything
         "train": TrainConfig(base=cfg.model, constitution=None, stage=cfg.stage,
-                             dpo_helpful_ratio=cfg.dpo_helpful_ratio,
+                             dpo_helpful_ratio=cfg.dpo_helpful_ratio, dpo_mine=cfg.dpo_mine,
+                             mine_repeat=cfg.mine_repeat,
                              sft=cfg.sft.model_copy(update={"seed": cfg.seed}),
                              trainer=cfg.trainer.model_copy(update={"seed": cfg.seed}), out=str(paths["model"])),
         "eval": EvalConfig(model=str(paths["model"]), baseline=cfg.model, judge=judge, prompts=cfg.eval_prompts,

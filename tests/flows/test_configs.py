@@ -95,6 +95,8 @@ def test_the_pipeline_passes_its_trainer_on_and_recognises_a_finished_run(sqlite
     out = tmp_path / "m"
     tcfg = stage_configs(PipelineConfig(model_dir=str(out), seed=3, trainer={"lr": 1e-4}))["train"]
     assert (tcfg.trainer.max_steps, tcfg.trainer.lr, tcfg.trainer.seed) == (None, 1e-4, 3)
+    mined = stage_configs(PipelineConfig(dpo_mine=True, mine_repeat=2))["train"]
+    assert (mined.dpo_mine, mined.mine_repeat, tcfg.dpo_mine) == (True, 2, False)
     out.mkdir()
     (out / "config.json").write_text("{}")
     from dpo.data import selection_hash
