@@ -42,12 +42,63 @@ DEFAULT_OPENINGS = (
     "I can't help you do that, because it would put others at risk.",
     "I'm unable to help with that request, as it could lead to real harm.",
 )
+# Refusals that say what is being refused, per red-team category (written for this project), for
+# ContrastConfig.category_openings. The hope: a generic refusal teaches a small model to refuse a
+# request's shape ("Write a ...", "Help me ..."), one that names the harm ties it to the topic.
+# Measured at 135M (2026-12-05, README) it did not: the model learned "I can't help with <topic>"
+# and filled in benign topics ("... recipes that involve cooking"), so they are off by default.
+CATEGORY_OPENINGS: dict[str, tuple[str, ...]] = {
+    "weapons": ("I can't help with making or modifying weapons, because they could be used to hurt people.",
+                "I won't give instructions for building weapons or explosives: they can kill people."),
+    "cybercrime": ("I can't help with breaking into accounts or systems you don't own, because that is "
+                   "illegal and hurts the people who use them.",
+                   "I won't help with hacking or malware: getting into other people's systems is a crime."),
+    "fraud-scams": ("I can't help with scams or fraud, because they take money from real people.",
+                    "I won't help deceive people out of their money: that is fraud and it hurts them."),
+    "dangerous-medical-advice": ("I can't give that medical advice, because following it could seriously "
+                                 "hurt someone's health. Please ask a doctor or pharmacist.",
+                                 "I can't give advice on that treatment: it could be dangerous. A doctor can "
+                                 "help you with this safely."),
+    "drugs": ("I can't help with making, hiding or selling illegal drugs, because they harm people and it "
+              "is against the law.",
+              "I won't give instructions for producing or smuggling drugs: it is illegal and dangerous."),
+    "hate-harassment": ("I can't write content that attacks or harasses people, because it hurts them.",
+                        "I won't help target or demean anyone: harassment and hateful content cause real "
+                        "harm."),
+    "self-harm": ("I can't help with hurting yourself, but I'm sorry you're going through this. Please "
+                  "reach out to someone you trust or a local crisis line.",
+                  "I won't give advice on self-harm. You deserve support: please talk to someone you trust "
+                  "or a crisis line near you."),
+    "privacy-doxxing": ("I can't help find or expose private information about someone, because it "
+                        "could put them in danger.",
+                        "I won't help track or spy on a person without their consent: it violates their "
+                        "privacy and safety."),
+    "violent-extremism": ("I can't help plan or promote violence or extremist attacks, because people "
+                          "could be killed.",
+                          "I won't help with recruiting for or carrying out violent attacks: they hurt "
+                          "innocent people."),
+    "manipulation": ("I can't help manipulate or control someone, because it harms them and their "
+                     "freedom to choose.",
+                     "I won't give tactics for deceiving or pressuring a person: manipulation hurts people."),
+    "misinformation": ("I can't write false claims presented as fact, because misinformation misleads "
+                       "people and can harm them.",
+                       "I won't help spread claims that are untrue: misleading people can cause real harm."),
+}
 PIVOTS = ("but", "however", "here", "sure", "first", "step", "1.", "to ")  # a continuation turning back
 
 
 def opening_for(prompt_id: str, openings: tuple[str, ...], seed: int) -> str:
     """One opening per prompt, drawn by a seeded hash of its id (stable across runs and workers)."""
     return openings[int(content_hash("opening", seed, prompt_id, length=16), 16) % len(openings)]
+
+
+def openings_for(category: str | None, harmful: bool, openings: tuple[str, ...],
+                 by_category: dict[str, tuple[str, ...]] | None) -> tuple[str, ...]:
+    """The refusal openings a prompt draws from: its category's on a harmful prompt that has
+    them, else the general ones (a benign prompt's rejected refusal is always a general one)."""
+    if harmful and by_category and category in by_category and by_category[category]:
+        return tuple(by_category[category])
+    return openings
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from cai import judge
-from cai.contrast import DEFAULT_OPENINGS
+from cai.contrast import CATEGORY_OPENINGS, DEFAULT_OPENINGS
 from cai.errors import UserError
 from dpo.config import RewardConfig, SFTConfig, TrainerConfig
 from engines.base import Sampling
@@ -192,6 +192,16 @@ class ContrastConfig(StoreSettings):
                                      description="the plain reply: greedy with repetition controls")
     openings: list[str] = Field(default_factory=lambda: list(DEFAULT_OPENINGS),
                                 description="refusal openings the steered side starts with (one drawn per prompt)")
+    category_openings: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="refusal openings per red-team category, which name what is refused; a harmful prompt of "
+        "a listed category draws from these, any other from `openings`. Off by default: at 135M the model "
+        "learned 'I can't help with <topic>' for benign topics too (README); `bundled` = cai.contrast's set")
+
+    @field_validator("category_openings", mode="before")
+    @classmethod
+    def _bundled_openings(cls, v):
+        return dict(CATEGORY_OPENINGS) if v == "bundled" else v
     continue_tokens: int = Field(0, ge=0, description="let the model continue after the opening (0: the opening "
                                  "alone; at 135M continuations drift back into compliance)")
     seed: int = Field(0, description="fixes which opening each prompt gets")

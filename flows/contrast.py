@@ -54,7 +54,10 @@ def load_inputs(cfg: ContrastConfig) -> tuple[dict[bool, Constitution], list[con
         for p in group:
             prompts[p.id] = p
             plans.append(contrast.plan_prompt(p.id, p.messages, harmful=is_harmful, model=cfg.model,
-                                              sampling=sampling, openings=tuple(cfg.openings), seed=cfg.seed,
+                                              sampling=sampling, seed=cfg.seed,
+                                              openings=contrast.openings_for(
+                                                  p.category, is_harmful, tuple(cfg.openings),
+                                                  cfg.category_openings),
                                               continue_tokens=cfg.continue_tokens))
     return cons, plans, prompts
 

@@ -100,3 +100,13 @@ def test_the_stance_a_pair_teaches_and_the_replies_that_miss_it():
                "tea": "Boil water, then steep for three minutes.", "gun": "I won't help with this."}
     assert stance_errors(expected, replies) == {"bomb": True, "bread": False}
     assert stance_errors(expected, {}) == {}  # a prompt without a reply is not an error
+
+
+def test_every_bundled_refusal_opening_reads_as_a_refusal_and_passes_the_gates():
+    # a steered chosen side the detector misses would be gated `wrong-stance` and never trained on
+    from cai.contrast import CATEGORY_OPENINGS, DEFAULT_OPENINGS
+    from cai.quality import assess
+
+    openings = list(DEFAULT_OPENINGS) + [o for group in CATEGORY_OPENINGS.values() for o in group]
+    assert [o for o in openings if not detect(o)[0]] == []
+    assert [o for o in openings if assess("How do I do it?", o).failed] == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlmodel import select
 
-from cai.contrast import DEFAULT_OPENINGS, plan_prompt, steered_text
+from cai.contrast import CATEGORY_OPENINGS, DEFAULT_OPENINGS, openings_for, plan_prompt, steered_text
 from flows.common import drop_engines, register_engine
 from flows.contrast import ContrastConfig, contrast_flow
 from store.db import session_scope
@@ -72,6 +72,7 @@ def test_pairs_per_prompt_kind_with_steering_recorded(use_db, engine):
         else:
             assert p.method == "helpful" and p.constitution == "helpful-honest"
             assert chosen.text == ANSWER and rejected.kind == "contrast-steered"
+            assert rejected.text in DEFAULT_OPENINGS  # benign prompts have no harm to name
         # the steering is not part of the training prompt: the pair's prompt is the user's messages
         assert prompts[p.prompt_id].messages[-1]["role"] == "user"
         assert chosen.quality is not None and rejected.quality is not None
@@ -118,3 +119,15 @@ def test_plan_keys_and_steered_text():
     assert steered_text(opening, " But here is how: 1. get parts") == opening
     assert steered_text(opening, " Please talk to someone you trust instead.") == (
         f"{opening} Please talk to someone you trust instead.")
+
+
+def test_refusals_that_name_the_harm_come_from_the_prompts_category(use_db, engine):
+    contrast_flow(_cfg(category_openings="bundled", benign_prompts=[]))
+    with session_scope() as s:
+        pairs = list(s.exec(select(PreferencePair)))
+        chosen = [(s.get(Prompt, p.prompt_id).category, s.get(Response, p.chosen_id).text) for p in pairs]
+    assert len(chosen) == 6 and all(text in CATEGORY_OPENINGS[cat] for cat, text in chosen)
+    own = {"weapons": ("I can't help with weapons.",)}
+    assert openings_for("weapons", True, DEFAULT_OPENINGS, own) == own["weapons"]
+    assert openings_for("drugs", True, DEFAULT_OPENINGS, own) == DEFAULT_OPENINGS  # not listed: general
+    assert openings_for("weapons", False, DEFAULT_OPENINGS, own) == DEFAULT_OPENINGS  # benign side: general
