@@ -96,9 +96,8 @@ def openings_for(category: str | None, harmful: bool, openings: tuple[str, ...],
                  by_category: dict[str, tuple[str, ...]] | None) -> tuple[str, ...]:
     """The refusal openings a prompt draws from: its category's on a harmful prompt that has
     them, else the general ones (a benign prompt's rejected refusal is always a general one)."""
-    if harmful and by_category and category in by_category and by_category[category]:
-        return tuple(by_category[category])
-    return openings
+    named = (by_category or {}).get(category) if harmful else None
+    return tuple(named) if named else openings
 
 
 @dataclass(frozen=True)

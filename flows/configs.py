@@ -197,15 +197,15 @@ class ContrastConfig(StoreSettings):
         description="refusal openings per red-team category, which name what is refused; a harmful prompt of "
         "a listed category draws from these, any other from `openings`. Off by default: at 135M the model "
         "learned 'I can't help with <topic>' for benign topics too (README); `bundled` = cai.contrast's set")
+    continue_tokens: int = Field(0, ge=0, description="let the model continue after the opening (0: the opening "
+                                 "alone; at 135M continuations drift back into compliance)")
+    seed: int = Field(0, description="fixes which opening each prompt gets")
+    runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
 
     @field_validator("category_openings", mode="before")
     @classmethod
     def _bundled_openings(cls, v):
         return dict(CATEGORY_OPENINGS) if v == "bundled" else v
-    continue_tokens: int = Field(0, ge=0, description="let the model continue after the opening (0: the opening "
-                                 "alone; at 135M continuations drift back into compliance)")
-    seed: int = Field(0, description="fixes which opening each prompt gets")
-    runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
 
 
 # --- label (flows/label.py) ------------------------------------------------------------------
