@@ -88,7 +88,9 @@ def test_a_batch_split_under_the_token_budget_trains_the_same_weights(tiny_model
                   ref_cache=MemoryRefCache())
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name, w in weights[0].items():
-        assert torch.allclose(w, weights[1][name], atol=1e-6), name
+        # fp32 sums in another order when the batch is split: 1.8e-6 apart on an AMX CPU (2026-12-05);
+        # a lost or doubled pair moves weights by ~lr (2e-3)
+        assert torch.allclose(w, weights[1][name], atol=1e-5), (name, (w - weights[1][name]).abs().max().item())
 
 
 def test_release_freed_memory_runs_on_glibc():
