@@ -25,11 +25,12 @@ def short_name(spec: str) -> str:
 
 
 def eval_name(label: str, c: Constitution, fingerprints: dict[str, str], principles: int, seed: int,
-              sampling: Sampling, engine: str, judge_max_chars: int) -> str:
+              sampling: Sampling, engine: str, judge_max_chars: int, dtype: str = "auto") -> str:
     """`<label>@<hash of everything that shapes the results>`, so a changed setting never
-    mixes with old rows under one name (the report groups by this name)."""
+    mixes with old rows under one name (the report groups by this name). `dtype` is the models'
+    dtype as asked for: bf16 and fp32 give different greedy replies."""
     settings = [fingerprints, c.name, c.version, principles, seed, sampling.to_dict(), engine, judge_max_chars,
-                judge.TEMPLATE_ID]
+                judge.TEMPLATE_ID, dtype]
     return f"{label}@{content_hash(settings, length=8)}"
 
 

@@ -42,6 +42,13 @@ CPU_COSTS = {
 }
 
 
+def gpu_available() -> bool:
+    """A CUDA GPU is visible to torch."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def vllm_usable() -> bool:
     """vllm is installed and a CUDA GPU is visible."""
     if importlib.util.find_spec("vllm") is None:

@@ -152,6 +152,25 @@ def engine_facts(engine: Any) -> dict[str, Any]:
     return {"backend": getattr(engine, "backend", "?")} | {k: extra[k] for k in ("device", "dtype") if k in extra}
 
 
+def machine_facts() -> dict[str, Any]:
+    """The CPU a run computed on, as a report should name it: bf16 kernels (AMX, AVX-512 BF16)
+    round differently, so a bf16 figure belongs to its CPU."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    facts = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count()}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    return facts
+
+
 def loaded_engine_facts(spec: str, backend: str = "auto", **settings: Any) -> dict[str, Any] | None:
     """engine_facts of the engine `cached_engine` holds for these arguments; None if never loaded."""
     with _ENGINE_LOCK:

@@ -305,6 +305,10 @@ class EvalConfig(StoreSettings):
     limit: int | None = Field(None, ge=1, description="only the first N prompts of each set (by id)")
     name: str | None = Field(None, description="label for this comparison; default <model>-vs-<baseline>")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for all three models")
+    cpu_dtype: Literal["float32", "auto"] = Field("float32", description="dtype of all three models on a machine "
+                                                   "without a GPU. float32: the same figures on every CPU (bf16 "
+                                                   "kernels differ, AMX against AVX-512, and flip greedy replies); "
+                                                   "auto: bf16 where faster. engine.settings.dtype overrides it")
     judge_max_chars: int = Field(1200, ge=1, description="per message in the judge prompt, as in the label flow")
     drift: bool = Field(True, description="score every reply under the baseline (mean token log-prob): drift")
     seed: int = Field(0, description="fixes which principles are drawn for each prompt")
@@ -544,6 +548,7 @@ class PipelineConfig(Config):
                                                              "benign-heldout", "benign-heldout-more"],
                                     description="held-out prompt tags: 50 harmful and 50 benign requests")
     eval_limit: int | None = same_as(EvalConfig, "limit")
+    eval_cpu_dtype: Literal["float32", "auto"] = same_as(EvalConfig, "cpu_dtype")
     export_dir: str | None = Field(None, description="default exports/<constitution> (and exports/helpful-honest)")
     model_dir: str | None = Field(None, description="default runs/<constitution>-cai")
     report_dir: Path = same_as(ReportConfig, "out")

@@ -40,9 +40,19 @@ from cai.evaluate import examples as reply_examples
 from cai.quality import assess, is_harmful
 from cai.refusal import detect
 from constitution.load import Constitution
+from engines import gpu_available
 from engines.base import Completion
 from engines.bundled import model_fingerprint
-from flows.common import UserError, cached_engine, drop_engines, ensure_tags, resolve_constitution, worker_id
+from flows.common import (
+    UserError,
+    cached_engine,
+    drop_engines,
+    engine_facts,
+    ensure_tags,
+    machine_facts,
+    resolve_constitution,
+    worker_id,
+)
 from flows.configs import EvalConfig
 from flows.stage import Stage, StageStats, run_stage, stage_summary
 from store.db import session_scope
@@ -56,7 +66,18 @@ def comparison_name(cfg: EvalConfig, c: Constitution, fingerprints: dict[str, st
     """The eval's name: its label plus a hash of every setting that shapes the results."""
     label = cfg.name or f"{short_name(cfg.model)}-vs-{short_name(cfg.baseline)}"
     return eval_name(label, c, fingerprints, cfg.principles, cfg.seed, cfg.sampling(), cfg.engine.backend,
-                     cfg.judge_max_chars)
+                     cfg.judge_max_chars, engine_settings(cfg).get("dtype", "auto"))
+
+
+def engine_settings(cfg: EvalConfig) -> dict[str, Any]:
+    """The engine settings every eval model loads with: on a machine without a GPU, fp32 unless
+    `cpu_dtype` is auto or the settings name a dtype. bf16 kernels round differently on different
+    CPUs (AMX against AVX-512) and flip greedy replies, so a bf16 eval is a figure about the CPU
+    as much as the model; fp32 gives the same replies on every x86 CPU we measured."""
+    settings = dict(cfg.engine.settings)
+    if cfg.cpu_dtype == "float32" and "dtype" not in settings and not gpu_available():
+        settings["dtype"] = "float32"
+    return settings
 
 
 # --- stages --------------------------------------------------------------------------------
@@ -78,7 +99,7 @@ def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str]):
     with session_scope(cfg.database_url) as s:
         if len(done(s, keys)) == len(set(keys)):
             return None
-    return cached_engine(spec, cfg.engine.backend, **cfg.engine.settings)
+    return cached_engine(spec, cfg.engine.backend, **engine_settings(cfg))
 
 
 def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprint: str, run_id: str,
@@ -91,6 +112,7 @@ def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprin
 
     def write(session: Session, results: list[tuple[GenItem, Completion]]) -> None:
         # an empty answer is kept: it is what the model said, a bad answer, not a failed item
+        dtype = engine_facts(engine).get("dtype")  # what the replies were computed in
         rows = []
         for it, comp in results:
             text = comp.text.strip()
@@ -102,7 +124,7 @@ def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprin
                 details={"fingerprint": fingerprint, "sampling": sampling.to_dict(),
                          "prompt_tokens": comp.prompt_tokens,
                          "completion_tokens": comp.outputs[0].completion_tokens,
-                         "finish_reason": comp.outputs[0].finish_reason, "quality": quality.to_dict(),
+                         "finish_reason": comp.outputs[0].finish_reason, "quality": quality.to_dict(), "dtype": dtype,
                          "harmful": is_harmful(it.prompt.category), "prompt": it.prompt.text}))
         insert_ignore(session, EvalResult, rows)
 
@@ -227,7 +249,8 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
                     (("model", cfg.model), ("baseline", cfg.baseline), ("judge", cfg.judge_model))}
     name = comparison_name(cfg, c, fingerprints)
     cfg = cfg.model_copy(update={"constitution": c.ref})  # resolved once: a file edited mid-run cannot mix versions
-    with recorded_run("eval", cfg.model_dump() | {"eval_name": name}, model=cfg.model, engine=cfg.engine.backend,
+    config = cfg.model_dump() | {"eval_name": name, "machine": machine_facts()}
+    with recorded_run("eval", config, model=cfg.model, engine=cfg.engine.backend,
                       constitution=c, url=cfg.database_url) as run:
         logger.info("eval %s: %d prompts (%s), judge %s under %s, run %s", name, len(items),
                     ",".join(cfg.prompts), cfg.judge_model, c.ref, run.id)

@@ -84,7 +84,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
                              trainer=cfg.trainer.model_copy(update={"seed": cfg.seed}), out=str(paths["model"])),
         "eval": EvalConfig(model=str(paths["model"]), baseline=cfg.model, judge=judge, prompts=cfg.eval_prompts,
                            constitution=cfg.constitution, limit=cfg.eval_limit, max_new_tokens=cfg.eval_new_tokens,
-                           principles=cfg.eval_principles,
+                           principles=cfg.eval_principles, cpu_dtype=cfg.eval_cpu_dtype,
                            engine=cfg.engine, seed=cfg.seed, runner=cfg.runner),
         "report": ReportConfig(out=paths["report"]),
     }

@@ -130,7 +130,11 @@ def eval_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
         return None
     rows = s.exec(select(EvalResult).where(EvalResult.eval_name == latest)).all()
     judge = next((r.details.get("judge") for r in rows if r.details.get("judge")), None)
-    return {"eval_name": latest, "judge": judge, "sets": summarize(rows), "kinds": summarize_kinds(rows),
+    dtypes = sorted({r.details["dtype"] for r in rows if r.details.get("dtype")})
+    run = s.get(Run, rows[0].run_id) if rows[0].run_id else None
+    machine = (run.config or {}).get("machine") if run else None
+    return {"eval_name": latest, "judge": judge, "dtype": ", ".join(dtypes) or None, "machine": machine,
+            "sets": summarize(rows), "kinds": summarize_kinds(rows),
             "replies": reply_examples(rows, per_kind=4)}
 
 
@@ -334,7 +338,11 @@ def _eval_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
               _pct(r.get("dangling_rate")), _num(r["repeated_trigrams"]), _num(r["distinct_2"]),
               _num(r["mean_words"], ".1f"), _num(r["drift_logp"])]
              for k, roles in ev.get("kinds", {}).items() for role, r in roles.items()]
-    out = [f'<p class="meta">eval {_e(ev["eval_name"])}, judge {_e(ev["judge"] or "n/a")}. '
+    machine = ev.get("machine") or {}
+    where = ", ".join(str(x) for x in (ev.get("dtype"), machine.get("cpu"), machine.get("cpu_capability"),
+                                        machine.get("gpu")) if x)
+    out = [f'<p class="meta">eval {_e(ev["eval_name"])}, judge {_e(ev["judge"] or "n/a")}'
+           f'{f" ({_e(where)})" if where else ""}. '
            "Refusing a benign request is over-refusal: lower is better there.</p>",
            _imgs(images["eval"], "refusal and win rates"),
            _table(["prompt set", "role", "model", "n", "refusal rate", "win rate vs other", "judged"], rows)]

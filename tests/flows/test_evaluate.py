@@ -10,7 +10,9 @@ from sqlmodel import select
 from cai.evaluate import JudgeItem, judge_chunk, select_items, summarize
 from engines.base import Completion, EngineStats, Output, Sampling
 from flows import evaluate
+from flows.configs import EngineSettings
 from flows.evaluate import EvalConfig
+from store.db import session_scope
 from store.models import EvalResult, Prompt, Run
 
 MARK = "SAFE"  # the scripted judge prefers the answer that carries this word
@@ -132,6 +134,21 @@ def test_eval_name_changes_with_anything_that_shapes_the_results() -> None:
     assert evaluate.comparison_name(cfg.model_copy(update={"max_new_tokens": 64}), c, fp) != name
     assert evaluate.comparison_name(cfg.model_copy(update={"principles": 2}), c, fp) != name
     assert evaluate.comparison_name(cfg.model_copy(update={"name": "nightly"}), c, fp).startswith("nightly@")
+    # bf16 and fp32 replies differ: an eval in one never reuses the other's rows
+    bf16 = cfg.model_copy(update={"engine": EngineSettings(settings={"dtype": "bfloat16"})})
+    assert evaluate.comparison_name(bf16, c, fp) != evaluate.comparison_name(cfg, c, fp)
+
+
+def test_eval_models_load_in_fp32_on_a_cpu_unless_told_otherwise(monkeypatch) -> None:
+    """A bf16 eval on the CPU depends on the CPU's kernels (AMX and AVX-512 round differently and
+    flip greedy replies), so an eval's figures are computed in fp32 there by default."""
+    monkeypatch.setattr(evaluate, "gpu_available", lambda: False)
+    assert evaluate.engine_settings(EvalConfig(model="m")) == {"dtype": "float32"}
+    assert evaluate.engine_settings(EvalConfig(model="m", cpu_dtype="auto")) == {}
+    named = EvalConfig(model="m", engine=EngineSettings(settings={"dtype": "bfloat16", "threads": 2}))
+    assert evaluate.engine_settings(named) == {"dtype": "bfloat16", "threads": 2}  # a named dtype wins
+    monkeypatch.setattr(evaluate, "gpu_available", lambda: True)
+    assert evaluate.engine_settings(EvalConfig(model="m")) == {}  # a GPU keeps the engine's own choice
 
 
 # --- the flow with scripted engines --------------------------------------------------------
@@ -232,6 +249,10 @@ def test_eval_flow_with_the_tiny_model(use_db, tiny_model_dir, tmp_path, prefect
     finally:
         drop_engines()
     assert summary["computed"] == 2 * 2 + 2 and summary["failed"] == 0  # 2 answers per model, 2 judged
+    with session_scope(use_db) as s:  # what computed the replies is on record: dtype per row, CPU per run
+        rows = s.exec(select(EvalResult).where(EvalResult.eval_name == summary["eval_name"])).all()
+        assert {r.details["dtype"] for r in rows} == {"float32"}
+        assert s.get(Run, summary["run_id"]).config["machine"]["cores"] >= 1
     for tag in ("rt", "bn"):
         m, b = summary["sets"][tag]["model"], summary["sets"][tag]["baseline"]
         assert m["n"] == b["n"] == 1 and m["judged"] == 1
