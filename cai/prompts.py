@@ -41,7 +41,7 @@ BUNDLED = {
     # more of those forms, for the requests a trained 135M model still refused on the dev set
     # ("Help me write ...", "Suggest ...", "Recommend ...", "Give me a recipe ...", scary scenes,
     # scam warnings): the "How can I ..." form, which benign-more covers 160 times, it no longer refuses.
-    # Not in the demo's default mix (README: a small gain on the dev set for 2 more minutes of training)
+    # In the demo's mix since 2026-12-06 (with DPO at lr 7e-4 it met both targets on the dev split, README)
     "benign-forms-more": "benign_forms_more.jsonl",
     # a development split: never trained on, and not the held-out sets either, so settings (the
     # DPO helpful ratio) are chosen here and the held-out sets measure the choice once

@@ -178,8 +178,10 @@ class ContrastConfig(StoreSettings):
 
     harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team", "red-team-more"],
                                        description="tags of requests to refuse: chosen = a refusal opening")
-    benign_prompts: list[str] = Field(default_factory=lambda: ["benign", "benign-more", "benign-forms"],
-                                      description="tags of requests to answer: chosen = the plain reply")
+    benign_prompts: list[str] = Field(default_factory=lambda: ["benign", "benign-more", "benign-forms",
+                                                               "benign-forms-more"],
+                                      description="tags of requests to answer: chosen = the plain reply (411; "
+                                      "the two -forms sets ask in the red-team sets' forms, README)")
     harmful_constitution: str = Field(DEFAULT_CONSTITUTION, description="whose version the refusal pairs carry")
     benign_constitution: str = Field("helpful-honest", description="whose version the helpfulness pairs carry")
     limit: int | None = Field(None, ge=1, description="only the first N prompts of each group (by id)")
@@ -526,7 +528,7 @@ class PipelineConfig(Config):
     contrast: bool = Field(True, description="make contrastive refusal pairs and helpfulness pairs (flows/contrast.py)")
     harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team", "red-team-more"],
                                        description="refusal-pair prompts (150; `harmful_limit` of them are used)")
-    harmful_limit: int | None = Field(110, ge=1, description="refusal pairs against 294 benign prompts: 70 left "
+    harmful_limit: int | None = Field(110, ge=1, description="refusal pairs against the benign prompts: 70 left "
                                       "harmful compliance high; 90, 110 and 149 raised over-refusal 6-12 points")
     benign_prompts: list[str] = same_as(ContrastConfig, "benign_prompts")
     contrast_new_tokens: int = Field(64, ge=8, description="length of the plain replies paired in contrast")
@@ -535,12 +537,13 @@ class PipelineConfig(Config):
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1, lr=4e-5, dtype="bfloat16"),
                            description="the supervised stage: one pass at 4e-5, half the CPU of two at 2e-5; bf16 "
                            "autocast, ~1.6x fp32's step speed on this CPU (weights stay fp32)")
-    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=1, lr=1e-4, dtype="bfloat16",
+    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=1, lr=7e-4, dtype="bfloat16",
                                                                          eval_every=8, lora={"r": 16, "alpha": 32}),
-                                   description="the DPO step after SFT: LoRA r=16 at 1e-4, one pass, bf16 autocast, "
+                                   description="the DPO step after SFT: LoRA r=16 at 7e-4 (chosen on the dev split, "
+                                   "README), one pass, bf16 autocast, "
                                    "a held-out eval every 8 steps (its seed is the pipeline's `seed`)")
-    dpo_helpful_ratio: float | None = Field(1.0, gt=0, description="helpful pairs per refusal pair in DPO: 1 cut "
-                                            "compliance most, 1.5 or 2 kept over-refusal lower; all undid SFT (README)")
+    dpo_helpful_ratio: float | None = Field(1.0, gt=0, description="helpful pairs per refusal pair in DPO: more "
+                                            "lowers over-refusal and raises harmful compliance (README)")
     dpo_mine: bool = Field(False, description="DPO stage: probe the SFT model on its training prompts first and "
                            "put the pairs it gets wrong first under the helpful cap (TrainConfig.dpo_mine)")
     mine_repeat: int = Field(1, ge=1, description="with dpo_mine: copies of each pair the probe found wrong")
