@@ -70,10 +70,12 @@ def comparison_name(cfg: EvalConfig, c: Constitution, fingerprints: dict[str, st
 
 
 def engine_settings(cfg: EvalConfig) -> dict[str, Any]:
-    """The engine settings every eval model loads with: on a machine without a GPU, fp32 unless
-    `cpu_dtype` is auto or the settings name a dtype. bf16 kernels round differently on different
-    CPUs (AMX against AVX-512) and flip greedy replies, so a bf16 eval is a figure about the CPU
-    as much as the model; fp32 gives the same replies on every x86 CPU we measured."""
+    """The engine settings the two models write their replies with: on a machine without a GPU,
+    fp32 unless `cpu_dtype` is auto or the settings name a dtype. bf16 kernels round differently
+    on different CPUs (AMX against AVX-512) and flip greedy replies, so a bf16 eval is a figure
+    about the CPU as much as the model; fp32 gives the same replies on every x86 CPU we measured.
+    The judge keeps `engine.settings` as given: it scores two fixed replies (a probability, no
+    greedy path to flip), and in bf16 it takes half the time."""
     settings = dict(cfg.engine.settings)
     if cfg.cpu_dtype == "float32" and "dtype" not in settings and not gpu_available():
         settings["dtype"] = "float32"
@@ -90,7 +92,7 @@ def _judged_ids(session: Session, keys: list[str]) -> set[str]:
     return existing_ids(session, EvalResult.id, keys, EvalResult.win_prob.is_not(None))
 
 
-def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str]):
+def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str], settings: dict[str, Any]):
     """The engine, loaded only when some item is still to do: a rerun never loads a model.
 
     Loaded here rather than inside the stage so a model that cannot load stops the flow with
@@ -99,13 +101,13 @@ def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str]):
     with session_scope(cfg.database_url) as s:
         if len(done(s, keys)) == len(set(keys)):
             return None
-    return cached_engine(spec, cfg.engine.backend, **engine_settings(cfg))
+    return cached_engine(spec, cfg.engine.backend, **settings)
 
 
 def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprint: str, run_id: str,
                     items: list[GenItem]) -> StageStats:
     sampling = cfg.sampling()
-    engine = _engine_if_pending(cfg, spec, _done_ids, [it.key for it in items])
+    engine = _engine_if_pending(cfg, spec, _done_ids, [it.key for it in items], engine_settings(cfg))
 
     def compute(chunk: list[GenItem]) -> list[Completion]:
         return engine.generate([it.prompt.messages for it in chunk], sampling)
@@ -135,7 +137,8 @@ def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprin
 
 
 def _judge_stage(cfg: EvalConfig, run_id: str, items: list[JudgeItem]) -> StageStats:
-    engine = _engine_if_pending(cfg, cfg.judge_model, _judged_ids, [it.key for it in items])
+    engine = _engine_if_pending(cfg, cfg.judge_model, _judged_ids, [it.key for it in items],
+                                dict(cfg.engine.settings))
 
     def compute(chunk: list[JudgeItem]) -> list[JudgeOutcome]:
         return judge_chunk(engine, chunk, cfg.judge_max_chars)
@@ -257,7 +260,8 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
         stages = []
         for role in ROLES:
             stages.append(generate_task(cfg, name, role, fingerprints[role], run.id))
-            if not (role == "baseline" and cfg.judge_model == cfg.baseline):  # the judge reuses it
+            if not (role == "baseline" and cfg.judge_model == cfg.baseline  # the judge reuses it
+                    and engine_settings(cfg) == dict(cfg.engine.settings)):
                 _release_models()
         stages.append(judge_task(cfg, name, fingerprints, run.id))
         _release_models()

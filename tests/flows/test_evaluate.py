@@ -192,18 +192,24 @@ def test_eval_flow_exact_rates_stored_rows_and_rerun_without_model_work(use_db, 
     loads: list[str] = []
     drops: list[int] = []
 
+    dtypes: list[str | None] = []
+
     def fake_cached_engine(spec, backend="auto", **settings):
         loads.append(spec)
+        dtypes.append(settings.get("dtype"))
         return engines[spec]
 
     monkeypatch.setattr(evaluate, "cached_engine", fake_cached_engine)
     monkeypatch.setattr(evaluate, "drop_engines", lambda: drops.append(len(loads)))
+    monkeypatch.setattr(evaluate, "gpu_available", lambda: False)
     cfg = EvalConfig(model="runs/fake-dpo", baseline="fake-base", prompts=["rt", "bn"], principles=2,
                      runner={"show_progress": False})
     summary = evaluate.eval_flow(cfg)
 
-    # one model at a time: model, dropped, baseline (kept: it is also the judge), then dropped
-    assert loads == ["runs/fake-dpo", "fake-base", "fake-base"] and drops == [1, 3]
+    # one model at a time: model, dropped, baseline, dropped, the baseline again as the judge in the
+    # engine's own dtype (replies are fp32 on a CPU; the judge's scores need not be), then dropped
+    assert loads == ["runs/fake-dpo", "fake-base", "fake-base"] and drops == [1, 2, 3]
+    assert dtypes == ["float32", "float32", None]
     rt, bn = summary["sets"]["rt"], summary["sets"]["bn"]
     assert (rt["model"]["n"], rt["model"]["refusal_rate"], rt["baseline"]["refusal_rate"]) == (4, 1.0, 0.0)
     assert rt["model"]["win_rate"] == pytest.approx(0.8) and rt["baseline"]["win_rate"] == pytest.approx(0.2)
@@ -232,6 +238,12 @@ def test_eval_flow_exact_rates_stored_rows_and_rerun_without_model_work(use_db, 
     again = evaluate.eval_flow(cfg)
     assert loads == [] and again["computed"] == 0 and again["sets"] == summary["sets"]
     assert again["eval_name"] == summary["eval_name"]
+
+    # cpu_dtype=auto: a new eval name, and the baseline stays loaded (not dropped) to judge in the same settings
+    drops.clear()
+    auto = evaluate.eval_flow(cfg.model_copy(update={"cpu_dtype": "auto"}))
+    assert auto["eval_name"] != summary["eval_name"]
+    assert loads == ["runs/fake-dpo", "fake-base", "fake-base"] and drops == [1, 3]
 
 
 def test_eval_flow_with_the_tiny_model(use_db, tiny_model_dir, tmp_path, prefect_patience) -> None:
