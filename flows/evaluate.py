@@ -186,7 +186,8 @@ def drift_task(cfg: EvalConfig, name: str) -> int:
     enc = ChatEncoder(tok, max_length=cfg.max_new_tokens + 384, max_prompt_length=384)
     with session_scope(cfg.database_url) as s:
         prompts = rows_by_id(s, Prompt, {r.prompt_id for r in todo})
-    values = batched_logps(model, [enc.encode(prompts[r.prompt_id].messages, r.text) for r in todo], enc.pad_id)
+    values = batched_logps(model, [enc.encode(prompts[r.prompt_id].messages, r.text) for r in todo], enc.pad_id,
+                           dtype=drift_dtype(cfg))
     del model
     with session_scope(cfg.database_url) as s:
         for r, (lp, n) in zip(todo, values, strict=True):
@@ -194,6 +195,22 @@ def drift_task(cfg: EvalConfig, name: str) -> int:
             row.details = {**row.details, "drift": lp / n if n else None}
             s.add(row)
     return len(todo)
+
+
+def drift_dtype(cfg: EvalConfig) -> str:
+    """Drift is a mean log-prob over fixed text, with no greedy path to flip, so like the judge it
+    scores in the engine's dtype: a named one, else bf16 autocast where that is faster on this CPU
+    (a third of the fp32 time here), fp32 on a GPU as before."""
+    named = cfg.engine.settings.get("dtype")
+    if named in ("float32", "bfloat16", "float16"):
+        return named
+    if named or gpu_available():
+        return "float32"
+    import torch
+
+    from engines.hf import _pick_dtype
+
+    return str(_pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
 
 def _release_models() -> None:

@@ -151,6 +151,22 @@ def test_eval_models_load_in_fp32_on_a_cpu_unless_told_otherwise(monkeypatch) ->
     assert evaluate.engine_settings(EvalConfig(model="m")) == {}  # a GPU keeps the engine's own choice
 
 
+def test_drift_scores_in_the_engines_dtype(monkeypatch) -> None:
+    """Drift is a mean log-prob over fixed text: a named dtype is used, else bf16 autocast where the
+    engine would pick it on this CPU, and fp32 on a GPU."""
+    import engines.hf
+
+    monkeypatch.setattr(evaluate, "gpu_available", lambda: False)
+    for fast, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(engines.hf, "_pick_dtype",
+                            lambda d, dev, fast=fast: engines.hf.torch.bfloat16 if fast else engines.hf.torch.float32)
+        assert evaluate.drift_dtype(EvalConfig(model="m")) == want
+    named = EvalConfig(model="m", engine=EngineSettings(settings={"dtype": "float32"}))
+    assert evaluate.drift_dtype(named) == "float32"
+    monkeypatch.setattr(evaluate, "gpu_available", lambda: True)
+    assert evaluate.drift_dtype(EvalConfig(model="m")) == "float32"
+
+
 # --- the flow with scripted engines --------------------------------------------------------
 
 RT = [f"red-team request {i}" for i in range(4)]
