@@ -188,7 +188,9 @@ def test_a_database_locked_mid_run_is_one_line(runner, home, sqlite_url, monkeyp
         real = dpo.trainer.load_policy
         monkeypatch.setattr("flows.train.load_policy", lambda *a, **k: (lock.take(), real(*a, **k))[1])
     for spec in ("scripted", "judge", "base"):
-        register_engine(spec, LockingEngine(lock))
+        engine = LockingEngine(lock)
+        register_engine(spec, engine)
+        register_engine(spec, engine, dtype="float32")  # eval's replies load in fp32 on a CPU
     before = _ids(sqlite_url)
     monkeypatch.setattr(store.db, "BUSY_TIMEOUT_S", 0.3)
     reset_engines()
