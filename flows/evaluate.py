@@ -206,11 +206,9 @@ def drift_dtype(cfg: EvalConfig) -> str:
         return named
     if named or gpu_available():
         return "float32"
-    import torch
+    from engines.vllm import cpu_dtype  # what `auto` means on a CPU, for either engine (no vllm import)
 
-    from engines.hf import _pick_dtype
-
-    return str(_pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    return cpu_dtype("auto")
 
 
 def _release_models() -> None:
