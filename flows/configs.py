@@ -307,10 +307,11 @@ class EvalConfig(StoreSettings):
     limit: int | None = Field(None, ge=1, description="only the first N prompts of each set (by id)")
     name: str | None = Field(None, description="label for this comparison; default <model>-vs-<baseline>")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for all three models")
-    cpu_dtype: Literal["float32", "auto"] = Field("float32", description="dtype of all three models on a machine "
-                                                   "without a GPU. float32: the same figures on every CPU (bf16 "
-                                                   "kernels differ, AMX against AVX-512, and flip greedy replies); "
-                                                   "auto: bf16 where faster. engine.settings.dtype overrides it")
+    cpu_dtype: Literal["float32", "auto"] = Field("float32", description="dtype of the two models' replies on a "
+                                                   "machine without a GPU. float32: the same figures on every CPU "
+                                                   "(bf16 kernels differ, AMX against AVX-512, and flip greedy "
+                                                   "replies); auto: bf16 where faster. The judge and drift keep the "
+                                                   "engine's dtype. engine.settings.dtype overrides it")
     judge_max_chars: int = Field(1200, ge=1, description="per message in the judge prompt, as in the label flow")
     drift: bool = Field(True, description="score every reply under the baseline (mean token log-prob): drift")
     seed: int = Field(0, description="fixes which principles are drawn for each prompt")
