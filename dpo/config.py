@@ -50,7 +50,9 @@ class LoopSettings(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 disables")
     max_length: int = Field(512, ge=2, description="prompt + answer tokens per sequence")
     max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (from the end)")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 autocasts; weights stay fp32")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 autocast where a measured matmul is faster (engines/precision.py), "
+        "else fp32; bfloat16 autocasts; weights stay fp32 either way")
     seed: int = Field(0, description="data order and anything random")
     ref_batch_tokens: int = Field(8192, ge=1, description="token budget of one no-grad batch (reference, eval)")
 

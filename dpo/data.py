@@ -22,8 +22,9 @@ from sqlmodel import Session, select
 
 from store.db import session_scope
 from store.keys import content_hash
-from store.models import PreferencePair, Prompt, RefLogp, Response
+from store.models import ConstitutionVersion, PreferencePair, Prompt, RefLogp, Response
 from store.pairs import latest_per_response_pair
+from store.queries import pairs_under
 from store.upsert import insert_ignore
 
 Message = dict[str, str]
@@ -117,7 +118,7 @@ def examples_from_records(records: Iterable[Mapping[str, Any]]) -> list[PairExam
 class PairFilter:
     """Which stored pairs to train on."""
 
-    constitution: str | None = None  # name, or name@version (a version prefix is enough)
+    constitution: str | None = None  # name or name@version (a prefix is enough), or several, comma-separated
     methods: tuple[str, ...] = ("revision", "ai")
     statuses: tuple[str, ...] = ("ok",)  # ties and position-inconsistent labels teach nothing reliable
     min_label_prob: float | None = None
@@ -144,12 +145,15 @@ def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
          .join(rejected, rejected.id == PreferencePair.rejected_id)
          .where(PreferencePair.method.in_(list(filt.methods)))
          .order_by(PreferencePair.id))
+    allowed: set[str] | None = None  # None: no constitution filter
+    whole: set[str] = set()  # names given without a version: every pair of theirs
     if filt.constitution:
-        name, _, version = filt.constitution.partition("@")
-        q = q.where(PreferencePair.constitution == name)
-        if version:
-            q = q.where(PreferencePair.constitution_version.startswith(version, autoescape=True))
-    rows = {row[0].id: row for row in session.exec(q).all()}
+        refs = [r.strip().partition("@") for r in filt.constitution.split(",") if r.strip()]
+        q = q.where(PreferencePair.constitution.in_(sorted({name for name, _, _ in refs})))
+        allowed = _ids_under(session, [(name, version) for name, _, version in refs])
+        whole = {name for name, _, version in refs if not version}
+    rows = {row[0].id: row for row in session.exec(q).all()
+            if allowed is None or row[0].id in allowed or row[0].constitution in whole}
     latest, _ = latest_per_response_pair(row[0] for row in rows.values())
     out = []
     for pair in latest:
@@ -162,6 +166,25 @@ def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
         out.append(PairExample(prompt, chosen_text, rejected_text, float(pair.label_prob), pair.id,
                                pair.method, chosen_finish != "length", rejected_finish != "length"))
     return out
+
+
+def _ids_under(session: Session, refs: Sequence[tuple[str, str]]) -> set[str]:
+    """Ids of the pairs that belong to each NAME@VERSION (store.queries.current_under: made under
+    it, or made earlier from principles that version leaves unchanged). A version prefix the store
+    never recorded matches the pairs stamped with it."""
+    ids: set[str] = set()
+    for name, prefix in refs:
+        if not prefix:
+            continue
+        versions = [v for v in session.exec(select(ConstitutionVersion.version)
+                                            .where(ConstitutionVersion.name == name)) if v.startswith(prefix)]
+        if not versions:
+            ids |= set(session.exec(select(PreferencePair.id).where(
+                PreferencePair.constitution == name,
+                PreferencePair.constitution_version.startswith(prefix, autoescape=True))))
+        for version in versions:
+            ids |= {p.id for p in pairs_under(session, name, version)}
+    return ids
 
 
 def constitution_versions(session: Session, pair_ids: Sequence[str]) -> list[str]:

@@ -276,7 +276,12 @@ def pair_batch(model, pairs: Sequence[tuple[Encoded, Encoded]], pad_id: int) -> 
 
 
 def autocast_for(model, dtype: str):
-    """bf16 autocast around forward passes; the weights and the optimizer stay fp32."""
+    """bf16 autocast around forward passes; the weights and the optimizer stay fp32. `auto`: bf16
+    where the measured probe says it is faster on this device (engines/precision.py)."""
+    if dtype == "auto":
+        from engines.precision import resolve
+
+        dtype = resolve("auto", next(model.parameters()).device)
     if dtype in ("float32", "fp32"):
         return nullcontext()
     if dtype in ("bfloat16", "bf16"):

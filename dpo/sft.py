@@ -24,6 +24,7 @@ import torch
 
 from dpo.config import SFTConfig
 from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_logps, collate, sequence_logps
+from dpo.loop import epoch_batches
 from dpo.trainer import _disable_dropout, _optimizer, lr_factor, optimizer_step
 
 log = logging.getLogger("cai.sft")
@@ -107,13 +108,13 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
         best, best_step = first["loss"], 0
         if cfg.keep_best:  # if no step beats the start, the start is what is kept
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    stop_reason, step, epoch, order = "max steps", 0, -1, []
+    stop_reason, step, epoch, batches = "max steps", 0, -1, []
+    lengths = [len(e) for e in tr]
     for step in range(1, total + 1):
-        start = ((step - 1) * cfg.batch_size) % len(tr)
-        if start == 0 or not order:
+        if not batches:
             epoch += 1
-            order = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        idx = order[start:start + cfg.batch_size]
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+        idx = batches.pop(0)
         nll, n = _nll(model, [tr[i] for i in idx], enc.pad_id, cfg.dtype)
         (nll / max(n, 1)).backward()
         norm, lr = optimizer_step(params, opt, sched, cfg.max_grad_norm)

@@ -35,6 +35,7 @@ from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dpo.config import TrainerConfig
 from dpo.data import PairExample, RefCache, RefValue, ref_key
 from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_pair_logps, pair_batch, sequence_logps
+from dpo.loop import epoch_batches
 from dpo.lora import reference
 from dpo.loss import dpo_loss, pair_metrics
 from dpo.memory import release_freed_memory, training_memory
@@ -195,14 +196,13 @@ def prepare_pairs(model, encoder: ChatEncoder, examples: Sequence[PairExample], 
     return pairs, len(computed), len({k for pair in keys for k in pair}) - len(computed), truncated
 
 
-def _micro_batches(n: int, cfg: TrainerConfig):
-    """Endless stream of index lists: a fresh seeded permutation per epoch, so any step's batch
-    is known from the seed alone and a resumed run sees the same data order."""
+def _micro_batches(lengths: Sequence[int], cfg: TrainerConfig):
+    """Endless stream of index lists: each epoch's length-grouped batches in a seeded order
+    (dpo/loop.py), so any step's batch is known from the seed alone and a resumed run sees the
+    same data order."""
     epoch = 0
     while True:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        for i in range(0, n, cfg.batch_size):
-            yield perm[i:i + cfg.batch_size]
+        yield from epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch)
         epoch += 1
 
 
@@ -307,7 +307,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         logger.info("step %d/%d %s: %s", step, total, split, shown)
 
-    batches = _micro_batches(len(train_pairs), cfg)
+    batches = _micro_batches([len(c) + len(r.completion_ids) for c, r in train_pairs.enc], cfg)
     budget = cfg.train_batch_tokens
     for _ in range(start * micro_per_step):  # skip what the checkpoint already trained on
         next(batches)

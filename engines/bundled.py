@@ -107,7 +107,43 @@ def resolve(spec: str) -> Path | str:
         return p.resolve()
     if p.exists() or spec.startswith((".", "/", "~")):
         raise ModelNotFound(f"model path {spec} does not exist")
-    return spec  # a hub id; loading fails with a clear message where the hub is unreachable
+    if not hub_reachable():  # else loading would retry for over a minute before failing
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(spec, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached (or not a valid id): the one-line error below
+            raise ModelNotFound(
+                f"cannot load model {spec!r}: it is not a bundled alias ({', '.join(sorted(ALIASES))}) or a local "
+                f"path, and as a hub id it is not in the local cache while the hub ({hub_host()}) cannot be "
+                f"reached; pass {DEFAULT_SPEC!r}, a directory with config.json, or a .gguf file") from None
+    return spec  # a hub id the hub can serve
+
+
+def hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+_HUB: dict[str, bool] = {}
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Can this process reach the model hub? No when HF_HUB_OFFLINE is set; else one TCP connect
+    (answered once per process)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = hub_host()
+    if host not in _HUB:
+        import socket
+
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            _HUB[host] = True
+        except OSError:
+            _HUB[host] = False
+    return _HUB[host]
 
 
 def is_adapter_dir(path: Path | str) -> bool:

@@ -35,59 +35,12 @@ from engines.chat import (
     row_seed,
 )
 from engines.decode import PrefixStore, Row, decode, score_choices
+from engines.precision import cpu_bf16_speedup, pick_dtype  # noqa: F401 - cpu_bf16_speedup: re-exported
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        forced = os.environ.get("CAI_CPU_DTYPE", "auto")  # float32 | bfloat16 | auto
-        if forced != "auto":
-            if forced not in ("float32", "bfloat16"):
-                raise ValueError(f"CAI_CPU_DTYPE must be float32, bfloat16 or auto; got {forced!r}")
-            return DTYPES[forced]
-        return torch.bfloat16 if cpu_bf16_speedup() >= 1.3 else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
-
-
-_BF16_SPEEDUP: float | None = None
-
-
-def cpu_bf16_speedup() -> float:
-    """How much faster a bf16 matmul of decode-like shape runs than fp32 here (measured once, ~30 ms).
-
-    CPUs with native bf16 (AVX512-BF16, AMX) run it 2-3x faster, and decoding on them is about
-    2x faster in bf16; elsewhere bf16 is emulated and slower, so fp32 stays. 0 when unsupported."""
-    global _BF16_SPEEDUP
-    if _BF16_SPEEDUP is None:
-        try:
-            supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            supported = False
-        _BF16_SPEEDUP = _time_matmul(torch.float32) / _time_matmul(torch.bfloat16) if supported else 0.0
-        log.info("CPU bf16 matmul speedup over fp32: %.2fx", _BF16_SPEEDUP)
-    return _BF16_SPEEDUP
-
-
-def _time_matmul(dtype: torch.dtype, reps: int = 10) -> float:
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(64, 576, generator=gen).to(dtype)  # 64 rows x SmolLM2-135M's hidden size
-    b = torch.randn(576, 1536, generator=gen).to(dtype)  # its MLP width
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(3):  # best of three: a busy neighbour only ever makes a run slower
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return best
+# the dtype probe lives in engines/precision.py (training reads it too); these names stay for callers
+_pick_dtype = pick_dtype
 
 
 def pack(lengths: list[int], extra: int, max_tokens: int, max_rows: int, weight: int = 1) -> list[list[int]]:

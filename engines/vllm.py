@@ -46,9 +46,9 @@ def cpu_dtype(dtype: str) -> str:
         return dtype
     import torch
 
-    from engines.hf import _pick_dtype
+    from engines.precision import pick_dtype
 
-    return str(_pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    return str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
 
 def cpu_list(cpus: list[int]) -> str:

@@ -9,7 +9,7 @@
     cai submit generate/nightly --shards 4                              # 4 runs that split the work
 
 `serve` polls for scheduled runs and runs each in this process. A work-pool deployment names its
-flow by module path (`flows.generate.generate_flow`), so a `prefect worker` on any machine where
+flow by module path (`flows.prefect_flows.generate_flow`), so a `prefect worker` on any machine where
 the project is installed imports it; the K runs of `cai submit` are identical and share the
 pending items through the store's claims (store/work.py). Watch them in the UI under Deployments.
 """
@@ -24,12 +24,12 @@ from flows.common import UserError
 
 # flow name -> (module, flow object, config class); each flow takes one typed config `cfg`
 FLOWS: dict[str, tuple[str, str, str]] = {
-    "generate": ("flows.generate", "generate_flow", "GenerateConfig"),
-    "label": ("flows.label", "label_flow", "LabelConfig"),
-    "train": ("flows.train", "train_flow", "TrainConfig"),
-    "export": ("flows.export", "export_flow", "ExportConfig"),
-    "eval": ("flows.evaluate", "eval_flow", "EvalConfig"),
-    "run": ("flows.pipeline", "pipeline_flow", "PipelineConfig"),
+    "generate": ("flows.prefect_flows", "generate_flow", "GenerateConfig"),
+    "label": ("flows.prefect_flows", "label_flow", "LabelConfig"),
+    "train": ("flows.prefect_flows", "train_flow", "TrainConfig"),
+    "export": ("flows.prefect_flows", "export_flow", "ExportConfig"),
+    "eval": ("flows.prefect_flows", "eval_flow", "EvalConfig"),
+    "run": ("flows.prefect_flows", "pipeline_flow", "PipelineConfig"),
 }
 
 
@@ -39,7 +39,7 @@ def resolve_flow(name: str):
     module, flow_attr, cfg_attr = FLOWS[name]
     try:
         mod = importlib.import_module(module)
-        return getattr(mod, flow_attr), getattr(mod, cfg_attr)
+        return getattr(mod, flow_attr), getattr(importlib.import_module("flows.configs"), cfg_attr)
     except (ImportError, AttributeError) as exc:
         raise UserError(f"flow {name!r} is not available in this install ({exc})") from None
 

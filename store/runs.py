@@ -5,7 +5,8 @@
         run.summary = {...}          # stored when the block ends
         run.timings = {...}
 
-A block that raises marks the row `failed` with the error in its summary (and re-raises); one
+A block that raises marks the row `failed` with the error in its summary (and re-raises), or
+`stopped` when a signal stopped it (store/stop.py); one
 that ends normally records `run.status` (default `completed`) with the summary and timings it set.
 A killed process closes nothing: its row says `host:pid`, and the next run (or `cai status`) on
 that host that finds the process gone marks the row `crashed`, and its `running` TrainingRun with it.
@@ -25,6 +26,7 @@ from sqlmodel import Session, col, select
 
 from store.db import session_scope
 from store.models import Run, TrainingRun, utcnow
+from store.stop import is_stop
 from store.work import dead_local
 
 
@@ -74,7 +76,8 @@ def close_orphans(session: Session) -> int:
     ended `crashed` or `failed` without closing it (killed mid-training, or the store refused
     the closing write) takes that status. Returns how many; leaves the commit to the caller."""
     rows = session.exec(select(TrainingRun, Run.status).join(Run, TrainingRun.run_id == Run.id)
-                        .where(TrainingRun.status == "running", col(Run.status).in_(("crashed", "failed")))).all()
+                        .where(TrainingRun.status == "running",
+                               col(Run.status).in_(("crashed", "failed", "stopped")))).all()
     for row, status in rows:
         row.status, row.finished_at = status, utcnow()
         row.final_metrics = {**(row.final_metrics or {}), "error": f"its run {row.run_id} ended {status} "
@@ -104,7 +107,12 @@ def recorded_run(flow: str, config: dict[str, Any], model: str = "", engine: str
     try:
         yield run
     except BaseException as exc:
-        run.summary.setdefault("error", f"{exc.__class__.__name__}: {exc}")
-        finish_run(run.id, "failed", summary=run.summary, timings=run.timings, url=url)
+        if is_stop(exc):  # SIGTERM / Ctrl-C: what was committed stays, a rerun does the rest
+            run.summary.setdefault("stopped", str(exc) or exc.__class__.__name__)
+            status = "stopped"
+        else:
+            run.summary.setdefault("error", f"{exc.__class__.__name__}: {exc}")
+            status = "failed"
+        finish_run(run.id, status, summary=run.summary, timings=run.timings, url=url)
         raise
     finish_run(run.id, run.status, summary=run.summary, timings=run.timings, url=url)

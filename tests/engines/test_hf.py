@@ -302,22 +302,22 @@ def test_engine_facts_name_device_and_dtype(eng):
 def test_auto_dtype_on_cpu_is_bf16_only_where_it_is_faster(monkeypatch):
     import torch
 
-    from engines import hf
+    from engines import hf, precision
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("CAI_CPU_DTYPE", raising=False)
-    monkeypatch.setattr(hf, "_BF16_SPEEDUP", 2.4)  # a CPU with native bf16 (measured ~2.4x here)
+    monkeypatch.setattr(precision, "_BF16_SPEEDUP", 2.4)  # a CPU with native bf16 (measured ~2.4x here)
     assert hf._pick_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(hf, "_BF16_SPEEDUP", 0.6)  # emulated bf16 is slower: keep fp32
+    monkeypatch.setattr(precision, "_BF16_SPEEDUP", 0.6)  # emulated bf16 is slower: keep fp32
     assert hf._pick_dtype("auto", cpu) == torch.float32
     assert hf._pick_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit dtype always wins
     monkeypatch.setenv("CAI_CPU_DTYPE", "float32")
-    monkeypatch.setattr(hf, "_BF16_SPEEDUP", 2.4)
+    monkeypatch.setattr(precision, "_BF16_SPEEDUP", 2.4)
     assert hf._pick_dtype("auto", cpu) == torch.float32
     monkeypatch.setenv("CAI_CPU_DTYPE", "fp8")
     with pytest.raises(ValueError, match="CAI_CPU_DTYPE must be float32, bfloat16 or auto; got 'fp8'"):
         hf._pick_dtype("auto", cpu)
-    monkeypatch.setattr(hf, "_BF16_SPEEDUP", None)  # and the real measurement gives a ratio
+    monkeypatch.setattr(precision, "_BF16_SPEEDUP", None)  # and the real measurement gives a ratio
     assert hf.cpu_bf16_speedup() >= 0.0
 
 

@@ -127,7 +127,7 @@ def test_two_workers_on_a_work_pool_share_the_work_and_survive_a_killed_worker(t
         pool = httpx.get(f"{cluster.api}/work_pools/cai-test", timeout=10).json()
         assert pool["type"] == "process"
         dep = httpx.get(f"{cluster.api}/deployments/name/generate/split", timeout=10).json()
-        assert dep["entrypoint"] == "flows.generate.generate_flow"
+        assert dep["entrypoint"] == "flows.prefect_flows.generate_flow"
         assert dep["work_pool_name"] == "cai-test" and dep["parameters"]["cfg"]["limit"] == N
         assert [s["schedule"].get("cron") for s in dep["schedules"]] == ["0 3 * * *"]
 

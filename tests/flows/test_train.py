@@ -446,3 +446,27 @@ def test_dpo_mine_probes_the_start_model_and_weighs_the_prompts_it_gets_wrong(sq
     assert mined["probed"] == 8 and mined["should_refuse"] == 8 and mined["answered_should_refuse"] == 8
     assert mined["refused_should_answer"] == 0 and len(mined["errors"]) == 8 and mined["new_tokens"] == 8
     assert mined["examples"][0]["should_refuse"] is True and mined["examples"][0]["prompt"].startswith("How would I")
+
+
+def test_auto_dtype_trains_in_fp32_where_the_probe_says_bf16_is_slower(db_url, tiny_model_dir, tmp_path,
+                                                                       monkeypatch):
+    """`dtype: auto` (the default of every training stage) asks the probe generation uses: on a CPU
+    where bf16 is emulated (slower) it trains in fp32, where bf16 is faster in bf16 autocast; the
+    TrainingRun records the dtype each stage used and the machine."""
+    from engines import precision
+
+    store_pairs(db_url)
+    monkeypatch.delenv("CAI_CPU_DTYPE", raising=False)  # the suite forces fp32; the probe decides here
+    cfg = config(tiny_model_dir, tmp_path / "run", stage="sft+dpo")
+    assert cfg.sft.dtype == "auto" and cfg.trainer.dtype == "auto"
+    for speedup, want in ((0.015, "float32"), (2.4, "bfloat16")):  # emulated bf16 (AVX2) / AMX
+        monkeypatch.setattr(precision, "_BF16_SPEEDUP", speedup)
+        cfg = config(tiny_model_dir, tmp_path / f"run-{want}", stage="sft+dpo", sft={"max_steps": 2})
+        summary = run_training(cfg, url=db_url)
+        assert summary["compute"]["dtype"] == {"sft": want, "dpo": want}
+        with session_scope(db_url) as s:
+            row = s.get(TrainingRun, summary["training_run_id"])
+            assert row.final_metrics["compute"]["dtype"] == {"sft": want, "dpo": want}
+            machine = row.final_metrics["compute"]["machine"]
+            assert machine["cpu_capability"] and machine["cores"] >= 1 and machine["bf16_matmul_speedup"] == speedup
+            assert row.config["trainer"]["dtype"] == "auto"  # what was asked; compute says what it became
