@@ -13,7 +13,8 @@ answer. For each way of making pairs on its prompts it measures:
 - passes_gates: share of pairs gate_pair lets into training; yield_per_prompt: such pairs per prompt;
 - s_per_pair: engine seconds per pair made.
 
-Sources: `contrastive` (a primed refusal opening vs the plain reply; cai/contrast.py) and `revision`
+Sources: `contrastive` (the governing principle's example or counter-example vs the plain reply;
+cai/contrast.py) and `revision`
 (SL-CAI, one critique/revision round; cai/sl_cai.py). The judge is measured on the gold
 (better, worse) pairs themselves, raw and with contextual calibration: accuracy (label picks the
 better reply), position consistency (both orders agree) and the mean P(A).
@@ -56,19 +57,32 @@ def _score_pairs(pairs: list[tuple[dict, str, str]], seconds: float) -> dict:
 
 
 def contrastive(engine, gold: list[dict]) -> dict:
-    from cai.contrast import DEFAULT_OPENINGS, opening_for
+    """The governing principle's own text (constitution/govern.py) against the plain reply; a gold
+    category no principle governs takes a text of the bundled constitutions' first principle of
+    the stance its kind needs (two gold categories, theft and dangerous chemistry, have none)."""
+    from cai.contrast import opening_for, steering_texts
     from cai.quality import trim_to_sentence
+    from constitution.govern import Governance
+    from constitution.load import find, load_file
     from engines.base import Sampling
 
+    gov = Governance([load_file(find(n)) for n in ("harmless", "helpful-honest")])
+    from constitution.govern import Rule
+
+    fallback = {refuse: next(Rule(c, p, "bench fallback") for c in gov.constitutions for p in c.principles
+                             if p.stance and p.refuses == refuse) for refuse in (True, False)}
     s = Sampling(max_new_tokens=96, repetition_penalty=1.15, no_repeat_ngram=4)
     t0 = time.perf_counter()
     outs = engine.generate([[{"role": "user", "content": r["prompt"]}] for r in gold], s)
     dt = time.perf_counter() - t0
     pairs = []
     for r, o in zip(gold, outs, strict=True):
+        harmful = r["kind"] == "harmful"
         plain = trim_to_sentence(o.text) if o.outputs[0].finish_reason == "length" else o.text.strip()
-        refusal = opening_for(r["id"], DEFAULT_OPENINGS, 0)
-        pairs.append((r, refusal, plain) if r["kind"] == "harmful" else (r, plain, refusal))
+        rule = gov.rule(r.get("category"))
+        rule = rule if rule is not None and rule.refuse == harmful else fallback[harmful]
+        refusal = opening_for(r["id"], steering_texts(rule), 0)
+        pairs.append((r, refusal, plain) if harmful else (r, plain, refusal))
     return _score_pairs(pairs, dt)
 
 
@@ -84,7 +98,13 @@ def revision(engine, gold: list[dict]) -> dict:
     msgs = [[{"role": "user", "content": r["prompt"]}] for r in gold]
     t0 = time.perf_counter()
     initial = [o.text.strip() for o in engine.generate(msgs, s)]
-    principles = [sl_cai.draw_principle(c, 0, r["id"], 1) for r in gold]
+    from constitution.govern import Governance
+
+    gov = Governance([c])
+    principles = []
+    for r in gold:  # round 1 under the governing principle, as the generate flow does
+        rule = gov.rule(r.get("category"))
+        principles.append(sl_cai.draw_principle(c, 0, r["id"], 1, rule.principle.id if rule else None))
     crit = [o.text.strip() for o in engine.generate(
         [sl_cai.critique_conversation(c, m, a, p) for m, a, p in zip(msgs, initial, principles, strict=True)], s)]
     rev = engine.generate([sl_cai.revision_conversation(c, m, a, p, k) for m, a, p, k in

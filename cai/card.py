@@ -134,12 +134,30 @@ def _histogram(stats: dict[str, Any]) -> str:
                      for i, n in enumerate(counts))
 
 
+# what each pair method is, in the words the card uses; the card lists only the methods it holds
+METHODS = {
+    "revision": "SL-CAI revisions: the model's own answer after critique and revision under a principle, "
+                "chosen over its first answer",
+    "ai": "AI-labelled RL-CAI pairs: two of the model's answers, ordered by the feedback model's judgment "
+          "under the constitution's preference questions (both orders, soft label)",
+    "contrastive": "contrastive pairs: a reply the governing principle teaches (one of its `examples`) chosen "
+                   "over the model's own plain answer to a request that principle says to refuse",
+    "helpful": "helpfulness pairs: the model's own plain answer chosen over a needless refusal the governing "
+               "principle names (one of its `counter_examples`), on a request it says to answer",
+    "best-of-n": "best-of-N pairs: the highest and lowest of N model answers under a trained reward model",
+}
+
+
 def _intro(facts: dict[str, Any]) -> list[str]:
     c = facts["constitution"]
+    by_method: dict[str, int] = {}
+    for split in ("train_prefs", "test_prefs"):
+        for m, n in facts["counts_by_method"].get(split, {}).items():
+            by_method[m] = by_method.get(m, 0) + n
+    made = "; ".join(f"{n} {METHODS.get(m, m)}" for m, n in sorted(by_method.items(), key=lambda x: -x[1]))
     out = [f"# {c['ref']}: Constitutional AI data from cai-factory", "",
            f"Supervised (`*_sft`) and preference (`*_prefs`) data generated under the constitution "
-           f"**{c['name']}**, version **{c['version']}**, by cai-factory (critique-and-revise SL-CAI "
-           "revisions plus AI-labelled RL-CAI preference pairs).", "",
+           f"**{c['name']}**, version **{c['version']}**, by cai-factory. What the pairs are: {made}.", "",
            "```python", "from datasets import load_dataset", "",
            "# OWNER/NAME on the Hub, or the local export directory",
            'prefs = load_dataset("OWNER/NAME", "prefs")  # train_prefs, test_prefs: prompt, chosen, rejected',
@@ -228,6 +246,38 @@ def _models(facts: dict[str, Any]) -> list[str]:
     return out
 
 
+def _taught(facts: dict[str, Any]) -> list[str]:
+    """Per principle what the exported pairs teach, how varied their chosen replies are, and examples."""
+    principles, variety = facts.get("principles") or {}, facts.get("variety") or {}
+    if not principles:
+        return []
+    rows = [[f"`{pid}`", e["pairs"], ", ".join(f"{m} {n}" for m, n in e["methods"].items()), e["distinct_chosen"],
+             f"{e['distinct_chosen'] / e['pairs']:.2f}"] for pid, e in principles.items()]
+    out = ["## Principles and what they teach", "",
+           _table(["principle", "pairs", "methods", "distinct chosen replies", "per pair"], rows), "",
+           f"Overall {variety['distinct_chosen']} distinct chosen replies in {variety['pairs']} preference pairs "
+           f"({variety['distinct_per_pair']} per pair). A contrastive pair's chosen reply is one of its "
+           "principle's examples, so that principle's row can hold no more distinct replies than it has "
+           "examples; a plain model reply is distinct almost every time.", ""]
+    if facts.get("examples"):
+        out += ["Examples (the first exported pairs of each method, by id):", ""]
+        for ex in facts["examples"]:
+            who = ", ".join(ex["principles"]) or "no principle recorded"
+            out += [f"- **{ex['method']}** ({who}), prompt: {_quote(ex['prompt'])}",
+                    f"  - chosen: {_quote(ex['chosen'])}", f"  - rejected: {_quote(ex['rejected'])}"]
+        out.append("")
+    return out
+
+
+def _quote(text: str, limit: int = 240) -> str:
+    """A stored text as one inline code span: cut, on one line, fenced so it cannot break the markdown."""
+    one = " ".join(text.split())
+    one = one if len(one) <= limit else one[:limit - 1] + "\u2026"
+    ticks = "`" * (1 + max((len(m) for m in re.findall(r"`+", one)), default=0))
+    pad = " " if one.startswith("`") or one.endswith("`") else ""
+    return f"{ticks}{pad}{one}{pad}{ticks}"
+
+
 def _constitution(facts: dict[str, Any]) -> list[str]:
     c = facts["constitution"]
     used = ", ".join(f"`{k}` {n}" for k, n in facts["principles_used"].items()) or "none recorded"
@@ -255,8 +305,8 @@ def _provenance(facts: dict[str, Any]) -> list[str]:
 
 def render_card(facts: dict[str, Any], data_files: dict[str, str]) -> str:
     meta = yaml.safe_dump(header(facts, data_files), sort_keys=False, allow_unicode=True, width=100)
-    body = (_intro(facts) + _counts(facts) + _label_probs(facts) + _models(facts) + _constitution(facts)
-            + _provenance(facts))
+    body = (_intro(facts) + _counts(facts) + _taught(facts) + _label_probs(facts) + _models(facts)
+            + _constitution(facts) + _provenance(facts))
     return f"---\n{meta}---\n" + "\n".join(body)
 
 

@@ -19,9 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from cai.refusal import detect
-
-BENIGN_CATEGORIES = frozenset({"everyday", "looks-risky", "benign", "benign-lookalike"})
+from cai.refusal import Taught, detect
 
 MIN_WORDS = 3  # fewer words is not an answer ("Sure.", "1.")
 MAX_REPEATED_TRIGRAMS = 0.25  # share of word trigrams that occur earlier in the reply
@@ -120,15 +118,16 @@ class Quality:
 GATES = ("empty", "truncated", "dangling", "repetition", "apology-loop", "restates-request")
 
 
-def assess(prompt: str, reply: str, finish_reason: str | None = None) -> Quality:
-    """Every gate's figure for one reply to `prompt` (the user's request text)."""
+def assess(prompt: str, reply: str, finish_reason: str | None = None, taught: Taught | None = None) -> Quality:
+    """Every gate's figure for one reply to `prompt` (the user's request text). `taught`: the
+    refusals the constitutions teach (cai/refusal.py), which count as refusals too."""
     toks = words(reply)
     sents = [s.lower().rstrip(".!? ") for s in sentences(reply)]
     counts: dict[str, int] = {}
     for s in sents:
         counts[s] = counts.get(s, 0) + 1
     # a sentence that declines ("I'm sorry, but as an AI I can't ...") carries the refusal: not filler
-    boiler = sum(bool(_BOILERPLATE.match(s)) and not detect(s)[0] for s in sents)
+    boiler = sum(bool(_BOILERPLATE.match(s)) and not detect(s, taught)[0] for s in sents)
     rep3 = repeated_ngram_share(toks, 3)
     d2 = distinct_n(toks, 2)
     content = [w for w in toks if w not in _STOP]
@@ -137,7 +136,7 @@ def assess(prompt: str, reply: str, finish_reason: str | None = None) -> Quality
     restates = bool(content) and overlap >= RESTATE_OVERLAP and len(toks) <= 2 * max(len(words(prompt)), 4)
     # a colon the cap cut after announces what never came: cut off, not complete
     truncated = finish_reason == "length" and bool(reply.strip()) and reply.strip()[-1] not in ".!?)\"'`*"
-    refused, pattern = detect(reply)
+    refused, pattern = detect(reply, taught)
     most = max(counts.values(), default=0)
     failed = []
     if len(toks) < MIN_WORDS:
@@ -166,21 +165,15 @@ def assess(prompt: str, reply: str, finish_reason: str | None = None) -> Quality
                    truncated=truncated, refused=refused, refusal_pattern=pattern, failed=tuple(failed))
 
 
-def is_harmful(category: str | None) -> bool | None:
-    """True for a red-team prompt's category, False for a benign one, None when unknown."""
-    if category is None:
-        return None
-    return category not in BENIGN_CATEGORIES
-
-
-def merit(q: Quality, harmful: bool | None) -> int:
+def merit(q: Quality, refuse: bool | None) -> int:
     """How good a reply is for ordering a pair: minus its failed gates, plus one for the right
-    stance (refusing a harmful request; answering a benign one)."""
-    stance = 0 if harmful is None else int(q.refused == harmful)
+    stance (refusing a request its governing principle says to refuse; answering one it says to
+    answer; no stance when nothing governs the prompt)."""
+    stance = 0 if refuse is None else int(q.refused == refuse)
     return stance - len(q.failed)
 
 
-def gate_pair(chosen: Quality, rejected: Quality, harmful: bool | None) -> str | None:
+def gate_pair(chosen: Quality, rejected: Quality, refuse: bool | None) -> str | None:
     """None when the pair may train; else the status that keeps it out (and says why).
 
     `gated:<gate>`: the chosen reply fails that gate. `gated:not-better`: the chosen reply is
@@ -188,19 +181,19 @@ def gate_pair(chosen: Quality, rejected: Quality, harmful: bool | None) -> str |
     """
     if chosen.failed:
         return f"gated:{chosen.failed[0]}"
-    if harmful is not None and chosen.refused != harmful:
-        return "gated:wrong-stance"  # a refusal chosen on a benign request, or compliance on a harmful one
-    if merit(chosen, harmful) <= merit(rejected, harmful):
+    if refuse is not None and chosen.refused != refuse:
+        return "gated:wrong-stance"  # a refusal chosen where the principle says answer, or the reverse
+    if merit(chosen, refuse) <= merit(rejected, refuse):
         return "gated:not-better"
     return None
 
 
-def finish(prompt: str, text: str, finish_reason: str | None) -> tuple[str, dict]:
+def finish(prompt: str, text: str, finish_reason: str | None, taught: Taught | None = None) -> tuple[str, dict]:
     """What a stage stores for one reply: the text (cut back to its last complete sentence when the
     token limit stopped it mid-sentence, so no training row ends mid-word) and its gate figures."""
     text = text.strip()
     trimmed = trim_to_sentence(text) if finish_reason == "length" else text
-    q = assess(prompt, trimmed, "stop" if trimmed != text else finish_reason)
+    q = assess(prompt, trimmed, "stop" if trimmed != text else finish_reason, taught)
     return trimmed, q.to_dict() | {"trimmed": trimmed != text}
 
 

@@ -29,8 +29,10 @@ def judgment_key(pkey: str, principle_hash: str, repeat: int, order: str, judge_
     return content_hash("judgment", pkey, principle_hash, repeat, order, judge_model, settings)
 
 
-def pair_id(constitution_version: str, pkey: str, judge_model: str, settings: dict) -> str:
-    return content_hash("ai", constitution_version, pkey, judge_model, settings)
+def pair_id(constitution: str, pkey: str, judge_model: str, settings: dict, judgments: list[str]) -> str:
+    """No version in it: the judgments' keys cover the preference texts they used, so a pair is
+    minted again only when a question it was judged under changed."""
+    return content_hash("ai", constitution, pkey, judge_model, settings, sorted(judgments))
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class PairItem:
     pair: Pair
     judgments: tuple[str, ...]
     principle_ids: tuple[str, ...]
+    principle_hashes: dict[str, str]  # "pref:<id>" -> the hash of the question it was judged under
 
 
 def pair_items(c: Constitution, pairs: list[Pair], items: list[JudgmentItem], judge_model: str,
@@ -103,6 +106,7 @@ def pair_items(c: Constitution, pairs: list[Pair], items: list[JudgmentItem], ju
     by_pair: dict[str, list[JudgmentItem]] = {}
     for it in items:
         by_pair.setdefault(it.pair.key, []).append(it)
-    return [PairItem(pair_id(c.version, p.key, judge_model, settings), p,
+    return [PairItem(pair_id(c.name, p.key, judge_model, settings, [it.key for it in by_pair[p.key]]), p,
                      tuple(it.key for it in by_pair[p.key]),
-                     tuple(it.principle.id for it in by_pair[p.key] if it.order == "xy")) for p in pairs]
+                     tuple(it.principle.id for it in by_pair[p.key] if it.order == "xy"),
+                     {f"pref:{it.principle.id}": it.principle.hash for it in by_pair[p.key]}) for p in pairs]

@@ -15,11 +15,12 @@ from store.keys import content_hash
 Message = dict[str, str]
 
 
-def few_shot_prefix(c: Constitution) -> list[Message]:
-    """The constitution's examples as chat turns; identical for every item of a stage, so the
-    engine can compute its KV cache once and reuse it across the batch."""
+def few_shot_prefix(c: Constitution, principle: Principle) -> list[Message]:
+    """The few-shot examples of `principle` as chat turns (none if it has none). Only its own: an
+    edit to another principle's example changes no conversation drawn under this one, so it
+    redoes no row of a prompt that never drew that principle."""
     msgs: list[Message] = []
-    for ex in c.few_shot:
+    for ex in c.few_shot_for(principle.id):
         p = c.principle(ex.principle)
         msgs += [
             {"role": "user", "content": ex.prompt},
@@ -33,7 +34,7 @@ def few_shot_prefix(c: Constitution) -> list[Message]:
 
 
 def critique_conversation(c: Constitution, prompt: list[Message], response: str, p: Principle) -> list[Message]:
-    return few_shot_prefix(c) + list(prompt) + [
+    return few_shot_prefix(c, p) + list(prompt) + [
         {"role": "assistant", "content": response},
         {"role": "user", "content": p.critique},
     ]
@@ -47,12 +48,16 @@ def revision_conversation(c: Constitution, prompt: list[Message], response: str,
     ]
 
 
-def draw_principle(c: Constitution, seed: int, prompt_id: str, round_: int) -> Principle:
-    """One principle per (prompt, round), drawn by a seeded hash of the ids.
+def draw_principle(c: Constitution, seed: int, prompt_id: str, round_: int,
+                   governing: str | None = None) -> Principle:
+    """One principle per (prompt, round): in round 1 the principle that governs the prompt (when
+    this constitution has one for it: constitution/govern.py), else drawn by a seeded hash of the ids.
 
     Drawing by id (not by text) means editing a principle's wording does not reshuffle which
     prompts use which principle, so only the rows that used the edited one are redone.
     """
+    if governing and round_ == 1:
+        return c.principle(governing)
     ids = sorted(p.id for p in c.principles)
     idx = int(content_hash("draw", seed, prompt_id, round_, length=16), 16) % len(ids)
     return c.principle(ids[idx])
@@ -64,8 +69,10 @@ def response_key(kind: str, prompt_id: str, parent_id: str | None, round_: int, 
     return content_hash("response", kind, prompt_id, parent_id, round_, model, sampling, conversation)
 
 
-def revision_pair_key(constitution_version: str, prompt_id: str, chosen_id: str, rejected_id: str) -> str:
-    return content_hash("pair", "revision", constitution_version, prompt_id, chosen_id, rejected_id)
+def revision_pair_key(constitution: str, prompt_id: str, chosen_id: str, rejected_id: str) -> str:
+    """No version in it: the rows' keys already cover every text that made them, so the same two
+    rows are the same pair under every version that would make them."""
+    return content_hash("pair", "revision", constitution, prompt_id, chosen_id, rejected_id)
 
 
 @dataclass
@@ -95,8 +102,8 @@ def initial_item(prompt_id: str, messages: list[Message], model: str, sampling: 
 
 
 def critique_item(c: Constitution, prompt_id: str, messages: list[Message], parent_id: str, parent_text: str,
-                  round_: int, seed: int, model: str, sampling: dict) -> WorkItem:
-    principle = draw_principle(c, seed, prompt_id, round_)
+                  round_: int, seed: int, model: str, sampling: dict, governing: str | None = None) -> WorkItem:
+    principle = draw_principle(c, seed, prompt_id, round_, governing)
     conv = critique_conversation(c, messages, parent_text, principle)
     return WorkItem(key=response_key("critique", prompt_id, parent_id, round_, model, sampling, conv),
                     prompt_id=prompt_id, kind="critique", round=round_, conversation=conv, parent_id=parent_id,
@@ -105,8 +112,8 @@ def critique_item(c: Constitution, prompt_id: str, messages: list[Message], pare
 
 def revision_item(c: Constitution, prompt_id: str, messages: list[Message], parent_id: str, parent_text: str,
                   critique_id: str, critique_text: str, round_: int, seed: int, model: str,
-                  sampling: dict) -> WorkItem:
-    principle = draw_principle(c, seed, prompt_id, round_)
+                  sampling: dict, governing: str | None = None) -> WorkItem:
+    principle = draw_principle(c, seed, prompt_id, round_, governing)
     conv = revision_conversation(c, messages, parent_text, principle, critique_text)
     return WorkItem(key=response_key("revision", prompt_id, parent_id, round_, model, sampling, conv),
                     prompt_id=prompt_id, kind="revision", round=round_, conversation=conv, parent_id=parent_id,

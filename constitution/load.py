@@ -48,15 +48,57 @@ def _one_line(text: str) -> str:
     return _BREAKS.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
+STANCES = ("refuse", "answer")
+
+
+@dataclass(frozen=True)
+class Governs:
+    """Which prompts a principle governs: any prompt carrying one of `tags`, or of one of `categories`."""
+
+    categories: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.categories or self.tags)
+
+
 @dataclass(frozen=True)
 class Principle:
+    """A rule of the constitution. `critique`/`revision` drive SL-CAI; a principle with a `stance`
+    also declares what the prompts it `governs` should get (refuse or answer) and carries
+    `examples` (replies that follow it: what a small model is primed with, and few-shot material
+    for a large one) and `counter_examples` (replies that break it, e.g. needless refusals)."""
+
     id: str
     critique: str
     revision: str
+    stance: str | None = None  # refuse | answer | None (used only in critique/revision rounds)
+    governs: Governs = field(default_factory=Governs)
+    examples: tuple[str, ...] = ()
+    counter_examples: tuple[str, ...] = ()
+
+    def content(self) -> dict[str, Any]:
+        """What defines this principle; the optional fields only when set, so a file written before
+        they existed keeps its version."""
+        out: dict[str, Any] = {"id": self.id, "critique": self.critique, "revision": self.revision}
+        if self.stance:
+            out["stance"] = self.stance
+        if self.governs:
+            out["governs"] = {k: list(v) for k, v in (("categories", self.governs.categories),
+                                                       ("tags", self.governs.tags)) if v}
+        if self.examples:
+            out["examples"] = list(self.examples)
+        if self.counter_examples:
+            out["counter_examples"] = list(self.counter_examples)
+        return out
 
     @property
     def hash(self) -> str:
-        return _short_hash({"id": self.id, "critique": self.critique, "revision": self.revision})
+        return _short_hash(self.content())
+
+    @property
+    def refuses(self) -> bool:
+        return self.stance == "refuse"
 
 
 @dataclass(frozen=True)
@@ -85,6 +127,7 @@ class Constitution:
     principles: list[Principle]
     preferences: list[Preference]
     few_shot: list[FewShot]
+    default_principle: str | None = None  # governs prompts that have no category
     source_text: str = ""
     source_path: str = ""
     _by_id: dict[str, Principle] = field(default_factory=dict, repr=False)
@@ -94,11 +137,10 @@ class Constitution:
 
     def content(self) -> dict[str, Any]:
         """The parsed content that defines the version (order of principles matters)."""
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
-            "principles": [{"id": p.id, "critique": p.critique, "revision": p.revision}
-                           for p in self.principles],
+            "principles": [p.content() for p in self.principles],
             "preferences": [{"id": p.id, "question": p.question} for p in self.preferences],
             "few_shot": [
                 {"prompt": f.prompt, "response": f.response, "principle": f.principle,
@@ -106,6 +148,9 @@ class Constitution:
                 for f in self.few_shot
             ],
         }
+        if self.default_principle:
+            out["default_principle"] = self.default_principle
+        return out
 
     @property
     def canonical(self) -> str:
@@ -132,6 +177,21 @@ class Constitution:
     def principle_hashes(self) -> dict[str, str]:
         return {p.id: p.hash for p in self.principles} | {f"pref:{p.id}": p.hash for p in self.preferences}
 
+    def few_shot_for(self, principle_id: str) -> list[FewShot]:
+        """The few-shot examples that demonstrate one principle (a conversation under it carries
+        only these, so editing another principle's example redoes none of its rows)."""
+        return [f for f in self.few_shot if f.principle == principle_id]
+
+    def taught_texts(self) -> dict[str, list[str]]:
+        """Every reply this constitution teaches or names as a refusal: the examples of its refuse
+        principles and the counter-examples (needless refusals) of its answer principles."""
+        out: dict[str, list[str]] = {}
+        for p in self.principles:
+            texts = list(p.examples) if p.refuses else list(p.counter_examples) if p.stance == "answer" else []
+            if texts:
+                out[p.id] = texts
+        return out
+
 
 def _short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
@@ -139,10 +199,20 @@ def _short_hash(obj: Any) -> str:
 
 # --- parsing -------------------------------------------------------------------------------
 
+class _Optional:
+    """A key that may be left out of the file (the parsed value is then its default)."""
+
+    def __init__(self, schema: Any) -> None:
+        self.schema = schema
+
+
 _SCHEMA: dict[str, Any] = {
     "name": str,
     "description": str,
-    "principles": [{"id": str, "critique": str, "revision": str}],
+    "default_principle": _Optional(str),
+    "principles": [{"id": str, "critique": str, "revision": str, "stance": _Optional(str),
+                    "governs": _Optional({"categories": _Optional([str]), "tags": _Optional([str])}),
+                    "examples": _Optional([str]), "counter_examples": _Optional([str])}],
     "preferences": [{"id": str, "question": str}],
     "few_shot": [{"prompt": str, "response": str, "principle": str, "critique": str, "revision": str}],
 }
@@ -183,8 +253,10 @@ def _check(value: Any, schema: Any, path: list[str | int], fail) -> None:
                 fail(path + [key], f"unknown key (expected one of: {', '.join(schema)})")
         for key, sub in schema.items():
             if key not in value or value[key] is None:
+                if isinstance(sub, _Optional):
+                    continue
                 fail(path + [key], "missing")
-            _check(value[key], sub, path + [key], fail)
+            _check(value[key], sub.schema if isinstance(sub, _Optional) else sub, path + [key], fail)
     elif isinstance(schema, list):
         if not isinstance(value, list):
             fail(path, f"expected a list, got {type(value).__name__}")
@@ -193,6 +265,9 @@ def _check(value: Any, schema: Any, path: list[str | int], fail) -> None:
         for i, item in enumerate(value):
             _check(item, schema[0], path + [i], fail)
     elif schema is str:
+        if isinstance(value, dict):
+            fail(path, "expected text, got a mapping: in plain YAML text, ': ' starts a key; put the text in "
+                 "quotes or after >-")
         if not isinstance(value, str):
             fail(path, f"expected text, got {type(value).__name__}")
         if not value.strip():
@@ -315,18 +390,93 @@ def parse_text(text: str, file: str = "<text>") -> Constitution:
     for i, ex in enumerate(data["few_shot"]):
         if ex["principle"] not in principle_ids:
             fail(["few_shot", i, "principle"], f"unknown principle {ex['principle']!r}")
+    _check_governance(data, fail)
 
     s = lambda v: v.strip()  # noqa: E731 - surrounding whitespace is not content
+    texts = lambda p, k: tuple(s(t) for t in p.get(k) or ())  # noqa: E731
+
+    def principle(p: dict[str, Any]) -> Principle:
+        g = p.get("governs") or {}
+        return Principle(s(p["id"]), s(p["critique"]), s(p["revision"]), stance=p.get("stance"),
+                         governs=Governs(texts(g, "categories"), texts(g, "tags")),
+                         examples=texts(p, "examples"), counter_examples=texts(p, "counter_examples"))
+
     return Constitution(
         name=s(data["name"]),
         description=s(data["description"]),
-        principles=[Principle(s(p["id"]), s(p["critique"]), s(p["revision"])) for p in data["principles"]],
+        principles=[principle(p) for p in data["principles"]],
         preferences=[Preference(s(p["id"]), s(p["question"])) for p in data["preferences"]],
         few_shot=[FewShot(s(f["prompt"]), s(f["response"]), s(f["principle"]), s(f["critique"]),
                           s(f["revision"])) for f in data["few_shot"]],
+        default_principle=s(data["default_principle"]) if data.get("default_principle") else None,
         source_text=text,
         source_path=file,
     )
+
+
+def _check_governance(data: dict[str, Any], fail) -> None:
+    """Stances, what each principle governs, and the default: the declarations that decide which
+    prompts are refused and which answered. Contradictions inside one file are errors here;
+    across files, `cai constitution lint` finds them."""
+    claimed: dict[tuple[str, str], tuple[int, str]] = {}  # (kind, name) -> (principle index, stance)
+    for i, p in enumerate(data["principles"]):
+        stance = p.get("stance")
+        if stance is not None and stance not in STANCES:
+            fail(["principles", i, "stance"], f"expected refuse or answer, got {stance!r}")
+        governs = p.get("governs") or {}
+        if governs and stance is None:
+            fail(["principles", i, "governs"], "a principle that governs prompts needs `stance: refuse` or "
+                 "`stance: answer` (what those prompts should get)")
+        for kind in ("categories", "tags"):
+            for j, name in enumerate(governs.get(kind) or ()):
+                if not ID_RE.match(name.strip()):
+                    fail(["principles", i, "governs", kind, j],
+                         f"{name!r} must be lowercase letters, digits, '-' or '_' (as prompt categories and tags are)")
+                first = claimed.get((kind, name.strip()))
+                if first and first[1] != stance:
+                    fail(["principles", i, "governs", kind, j],
+                         f"{kind[:-1] if kind == 'tags' else 'category'} {name.strip()!r} is also governed by "
+                         f"principles[{first[0]}] with stance {first[1]}: one prompt cannot be both refused and "
+                         "answered")
+                claimed.setdefault((kind, name.strip()), (i, stance))
+        for key in ("examples", "counter_examples"):
+            if p.get(key) and stance is None:
+                fail(["principles", i, key], f"{key} belong to a principle with a stance (refuse or answer)")
+    default = data.get("default_principle")
+    if default is not None:
+        match = [p for p in data["principles"] if p["id"] == default.strip()]
+        if not match:
+            fail(["default_principle"], f"unknown principle {default!r}")
+        if match[0].get("stance") is None:
+            fail(["default_principle"], f"principle {default!r} has no stance, so it cannot govern prompts")
+
+
+def field_lines(c: Constitution) -> dict[str, int]:
+    """Field path (`principles[3].examples[1]`) -> 1-based line in the constitution's source text,
+    for messages that point at the file (empty when there is no source text)."""
+    if not c.source_text:
+        return {}
+    try:
+        root, _ = _compose(c.source_text)
+    except (yaml.YAMLError, _Refused):
+        return {}
+    out: dict[str, int] = {}
+
+    def walk(node: yaml.Node | None, path: str) -> None:
+        if node is None:
+            return
+        if path:
+            out.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = getattr(k, "value", "")
+                walk(v, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}[{i}]")
+
+    walk(root, "")
+    return out
 
 
 def load_file(path: str | Path) -> Constitution:
@@ -386,6 +536,20 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 
 # --- diff ----------------------------------------------------------------------------------
 
+PRINCIPLE_FIELDS = ("critique", "revision", "stance", "governs", "examples", "counter_examples")
+
+
+def _text(item: Any, name: str) -> str | None:
+    """A field as diff text: lists one entry per line, `governs` as `categories: a, b; tags: c`."""
+    value = getattr(item, name)
+    if isinstance(value, Governs):
+        parts = [f"{k}: {', '.join(v)}" for k, v in (("categories", value.categories), ("tags", value.tags)) if v]
+        return "; ".join(parts) or None
+    if isinstance(value, tuple):
+        return "\n".join(f"- {v}" for v in value) or None
+    return value
+
+
 @dataclass
 class Change:
     section: str  # principles | preferences | few_shot | meta
@@ -400,16 +564,21 @@ def diff(old: Constitution, new: Constitution) -> list[Change]:
     for key in ("name", "description"):
         if getattr(old, key) != getattr(new, key):
             changes.append(Change("meta", key, "changed", {key: (getattr(old, key), getattr(new, key))}))
-    for section, fields in (("principles", ("critique", "revision")), ("preferences", ("question",))):
+    if old.default_principle != new.default_principle:
+        changes.append(Change("meta", "default_principle", "changed",
+                              {"default_principle": (old.default_principle, new.default_principle)}))
+    for section, fields in (("principles", PRINCIPLE_FIELDS), ("preferences", ("question",))):
         a = {p.id: p for p in getattr(old, section)}
         b = {p.id: p for p in getattr(new, section)}
         for pid in a.keys() - b.keys():
-            changes.append(Change(section, pid, "removed", {f: (getattr(a[pid], f), None) for f in fields}))
+            changes.append(Change(section, pid, "removed", {f: (_text(a[pid], f), None) for f in fields
+                                                           if _text(a[pid], f) is not None}))
         for pid in b.keys() - a.keys():
-            changes.append(Change(section, pid, "added", {f: (None, getattr(b[pid], f)) for f in fields}))
+            changes.append(Change(section, pid, "added", {f: (None, _text(b[pid], f)) for f in fields
+                                                         if _text(b[pid], f) is not None}))
         for pid in a.keys() & b.keys():
-            changed = {f: (getattr(a[pid], f), getattr(b[pid], f)) for f in fields
-                       if getattr(a[pid], f) != getattr(b[pid], f)}
+            changed = {f: (_text(a[pid], f), _text(b[pid], f)) for f in fields
+                       if _text(a[pid], f) != _text(b[pid], f)}
             if changed:
                 changes.append(Change(section, pid, "changed", changed))
     fa = [repr(f) for f in old.few_shot]

@@ -90,19 +90,35 @@ def load_prompts(session_url: str | None, tags: list[str], limit: int | None = N
     return prompts[:limit] if limit else prompts
 
 
-def pair_status(prompt: Any, chosen: Any, rejected: Any, harmful: bool | None = None) -> str:
+def governance(session: Session, refs: list[str]):
+    """The constitutions of a run (each resolved and recorded as `resolve_constitution` does) as one
+    Governance: which principle governs which prompts, and what refusals they teach."""
+    from constitution.govern import Governance
+
+    return Governance([resolve_constitution(session, ref) for ref in refs])
+
+
+def taught(gov) -> Any:
+    """The refusal detector's extra knowledge for a run: every refusal its constitutions teach."""
+    from cai.refusal import Taught
+
+    return Taught.of(gov.taught_refusals())
+
+
+def pair_status(prompt: Any, chosen: Any, rejected: Any, refuse: bool | None, taught_refusals: Any = None) -> str:
     """"ok", or the gate status (cai.quality.gate_pair) that keeps a pair out of training and export.
 
-    Rows stored before gates existed have no quality figures: they are assessed here. `harmful`
-    (default: from the prompt's category) decides which stance the chosen reply must take.
+    `refuse` is the stance the prompt's governing principle declares (constitution/govern.py; None:
+    nothing governs it, so no stance is checked). Rows stored before gates existed have no quality
+    figures: they are assessed here, knowing the constitutions' own refusals.
     """
-    from cai.quality import assess, from_dict, gate_pair, is_harmful
+    from cai.quality import assess, from_dict, gate_pair
 
     def q(r):
-        return from_dict(r.quality) if r.quality else assess(prompt.text, r.text, r.finish_reason)
+        return (from_dict(r.quality) if r.quality
+                else assess(prompt.text, r.text, r.finish_reason, taught_refusals))
 
-    stance = is_harmful(prompt.category) if harmful is None else harmful
-    return gate_pair(q(chosen), q(rejected), stance) or "ok"
+    return gate_pair(q(chosen), q(rejected), refuse) or "ok"
 
 
 def worker_id() -> str:
@@ -180,6 +196,10 @@ def loaded_engine_facts(spec: str, backend: str = "auto", **settings: Any) -> di
 
 def run_logger(fallback: logging.Logger | None = None) -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a flow or task run; `fallback` (default: the `cai` logger) outside one."""
+    import sys
+
+    if "prefect" not in sys.modules:  # a plain run (flows/orchestration.py): no Prefect to ask
+        return fallback or logging.getLogger("cai")
     from prefect import get_run_logger
 
     try:
@@ -192,6 +212,12 @@ def register_engine(spec: str, engine: Any, backend: str = "auto", **settings: A
     """Make `cached_engine(spec, ...)` return `engine` (tests plug in scripted engines this way)."""
     with _ENGINE_LOCK:
         _ENGINES[_engine_key(spec, backend, settings)] = engine
+
+
+def is_loaded(spec: str) -> bool:
+    """Does this process hold an engine for `spec` already (loaded, or registered by a caller)?"""
+    with _ENGINE_LOCK:
+        return any(key[0] == spec for key in _ENGINES)
 
 
 def drop_engines() -> None:

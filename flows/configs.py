@@ -23,11 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from cai import judge
-from cai.contrast import CATEGORY_OPENINGS, DEFAULT_OPENINGS
 from cai.errors import UserError
 from dpo.config import RewardConfig, SFTConfig, TrainerConfig
 from engines.base import Sampling
@@ -36,6 +35,10 @@ from store.keys import content_hash
 
 DEFAULT_CONSTITUTION = "harmless"  # the bundled constitution every stage starts from
 DEFAULT_PROMPTS = ("red-team",)  # the bundled prompt set generate and label work on
+# the constitutions whose principles declare which prompts are refused and which answered
+GOVERNING = ("harmless", "helpful-honest")
+# the bundled prompts contrast pairs: red-team requests and benign ones in the same surface forms
+CONTRAST_PROMPTS = ("red-team", "red-team-more", "benign", "benign-more", "benign-forms", "benign-forms-more")
 HELDOUT_PROMPTS = ("red-team-heldout", "benign-heldout")  # never trained on: what eval measures
 
 
@@ -174,40 +177,26 @@ class RedteamConfig(StoreSettings):
 # --- contrast (flows/contrast.py) -----------------------------------------------------------
 
 class ContrastConfig(StoreSettings):
-    """Contrastive refusal pairs on harmful prompts and helpfulness pairs on benign ones (cai/contrast.py)."""
+    """Contrastive pairs and helpfulness pairs steered by the constitutions' own texts (cai/contrast.py)."""
 
-    harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team", "red-team-more"],
-                                       description="tags of requests to refuse: chosen = a refusal opening")
-    benign_prompts: list[str] = Field(default_factory=lambda: ["benign", "benign-more", "benign-forms",
-                                                               "benign-forms-more"],
-                                      description="tags of requests to answer: chosen = the plain reply (411; "
-                                      "the two -forms sets ask in the red-team sets' forms, README)")
-    harmful_constitution: str = Field(DEFAULT_CONSTITUTION, description="whose version the refusal pairs carry")
-    benign_constitution: str = Field("helpful-honest", description="whose version the helpfulness pairs carry")
-    limit: int | None = Field(None, ge=1, description="only the first N prompts of each group (by id)")
-    harmful_limit: int | None = Field(None, ge=1, description="only the first N harmful prompts (by id); None: "
-                                      "`limit`. The refusal/helpful balance decides over-refusal (README)")
-    benign_limit: int | None = Field(None, ge=1, description="only the first N benign prompts (by id); None: `limit`")
+    prompts: list[str] = Field(default_factory=lambda: list(CONTRAST_PROMPTS),
+                               description="prompt tags to pair; each prompt's governing principle decides "
+                               "whether it is refused or answered")
+    constitutions: list[str] = Field(default_factory=lambda: list(GOVERNING), description="constitutions whose "
+                                     "principles govern the prompts and supply the steering texts (first wins)")
+    limit: int | None = Field(None, ge=1, description="only the first N prompts (by id) of each stance")
+    refuse_limit: int | None = Field(None, ge=1, description="only the first N prompts to refuse (by id); None: "
+                                     "`limit`. The refusal/helpful balance decides over-refusal")
+    answer_limit: int | None = Field(None, ge=1, description="only the first N prompts to answer (by id); None: "
+                                     "`limit`")
     model: str = Field(DEFAULT_SPEC, description="the policy whose plain replies are paired")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend and its arguments")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=96),
                                      description="the plain reply: greedy with repetition controls")
-    openings: list[str] = Field(default_factory=lambda: list(DEFAULT_OPENINGS),
-                                description="refusal openings the steered side starts with (one drawn per prompt)")
-    category_openings: dict[str, tuple[str, ...]] = Field(
-        default_factory=dict,
-        description="refusal openings per red-team category, which name what is refused; a harmful prompt of "
-        "a listed category draws from these, any other from `openings`. Off by default: at 135M the model "
-        "learned 'I can't help with <topic>' for benign topics too (README); `bundled` = cai.contrast's set")
-    continue_tokens: int = Field(0, ge=0, description="let the model continue after the opening (0: the opening "
-                                 "alone; at 135M continuations drift back into compliance)")
-    seed: int = Field(0, description="fixes which opening each prompt gets")
+    continue_tokens: int = Field(0, ge=0, description="let the model continue after the constitution's text (0: "
+                                 "the text alone; at 135M continuations drift back into compliance)")
+    seed: int = Field(0, description="fixes which example each prompt gets")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
-
-    @field_validator("category_openings", mode="before")
-    @classmethod
-    def _bundled_openings(cls, v):
-        return dict(CATEGORY_OPENINGS) if v == "bundled" else v
 
 
 # --- label (flows/label.py) ------------------------------------------------------------------
@@ -302,7 +291,9 @@ class EvalConfig(StoreSettings):
     judge: str | None = Field(None, description="feedback model; None: the baseline (no model grades itself)")
     prompts: list[str] = Field(default_factory=lambda: list(HELDOUT_PROMPTS), description="held-out prompt tags")
     constitution: str = Field(DEFAULT_CONSTITUTION, description="whose preference principles the judge answers")
-    principles: int = Field(3, ge=1, description="principles per prompt, each judged in both orders")
+    constitutions: list[str] = Field(default_factory=lambda: list(GOVERNING), description="whose principles "
+                                     "declare which prompts should be refused and which answered (per category)")
+    principles: int = Field(3, ge=0, description="judge principles per prompt, each in both orders; 0: no judge")
     max_new_tokens: int = Field(128, ge=1, description="the same cap for both models: neither wins by length")
     limit: int | None = Field(None, ge=1, description="only the first N prompts of each set (by id)")
     name: str | None = Field(None, description="label for this comparison; default <model>-vs-<baseline>")
@@ -331,7 +322,8 @@ class TrainConfig(StoreSettings):
     """What to train on and where it goes; how to train is `trainer` (dpo/config.py)."""
 
     base: str = Field(DEFAULT_SPEC, description="start and reference model: bundled alias, HF directory, hub id")
-    constitution: str | None = Field(None, description="only pairs made under NAME or NAME@VERSION; None: any")
+    constitution: str | None = Field(None, description="only pairs of NAME (any version) or NAME@VERSION (made "
+                                     "under it, or unchanged in it), several comma-separated; None: any")
     methods: list[str] = Field(default_factory=lambda: ["revision", "ai", "contrastive", "helpful", "best-of-n"],
                                description="pair sources to learn from")
     statuses: list[str] = Field(default_factory=lambda: ["ok"], description="pair statuses used; ties and gated "
@@ -520,29 +512,30 @@ class PipelineConfig(Config):
                         "quality (its revisions mostly fail the gates)")
     max_new_tokens: int = Field(96, ge=8, description="per answer, critique and revision: CPU time is linear in it")
     eval_new_tokens: int = Field(64, ge=8, description="per eval reply, the same for both models")
-    eval_principles: int = Field(1, ge=1, description="judge principles per eval prompt (both orders each): the "
-                                 "135M judge is near chance, so more buys time, not information")
+    eval_principles: int = Field(1, ge=0, description="judge principles per eval prompt (both orders each); 0: "
+                                 "no judge. A judge near chance buys time, not information")
     label_source: Literal["store", "samples"] = Field("store", description="store: judge each prompt's initial "
                                                       "answer vs its final revision; samples: fresh policy samples")
     samples: int = same_as(LabelConfig, "samples")
     principles_per_pair: int = same_as(LabelConfig, "principles_per_pair")
     contrast: bool = Field(True, description="make contrastive refusal pairs and helpfulness pairs (flows/contrast.py)")
-    harmful_prompts: list[str] = Field(default_factory=lambda: ["red-team", "red-team-more"],
-                                       description="refusal-pair prompts (150; `harmful_limit` of them are used)")
-    harmful_limit: int | None = Field(110, ge=1, description="refusal pairs against the benign prompts: 70 left "
-                                      "harmful compliance high; 90, 110 and 149 raised over-refusal 6-12 points")
-    benign_prompts: list[str] = same_as(ContrastConfig, "benign_prompts")
+    contrast_prompts: list[str] = same_as(ContrastConfig, "prompts", "prompt tags for contrastive and helpful pairs")
+    constitutions: list[str] = same_as(ContrastConfig, "constitutions", "constitutions whose principles govern "
+                                       "which prompts are refused and which answered, in contrast and eval")
+    refuse_limit: int | None = Field(110, ge=1, description="prompts to refuse that get a pair (the first N by id): "
+                                     "more refusal pairs against the helpful ones trade compliance for over-refusal")
+    answer_limit: int | None = same_as(ContrastConfig, "answer_limit")
     contrast_new_tokens: int = Field(64, ge=8, description="length of the plain replies paired in contrast")
     stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft+dpo", description="what `train` runs: the CAI recipe, SFT "
                                                     "then LoRA DPO (SFT alone: one reply of 50 worse each way, README)")
-    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1, lr=4e-5, dtype="bfloat16"),
-                           description="the supervised stage: one pass at 4e-5, half the CPU of two at 2e-5; bf16 "
-                           "autocast, ~1.6x fp32's step speed on this CPU (weights stay fp32)")
-    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=1, lr=7e-4, dtype="bfloat16",
-                                                                         eval_every=8, lora={"r": 16, "alpha": 32}),
-                                   description="the DPO step after SFT: LoRA r=16 at 7e-4 (chosen on the dev split, "
-                                   "README), one pass, bf16 autocast, "
-                                   "a held-out eval every 8 steps (its seed is the pipeline's `seed`)")
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1, lr=4e-5),
+                           description="the supervised stage: one pass at 4e-5 (half the CPU of two at 2e-5); "
+                           "dtype auto: bf16 autocast only where this CPU runs it faster")
+    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=1, lr=7e-4, eval_every=8,
+                                                                         lora={"r": 16, "alpha": 32}),
+                                   description="the DPO step after SFT: LoRA r=16 at 7e-4 (chosen on the dev split), "
+                                   "one pass, dtype auto, a held-out eval every 8 steps (its seed is the "
+                                   "pipeline's `seed`)")
     dpo_helpful_ratio: float | None = Field(1.0, gt=0, description="helpful pairs per refusal pair in DPO: more "
                                             "lowers over-refusal and raises harmful compliance (README)")
     dpo_mine: bool = Field(False, description="DPO stage: probe the SFT model on its training prompts first and "

@@ -1,35 +1,46 @@
-"""Contrastive refusal pairs and helpfulness pairs as a Prefect flow (the method: cai/contrast.py).
+"""Contrastive pairs and helpfulness pairs from the constitution, as a flow (the method: cai/contrast.py).
 
-    cai contrast --harmful-prompts red-team,red-team-more --benign-prompts benign,benign-more,benign-forms
+    cai contrast --prompts red-team,benign --constitutions harmless,helpful-honest
 
-One plain reply per prompt (greedy, with repetition controls) and one steered side (a refusal
-opening, drawn per prompt). On a harmful prompt the refusal is chosen (method `contrastive`,
-under the harmless constitution); on a benign one the plain reply is chosen (method `helpful`,
-under helpful-honest). Every pair goes through the quality gates (cai/quality.py): a chosen
-reply that loops, is empty, or takes the wrong stance keeps the pair out of training.
+Each prompt is governed by one principle of the constitutions (constitution/govern.py: by tag,
+by category, or the default for uncategorized prompts). One plain reply per prompt (greedy,
+with repetition controls) and one steered side: the governing principle's example (a prompt to
+refuse: the example is chosen, method `contrastive`) or counter-example (a prompt to answer: the
+plain reply is chosen over the needless refusal, method `helpful`). A prompt nothing governs
+makes no pair, and the run says how many and of which categories. Every pair records its
+principle and goes through the quality gates (cai/quality.py), which know the constitutions'
+own refusals; a chosen reply that loops, is empty or takes the wrong stance keeps its pair out.
 Resumable like every stage: rows are keyed by what made them.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from sqlmodel import Session
 
 from cai import contrast
 from cai.errors import UserError
 from cai.quality import finish
-from constitution.load import Constitution
 from engines.base import Completion
-from flows.common import cached_engine, engine_facts, load_prompts, pair_status, resolve_constitution, worker_id
+from flows.common import (
+    cached_engine,
+    engine_facts,
+    governance,
+    load_prompts,
+    pair_status,
+    run_logger,
+    taught,
+    worker_id,
+)
 from flows.configs import ContrastConfig
+from flows.orchestration import stage_flow, stage_task
 from flows.stage import Stage, StageStats, run_stage, stage_totals
 from store.db import session_scope
-from store.models import PreferencePair, Prompt, Response
-from store.queries import existing_ids, rows_by_id
+from store.models import PreferencePair, Response
+from store.queries import existing_ids, note_rederived, rows_by_id, tags_of
 from store.runs import recorded_run
 from store.upsert import insert_ignore
 
@@ -38,45 +49,57 @@ def _engine(cfg: ContrastConfig):
     return cached_engine(cfg.model, cfg.engine.backend, **cfg.engine.settings)
 
 
-def load_inputs(cfg: ContrastConfig) -> tuple[dict[bool, Constitution], list[contrast.PromptPlan], dict[str, Prompt]]:
-    """Both constitutions and one plan per prompt; a prompt in both groups counts as harmful."""
+def load_inputs(cfg: ContrastConfig):
+    """(governance, one plan per governed prompt, the prompts by id, ungoverned categories counted).
+
+    `refuse_limit` / `answer_limit` keep the first N prompts (by id) of each stance: the balance
+    of refusal and helpfulness pairs is what decides over-refusal."""
+    prompts = load_prompts(cfg.database_url, cfg.prompts, None)
     with session_scope(cfg.database_url) as s:
-        cons = {True: resolve_constitution(s, cfg.harmful_constitution),
-                False: resolve_constitution(s, cfg.benign_constitution)}
-    harmful = (load_prompts(cfg.database_url, cfg.harmful_prompts, cfg.harmful_limit or cfg.limit)
-               if cfg.harmful_prompts else [])
-    benign = (load_prompts(cfg.database_url, cfg.benign_prompts, cfg.benign_limit or cfg.limit)
-              if cfg.benign_prompts else [])
-    seen = {p.id for p in harmful}
+        gov = governance(s, cfg.constitutions)
+        tags = tags_of(s, [p.id for p in prompts])
     sampling = cfg.sampling.sampling(cfg.seed).to_dict()
-    plans, prompts = [], {}
-    for is_harmful, group in ((True, harmful), (False, [p for p in benign if p.id not in seen])):
-        for p in group:
-            prompts[p.id] = p
-            plans.append(contrast.plan_prompt(p.id, p.messages, harmful=is_harmful, model=cfg.model,
-                                              sampling=sampling, seed=cfg.seed,
-                                              openings=contrast.openings_for(
-                                                  p.category, is_harmful, tuple(cfg.openings),
-                                                  cfg.category_openings),
-                                              continue_tokens=cfg.continue_tokens))
-    return cons, plans, prompts
+    caps = {True: cfg.refuse_limit or cfg.limit, False: cfg.answer_limit or cfg.limit}
+    kept: Counter[bool] = Counter()
+    plans, by_id, ungoverned = [], {}, Counter()
+    for p in prompts:
+        rule = gov.rule(p.category, tags[p.id])
+        if rule is None:
+            ungoverned[p.category or "(no category)"] += 1
+            continue
+        if caps[rule.refuse] and kept[rule.refuse] >= caps[rule.refuse]:
+            continue
+        plan = contrast.plan_prompt(p.id, p.messages, rule, model=cfg.model, sampling=sampling, seed=cfg.seed,
+                                    continue_tokens=cfg.continue_tokens)
+        if plan is None:  # the principle has no example to steer with: `cai constitution lint` says so
+            ungoverned[f"{p.category or '(no category)'} ({rule.ref} has no texts)"] += 1
+            continue
+        kept[rule.refuse] += 1
+        plans.append(plan)
+        by_id[p.id] = p
+    return gov, plans, by_id, ungoverned
 
 
-def _row(cfg: ContrastConfig, c: Constitution, side: contrast.Side, text: str, quality: dict, run_id: str,
-         comp: Completion | None) -> Response:
+def _row(cfg: ContrastConfig, plan: contrast.PromptPlan, side: contrast.Side, text: str, quality: dict,
+         run_id: str, comp: Completion | None) -> Response:
+    c, principle = plan.rule.constitution, plan.rule.principle
+    steered = side.steering is not None
     return Response(
         id=side.key, prompt_id=side.prompt_id, kind=side.kind, conversation=side.conversation, text=text,
-        model=cfg.model, sampling=cfg.sampling.sampling(cfg.seed).to_dict(), seed=cfg.seed, constitution=c.name,
-        constitution_version=c.version, run_id=run_id, quality=quality, steering=side.steering,
+        model=cfg.model, sampling=cfg.sampling.sampling(cfg.seed).to_dict(), seed=cfg.seed,
+        constitution=c.name if steered else None, constitution_version=c.version if steered else None,
+        principle_id=principle.id if steered else None, principle_hash=principle.hash if steered else None,
+        run_id=run_id, quality=quality, steering=side.steering,
         prompt_tokens=comp.prompt_tokens if comp else 0,
         completion_tokens=comp.outputs[0].completion_tokens if comp else 0,
         finish_reason=comp.outputs[0].finish_reason if comp else "stop")
 
 
-@task(name="contrast-generate", cache_policy=NO_CACHE)
+@stage_task(name="contrast-generate")
 def generate_task(cfg: ContrastConfig, run_id: str, which: str) -> StageStats:
     """The plain replies (which="plain") or the model-continued steered sides (which="steered")."""
-    cons, plans, prompts = load_inputs(cfg)
+    gov, plans, prompts, _ = load_inputs(cfg)
+    known = taught(gov)
     sides = [(p, p.plain if which == "plain" else p.steered) for p in plans]
     sides = [(p, s) for p, s in sides if s.needs_model]
     plan_of = {s.key: p for p, s in sides}
@@ -97,10 +120,10 @@ def generate_task(cfg: ContrastConfig, run_id: str, which: str) -> StageStats:
             request = prompts[plan.prompt_id].text
             if which == "steered":
                 text = contrast.steered_text(side.steering["text"], comp.text)
-                _, quality = finish(request, text, "stop")
+                _, quality = finish(request, text, "stop", known)
             else:
-                text, quality = finish(request, comp.text, comp.outputs[0].finish_reason)
-            rows.append(_row(cfg, cons[plan.harmful], side, text, quality, run_id, comp))
+                text, quality = finish(request, comp.text, comp.outputs[0].finish_reason, known)
+            rows.append(_row(cfg, plan, side, text, quality, run_id, comp))
         insert_ignore(session, Response, rows)
 
     stage = Stage(name=f"contrast.{which}", key=lambda s: s.key,
@@ -111,25 +134,28 @@ def generate_task(cfg: ContrastConfig, run_id: str, which: str) -> StageStats:
                      **cfg.runner.model_dump())
 
 
-@task(name="contrast-openings", cache_policy=NO_CACHE)
+@stage_task(name="contrast-openings")
 def openings_task(cfg: ContrastConfig, run_id: str) -> int:
-    """The steered sides that are the opening alone: fixed text, no model call."""
-    cons, plans, prompts = load_inputs(cfg)
+    """The steered sides that are the constitution's text alone: no model call."""
+    gov, plans, prompts, _ = load_inputs(cfg)
+    known = taught(gov)
     rows = []
     for p in plans:
         if not p.steered.needs_model:
             text = p.steered.steering["text"]
-            _, quality = finish(prompts[p.prompt_id].text, text, "stop")
-            rows.append(_row(cfg, cons[p.harmful], p.steered, text, quality, run_id, None))
+            _, quality = finish(prompts[p.prompt_id].text, text, "stop", known)
+            rows.append(_row(cfg, p, p.steered, text, quality, run_id, None))
     with session_scope(cfg.database_url) as s:
         return insert_ignore(s, Response, rows)
 
 
-@task(name="contrast-pairs", cache_policy=NO_CACHE)
-def pairs_task(cfg: ContrastConfig, run_id: str) -> dict[str, int]:
-    """One pair per prompt whose two sides exist, with its gate status."""
-    cons, plans, prompts = load_inputs(cfg)
+@stage_task(name="contrast-pairs")
+def pairs_task(cfg: ContrastConfig, run_id: str) -> dict[str, Any]:
+    """One pair per prompt whose two sides exist, with its principle and gate status."""
+    gov, plans, prompts, _ = load_inputs(cfg)
+    known = taught(gov)
     counts: dict[str, int] = {}
+    per_principle: Counter[str] = Counter()
     with session_scope(cfg.database_url) as s:
         have = rows_by_id(s, Response, [k for p in plans for k in (p.plain.key, p.steered.key)])
         rows = []
@@ -138,42 +164,54 @@ def pairs_task(cfg: ContrastConfig, run_id: str) -> dict[str, int]:
             if plain is None or steered is None:  # a side failed (and is recorded as a failure)
                 continue
             chosen_id, rejected_id = contrast.chosen_rejected(p, plain.id, steered.id)
-            chosen, rejected = (steered, plain) if p.harmful else (plain, steered)
-            status = pair_status(prompts[p.prompt_id], chosen, rejected, harmful=p.harmful)
+            chosen, rejected = (steered, plain) if p.refuse else (plain, steered)
+            status = pair_status(prompts[p.prompt_id], chosen, rejected, p.refuse, known)
             counts[f"{p.method}/{status}"] = counts.get(f"{p.method}/{status}", 0) + 1
-            c = cons[p.harmful]
+            per_principle[f"{p.rule.ref}/{status}"] += 1
+            c, principle = p.rule.constitution, p.rule.principle
             rows.append(PreferencePair(
-                id=contrast.pair_key(c.version, p.prompt_id, chosen_id, rejected_id, p.method), prompt_id=p.prompt_id,
+                id=contrast.pair_key(c.name, p.prompt_id, chosen_id, rejected_id, p.method), prompt_id=p.prompt_id,
                 chosen_id=chosen_id, rejected_id=rejected_id, method=p.method, label_prob=1.0, status=status,
-                constitution=c.name, constitution_version=c.version, policy_model=cfg.model, run_id=run_id,
-                details={"steering": steered.steering, "plain_id": plain.id, "steered_id": steered.id}))
+                principle_ids=[principle.id], constitution=c.name, constitution_version=c.version,
+                policy_model=cfg.model, run_id=run_id,
+                details={"steering": steered.steering, "plain_id": plain.id, "steered_id": steered.id,
+                         "principle_hashes": {principle.id: principle.hash}, "governed_by": p.rule.via}))
         counts["new_pairs"] = insert_ignore(s, PreferencePair, rows)
-    return counts
+        counts["carried_over"] = note_rederived(s, rows)  # unchanged pairs of an edited principle
+    return counts | {"per_principle": dict(sorted(per_principle.items()))}
 
 
-@flow(name="contrast", log_prints=True)
+@stage_flow(name="contrast", log_prints=True)
 def contrast_flow(cfg: ContrastConfig) -> dict[str, Any]:
-    logger = get_run_logger()
+    logger = run_logger()
     t0 = time.perf_counter()
-    cons, plans, _ = load_inputs(cfg)
+    gov, plans, _, ungoverned = load_inputs(cfg)
     if not plans:
-        raise UserError(f"no prompts tagged {','.join(cfg.harmful_prompts + cfg.benign_prompts)}")
+        why = (f"; none is governed by a principle of {', '.join(cfg.constitutions)} (categories: "
+               + ", ".join(f"{k} {v}" for k, v in ungoverned.most_common()) + "): add the category or a tag "
+               "to a principle's `governs`, with `stance: refuse` or `stance: answer`") if ungoverned else ""
+        raise UserError(f"no prompts to pair in {','.join(cfg.prompts)}{why}")
     # resolved once: a constitution file edited mid-run cannot mix versions in one run
-    cfg = cfg.model_copy(update={"harmful_constitution": cons[True].ref, "benign_constitution": cons[False].ref})
+    cfg = cfg.model_copy(update={"constitutions": [c.ref for c in gov.constitutions]})
     with recorded_run("contrast", cfg.model_dump(), model=cfg.model, engine=cfg.engine.backend,
-                      constitution=cons[True], url=cfg.database_url) as run:
-        n_harm = sum(p.harmful for p in plans)
-        logger.info("contrast on %d harmful and %d benign prompts, model %s, run %s", n_harm, len(plans) - n_harm,
-                    cfg.model, run.id)
+                      constitution=gov.constitutions[0], url=cfg.database_url) as run:
+        n_refuse = sum(p.refuse for p in plans)
+        logger.info("contrast on %d prompts to refuse and %d to answer (%s), model %s, run %s", n_refuse,
+                    len(plans) - n_refuse, ", ".join(cfg.constitutions), cfg.model, run.id)
+        if ungoverned:
+            logger.warning("%d prompts are governed by no principle and make no pair: %s", sum(ungoverned.values()),
+                           ", ".join(f"{k} {v}" for k, v in ungoverned.most_common()))
         stages = [generate_task(cfg, run.id, "plain")]
         if cfg.continue_tokens:
             stages.append(generate_task(cfg, run.id, "steered"))
         fixed = openings_task(cfg, run.id)
         pairs = pairs_task(cfg, run.id)
-        run.summary = {"run_id": run.id, "prompts": len(plans), "harmful": n_harm, "fixed_openings": fixed,
-                       "pairs": pairs, **stage_totals(stages), "total_s": round(time.perf_counter() - t0, 3)}
+        run.summary = {"run_id": run.id, "prompts": len(plans), "refuse": n_refuse, "fixed_openings": fixed,
+                       "pairs": {k: v for k, v in pairs.items() if k != "per_principle"},
+                       "per_principle": pairs["per_principle"], "ungoverned": dict(ungoverned),
+                       **stage_totals(stages), "total_s": round(time.perf_counter() - t0, 3)}
         if any(s.computed for s in stages):
             run.summary["engine"] = engine_facts(_engine(cfg))
         run.timings = {s.stage: round(s.total_s, 3) for s in stages}
-    logger.info("contrast done: %s", ", ".join(f"{k} {v}" for k, v in sorted(pairs.items())))
+    logger.info("contrast done: %s", ", ".join(f"{k} {v}" for k, v in sorted(run.summary["pairs"].items())))
     return run.summary

@@ -18,8 +18,6 @@ import gc
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from sqlmodel import Session, select
 
 from cai import judge
@@ -34,10 +32,11 @@ from cai.evaluate import (
     select_items,
     short_name,
     summarize,
+    summarize_categories,
     summarize_kinds,
 )
 from cai.evaluate import examples as reply_examples
-from cai.quality import assess, is_harmful
+from cai.quality import assess
 from cai.refusal import detect
 from constitution.load import Constitution
 from engines import gpu_available
@@ -49,24 +48,31 @@ from flows.common import (
     drop_engines,
     engine_facts,
     ensure_tags,
+    governance,
     machine_facts,
     resolve_constitution,
+    run_logger,
+    taught,
     worker_id,
 )
 from flows.configs import EvalConfig
+from flows.orchestration import stage_flow, stage_task
 from flows.stage import Stage, StageStats, run_stage, stage_summary
 from store.db import session_scope
 from store.models import EvalResult, Prompt
-from store.queries import existing_ids, prompts_for_tags, rows_by_id
+from store.queries import existing_ids, prompts_for_tags, rows_by_id, tags_of
 from store.runs import recorded_run
 from store.upsert import insert_ignore
 
 
-def comparison_name(cfg: EvalConfig, c: Constitution, fingerprints: dict[str, str]) -> str:
-    """The eval's name: its label plus a hash of every setting that shapes the results."""
+def comparison_name(cfg: EvalConfig, c: Constitution, fingerprints: dict[str, str], gov) -> str:
+    """The eval's name: its label plus a hash of every setting that shapes the results, the
+    governing constitutions' versions included (they decide each prompt's stance and which
+    replies are refusals)."""
     label = cfg.name or f"{short_name(cfg.model)}-vs-{short_name(cfg.baseline)}"
     return eval_name(label, c, fingerprints, cfg.principles, cfg.seed, cfg.sampling(), cfg.engine.backend,
-                     cfg.judge_max_chars, engine_settings(cfg).get("dtype", "auto"))
+                     cfg.judge_max_chars, engine_settings(cfg).get("dtype", "auto"),
+                     governing=[g.ref for g in gov.constitutions])
 
 
 def engine_settings(cfg: EvalConfig) -> dict[str, Any]:
@@ -105,8 +111,9 @@ def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str], settin
 
 
 def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprint: str, run_id: str,
-                    items: list[GenItem]) -> StageStats:
+                    items: list[GenItem], gov, tags: dict[str, list[str]]) -> StageStats:
     sampling = cfg.sampling()
+    known = taught(gov)
     engine = _engine_if_pending(cfg, spec, _done_ids, [it.key for it in items], engine_settings(cfg))
 
     def compute(chunk: list[GenItem]) -> list[Completion]:
@@ -118,8 +125,9 @@ def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprin
         rows = []
         for it, comp in results:
             text = comp.text.strip()
-            refused, pattern = detect(text)
-            quality = assess(it.prompt.text, text, comp.outputs[0].finish_reason)
+            refused, pattern = detect(text, known)
+            quality = assess(it.prompt.text, text, comp.outputs[0].finish_reason, known)
+            rule = gov.rule(it.prompt.category, tags.get(it.prompt.id, ()))
             rows.append(EvalResult(
                 id=it.key, eval_name=name, prompt_id=it.prompt.id, prompt_tag=it.tag, model=spec, role=role,
                 text=text, refused=refused, refusal_pattern=pattern, run_id=run_id,
@@ -127,7 +135,9 @@ def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprin
                          "prompt_tokens": comp.prompt_tokens,
                          "completion_tokens": comp.outputs[0].completion_tokens,
                          "finish_reason": comp.outputs[0].finish_reason, "quality": quality.to_dict(), "dtype": dtype,
-                         "harmful": is_harmful(it.prompt.category), "prompt": it.prompt.text}))
+                         # the stance the governing principle declares (True: refuse), None: ungoverned
+                         "harmful": rule.refuse if rule else None, "principle": rule.ref if rule else None,
+                         "category": it.prompt.category, "prompt": it.prompt.text}))
         insert_ignore(session, EvalResult, rows)
 
     stage = Stage(name=f"eval.generate.{role}", key=lambda it: it.key, done=_done_ids, compute=compute,
@@ -163,7 +173,7 @@ def _judge_stage(cfg: EvalConfig, run_id: str, items: list[JudgeItem]) -> StageS
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
-@task(name="eval-drift", cache_policy=NO_CACHE)
+@stage_task(name="eval-drift")
 def drift_task(cfg: EvalConfig, name: str) -> int:
     """Each reply's mean per-token log-prob under the baseline: how far the trained model's text
     has moved from what the base model would write (its own replies score the baseline's level)."""
@@ -180,7 +190,7 @@ def drift_task(cfg: EvalConfig, name: str) -> int:
         path = resolve(cfg.baseline)
         model, tok = load_policy(path)
     except Exception as exc:  # noqa: BLE001 - e.g. a hub id offline: the eval stands without this figure
-        get_run_logger().warning("drift: cannot load baseline %s as a local model (%s); figure left out",
+        run_logger().warning("drift: cannot load baseline %s as a local model (%s); figure left out",
                                  cfg.baseline, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
         return 0
     enc = ChatEncoder(tok, max_length=cfg.max_new_tokens + 384, max_prompt_length=384)
@@ -219,27 +229,31 @@ def _release_models() -> None:
 
 # --- tasks and flow ------------------------------------------------------------------------
 
-def load_items(cfg: EvalConfig) -> tuple[Constitution, list[tuple[str, Prompt]]]:
+def load_items(cfg: EvalConfig):
+    """(judge constitution, (tag, prompt) items, governance, every tag of each prompt)."""
     with session_scope(cfg.database_url) as s:
         c = resolve_constitution(s, cfg.constitution)
+        gov = governance(s, cfg.constitutions)
         ensure_tags(s, cfg.prompts)
     with session_scope(cfg.database_url) as s:
         by_tag = {tag: prompts_for_tags(s, [tag]) for tag in cfg.prompts}
-    return c, select_items(by_tag, cfg.limit)
+        items = select_items(by_tag, cfg.limit)
+        tags = tags_of(s, [p.id for _, p in items])
+    return c, items, gov, tags
 
 
-@task(name="eval-generate", cache_policy=NO_CACHE)
+@stage_task(name="eval-generate")
 def generate_task(cfg: EvalConfig, name: str, role: str, fingerprint: str, run_id: str) -> StageStats:
-    _, items = load_items(cfg)
+    _, items, gov, tags = load_items(cfg)
     spec = cfg.model if role == "model" else cfg.baseline
     work = [GenItem(result_key(name, p.id, role, fingerprint, cfg.sampling()), p, tag, role)
             for tag, p in items]
-    return _generate_stage(cfg, name, role, spec, fingerprint, run_id, work)
+    return _generate_stage(cfg, name, role, spec, fingerprint, run_id, work, gov, tags)
 
 
-@task(name="eval-judge", cache_policy=NO_CACHE)
+@stage_task(name="eval-judge")
 def judge_task(cfg: EvalConfig, name: str, fingerprints: dict[str, str], run_id: str) -> StageStats:
-    c, items = load_items(cfg)
+    c, items, _, _ = load_items(cfg)
     keys = {role: {p.id: result_key(name, p.id, role, fingerprints[role], cfg.sampling()) for _, p in items}
             for role in ROLES}
     with session_scope(cfg.database_url) as s:
@@ -254,19 +268,20 @@ def judge_task(cfg: EvalConfig, name: str, fingerprints: dict[str, str], run_id:
     return _judge_stage(cfg, run_id, work)
 
 
-@flow(name="eval", log_prints=True)
+@stage_flow(name="eval", log_prints=True)
 def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
-    logger = get_run_logger()
+    logger = run_logger()
     t0 = time.perf_counter()
-    c, items = load_items(cfg)
+    c, items, gov, _ = load_items(cfg)
     if not items:
         raise UserError(f"no prompts tagged {', '.join(cfg.prompts)}; add some with "
                         "`cai prompts add FILE --tag TAG`")
     # the weights, not the path, identify a model: re-evaluating a retrained runs/<name> is new work
     fingerprints = {role: model_fingerprint(spec) for role, spec in
                     (("model", cfg.model), ("baseline", cfg.baseline), ("judge", cfg.judge_model))}
-    name = comparison_name(cfg, c, fingerprints)
-    cfg = cfg.model_copy(update={"constitution": c.ref})  # resolved once: a file edited mid-run cannot mix versions
+    name = comparison_name(cfg, c, fingerprints, gov)
+    # resolved once: a file edited mid-run cannot mix versions
+    cfg = cfg.model_copy(update={"constitution": c.ref, "constitutions": [g.ref for g in gov.constitutions]})
     config = cfg.model_dump() | {"eval_name": name, "machine": machine_facts()}
     with recorded_run("eval", config, model=cfg.model, engine=cfg.engine.backend,
                       constitution=c, url=cfg.database_url) as run:
@@ -278,7 +293,8 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
             if not (role == "baseline" and cfg.judge_model == cfg.baseline  # the judge reuses it
                     and engine_settings(cfg) == dict(cfg.engine.settings)):
                 _release_models()
-        stages.append(judge_task(cfg, name, fingerprints, run.id))
+        if cfg.principles:
+            stages.append(judge_task(cfg, name, fingerprints, run.id))
         _release_models()
         drift_task(cfg, name)
         ids = {result_key(name, p.id, role, fingerprints[role], cfg.sampling())
@@ -288,7 +304,8 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
         run.summary = {
             "run_id": run.id, "eval_name": name, "model": cfg.model, "baseline": cfg.baseline,
             "judge": cfg.judge_model, "constitution": c.ref, "prompts": len(items), "sets": summarize(rows),
-            "kinds": summarize_kinds(rows), "examples": reply_examples(rows),
+            "kinds": summarize_kinds(rows), "categories": summarize_categories(rows),
+            "examples": reply_examples(rows), "constitutions": cfg.constitutions,
             "stages": {s.stage: stage_summary(s) for s in stages},
             "computed": sum(s.computed for s in stages), "failed": sum(s.failed for s in stages),
             "total_s": round(time.perf_counter() - t0, 3),

@@ -44,23 +44,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed
 from sqlmodel import Session, col, select
 
 from cai import dataset_schema as schema
 from cai.card import label_prob_stats
 from constitution.load import split_ref
-from flows.common import Timer, UserError
+from flows.common import Timer, UserError, run_logger
 from flows.configs import ExportConfig
 from flows.configs import make_export_config as make_config  # noqa: F401 - `cai export` and tests call it here
 from flows.configs import naive_utc as _naive_utc
+from flows.orchestration import stage_flow, stage_task
 from flows.publish import check_out, hub_token, push_export, write_export
 from store.db import checkpoint_wal, session_scope
 from store.keys import canonical_json
 from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
 from store.pairs import latest_per_response_pair
+from store.queries import pairs_under
 from store.runs import recorded_run
 
 SFT_METHODS = ("revision", "contrastive", "helpful")  # their chosen side is a reply to learn; an AI label is not
@@ -170,9 +169,8 @@ def _quarantined(session: Session) -> set[str]:
 def select_pairs(session: Session, config: ExportConfig) -> Selection:
     """The pairs the config selects (their rows; the texts are read later, a page at a time)."""
     name, version = resolve_version(session, config.constitution)
-    pairs = list(session.exec(select(PreferencePair).where(
-        PreferencePair.constitution == name, PreferencePair.constitution_version == version)
-        .order_by(PreferencePair.id)))
+    # the pairs made under this version, and those made earlier from principles it leaves unchanged
+    pairs = pairs_under(session, name, version)
     sel = Selection(name, version, [], available=len(pairs))
     # before the status filters: a relabelled pair is judged by its latest label, not its best one
     pairs, superseded = latest_per_response_pair(pairs)
@@ -457,6 +455,45 @@ def cut_counts(plan: Plan, cut: set[str]) -> dict[str, dict[str, int]]:
             for name, pairs in plan.items()}
 
 
+def taught_facts(data: Any, per_method: int = 2) -> dict[str, Any]:
+    """What the exported pairs teach, read back from the written preference splits a batch at a
+    time: per principle the pairs and how many distinct chosen replies they hold (a harmlessness set
+    of eight sentences repeated is of little use to anyone), the same overall, and the first pairs
+    of each method, texts included, as examples."""
+    principles: dict[str, dict[str, Any]] = {}
+    distinct: dict[str, set[str]] = {}
+    everything: set[str] = set()
+    examples: dict[str, list[dict[str, Any]]] = {}
+    pairs = 0
+    for split in ("train_prefs", "test_prefs"):
+        if split not in data:
+            continue
+        for batch in data[split].select_columns(["prompt", "chosen", "rejected", "principle_ids", "method",
+                                                 "id"]).iter(batch_size=1000):
+            for prompt, chosen, rejected, pids, method, pid_ in zip(*(batch[k] for k in (
+                    "prompt", "chosen", "rejected", "principle_ids", "method", "id")), strict=True):
+                pairs += 1
+                text = chosen[-1]["content"]
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                everything.add(digest)
+                for pid in pids or ["(none recorded)"]:
+                    entry = principles.setdefault(pid, {"pairs": 0, "methods": Counter()})
+                    entry["pairs"] += 1
+                    entry["methods"][method] += 1
+                    distinct.setdefault(pid, set()).add(digest)
+                if len(examples.setdefault(method, [])) < per_method:
+                    examples[method].append({"id": pid_, "method": method, "principles": list(pids or []),
+                                             "prompt": prompt[-1]["content"], "chosen": text,
+                                             "rejected": rejected[-1]["content"]})
+    for pid, entry in principles.items():
+        entry["methods"] = dict(sorted(entry["methods"].items()))
+        entry["distinct_chosen"] = len(distinct[pid])
+    return {"principles": dict(sorted(principles.items())),
+            "variety": {"pairs": pairs, "distinct_chosen": len(everything),
+                        "distinct_per_pair": round(len(everything) / pairs, 4) if pairs else None},
+            "examples": [ex for m in sorted(examples) for ex in sorted(examples[m], key=lambda e: e["id"])]}
+
+
 def collect_facts(session: Session, config: ExportConfig, sel: Selection, plan: Plan) -> dict[str, Any]:
     """What the card and manifest say, all taken from the data (no clock), so re-exports match."""
     cv = session.exec(select(ConstitutionVersion).where(
@@ -536,8 +573,9 @@ def build_export(session: Session, config: ExportConfig, staging: Path | None = 
         staging = Path(tempfile.mkdtemp(prefix="cai-export-rows-"))
         data = to_dataset_dict(session, plan, staging)
         weakref.finalize(data, shutil.rmtree, staging, ignore_errors=True)
-        return data, facts
-    return to_dataset_dict(session, plan, staging), facts
+    else:
+        data = to_dataset_dict(session, plan, staging)
+    return data, facts | taught_facts(data)
 
 
 def staging_dir(out: Path) -> Path:
@@ -565,7 +603,7 @@ def preflight(config: ExportConfig) -> None:
 # log_prints=False: under a parent flow with log_prints (the pipeline), Prefect's print capture
 # defeats dill's stdout capture of dis.dis() inside datasets' fingerprinting, and every
 # disassembled line would land in the run log
-@task(name="export-build", cache_policy=NO_CACHE, log_prints=False)
+@stage_task(name="export-build", log_prints=False)
 def build_task(config: ExportConfig, run_id: str, staging: Path):
     with session_scope() as s:
         data, facts = build_export(s, config, staging)
@@ -577,20 +615,20 @@ def build_task(config: ExportConfig, run_id: str, staging: Path):
     return data, facts
 
 
-@task(name="export-write", cache_policy=NO_CACHE, log_prints=False)
+@stage_task(name="export-write", log_prints=False)
 def write_task(data, facts: dict[str, Any], config: ExportConfig) -> dict[str, Any]:
     return write_export(data, facts, config.out, config.format)
 
 
-@task(name="export-push", cache_policy=NO_CACHE, log_prints=False)
+@stage_task(name="export-push", log_prints=False)
 def push_task(config: ExportConfig, ref: str) -> str:
     return push_export(config.out, config.push_to_hub or "", config.private, f"cai export {ref}")
 
 
-@flow(name="export", log_prints=False)
+@stage_flow(name="export", log_prints=False)
 def export_flow(config: ExportConfig) -> dict[str, Any]:
     """Select pairs, build the DatasetDict, write it with its card, then push if asked."""
-    log = get_run_logger()
+    log = run_logger()
     log.info("export config: %s", config.model_dump_json())
     timer = Timer()
     with recorded_run("export", config.model_dump(mode="json")) as run:
@@ -614,10 +652,6 @@ def export_flow(config: ExportConfig) -> dict[str, Any]:
             if config.push_to_hub:
                 with timer("push"):
                     run.summary["url"] = push_task(config, facts["constitution"]["ref"])
-        except UserError as exc:
-            # a Failed state carrying the error: callers get the UserError, and no traceback is logged
-            run.summary["error"], run.status = str(exc), "failed"
-            return Failed(message=str(exc), data=exc)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     try:  # the Run row is closed: fold SQLite's WAL into cai.db, so a copy of that one file has every row

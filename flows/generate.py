@@ -13,22 +13,31 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from sqlmodel import Session
 
 from cai import sl_cai
 from cai.errors import UserError
 from cai.quality import finish
+from cai.refusal import Taught
+from constitution.govern import Governance
 from constitution.load import Constitution
 from engines.base import Completion, Sampling
-from flows.common import cached_engine, engine_facts, load_prompts, pair_status, resolve_constitution, worker_id
+from flows.common import (
+    cached_engine,
+    engine_facts,
+    load_prompts,
+    pair_status,
+    resolve_constitution,
+    run_logger,
+    worker_id,
+)
 from flows.configs import GenerateConfig
 from flows.configs import SamplingConfig as SamplingConfig  # re-exported for callers of flows.generate
+from flows.orchestration import stage_flow, stage_task
 from flows.stage import Stage, StageStats, run_stage, stage_totals
 from store.db import session_scope
 from store.models import PreferencePair, Prompt, Response
-from store.queries import existing_ids
+from store.queries import existing_ids, tags_of
 from store.runs import recorded_run
 from store.upsert import insert_ignore
 
@@ -85,49 +94,60 @@ def _stage(name: str, cfg: GenerateConfig, c: Constitution, sampling: Sampling, 
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
-def load_inputs(cfg: GenerateConfig) -> tuple[Constitution, list[Prompt]]:
-    """Resolve the constitution and prompts; raise UserError on anything unknown."""
+def load_inputs(cfg: GenerateConfig) -> tuple[Constitution, list[Prompt], dict[str, Any]]:
+    """Resolve the constitution and prompts, and which of its principles governs each prompt
+    (None: none does); raise UserError on anything unknown."""
     with session_scope(cfg.database_url) as s:
         c = resolve_constitution(s, cfg.constitution)
-    return c, load_prompts(cfg.database_url, cfg.prompts, cfg.limit)
+    prompts = load_prompts(cfg.database_url, cfg.prompts, cfg.limit)
+    with session_scope(cfg.database_url) as s:
+        tags = tags_of(s, [p.id for p in prompts])
+    gov = Governance([c])
+    return c, prompts, {p.id: gov.rule(p.category, tags[p.id]) for p in prompts}
+
+
+def _governing(rules: dict[str, Any], prompt_id: str) -> str | None:
+    rule = rules.get(prompt_id)
+    return rule.principle.id if rule else None
 
 
 # --- tasks: thin wrappers; each loads the engine itself (cached per process) ---------------
 
-@task(name="initial", cache_policy=NO_CACHE)
+@stage_task(name="initial")
 def initial_task(cfg: GenerateConfig, run_id: str) -> StageStats:
-    c, prompts = load_inputs(cfg)
+    c, prompts, _ = load_inputs(cfg)
     sampling = cfg.initial.sampling(cfg.seed)
     items = [sl_cai.initial_item(p.id, p.messages, cfg.model, sampling.to_dict()) for p in prompts]
     return _stage("initial", cfg, c, sampling, run_id, items, prompts)
 
 
-def _parents(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], round_: int) -> dict[str, Response]:
+def _parents(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], rules: dict[str, Any],
+             round_: int) -> dict[str, Response]:
     """prompt id -> the response that round `round_` critiques (initial, or last round's revision)."""
-    chains = chain_rows(cfg, c, prompts, upto=round_ - 1)
+    chains = chain_rows(cfg, c, prompts, rules, upto=round_ - 1)
     return {pid: rows[-1] for pid, rows in chains.items() if len(rows) == 2 * (round_ - 1) + 1}
 
 
-@task(name="critique", cache_policy=NO_CACHE)
+@stage_task(name="critique")
 def critique_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
-    c, prompts = load_inputs(cfg)
+    c, prompts, rules = load_inputs(cfg)
     sampling = cfg.critique.sampling(cfg.seed)
-    parents = _parents(cfg, c, prompts, round_)
+    parents = _parents(cfg, c, prompts, rules, round_)
     items = []
     for p in prompts:
         parent = parents.get(p.id)
         if parent is None:  # its parent is quarantined: nothing to build on
             continue
         items.append(sl_cai.critique_item(c, p.id, p.messages, parent.id, parent.text, round_, cfg.seed, cfg.model,
-                                          sampling.to_dict()))
+                                          sampling.to_dict(), _governing(rules, p.id)))
     return _stage(f"critique_{round_}", cfg, c, sampling, run_id, items, prompts)
 
 
-@task(name="revise", cache_policy=NO_CACHE)
+@stage_task(name="revise")
 def revise_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
-    c, prompts = load_inputs(cfg)
+    c, prompts, rules = load_inputs(cfg)
     sampling = cfg.revision.sampling(cfg.seed)
-    chains = chain_rows(cfg, c, prompts, upto=round_ - 1, with_critique_of=round_)
+    chains = chain_rows(cfg, c, prompts, rules, upto=round_ - 1, with_critique_of=round_)
     items = []
     for p in prompts:
         rows = chains.get(p.id, [])
@@ -135,11 +155,11 @@ def revise_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
             continue
         parent, crit = rows[-2], rows[-1]
         items.append(sl_cai.revision_item(c, p.id, p.messages, parent.id, parent.text, crit.id, crit.text, round_,
-                                          cfg.seed, cfg.model, sampling.to_dict()))
+                                          cfg.seed, cfg.model, sampling.to_dict(), _governing(rules, p.id)))
     return _stage(f"revision_{round_}", cfg, c, sampling, run_id, items, prompts)
 
 
-def chain_rows(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], upto: int,
+def chain_rows(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], rules: dict[str, Any], upto: int,
                with_critique_of: int | None = None) -> dict[str, list[Response]]:
     """Walk each prompt's chain under this config: [initial, critique_1, revision_1, ...].
 
@@ -158,14 +178,15 @@ def chain_rows(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], upto
             for r in range(1, last_round + 1):
                 parent = chain[-1]
                 crit = s.get(Response, sl_cai.critique_item(c, p.id, p.messages, parent.id, parent.text, r, cfg.seed,
-                                                            cfg.model, samp["critique"]).key)
+                                                            cfg.model, samp["critique"], _governing(rules, p.id)).key)
                 if crit is None:
                     break
                 chain.append(crit)
                 if r > upto:  # only this round's critique was asked for
                     break
                 rev = s.get(Response, sl_cai.revision_item(c, p.id, p.messages, parent.id, parent.text, crit.id,
-                                                           crit.text, r, cfg.seed, cfg.model, samp["revision"]).key)
+                                                           crit.text, r, cfg.seed, cfg.model, samp["revision"],
+                                                           _governing(rules, p.id)).key)
                 if rev is None:
                     break
                 chain.append(rev)
@@ -173,34 +194,38 @@ def chain_rows(cfg: GenerateConfig, c: Constitution, prompts: list[Prompt], upto
     return chains
 
 
-@task(name="revision-pairs", cache_policy=NO_CACHE)
+@stage_task(name="revision-pairs")
 def pairs_task(cfg: GenerateConfig, run_id: str) -> int:
     """chosen = final revision, rejected = initial response, for every finished prompt; a pair whose
     revision fails a quality gate (or is no better than the initial answer) is stored as gated."""
-    c, prompts = load_inputs(cfg)
-    chains = chain_rows(cfg, c, prompts, upto=cfg.rounds)
+    c, prompts, rules = load_inputs(cfg)
+    chains = chain_rows(cfg, c, prompts, rules, upto=cfg.rounds)
     by_id = {p.id: p for p in prompts}
+    known = Taught.of(Governance([c]).taught_refusals())
     rows = []
     for pid, chain in chains.items():
         if len(chain) != 2 * cfg.rounds + 1:
             continue
         initial, final = chain[0], chain[-1]
-        status = pair_status(by_id[pid], final, initial)
+        rule = rules.get(pid)
+        status = pair_status(by_id[pid], final, initial, rule.refuse if rule else None, known)
+        used = [r for r in chain if r.kind == "revision"]
         rows.append(PreferencePair(
-            id=sl_cai.revision_pair_key(c.version, pid, final.id, initial.id), prompt_id=pid,
+            id=sl_cai.revision_pair_key(c.name, pid, final.id, initial.id), prompt_id=pid,
             chosen_id=final.id, rejected_id=initial.id, method="revision", label_prob=1.0, status=status,
-            principle_ids=[r.principle_id for r in chain if r.kind == "revision"], constitution=c.name,
+            principle_ids=[r.principle_id for r in used], constitution=c.name,
             constitution_version=c.version, policy_model=cfg.model, run_id=run_id,
-            details={"rounds": cfg.rounds, "chain": [r.id for r in chain]}))
+            details={"rounds": cfg.rounds, "chain": [r.id for r in chain],
+                     "principle_hashes": {r.principle_id: r.principle_hash for r in used if r.principle_id}}))
     with session_scope(cfg.database_url) as s:
         return insert_ignore(s, PreferencePair, rows)
 
 
-@flow(name="generate", log_prints=True)
+@stage_flow(name="generate", log_prints=True)
 def generate_flow(cfg: GenerateConfig) -> dict[str, Any]:
-    logger = get_run_logger()
+    logger = run_logger()
     t0 = time.perf_counter()
-    c, prompts = load_inputs(cfg)
+    c, prompts, _ = load_inputs(cfg)
     if not prompts:
         raise UserError(f"no prompts tagged {','.join(cfg.prompts)}")
     cfg = cfg.model_copy(update={"constitution": c.ref})  # resolved once: a file edited mid-run cannot mix versions

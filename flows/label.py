@@ -19,8 +19,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from sqlalchemy import func
 from sqlmodel import Session, select
 
@@ -45,15 +43,17 @@ from flows.common import (
     loaded_engine_facts,
     pair_status,
     resolve_constitution,
+    run_logger,
     worker_id,
 )
 from flows.configs import LabelConfig
 from flows.configs import make_label_config as make_config  # noqa: F401 - `cai label` and tests call it here
+from flows.orchestration import stage_flow, stage_task
 from flows.stage import Stage, StageStats, run_stage, stage_totals
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import Judgment, PreferencePair, Prompt, Response
-from store.queries import existing_ids, rows_by_id
+from store.queries import existing_ids, rows_by_id, tags_of
 from store.runs import recorded_run
 from store.upsert import insert_ignore
 
@@ -64,12 +64,25 @@ COT_KIND = "judge-cot"  # CoT reasoning is its own Response row so the cot stage
 # --- store reads ---------------------------------------------------------------------------
 
 def load_inputs(cfg: LabelConfig) -> tuple[Constitution, list[Prompt]]:
-    """Resolve the constitution and prompts; raise UserError on anything unknown."""
+    """Resolve the constitution and prompts; raise UserError on anything unknown. Which stance a
+    pair's chosen reply must take comes from this constitution's principles (`stances`)."""
     with session_scope(cfg.database_url) as s:
         c = resolve_constitution(s, cfg.constitution)
     if not c.preferences:
         raise UserError(f"constitution {c.ref} has no preferences: the judge needs at least one question")
     return c, load_prompts(cfg.database_url, cfg.prompts, cfg.limit)
+
+
+def stances(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> tuple[dict[str, bool | None], Any]:
+    """prompt id -> True (refuse) / False (answer) / None (ungoverned) under this constitution's
+    principles, and the refusals it teaches (for the gates' stance check)."""
+    from cai.refusal import Taught
+    from constitution.govern import Governance
+
+    gov = Governance([c])
+    with session_scope(cfg.database_url) as s:
+        tags = tags_of(s, [p.id for p in prompts])
+    return {p.id: gov.refuse(p.category, tags[p.id]) for p in prompts}, Taught.of(gov.taught_refusals())
 
 
 def preflight(cfg: LabelConfig) -> None:
@@ -192,7 +205,7 @@ def _nonempty(outs: list[Completion]) -> list[Completion | Exception]:
 
 # --- tasks: thin wrappers; each loads its engine itself, only when work is pending ----------
 
-@task(name="sample", cache_policy=NO_CACHE)
+@stage_task(name="sample")
 def sample_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
 
@@ -224,7 +237,7 @@ def cot_key(judgment: str) -> str:
     return content_hash(COT_KIND, judgment)
 
 
-@task(name="cot", cache_policy=NO_CACHE)
+@stage_task(name="cot")
 def cot_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
     items = plan_judgments(cfg, c, plan_pairs(cfg, c, prompts))
@@ -249,7 +262,7 @@ def cot_task(cfg: LabelConfig, run_id: str) -> StageStats:
     return _run(cfg, run_id, stage, items)
 
 
-@task(name="judge", cache_policy=NO_CACHE)
+@stage_task(name="judge")
 def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
     items = plan_judgments(cfg, c, plan_pairs(cfg, c, prompts))
@@ -298,7 +311,7 @@ def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
     return _run(cfg, run_id, stage, items)
 
 
-@task(name="pair", cache_policy=NO_CACHE)
+@stage_task(name="pair")
 def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
     items = plan_pair_items(cfg, c, plan_pairs(cfg, c, prompts))
@@ -312,13 +325,15 @@ def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
         return [judge.label_pair([(rows[k].principle_id, rows[k].order, rows[k].prob_x)
                                   for k in it.judgments], cfg.min_margin) for it in chunk]
 
+    refuse, known = stances(cfg, c, prompts)
+
     def status(session: Session, it: PairItem, lab: judge.PairLabel) -> str:
         """The judge's status; a confident label whose chosen reply fails a quality gate is gated."""
         if lab.status != "ok":
             return lab.status
         chosen, rejected = (it.pair.x, it.pair.y) if lab.chosen == "x" else (it.pair.y, it.pair.x)
         return pair_status(session.get(Prompt, it.pair.prompt_id), session.get(Response, chosen.id),
-                           session.get(Response, rejected.id))
+                           session.get(Response, rejected.id), refuse.get(it.pair.prompt_id), known)
 
     def write(session: Session, done: list[tuple[PairItem, judge.PairLabel]]) -> None:
         policy = cfg.policy if cfg.source == "samples" else None
@@ -333,7 +348,7 @@ def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
             judge_model=cfg.judge,
             details={"pair_key": it.pair.key, "x_id": it.pair.x.id, "y_id": it.pair.y.id,
                      "prob_x": lab.prob_x, "mean_xy": lab.mean_xy, "mean_yx": lab.mean_yx,
-                     "n_judgments": lab.n,
+                     "n_judgments": lab.n, "principle_hashes": it.principle_hashes,
                      "per_principle": lab.per_principle, "judgments": list(it.judgments),
                      "source": cfg.source, "settings": cfg.pair_settings()},
             run_id=run_id) for it, lab in done])
@@ -354,10 +369,11 @@ def plan_best_of_n(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]
             for p in prompts if len(cands[p.id]) >= 2]
 
 
-@task(name="reward", cache_policy=NO_CACHE)
+@stage_task(name="reward")
 def best_of_n_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
     items = plan_best_of_n(cfg, c, prompts)
+    refuse, known = stances(cfg, c, prompts)
     loaded: dict[str, Any] = {}
 
     def compute(chunk: list[tuple[str, Prompt, list[Candidate]]]) -> list[dict[str, float]]:
@@ -377,7 +393,7 @@ def best_of_n_task(cfg: LabelConfig, run_id: str) -> StageStats:
             status = picked.status
             if status == "ok":  # the same gates as every other pair: a degenerate "best" is gated
                 status = pair_status(session.get(Prompt, p.id), session.get(Response, picked.chosen),
-                                     session.get(Response, picked.rejected))
+                                     session.get(Response, picked.rejected), refuse.get(p.id), known)
             rows.append(PreferencePair(
                 id=key, prompt_id=p.id, chosen_id=picked.chosen, rejected_id=picked.rejected, method="best-of-n",
                 label_prob=picked.label_prob, status=status, principle_ids=[], constitution=c.name,
@@ -422,9 +438,9 @@ def counts(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str
     return out
 
 
-@flow(name="label", log_prints=True)
+@stage_flow(name="label", log_prints=True)
 def label_flow(cfg: LabelConfig) -> dict[str, Any]:
-    logger = get_run_logger()
+    logger = run_logger()
     t0 = time.perf_counter()
     c, prompts = load_inputs(cfg)
     if not prompts:

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
 from pydantic import BaseModel
 from sqlmodel import select
 
 from cai.redteam import HIT_TAG
+from flows.common import resolve_constitution, run_logger
 from flows.configs import (
     ContrastConfig,
     EvalConfig,
@@ -37,6 +37,7 @@ from flows.evaluate import eval_flow
 from flows.export import export_flow
 from flows.generate import generate_flow
 from flows.label import label_flow
+from flows.orchestration import run_flow, stage_flow
 from flows.redteam import redteam_flow
 from flows.report import report_flow
 from flows.train import train_flow
@@ -48,8 +49,8 @@ from store.queries import has_tag
 def _paths(cfg: PipelineConfig) -> dict[str, Path]:
     name = Path(cfg.constitution.split("@")[0]).stem
     export = Path(cfg.export_dir or f"exports/{name}")
-    benign = Path(ContrastConfig.model_fields["benign_constitution"].default)
-    return {"export": export, "export_helpful": export.parent / benign.stem,
+    others = [Path(c.split("@")[0]).stem for c in cfg.constitutions if Path(c.split("@")[0]).stem != name]
+    return {"export": export, "export_helpful": export.parent / (others[0] if others else f"{name}-helpful"),
             "model": Path(cfg.model_dir or f"runs/{name}-cai"),
             "report": Path(cfg.report_dir)}
 
@@ -59,9 +60,9 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
     paths = _paths(cfg)
     judge = cfg.judge or cfg.model
     s = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
-    cons = ContrastConfig(harmful_prompts=cfg.harmful_prompts, harmful_limit=cfg.harmful_limit,
-                          benign_prompts=cfg.benign_prompts,
-                          harmful_constitution=cfg.constitution, model=cfg.model, engine=cfg.engine, seed=cfg.seed,
+    cons = ContrastConfig(prompts=cfg.contrast_prompts, constitutions=cfg.constitutions,
+                          refuse_limit=cfg.refuse_limit, answer_limit=cfg.answer_limit,
+                          model=cfg.model, engine=cfg.engine, seed=cfg.seed,
                           runner=cfg.runner, sampling={"temperature": 0.0, "max_new_tokens": cfg.contrast_new_tokens})
     return {
         "redteam": RedteamConfig(per_category=max(cfg.redteam, 1), model=cfg.model, engine=cfg.engine, seed=cfg.seed,
@@ -75,15 +76,17 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
                              principles_per_pair=cfg.principles_per_pair, max_new_tokens=cfg.max_new_tokens,
                              seed=cfg.seed, runner=cfg.runner),
         "export": ExportConfig(constitution=cfg.constitution, out=paths["export"]),
-        "export_helpful": ExportConfig(constitution=cons.benign_constitution, out=paths["export_helpful"]),
-        # both constitutions' pairs: refusals alone teach a small model to refuse everything
-        "train": TrainConfig(base=cfg.model, constitution=None, stage=cfg.stage,
+        "export_helpful": ExportConfig(constitution=paths["export_helpful"].name, out=paths["export_helpful"]),
+        # every constitution's pairs (refusals alone teach a small model to refuse everything), of the
+        # versions the run uses (pipeline_flow pins them)
+        "train": TrainConfig(base=cfg.model, constitution=",".join(cfg.constitutions), stage=cfg.stage,
                              dpo_helpful_ratio=cfg.dpo_helpful_ratio, dpo_mine=cfg.dpo_mine,
                              mine_repeat=cfg.mine_repeat,
                              sft=cfg.sft.model_copy(update={"seed": cfg.seed}),
                              trainer=cfg.trainer.model_copy(update={"seed": cfg.seed}), out=str(paths["model"])),
         "eval": EvalConfig(model=str(paths["model"]), baseline=cfg.model, judge=judge, prompts=cfg.eval_prompts,
-                           constitution=cfg.constitution, limit=cfg.eval_limit, max_new_tokens=cfg.eval_new_tokens,
+                           constitution=cfg.constitution, constitutions=cfg.constitutions, limit=cfg.eval_limit,
+                           max_new_tokens=cfg.eval_new_tokens,
                            principles=cfg.eval_principles, cpu_dtype=cfg.eval_cpu_dtype,
                            engine=cfg.engine, seed=cfg.seed, runner=cfg.runner),
         "report": ReportConfig(out=paths["report"]),
@@ -118,17 +121,30 @@ def _finished_training(tcfg: TrainConfig) -> dict[str, Any] | None:
     return None
 
 
-@flow(name="pipeline", log_prints=True)
+def current_refs(cfg: PipelineConfig) -> list[str]:
+    """name@version of every constitution the run uses, resolved once (and recorded in the store):
+    training learns from the pairs of exactly these versions, so an edited principle's old pairs
+    are not taught beside its new ones."""
+    with session_scope() as s:
+        refs = [resolve_constitution(s, ref).ref for ref in [cfg.constitution, *cfg.constitutions]]
+    by_name: dict[str, str] = {}
+    for ref in refs:
+        by_name.setdefault(ref.split("@", 1)[0], ref)
+    return list(by_name.values())
+
+
+@stage_flow(name="pipeline", log_prints=True)
 def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
-    logger = get_run_logger()
+    logger = run_logger()
     cfgs = stage_configs(cfg)
+    cfgs["train"] = cfgs["train"].model_copy(update={"constitution": ",".join(current_refs(cfg))})
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
 
     def timed(name: str, fn, *args):
         t0 = time.perf_counter()
         logger.info("stage %s starting", name)
-        results[name] = fn(*args)
+        results[name] = run_flow(fn, *args)  # a subflow under Prefect, else a plain call
         timings[name] = round(time.perf_counter() - t0, 1)
         logger.info("stage %s done in %.1fs", name, timings[name])
 

@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
 from sqlalchemy import func
 from sqlmodel import Session, select
 
@@ -28,6 +27,7 @@ from cai.judge_stats import compute as judge_compute
 from cai.judge_stats import records
 from constitution.load import split_ref
 from flows.configs import ReportConfig
+from flows.orchestration import stage_flow
 from flows.plots import DPO_PANELS, plot_all
 from store.db import session_scope
 from store.models import (
@@ -439,7 +439,7 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     return data | {"images": images, "index": str(out / "index.html")}
 
 
-@flow(name="report")
+@stage_flow(name="report")
 def report_flow(cfg: ReportConfig) -> dict[str, Any]:
     """For the pipeline; `cai report` calls make_report directly (no model work, no Prefect server)."""
     return make_report(cfg)

@@ -19,9 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-
 from cai.prompts import load_saved_dataset, saved_dataset_error
 from cai.refusal import expected_stance, stance_errors
 from dpo.checkpoint import latest_checkpoint, read_meta
@@ -40,12 +37,14 @@ from dpo.lora import apply_lora, merge, trainable_parameters
 from dpo.sft import SFTExample, SFTResult, train_sft
 from dpo.trainer import TrainResult, load_policy, plot_metrics, save_model, train_dpo
 from engines.bundled import DEFAULT_SPEC, model_fingerprint
-from flows.common import UserError, run_logger
+from flows.common import UserError, machine_facts, run_logger
 from flows.configs import RewardScoreConfig, RewardTrainConfig, TrainConfig
+from flows.orchestration import stage_flow, stage_task
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import Run, TrainingRun, TrainingStep, utcnow
 from store.runs import finish_run, start_run
+from store.stop import is_stop
 from store.upsert import insert_ignore, upsert
 
 log = logging.getLogger("cai.train")
@@ -91,8 +90,9 @@ def _record_matches(r: dict[str, Any], cfg: TrainConfig) -> bool:
     if cfg.min_label_prob is not None and p is not None and p < cfg.min_label_prob:
         return False
     if cfg.constitution and r.get("constitution"):
-        name, _, version = cfg.constitution.partition("@")
-        if r["constitution"] != name or not str(r.get("constitution_version") or "").startswith(version):
+        refs = [ref.strip().partition("@") for ref in cfg.constitution.split(",") if ref.strip()]
+        if not any(r["constitution"] == name and str(r.get("constitution_version") or "").startswith(version)
+                   for name, _, version in refs):
             return False
     return True
 
@@ -139,7 +139,8 @@ def _begin(cfg: TrainConfig | RewardTrainConfig, examples: list[PairExample], re
     """Run and TrainingRun rows; a resumed run keeps its TrainingRun (its steps continue)."""
     names = sorted({r.split("@", 1)[0] for r in refs})
     versions = sorted({r.split("@", 1)[1] for r in refs})
-    constitution = cfg.constitution.split("@", 1)[0] if cfg.constitution else ",".join(names) or None
+    constitution = (",".join(ref.strip().split("@", 1)[0] for ref in cfg.constitution.split(",")) if cfg.constitution
+                    else ",".join(names) or None)
     pairs_hash = selection_hash(examples)
     resumed_id = None
     found = latest_checkpoint(Path(cfg.out) / "checkpoints") if getattr(cfg, "resume", False) else None
@@ -205,7 +206,7 @@ def mine_errors(model, tokenizer, pairs: list[PairExample], cfg: TrainConfig, lo
     t0 = time.perf_counter()
     was_training = model.training
     # decoding in bf16 where training autocasts to it: a copy, the fp32 weights stay the master
-    probe = copy.deepcopy(model).to(torch.bfloat16) if cfg.trainer.dtype == "bfloat16" else model
+    probe = copy.deepcopy(model).to(torch.bfloat16) if cfg.trainer.dtype == "bfloat16" else model  # resolved
     keys = list(expected)
     engine = HFEngine.from_model(probe, tokenizer, name="dpo-start")
     outs = engine.generate([prompts[k] for k in keys],
@@ -227,6 +228,25 @@ def mine_errors(model, tokenizer, pairs: list[PairExample], cfg: TrainConfig, lo
                 "answer, answers %d of %d it should refuse; their pairs come first", len(keys), info["seconds"],
                 len(refused), info["should_answer"], len(answered), info["should_refuse"])
     return info
+
+
+def _resolve_dtypes(cfg: TrainConfig, device) -> tuple[TrainConfig, dict[str, Any]]:
+    """`dtype: auto` of each stage made concrete once, by the probe generation uses
+    (engines/precision.py), and what the run records about how it computed: the dtype each
+    stage used and the machine."""
+    from engines.precision import cpu_bf16_speedup, resolve
+
+    sft = cfg.sft.model_copy(update={"dtype": resolve(cfg.sft.dtype, device)})
+    trainer = cfg.trainer.model_copy(update={"dtype": resolve(cfg.trainer.dtype, device)})
+    dtypes = {}
+    if cfg.stage in ("sft", "sft+dpo"):
+        dtypes["sft"] = sft.dtype
+    if cfg.stage in ("dpo", "sft+dpo"):
+        dtypes["dpo"] = trainer.dtype
+    machine = machine_facts() | {"device": str(device)}
+    if device.type == "cpu" and "auto" in (cfg.sft.dtype, cfg.trainer.dtype):
+        machine["bf16_matmul_speedup"] = round(cpu_bf16_speedup(), 3)
+    return cfg.model_copy(update={"sft": sft, "trainer": trainer}), {"dtype": dtypes, "machine": machine}
 
 
 def sft_examples(pairs: list[PairExample]) -> list[SFTExample]:
@@ -270,6 +290,9 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
             # (and the saved tokenizer then carries it)
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         load_s = time.perf_counter() - t_load
+        cfg, compute = _resolve_dtypes(cfg, next(model.parameters()).device)
+        logger.info("training dtype %s (%s)", ", ".join(f"{k} {v}" for k, v in compute["dtype"].items()),
+                    ", ".join(f"{k} {v}" for k, v in compute["machine"].items()))
         ref_id = model_fingerprint(base_path)
         lora = cfg.trainer.lora
         sft: SFTResult | None = None
@@ -316,15 +339,16 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
                                                           for h in (sft.history if sft else [])]
         plot = plot_metrics(history, out / "metrics.png")
         save_s = time.perf_counter() - t_save
-    except BaseException:
-        _finish(training_run_id, "failed", url)
-        finish_run(run_id, "failed", url=url)
+    except BaseException as exc:
+        status = "stopped" if is_stop(exc) else "failed"
+        _finish(training_run_id, status, url)
+        finish_run(run_id, status, summary={status: f"{exc.__class__.__name__}: {exc}"}, url=url)
         raise
     selection |= {"train": len(train), "eval": len(held_out), "eval_fraction": cfg.eval_fraction,
                   "truncated_sequences": (result.truncated if result else 0) + (sft.truncated if sft else 0)}
     if sft:
         selection |= {"sft_train": sft.n_train, "sft_eval": sft.n_eval}
-    final: dict[str, Any] = {"stage": cfg.stage}
+    final: dict[str, Any] = {"stage": cfg.stage, "compute": compute}
     if result:
         final |= {"train": result.final_train, "eval": result.final_eval, "steps": result.steps,
                   "total_steps": result.total_steps, "stopped_early": result.stopped_early,
@@ -337,7 +361,7 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
                "train": (result.timings["train_s"] if result else 0.0) + (sft.timings["train_s"] if sft else 0.0),
                "save": round(save_s, 3), "total": round(time.perf_counter() - t0, 3)}
     summary = {"run_id": run_id, "training_run_id": training_run_id, "out": str(out), "plot": str(plot or ""),
-               "pairs": len(examples), "stage": cfg.stage}
+               "pairs": len(examples), "stage": cfg.stage, "compute": compute}
     if lora.enabled:
         summary["lora"] = {"r": lora.r, "alpha": lora.alpha, "target_modules": lora.target_modules,
                            "trainable_parameters": n_train, "parameters": n_all,
@@ -361,13 +385,13 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
     return summary
 
 
-@task(name="dpo", cache_policy=NO_CACHE)
+@stage_task(name="dpo")
 def train_task(cfg: TrainConfig) -> dict[str, Any]:
     # the model is loaded inside: tasks take configs, never models
     return run_training(cfg)
 
 
-@flow(name="train", log_prints=True)
+@stage_flow(name="train", log_prints=True)
 def train_flow(cfg: TrainConfig) -> dict[str, Any]:
     return train_task(cfg)
 
@@ -398,17 +422,25 @@ def run_reward_training(cfg: RewardTrainConfig, url: str | None = None) -> dict[
             from engines.chat import FALLBACK_CHAT_TEMPLATE
 
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        from engines.precision import resolve
+
+        device = next(model.parameters()).device
+        cfg = cfg.model_copy(update={"reward": cfg.reward.model_copy(
+            update={"dtype": resolve(cfg.reward.dtype, device)})})
+        compute = {"dtype": {"reward": cfg.reward.dtype}, "machine": machine_facts() | {"device": str(device)}}
+        logger.info("training dtype reward %s", cfg.reward.dtype)
         result = train_reward(model, tokenizer, train, held_out, cfg.reward,
                               on_metrics=_step_writer(training_run_id, url, prefix="reward-"), logger=logger)
         save_reward_model(model, tokenizer, out)
         plot = plot_reward(result.history, out / "metrics.png")
-    except BaseException:
-        _finish(training_run_id, "failed", url)
-        finish_run(run_id, "failed", url=url)
+    except BaseException as exc:
+        status = "stopped" if is_stop(exc) else "failed"
+        _finish(training_run_id, status, url)
+        finish_run(run_id, status, summary={status: f"{exc.__class__.__name__}: {exc}"}, url=url)
         raise
     selection |= {"train": len(train), "eval": len(held_out), "eval_fraction": cfg.eval_fraction}
     final = {"stage": "reward", "train": result.final_train, "eval": result.final_eval, "steps": result.steps,
-             "total_steps": result.total_steps}
+             "total_steps": result.total_steps, "compute": compute}
     _finish(training_run_id, "completed", url, selection, final)
     summary = {"run_id": run_id, "training_run_id": training_run_id, "out": str(out), "plot": str(plot or ""),
                "pairs": len(examples), "stage": "reward", **result.to_dict()}
@@ -494,6 +526,6 @@ def score_rewards(cfg: RewardScoreConfig, url: str | None = None) -> dict[str, A
             "accuracy": right / pairs if pairs else None, "scored": scored, "out": cfg.out}
 
 
-@flow(name="reward", log_prints=True)
+@stage_flow(name="reward", log_prints=True)
 def reward_flow(cfg: RewardTrainConfig) -> dict[str, Any]:
     return run_reward_training(cfg)

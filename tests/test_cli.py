@@ -290,7 +290,9 @@ def test_prompts_add_default_tag_and_list(runner, home, sqlite_db):
         in flat(r.stdout)
     assert _count(sqlite_db, "my-prompts") == 3
     r = invoke(runner, "prompts", "list")
-    assert r.exit_code == 0 and re.search(r"my-prompts\s*│\s*3", r.stdout), r.stdout
+    # no category, so no principle of the governing constitutions declares a stance for them
+    assert r.exit_code == 0 and re.search(r"my-prompts\s*│\s*\(no category\)\s*│\s*3\s*│\s*ungoverned", r.stdout), \
+        r.stdout
 
 
 def test_prompts_add_csv(runner, home, sqlite_db):

@@ -42,6 +42,15 @@ few_shot:
 """
 
 
+# the same, with a stance: uncategorized prompts (as `seed` stores them) are governed by its default
+# principle, so `cai contrast` has something to pair
+TINY_GOVERNED = TINY.replace("name: tiny", "name: tinygov").replace(
+    "principles:\n", "default_principle: harm\nprinciples:\n").replace(
+    '    revision: "Rewrite it; see [link] and [bold]this[/bold] and [/]."\n',
+    '    revision: "Rewrite it; see [link] and [bold]this[/bold] and [/]."\n    stance: refuse\n'
+    "    examples:\n      - I won't help with that, because it could hurt someone.\n")
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
@@ -53,6 +62,7 @@ def home(tmp_path: Path, monkeypatch) -> Path:
     work.mkdir()
     cons.mkdir()
     (cons / "tiny.yaml").write_text(TINY)
+    (cons / "tinygov.yaml").write_text(TINY_GOVERNED)
     monkeypatch.chdir(work)
     monkeypatch.setenv("CAI_CONSTITUTION_DIR", str(cons))
     return tmp_path

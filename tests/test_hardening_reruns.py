@@ -87,30 +87,38 @@ def test_editing_one_preference_principle_redoes_only_its_judgments(sqlite_url, 
     assert len(new) == len(redo) and {v[0] for v in new.values()} == {edited}
     assert {(v[2], v[3]) for v in new.values()} == {(j1[k][2], j1[k][3]) for k in redo}
     assert len(eng.scored) - scored == len(redo)  # the judge scored only those
-    assert second["computed"] == len(redo) + n_pairs  # new judgments + the new version's pairs
+    # new judgments, and a new pair only where the edited question was asked: a pair whose judgments
+    # did not change is the same pair under the new version, not minted again
+    assert second["computed"] == len(redo) + len(uses[edited])
     with session_scope(sqlite_url) as s:  # no sample was redone: the candidates do not depend on it
         assert {r.id: r.text for r in s.exec(select(Response))} == samples
 
-    # the new version's pairs: one per pair, averaging the new judgments with the reused ones
     assert {k: (v.label_prob, v.chosen_id, v.details) for k, v in p2.items() if k in p1} == \
         {k: (v.label_prob, v.chosen_id, v.details) for k, v in p1.items()}
     fresh = {v.details["pair_key"]: v for k, v in p2.items() if k not in p1}
     old = {v.details["pair_key"]: v for v in p1.values()}
-    assert set(fresh) == set(old) and second["pairs"] == n_pairs
+    assert set(fresh) == uses[edited] and second["pairs"] == n_pairs
     changed = 0
     for pkey, pair in fresh.items():
         assert pair.constitution_version != old[pkey].constitution_version
         ids = pair.details["judgments"]
         assert all(i in j2 for i in ids) and len(ids) == len(old[pkey].details["judgments"])
-        if pkey in uses[edited]:
-            assert {i for i in ids if i not in j1} == {i for i in ids if j2[i][0] == edited} != set()
-            assert pair.details["prob_x"] == pytest.approx(sum(j2[i][4] for i in ids) / len(ids))
-            changed += pair.details["prob_x"] != pytest.approx(old[pkey].details["prob_x"])
-        else:
-            assert ids == old[pkey].details["judgments"]
-            assert (pair.label_prob, pair.chosen_id, pair.status) == \
-                (old[pkey].label_prob, old[pkey].chosen_id, old[pkey].status)
+        assert {i for i in ids if i not in j1} == {i for i in ids if j2[i][0] == edited} != set()
+        assert pair.details["prob_x"] == pytest.approx(sum(j2[i][4] for i in ids) / len(ids))
+        changed += pair.details["prob_x"] != pytest.approx(old[pkey].details["prob_x"])
     assert changed == len(uses[edited])  # the edited wording moved those labels
+    # under the new version every prompt pair counts once: the unchanged ones carried over, the rest new
+    from dpo.data import PairFilter, select_pairs
+    from store.models import ConstitutionVersion
+
+    with session_scope(sqlite_url) as s:
+        newest = max(s.exec(select(ConstitutionVersion).where(ConstitutionVersion.name == "harmless")),
+                     key=lambda r: r.created_at).version
+        current = select_pairs(s, PairFilter(constitution=f"harmless@{newest}", methods=("ai",),
+                                             statuses=tuple({p.status for p in p2.values()})))
+    assert len(current) == n_pairs and {e.id for e in current} == (set(p1) - {v.id for k, v in old.items()
+                                                                             if k in fresh}) | {
+        v.id for v in fresh.values()}
 
 
 # --- a second round with other settings keeps every row stored before -------------------
@@ -134,9 +142,8 @@ def _round(runner, prompts: str, rounds: str, samples: str, out: str, *export) -
         ["generate", "--model", "scripted", "--constitution", "tiny", "--prompts", prompts, "--rounds", rounds],
         ["label", "--constitution", "tiny", "--prompts", prompts, "--policy", "scripted", "--judge", "judge",
          "--source", "samples", "--samples", samples],
-        ["contrast", "--model", "scripted", "--harmful-prompts", prompts, "--benign-prompts", prompts,
-         "--set", "harmful_constitution=tiny", "--set", "benign_constitution=tiny"],
-        ["export", "--constitution", "tiny", "--out", out, *export],
+        ["contrast", "--model", "scripted", "--prompts", prompts, "--constitutions", "tinygov"],
+        ["export", "--constitution", "tinygov", "--out", out, *export],
     ):
         r = invoke(runner, *args)
         assert r.exit_code == 0, (args, r.output)
@@ -157,7 +164,7 @@ def test_a_second_round_with_other_settings_keeps_every_stored_row(runner, home,
         # rounds and samples, another export setting; then the first export directory written again
         seed(sqlite_url, n=6, tag="after")
         _round(runner, "before,after", "2", "3", "exports/two", "--set", "test_fraction=0.5")
-        r = invoke(runner, "export", "--constitution", "tiny", "--out", "exports/one")
+        r = invoke(runner, "export", "--constitution", "tinygov", "--out", "exports/one")
         assert r.exit_code == 0, r.output
     finally:
         drop_engines()

@@ -43,6 +43,7 @@ from flows.configs import (
     TrainConfig,
     make_export_config,
 )
+from flows.orchestration import run_flow
 
 app = typer.Typer(help="Constitutional AI / RLAIF data factory.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -92,10 +93,12 @@ def _split(values: list[str]) -> list[str]:
 
 
 def _preflight_model(spec: str) -> None:
-    """Fail before starting Prefect when a local model path is wrong."""
-    from engines.bundled import resolve
+    """Fail before any work when a local model path is wrong, or a hub id can be neither
+    downloaded nor found in the cache (seconds, not a minute of download retries)."""
+    from engines.bundled import ALIASES, resolve
+    from flows.common import is_loaded
 
-    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
+    if spec.lower() not in ALIASES and not is_loaded(spec):
         resolve(spec)
 
 
@@ -130,7 +133,7 @@ def generate(
     _preflight_model(cfg.model)
     from flows.generate import generate_flow
 
-    summary = generate_flow(cfg)
+    summary = run_flow(generate_flow, cfg)
     _print_summary("generate", summary)
 
 
@@ -139,21 +142,22 @@ def generate(
 @configured(ContrastConfig)
 def contrast(
     cfg: ContrastConfig,
-    harmful_prompts: list[str] | None = opt(ContrastConfig, "harmful_prompts", convert=_split),
-    benign_prompts: list[str] | None = opt(ContrastConfig, "benign_prompts", convert=_split),
+    prompts: list[str] | None = opt(ContrastConfig, "prompts", convert=_split),
+    constitutions: list[str] | None = opt(ContrastConfig, "constitutions", convert=_split),
     model: str | None = opt(ContrastConfig, "model"),
     engine: str | None = opt(ContrastConfig, "engine.backend", "--engine"),
     limit: int | None = opt(ContrastConfig, "limit"),
     seed: int | None = opt(ContrastConfig, "seed"),
 ) -> None:
-    """Contrastive refusal pairs (harmful prompts) and helpfulness pairs (benign prompts), quality-gated."""
+    """Contrastive pairs (prompts to refuse) and helpfulness pairs (prompts to answer), steered by the
+    governing principle's own texts, quality-gated."""
     from flows.contrast import load_inputs
 
     load_inputs(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
     _preflight_model(cfg.model)
     from flows.contrast import contrast_flow
 
-    summary = contrast_flow(cfg)
+    summary = run_flow(contrast_flow, cfg)
     _print_summary("contrast", summary)
 
 
@@ -179,7 +183,7 @@ def redteam(
     _preflight_model(cfg.model)
     from flows.redteam import redteam_flow
 
-    summary = redteam_flow(cfg)
+    summary = run_flow(redteam_flow, cfg)
     _print_summary("redteam", {k: v for k, v in summary.items() if k not in ("per_category", "attack_success")})
     from flows.cli.render import render_redteam
 
@@ -239,7 +243,7 @@ def run(
     from flows.pipeline import pipeline_flow
 
     t0 = __import__("time").perf_counter()
-    out = pipeline_flow(cfg)
+    out = run_flow(pipeline_flow, cfg)
     table = Table("what", "where", title="cai run: done")
     from store.db import shown_url
 
@@ -419,7 +423,7 @@ def label(
         _preflight_model(cfg.judge)
     from flows.label import label_flow
 
-    summary = label_flow(cfg)
+    summary = run_flow(label_flow, cfg)
     _print_summary("label", summary)
 
 
@@ -493,7 +497,7 @@ def train(
     _preflight_model(cfg.base)
     from flows.train import train_flow
 
-    s = train_flow(cfg)
+    s = run_flow(train_flow, cfg)
     final = s.get("final_train", {})
     console.print(esc(f"trained {s['steps']} steps on {s['n_train']} pairs ({s['n_eval']} held out); "
                       f"reference log-probs {s['ref_computed']} computed, {s['ref_reused']} reused; "
@@ -542,7 +546,7 @@ def reward_train(
     _preflight_model(cfg.base)
     from flows.train import reward_flow
 
-    s = reward_flow(cfg)
+    s = run_flow(reward_flow, cfg)
     ev = s.get("final_eval") or {}
     held = (f"held-out pair accuracy {ev['accuracy']:.3f} on {s['n_eval']} pairs (margin {ev['margin']:.3f}, "
             f"loss {ev['loss']:.4f})" if ev else "no held-out pairs (raise --eval-fraction)")
@@ -617,7 +621,7 @@ def export(
     preflight(cfg)  # nothing selected, bad --out, no HF_TOKEN: fail before Prefect starts
     from flows.export import export_flow
 
-    s = export_flow(cfg)
+    s = run_flow(export_flow, cfg)
     console.print(esc(f"exported {s['constitution']} to {s['out']} ({s['format']}): "
                       + ", ".join(f"{k} {n}" for k, n in s["counts"].items())
                       + (f"; pushed to {s['url']}" if s.get("url") else "")), highlight=False)
@@ -644,6 +648,7 @@ def eval_cmd(
     baseline: str | None = opt(EvalConfig, "baseline"),
     prompts: list[str] | None = opt(EvalConfig, "prompts", convert=_split),
     constitution: str | None = opt(EvalConfig, "constitution"),
+    constitutions: list[str] | None = opt(EvalConfig, "constitutions", convert=_split),
     judge: str | None = opt(EvalConfig, "judge"),
     principles: int | None = opt(EvalConfig, "principles"),
     max_new_tokens: int | None = opt(EvalConfig, "max_new_tokens"),
@@ -661,7 +666,7 @@ def eval_cmd(
     from flows.cli.render import render_eval
     from flows.evaluate import eval_flow
 
-    summary = eval_flow(cfg)
+    summary = run_flow(eval_flow, cfg)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     else:
@@ -700,9 +705,60 @@ def process_defaults() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _log_to_terminal() -> None:
+    """Without Prefect (flows/orchestration.py) nobody prints the stages' log lines: show them as
+    Prefect's console would (time, level, logger, message) on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s",
+                                           datefmt="%H:%M:%S"))
+    for name in ("cai",):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 def main() -> None:
     process_defaults()
-    app()
+    from store import stop
+
+    stop.install()  # SIGTERM / Ctrl-C: stop at the next instruction, keep what is stored
+    _log_to_terminal()
+    code: int | str | None = 0
+    try:
+        app()
+    except SystemExit as exc:  # typer ends every command this way
+        code = exc.code
+    except BaseException as exc:
+        if not stop.is_stop(exc):
+            raise
+        signum = getattr(exc, "signum", None) or getattr(exc, "signal", None) or 2
+        err.print(f"[yellow]stopped[/] ({escape(str(exc) or exc.__class__.__name__)}): every row already "
+                  "written is kept; run the same command again to continue where it stopped", highlight=False)
+        code = 128 + int(signum)
+    _exit(code)
+
+
+def _exit(code: int | str | None) -> None:
+    """Exit without the interpreter's teardown when nothing needs it: with torch and transformers
+    loaded, garbage-collecting every module at exit takes seconds, after the work is done. Every
+    file and transaction is closed by then; Prefect's API log worker is the one thing that must
+    drain at exit, so a run through Prefect exits normally."""
+    import os
+
+    from flows.orchestration import wanted
+
+    if isinstance(code, str):
+        err.print(code, highlight=False, markup=False)
+        code = 1
+    if wanted():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

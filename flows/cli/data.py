@@ -38,6 +38,37 @@ def constitution_list() -> None:
     console.print(table)
 
 
+@constitution_app.command("lint")
+@guarded
+def constitution_lint(
+    names: list[str] = typer.Argument(None, help="constitution names or YAML paths; default: the governing "
+                                      "pair (flows/configs.py GOVERNING)"),
+    prompts: str | None = typer.Option(None, "--prompts", help="only prompts with these tags (comma-separated); "
+                                       "default: every stored prompt, or the bundled files if the store has none"),
+    taxonomy: str = typer.Option("harms", "--taxonomy", help="harm taxonomy whose kinds the stances must agree "
+                                 "with; 'none' to skip"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also print the info findings"),
+) -> None:
+    """Find what would make bad data: contradicting stances or examples, texts the gates or the refusal
+    detector reject, categories no principle governs. One line per finding; exit 1 on any error."""
+    from flows.configs import GOVERNING
+    from flows.lint import run_lint
+
+    out = run_lint(names or list(GOVERNING), [t.strip() for t in prompts.split(",")] if prompts else None,
+                   None if taxonomy == "none" else taxonomy)
+    shown = [f for f in out["findings"] if verbose or f.level != "info"]
+    for f in shown:
+        colour = {"error": "red", "warning": "yellow"}.get(f.level, "dim")
+        console.print(f"[{colour}]{esc(str(f))}[/]", highlight=False, soft_wrap=True)
+    levels = {lv: sum(f.level == lv for f in out["findings"]) for lv in ("error", "warning", "info")}
+    console.print(esc(f"{', '.join(out['constitutions'])} against {out['prompts_from']}: {levels['error']} errors, "
+                      f"{levels['warning']} warnings, {levels['info']} info" + ("" if verbose or not levels["info"]
+                                                                                else " (--verbose shows them)")),
+                  highlight=False)
+    if levels["error"]:
+        raise typer.Exit(1)
+
+
 @constitution_app.command("validate")
 @guarded
 def constitution_validate(path: Path) -> None:
@@ -134,16 +165,21 @@ def prompts_add(
 
 @prompts_app.command("list")
 @guarded
-def prompts_list() -> None:
-    """Prompt tags and how many prompts carry each."""
-    from sqlalchemy import func
-    from sqlmodel import select
+def prompts_list(
+    constitutions: str | None = typer.Option(None, "--constitutions", help="whose principles declare each "
+                                             "prompt's stance (comma-separated); default: the governing pair"),
+) -> None:
+    """Prompt tags and categories, how many prompts carry each, and what the constitutions declare for
+    them: refuse, answer, or ungoverned (no principle governs them: they make no pairs)."""
+    from flows.configs import GOVERNING
+    from flows.lint import stance_table
 
-    from store.models import PromptTag
-
-    with _session() as s:
-        rows = s.exec(select(PromptTag.tag, func.count()).group_by(PromptTag.tag).order_by(PromptTag.tag)).all()
-    table = Table("tag", "prompts")
-    for t, n in rows:
-        table.add_row(esc(t), str(n))
+    refs = [c.strip() for c in constitutions.split(",")] if constitutions else list(GOVERNING)
+    table = Table("tag", "category", "prompts", "stance", "governed by")
+    for r in stance_table(refs):
+        colour = {"refuse": "red", "answer": "green"}.get(r["stance"], "yellow")
+        table.add_row(esc(r["tag"]), esc(r["category"]), str(r["prompts"]), f"[{colour}]{r['stance']}[/]",
+                      esc(f"{r['principle']} ({r['via']})" if r["principle"] else "-"))
     console.print(table)
+    console.print(esc(f"stances from {', '.join(refs)}; a category or tag is declared in a principle's "
+                      "`governs`, with `stance: refuse` or `stance: answer`"), highlight=False)

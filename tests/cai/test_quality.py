@@ -20,7 +20,6 @@ from cai.quality import (
     distinct_n,
     finish,
     gate_pair,
-    is_harmful,
     repeated_ngram_share,
     trim_to_sentence,
     words,
@@ -119,12 +118,11 @@ def test_gate_pair_statuses() -> None:
     refusal = assess("Make a bomb", "I can't help with that, because it could cause real harm.")
     comply = assess("Make a bomb", "Sure, first you gather some parts and then you put them together carefully.")
     loop = assess("Make a bomb", "I'm sorry. I'm sorry. I'm sorry. I'm sorry.")
-    assert gate_pair(refusal, comply, harmful=True) is None
-    assert gate_pair(comply, refusal, harmful=True) == "gated:wrong-stance"
-    assert gate_pair(loop, comply, harmful=True) == "gated:repetition"
-    assert gate_pair(refusal, refusal, harmful=True) == "gated:not-better"
+    assert gate_pair(refusal, comply, refuse=True) is None
+    assert gate_pair(comply, refusal, refuse=True) == "gated:wrong-stance"
+    assert gate_pair(loop, comply, refuse=True) == "gated:repetition"
+    assert gate_pair(refusal, refusal, refuse=True) == "gated:not-better"
     helpful = assess("Bake bread", "Mix flour, water, salt and yeast, knead for ten minutes, let it rise, then bake.")
     refuse_b = assess("Bake bread", "I can't help with that, because it could cause real harm.")
-    assert gate_pair(helpful, refuse_b, harmful=False) is None
-    assert gate_pair(refuse_b, helpful, harmful=False) == "gated:wrong-stance"
-    assert is_harmful("weapons") is True and is_harmful("everyday") is False and is_harmful(None) is None
+    assert gate_pair(helpful, refuse_b, refuse=False) is None
+    assert gate_pair(refuse_b, helpful, refuse=False) == "gated:wrong-stance"

@@ -102,11 +102,33 @@ def test_the_stance_a_pair_teaches_and_the_replies_that_miss_it():
     assert stance_errors(expected, {}) == {}  # a prompt without a reply is not an error
 
 
-def test_every_bundled_refusal_opening_reads_as_a_refusal_and_passes_the_gates():
-    # a steered chosen side the detector misses would be gated `wrong-stance` and never trained on
-    from cai.contrast import CATEGORY_OPENINGS, DEFAULT_OPENINGS
+def test_every_refusal_the_bundled_constitutions_teach_reads_as_one_and_passes_the_gates():
+    # a steered side the detector misses would be gated `wrong-stance` and never trained on
     from cai.quality import assess
+    from cai.refusal import Taught
+    from constitution.govern import Governance
+    from constitution.load import find, load_file
 
-    openings = list(DEFAULT_OPENINGS) + [o for group in CATEGORY_OPENINGS.values() for o in group]
-    assert [o for o in openings if not detect(o)[0]] == []
-    assert [o for o in openings if assess("How do I do it?", o).failed] == []
+    gov = Governance([load_file(find(n)) for n in ("harmless", "helpful-honest")])
+    texts = gov.taught_refusals()
+    assert len(set(texts)) >= 60
+    taught = Taught.of(texts)
+    assert [t for t in texts if not detect(t, taught)[0]] == []
+    assert [t for t in texts if assess("How do I do it?", t, taught=taught).failed] == []
+
+
+def test_a_teams_own_refusals_count_as_refusals_and_near_copies_too():
+    """A domain refusal no built-in pattern knows is a refusal once a constitution teaches it: the
+    gates keep its pairs and the eval counts a trained model's near copy of it."""
+    from cai.refusal import Taught
+
+    own = "Picking shares for you to buy is not something I do; an adviser who knows your finances can."
+    taught = Taught.of([own, "No. Naming a coin to buy would be a guess dressed up as advice."])
+    assert detect(own) == (False, None)  # no pattern for it
+    assert detect(own, taught) == (True, "taught")
+    assert detect("Picking stocks for you to buy isn't something I do.", taught)[0]
+    assert detect("No. Naming a coin to buy would be a guess.", taught)[0]
+    # the same words without the negation, and ordinary answers, are not refusals
+    assert not detect("Picking shares for you to buy is something I do gladly: try these three.", taught)[0]
+    assert not detect("Index funds spread your money over many companies.", taught)[0]
+    assert not detect("No. The Earth is not flat.", taught)[0]

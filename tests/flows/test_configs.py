@@ -75,7 +75,7 @@ def test_the_trainer_config_is_nested_not_copied():
 def test_a_partial_sub_model_keeps_the_rest_of_its_default():
     assert GenerateConfig(critique={"temperature": 0.1}).critique == SamplingConfig(temperature=0.1, max_new_tokens=96)
     assert PipelineConfig(trainer={"beta": 0.2}).trainer == TrainerConfig(
-        beta=0.2, epochs=1, lr=7e-4, dtype="bfloat16", eval_every=8, lora={"r": 16, "alpha": 32})
+        beta=0.2, epochs=1, lr=7e-4, eval_every=8, lora={"r": 16, "alpha": 32})
 
 
 def test_engine_shorthand_and_shared_groups():

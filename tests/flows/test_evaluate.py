@@ -123,20 +123,29 @@ def test_select_items_limits_each_set_and_counts_a_shared_prompt_once() -> None:
 
 
 def test_eval_name_changes_with_anything_that_shapes_the_results() -> None:
-    from constitution.load import find, load_file
+    from constitution.govern import Governance
+    from constitution.load import find, load_file, parse_text
 
     c = load_file(find("harmless"))
+    gov = Governance([c, load_file(find("helpful-honest"))])
     fp = {"model": "m#1", "baseline": "b", "judge": "b"}
     cfg = EvalConfig(model="runs/m", baseline="b")
-    name = evaluate.comparison_name(cfg, c, fp)
-    assert name.startswith("m-vs-b@") and name == evaluate.comparison_name(cfg, c, dict(fp))
-    assert evaluate.comparison_name(cfg, c, fp | {"model": "m#2"}) != name  # retrained weights
-    assert evaluate.comparison_name(cfg.model_copy(update={"max_new_tokens": 64}), c, fp) != name
-    assert evaluate.comparison_name(cfg.model_copy(update={"principles": 2}), c, fp) != name
-    assert evaluate.comparison_name(cfg.model_copy(update={"name": "nightly"}), c, fp).startswith("nightly@")
+
+    def name_of(cfg, fp=fp, gov=gov):
+        return evaluate.comparison_name(cfg, c, fp, gov)
+
+    name = name_of(cfg)
+    assert name.startswith("m-vs-b@") and name == name_of(cfg, dict(fp))
+    assert name_of(cfg, fp | {"model": "m#2"}) != name  # retrained weights
+    assert name_of(cfg.model_copy(update={"max_new_tokens": 64})) != name
+    assert name_of(cfg.model_copy(update={"principles": 2})) != name
+    assert name_of(cfg.model_copy(update={"name": "nightly"})).startswith("nightly@")
     # bf16 and fp32 replies differ: an eval in one never reuses the other's rows
     bf16 = cfg.model_copy(update={"engine": EngineSettings(settings={"dtype": "bfloat16"})})
-    assert evaluate.comparison_name(bf16, c, fp) != evaluate.comparison_name(cfg, c, fp)
+    assert name_of(bf16) != name
+    # the constitutions that declare each prompt's stance (and which replies are refusals) too
+    edited = parse_text(c.source_text.replace("name: harmless", "name: harmless\ndefault_principle: weapons"))
+    assert name_of(cfg, gov=Governance([edited, gov.constitutions[1]])) != name
 
 
 def test_eval_models_load_in_fp32_on_a_cpu_unless_told_otherwise(monkeypatch) -> None:
@@ -154,12 +163,14 @@ def test_eval_models_load_in_fp32_on_a_cpu_unless_told_otherwise(monkeypatch) ->
 def test_drift_scores_in_the_engines_dtype(monkeypatch) -> None:
     """Drift is a mean log-prob over fixed text: a named dtype is used, else bf16 autocast where the
     engine would pick it on this CPU, and fp32 on a GPU."""
-    import engines.hf
+    import torch
+
+    import engines.precision
 
     monkeypatch.setattr(evaluate, "gpu_available", lambda: False)
     for fast, want in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(engines.hf, "_pick_dtype",
-                            lambda d, dev, fast=fast: engines.hf.torch.bfloat16 if fast else engines.hf.torch.float32)
+        monkeypatch.setattr(engines.precision, "pick_dtype",
+                            lambda d, dev, training=False, fast=fast: torch.bfloat16 if fast else torch.float32)
         assert evaluate.drift_dtype(EvalConfig(model="m")) == want
     named = EvalConfig(model="m", engine=EngineSettings(settings={"dtype": "float32"}))
     assert evaluate.drift_dtype(named) == "float32"

@@ -14,7 +14,7 @@ from constitution.load import load_file
 from flows.common import drop_engines, register_engine
 from flows.generate import GenerateConfig, generate_flow
 from store.db import session_scope
-from store.models import Failure, PreferencePair, Response, Run
+from store.models import Failure, PreferencePair, Prompt, Response, Run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,16 +55,25 @@ def test_flow_stores_every_row_and_revision_pairs(use_db, scripted, constitution
     assert kinds.count(("initial", 0)) == 5
     for r in (1, 2):
         assert kinds.count(("critique", r)) == 5 and kinds.count(("revision", r)) == 5
-    prefix = sl_cai.few_shot_prefix(c)
+    from constitution.govern import Governance
+
+    gov = Governance([c])
+    with session_scope() as s:
+        categories = {p.id: p.category for p in s.exec(select(Prompt))}
     for row in rows.values():
         assert row.model == "scripted" and row.constitution_version == c.version
         assert row.run_id == summary["run_id"] and row.sampling["seed"] == 0
         if row.kind == "initial":
             assert row.parent_id is None and row.conversation[-1]["role"] == "user"
             continue
-        # every critique/revision conversation starts with the same few-shot block
+        # round 1 critiques under the principle that governs the prompt's category; later rounds draw
+        rule = gov.rule(categories[row.prompt_id])
+        principle = sl_cai.draw_principle(c, 0, row.prompt_id, row.round, rule.principle.id if rule else None)
+        if row.round == 1:
+            assert rule and principle == rule.principle
+        # the conversation opens with that principle's few-shot examples (and no other principle's)
+        prefix = sl_cai.few_shot_prefix(c, principle)
         assert row.conversation[: len(prefix)] == prefix
-        principle = sl_cai.draw_principle(c, 0, row.prompt_id, row.round)
         assert row.principle_id == principle.id and row.principle_hash == principle.hash
         parent = rows[row.parent_id]
         assert parent.prompt_id == row.prompt_id

@@ -45,7 +45,7 @@ def test_cai_run_end_to_end_and_the_retrain_rule(sqlite_url, monkeypatch, tiny_m
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
     monkeypatch.chdir(tmp_path)
     base = str(shutil.copytree(tiny_model_dir, tmp_path / "base"))
-    cfg = PipelineConfig(model=base, limit=3, harmful_prompts=["red-team"], benign_prompts=["benign"],
+    cfg = PipelineConfig(model=base, limit=3, contrast_prompts=["red-team", "benign"],
                          eval_prompts=["red-team-heldout", "benign-heldout"], eval_limit=2, max_new_tokens=16,
                          sft={"max_steps": 2, "batch_size": 2, "max_length": 128, "max_prompt_length": 96},
                          trainer={"max_steps": 2, "batch_size": 2, "max_length": 128, "max_prompt_length": 96},
@@ -73,6 +73,10 @@ def test_cai_run_end_to_end_and_the_retrain_rule(sqlite_url, monkeypatch, tiny_m
         assert (tmp_path / "report" / "index.html").exists()
         kinds = first["results"]["eval"]["kinds"]
         assert set(kinds) == {"harmful", "benign"}
+        cats = first["results"]["eval"]["categories"]  # per category: its stance, principle and interval
+        assert {e["stance"] for e in cats.values()} == {"refuse", "answer"}
+        assert all(e["model"]["ci"][0] <= (e["model"]["rate"] or 0) <= e["model"]["ci"][1] for e in cats.values())
+        taught_only_from_model_or_constitution(sqlite_url, tmp_path / "exports")
 
         # the same pairs and settings: the finished model is reused
         register_engine(base, Helpful(base))
@@ -93,3 +97,36 @@ def test_cai_run_end_to_end_and_the_retrain_rule(sqlite_url, monkeypatch, tiny_m
             assert len(list(s.exec(select(TrainingRun)))) == 2
     finally:
         drop_engines()
+
+
+def taught_only_from_model_or_constitution(url: str, exports) -> None:
+    """Every chosen and rejected reply of every exported pair is either a stored model generation (a
+    row with no steering) or a text of the constitution version the row names, as the stored
+    version's own source says (plus, at most, a model continuation after it)."""
+    from datasets import load_from_disk
+
+    from constitution.load import parse_text
+    from store.models import ConstitutionVersion
+
+    with session_scope(url) as s:
+        rows = {r.id: r for r in s.exec(select(Response))}
+        texts = {f"{v.name}@{v.version}": parse_text(v.source_text) for v in s.exec(select(ConstitutionVersion))}
+    checked = 0
+    for d in exports.iterdir():
+        ds = load_from_disk(str(d))
+        for split in ("train_prefs", "test_prefs"):
+            if split not in ds:
+                continue
+            for row in ds[split]:
+                c = texts[f"{row['constitution']}@{row['constitution_version']}"]
+                taught = {t for p in c.principles for t in p.examples + p.counter_examples}
+                for side in ("chosen", "rejected"):
+                    r = rows[row[f"{side}_id"]]
+                    text = row[side][-1]["content"]
+                    assert text == r.text
+                    if r.steering is None:  # the model wrote it
+                        assert r.kind in ("initial", "revision", "sample", "contrast-plain"), r.kind
+                    else:  # the constitution wrote it
+                        assert r.steering["text"] in taught and text.startswith(r.steering["text"]), text
+                    checked += 1
+    assert checked
