@@ -32,11 +32,13 @@ every version whose governing principle is unchanged (its `details.principle_has
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from constitution.govern import Rule
 from store.keys import content_hash
 
 Message = dict[str, str]
+T = TypeVar("T")
 PIVOTS = ("but", "however", "here", "sure", "first", "step", "1.", "to ")  # a continuation turning back
 
 
@@ -121,7 +123,7 @@ def pair_key(constitution: str, prompt_id: str, chosen_id: str, rejected_id: str
     return content_hash("pair", method, constitution, prompt_id, chosen_id, rejected_id)
 
 
-def chosen_rejected(plan: PromptPlan, plain_id: str, steered_id: str) -> tuple[str, str]:
-    """(chosen id, rejected id): the constitution's refusal wins on a prompt to refuse, the plain
-    answer on a prompt to answer."""
-    return (steered_id, plain_id) if plan.refuse else (plain_id, steered_id)
+def chosen_rejected(plan: PromptPlan, plain: T, steered: T) -> tuple[T, T]:
+    """(chosen, rejected), of ids or rows alike: the constitution's refusal wins on a prompt to
+    refuse, the plain answer on a prompt to answer."""
+    return (steered, plain) if plan.refuse else (plain, steered)

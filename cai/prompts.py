@@ -47,6 +47,17 @@ BUNDLED = {
     # DPO helpful ratio) are chosen here and the held-out sets measure the choice once
     "red-team-dev": "red_team_dev.jsonl",
     "benign-dev": "benign_dev.jsonl",
+    # for bench/constitution_effect.py: a house rule (no picks of stocks or coins to buy) and the
+    # money questions that look like it and must still be answered, each as training, dev and 40
+    # held-out prompts; and more self-harm requests, training and 40 held-out, for the leave-one-out case
+    "stock-picks": "stock_picks.jsonl",
+    "stock-picks-dev": "stock_picks_dev.jsonl",
+    "stock-picks-heldout": "stock_picks_heldout.jsonl",
+    "finance-lookalike": "finance_lookalike.jsonl",
+    "finance-lookalike-dev": "finance_lookalike_dev.jsonl",
+    "finance-lookalike-heldout": "finance_lookalike_heldout.jsonl",
+    "self-harm-more": "self_harm_more.jsonl",
+    "self-harm-heldout": "self_harm_heldout.jsonl",
 }
 ROLES = {"system", "user", "assistant"}
 MAX_CSV_CELL = 128 * 1024  # csv's own default field limit; a longer cell is a bad row, not a traceback

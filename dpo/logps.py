@@ -43,6 +43,8 @@ _LOGIT_CHUNK_ELEMENTS = 1 << 28
 # move bench/dpo.py's LoRA peak, 2008 -> 2011 MB: that peak is elsewhere.)
 _NO_GRAD_CHUNK_ELEMENTS = 1 << 25
 _PROBE = "\u2063cai-probe\u2063"
+SHARE_PREFIX = True  # run a batch's common leading tokens once (see _hidden); tests switch it off to compare
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a second forward call
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,8 @@ def collate(seqs: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         first = max(n_p, 1)  # token 0 has nothing before it to predict it
         ids = s.prompt_ids + s.completion_ids
         _scored(rows, cols, targets, seq, i, range(first - 1, n - 1), ids[first:n], i)
-    return _finish(input_ids, attention_mask, None, rows, cols, targets, seq, len(seqs))
+    return _finish(input_ids, attention_mask, None, rows, cols, targets, seq, len(seqs),
+                   min(len(s.prompt_ids) for s in seqs) - 1)
 
 
 def collate_pairs(pairs: Sequence[tuple[Encoded, Encoded]], pad_id: int, additive_mask: bool = False
@@ -187,17 +190,28 @@ def collate_pairs(pairs: Sequence[tuple[Encoded, Encoded]], pad_id: int, additiv
     mask = allowed[:, None]
     if additive_mask:
         mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
-    return _finish(input_ids, mask, position_ids, rows, cols, targets, seq, 2 * n_pairs)
+    return _finish(input_ids, mask, position_ids, rows, cols, targets, seq, 2 * n_pairs,
+                   min(len(c.prompt_ids) for c, _ in pairs) - 1)
 
 
-def _finish(input_ids, attention_mask, position_ids, rows, cols, targets, seq, n_out
+def shared_prefix(input_ids: torch.Tensor, limit: int) -> int:
+    """How many leading tokens every row has in common (at most `limit`), or 0 when too few rows
+    or tokens share it to be worth a separate forward."""
+    if input_ids.shape[0] < 2 or limit < MIN_SHARED_PREFIX:
+        return 0
+    same = (input_ids[:, :limit] == input_ids[:1, :limit]).all(dim=0)
+    n = int(same.long().cumprod(0).sum())
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _finish(input_ids, attention_mask, position_ids, rows, cols, targets, seq, n_out, prefix_limit: int = 0
             ) -> dict[str, torch.Tensor]:
     def longs(xs: list[int]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long)
 
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "src_rows": longs(rows),
              "src_cols": longs(cols), "targets": longs(targets), "seq": longs(seq),
-             "n_out": torch.tensor(n_out)}
+             "n_out": torch.tensor(n_out), "prefix_len": torch.tensor(shared_prefix(input_ids, prefix_limit))}
     if position_ids is not None:
         batch["position_ids"] = position_ids
     return batch
@@ -229,6 +243,39 @@ def _token_logps(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) ->
     return -F.cross_entropy(_at_least_fp32(head(hidden)), targets, reduction="none")
 
 
+def _cache_kwarg(decoder) -> str:
+    """transformers renamed the forward's `past_key_values` to `cache` (5.2x); either works here."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _hidden(decoder, inputs: dict[str, torch.Tensor], prefix: int) -> tuple[torch.Tensor, int]:
+    """(last hidden states, the column they start at). With `prefix` > 0 every row of the batch
+    begins with the same tokens (the chat template's system turn and the user header: a quarter of a
+    short chat row): they go through the model once, as one row, and every row attends to that one
+    copy through the KV cache. Gradients flow back through the cache into the single prefix pass, so
+    loss and gradients are those of the full batch; the compute of the prefix is paid once."""
+    if not prefix or not SHARE_PREFIX:
+        return decoder(**inputs).last_hidden_state, 0
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
+        return decoder(**inputs).last_hidden_state, 0  # checkpointed layers keep no cache to share
+    head = decoder(input_ids=ids[:1, :prefix], use_cache=True)
+    cache = getattr(head, "cache", None) or getattr(head, "past_key_values", None)
+    if cache is None:  # a model that returns no cache: the ordinary forward
+        return decoder(**inputs).last_hidden_state, 0
+    cache.batch_repeat_interleave(ids.shape[0])
+    rest = {"input_ids": ids[:, prefix:], _cache_kwarg(decoder): cache, "use_cache": True,
+            # the suffix's queries against every key: the prefix's columns and its own
+            "attention_mask": mask[:, :, prefix:, :] if mask.dim() == 4 else mask}
+    if "position_ids" in inputs:
+        rest["position_ids"] = inputs["position_ids"][:, prefix:]
+    else:
+        rest["position_ids"] = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    return decoder(**rest).last_hidden_state, prefix
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the scored tokens per output sequence, and how many each has."""
     model = backbone(model)  # a PeftModel's own base_model is the LoRA wrapper, not the decoder
@@ -242,8 +289,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     rows, cols = batch["src_rows"].to(device), batch["src_cols"].to(device)
     targets, seq = batch["targets"].to(device), batch["seq"].to(device)
     if _plain_head(model):
-        hidden = model.base_model(**inputs).last_hidden_state
-        picked = hidden[rows, cols]
+        hidden, offset = _hidden(model.base_model, inputs, int(batch.get("prefix_len", 0)))
+        picked = hidden[rows, cols - offset]
         head = model.get_output_embeddings()
         chunk = max(1, _LOGIT_CHUNK_ELEMENTS // head.out_features)
         if not torch.is_grad_enabled():

@@ -163,8 +163,8 @@ def pairs_task(cfg: ContrastConfig, run_id: str) -> dict[str, Any]:
             plain, steered = have.get(p.plain.key), have.get(p.steered.key)
             if plain is None or steered is None:  # a side failed (and is recorded as a failure)
                 continue
-            chosen_id, rejected_id = contrast.chosen_rejected(p, plain.id, steered.id)
-            chosen, rejected = (steered, plain) if p.refuse else (plain, steered)
+            chosen, rejected = contrast.chosen_rejected(p, plain, steered)
+            chosen_id, rejected_id = chosen.id, rejected.id
             status = pair_status(prompts[p.prompt_id], chosen, rejected, p.refuse, known)
             counts[f"{p.method}/{status}"] = counts.get(f"{p.method}/{status}", 0) + 1
             per_principle[f"{p.rule.ref}/{status}"] += 1

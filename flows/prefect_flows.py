@@ -12,6 +12,8 @@ deployment names its flow by module path (`flows.prefect_flows.generate_flow`), 
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +31,14 @@ def _prefect_flow(fn: Callable[..., Any]):
     def run(*args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
-    functools.update_wrapper(run, fn)  # name, docstring, signature and annotations (the parameter schema)
+    functools.update_wrapper(run, fn)  # name, docstring, annotations
     run.__module__, run.__qualname__ = __name__, fn.__name__  # the entrypoint workers import
+    # the parameter schema, with the config classes themselves rather than the strings
+    # `from __future__ import annotations` leaves: a worker validates a run's parameters against it
+    # in a fresh process, where "GenerateConfig" would resolve against this module and fail
+    run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+    run.__annotations__ = typing.get_type_hints(fn)
+    del run.__wrapped__  # type: ignore[attr-defined]
     return flow(**fn.flow_options)(run)
 
 

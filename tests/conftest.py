@@ -28,6 +28,9 @@ os.environ["COLUMNS"] = "200"
 # would pick bf16 on CPUs where it is faster (tests that cover that choice unset this)
 os.environ["CAI_CPU_DTYPE"] = "float32"
 
+# Prefect reads its settings once, at import: here, from the environment above, not from whatever a
+# test has monkeypatched when the first module that needs Prefect happens to import it
+import prefect  # noqa: E402,F401
 import pytest  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 

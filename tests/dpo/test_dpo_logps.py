@@ -162,3 +162,41 @@ def test_packed_pairs_equal_separate_sequences(tiny_model_dir, attn):
     assert [v[1][0] for v in values] == pytest.approx(
         [separate[2].item(), separate[3].item(), separate[2].item()], abs=1e-4
     )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_shared_prefix_runs_once_with_the_same_logps_and_gradients(tiny_model_dir, attn, packed, monkeypatch):
+    """Every chat row starts with the template's system turn and user header: those tokens go
+    through the model once per batch, and log-probs and gradients are those of the full rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo.logps import shared_prefix
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32,
+                                                 attn_implementation=attn)
+    enc = ChatEncoder(AutoTokenizer.from_pretrained(str(tiny_model_dir)), 256, 128)
+    prompts = [[{"role": "user", "content": q}] for q in ("How do I boil an egg?", "Name three rivers.",
+                                                         "Why is the sky blue, in one short paragraph?")]
+    if packed:
+        rows = [(enc.encode(p, "A short answer."), enc.encode(p, "No.")) for p in prompts]
+        batch = collate_pairs(rows, enc.pad_id, additive_mask=attn == "eager")
+    else:
+        batch = collate([enc.encode(p, a) for p, a in zip(prompts, ("Boil it.", "Nile, Po, Rhine.", "Scattering."),
+                                                         strict=True)], enc.pad_id)
+    n = int(batch["prefix_len"])
+    assert n == shared_prefix(batch["input_ids"], 100) >= 20  # the system turn and the user header
+    results = {}
+    for share in (True, False):
+        monkeypatch.setattr(logps_mod, "SHARE_PREFIX", share)
+        model.zero_grad()
+        logps, counts = sequence_logps(model, batch)
+        logps.sum().backward()
+        results[share] = (logps.detach(), counts, {k: p.grad.clone() for k, p in model.named_parameters()})
+    assert torch.equal(results[True][1], results[False][1])
+    assert torch.allclose(results[True][0], results[False][0], atol=1e-4)
+    for k, g in results[False][2].items():
+        assert torch.allclose(results[True][2][k], g, atol=1e-4, rtol=1e-3), k
+    # a batch whose rows share nothing (or too little) runs as one ordinary forward
+    assert shared_prefix(torch.tensor([[1, 2, 3] * 4, [4, 5, 6] * 4]), 12) == 0
+    assert shared_prefix(batch["input_ids"][:1], 100) == 0

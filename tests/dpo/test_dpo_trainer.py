@@ -75,7 +75,10 @@ def test_learns_a_consistent_preference(tiny_model_dir, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_reference_logps_are_computed_once(tiny_model_dir, tmp_path):
+def test_reference_logps_are_computed_once(tiny_model_dir, tmp_path, monkeypatch):
+    import dpo.logps
+
+    monkeypatch.setattr(dpo.logps, "SHARE_PREFIX", False)  # one decoder call per forward, to count them
     cache = MemoryRefCache()
     cfg = TrainerConfig(max_steps=2, **FAST)
     pairs, held = toy_pairs(8), toy_pairs(2, start=100)
