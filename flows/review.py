@@ -29,6 +29,7 @@ import ipaddress
 import json
 import secrets
 import socket
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ TOKEN_COOKIE = "cai_review_token"
 REVIEWER_COOKIE = "cai_reviewer"
 MAX_BODY = 64 * 1024  # a verdict form is a few hundred bytes; a note at most MAX_NOTE characters
 MAX_NOTE = 4000
+FACETS_S = 60.0  # how long the filters' choices are reused before the store is asked again
 FILTERS = ("method", "status", "principle", "version", "tag", "label_min", "label_max", "queue")
 
 
@@ -330,6 +332,10 @@ def pair_html(v: dict[str, Any], left: str, f: QueueFilter, csrf: str, reviewer:
             "pair.</p></form></main>")
 
 
+def _people(n: int) -> str:
+    return f"{n} {'person' if n == 1 else 'people'}"
+
+
 def stats_html(st: dict[str, Any]) -> str:
     def interval(a: dict[str, Any]) -> str:
         if not a["n"]:
@@ -343,8 +349,9 @@ def stats_html(st: dict[str, Any]) -> str:
 
     o = st["overall"]
     out = [f'<h2>Agreement with the factory</h2><p class="meta">{o["verdicts"]} verdicts on {o["pairs"]} pairs by '
-           f'{len(st["reviewers"])} people ({_e(", ".join(st["reviewers"]))}); each person\'s latest verdict per pair, '
-           f'skips left out ({st["skips"]} skips stored). Agreement counts the verdicts that prefer one reply.</p>',
+           f'{_people(len(st["reviewers"]))} ({_e(", ".join(st["reviewers"]))}); each person\'s latest verdict per '
+           f'pair, skips left out ({st["skips"]} skips stored). Agreement counts the verdicts that prefer one '
+           "reply.</p>",
            table(["figure", "value"], [["agreement with the factory", interval(o["agreement"])],
                                        ["given before opening the factory's label", interval(st["blind"])],
                                        ["ties / both bad", f"{o['tie']} / {o['both_bad']}"],
@@ -389,6 +396,13 @@ def make_app(s: Settings):
     """The FastAPI app of the page (tests drive it with a TestClient, `serve` with uvicorn)."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     csrf = csrf_value(s)
+    cached: dict[str, Any] = {}
+
+    def options(session) -> dict[str, list[str]]:
+        """The filters' choices, re-read at most every FACETS_S seconds (five grouped scans of the store)."""
+        if cached.get("at", -FACETS_S) < time.monotonic() - FACETS_S:
+            cached.update(at=time.monotonic(), facets=facets(session))
+        return cached["facets"]
 
     def deny(status: int, why: str) -> Response:
         return PlainTextResponse(f"cai review: {why}\n", status_code=status)
@@ -461,13 +475,13 @@ def make_app(s: Settings):
         reviewer = reviewer_of(request)
         f = f or replace(s.defaults, reviewer=reviewer)
         with session_scope(s.database_url) as session:
-            options = facets(session)
+            choices = options(session)
             wanted = request.query_params.get("pair")
             pair = session.get(PreferencePair, wanted) if wanted else next_pair(
                 session, f, request.query_params.get("after") or None)
             v = pair_view(session, pair.id) if pair else None
             n = count(session, f)
-        head = _header(s, reviewer, f, csrf) + _filters_form("/", f, options)
+        head = _header(s, reviewer, f, csrf) + _filters_form("/", f, choices)
         note = f'<p class="error">{_e(problem)}</p>' if problem else ""
         if wanted and pair is None:
             note += f'<p class="error">no pair {_e(wanted)} in the store</p>'
@@ -524,13 +538,13 @@ def make_app(s: Settings):
         f = f or replace(s.defaults, reviewer=reviewer)
         after = request.query_params.get("after") or None
         with session_scope(s.database_url) as session:
-            options = facets(session)
+            choices = options(session)
             pairs = queue_page(session, f, after, s.page_size + 1)
             more, pairs = len(pairs) > s.page_size, pairs[:s.page_size]
             texts = _prompt_texts(session, pairs)
             reviews = _review_counts(session, pairs)
             n = count(session, f)
-        body = (_header(s, reviewer, f, csrf) + _filters_form("/queue", f, options)
+        body = (_header(s, reviewer, f, csrf) + _filters_form("/queue", f, choices)
                 + (f'<p class="error">{_e(problem)}</p>' if problem else "")
                 + f'<p class="meta">{n} pairs match; {s.page_size} a page, in pair id order.</p>'
                 + queue_html(pairs, texts, reviews, f, after, more))
@@ -582,7 +596,10 @@ def bind(host: str, port: int) -> tuple[socket.socket, str]:
                         "choose another --port (0 picks a free one)") from None
     sock.listen(128)
     sock.set_inheritable(True)
-    shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
+    name = host.strip("[]")
+    if name in ("0.0.0.0", "::"):  # every address: show one the team can type
+        name = socket.gethostname()
+    shown = f"[{name}]" if ":" in name else name
     return sock, f"http://{shown}:{sock.getsockname()[1]}/"
 
 

@@ -107,7 +107,8 @@ def render_stats(st: dict[str, Any]) -> None:
     if not o["verdicts"]:
         console.print("no verdicts yet: `cai review` shows pairs and stores what people decide")
         return
-    console.print(esc(f"{o['verdicts']} verdicts on {o['pairs']} pairs by {len(st['reviewers'])} people "
+    n = len(st["reviewers"])
+    console.print(esc(f"{o['verdicts']} verdicts on {o['pairs']} pairs by {n} {'person' if n == 1 else 'people'} "
                       f"({', '.join(st['reviewers'])}); latest verdict per person and pair, {st['skips']} skips "
                       "left out. Agreement: share of verdicts preferring one reply that prefer the factory's "
                       "choice, 95 % Wilson interval in brackets."), highlight=False, soft_wrap=True)
