@@ -533,6 +533,13 @@ class ReviewConfig(StoreSettings):
     queue: Literal["todo", "unreviewed", "all", "reviewed"] = Field(
         "todo", description="todo: pairs you have not judged; unreviewed: pairs nobody judged; all; reviewed")
 
+    def queue_filter(self):
+        from store.reviews import QueueFilter
+
+        return QueueFilter(method=self.method or "", status=self.status or "", principle=self.principle or "",
+                           version=self.constitution or "", tag=self.tag or "", label_min=self.label_min,
+                           label_max=self.label_max, queue=self.queue)
+
 
 # --- the pipeline (flows/pipeline.py) --------------------------------------------------------
 

@@ -10,6 +10,7 @@ order (recorded with the verdict), and what the factory knows (principles, gates
 fold the person opens with `i`, its label in both orders; whether they opened it is recorded too).
 Keys: 1 or Left arrow, 2 or Right arrow, 3 or t (tie), 4 or b (both bad), 0 or s (skip), n (note).
 Queries are keyset-paged (store/reviews.py), so a store of 100k pairs answers as fast as a small one.
+The HTML is flows/review_page.py; stats and JSONL export/import are flows/review_io.py.
 
 Who may use it: bound to loopback, only pages whose Host is a loopback name are served (a web
 page elsewhere cannot reach it through DNS rebinding); bound to any other address, every request
@@ -24,14 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import html
 import ipaddress
-import json
 import secrets
 import socket
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -41,20 +39,31 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from cai import review
 from cai.errors import UserError
 from flows.configs import ReviewConfig
+from flows.review_page import (
+    KEYS_JS,
+    MAX_NOTE,
+    esc,
+    filter_params,
+    filters_form,
+    header,
+    page,
+    pair_html,
+    queue_html,
+    stats_html,
+)
 from store.db import session_scope
-from store.models import PreferencePair, Prompt, Review, utcnow
+from store.models import PreferencePair, Review, utcnow
 from store.reviews import (
     QUEUES,
     QueueFilter,
     add_reviews,
-    chosen_ids,
     count,
-    current_verdicts,
-    export_rows,
     facets,
     next_pair,
     pair_view,
+    prompt_texts,
     queue_page,
+    review_counts,
     verdict_rows,
 )
 
@@ -62,7 +71,6 @@ TOKEN_ENV = "CAI_REVIEW_TOKEN"
 TOKEN_COOKIE = "cai_review_token"
 REVIEWER_COOKIE = "cai_reviewer"
 MAX_BODY = 64 * 1024  # a verdict form is a few hundred bytes; a note at most MAX_NOTE characters
-MAX_NOTE = 4000
 FACETS_S = 60.0  # how long the filters' choices are reused before the store is asked again
 FILTERS = ("method", "status", "principle", "version", "tag", "label_min", "label_max", "queue")
 
@@ -98,18 +106,12 @@ class Settings:
     secret: bytes  # the anti-forgery value is derived from it
 
 
-def default_filter(cfg: ReviewConfig) -> QueueFilter:
-    return QueueFilter(method=cfg.method or "", status=cfg.status or "", principle=cfg.principle or "",
-                       version=cfg.constitution or "", tag=cfg.tag or "", label_min=cfg.label_min,
-                       label_max=cfg.label_max, queue=cfg.queue)
-
-
 def settings(cfg: ReviewConfig, token: str | None, reviewer: str) -> Settings:
     loopback = is_loopback(cfg.host)
     if not loopback and not token:
         raise UserError(f"--host {cfg.host}: any address but loopback requires a token (set {TOKEN_ENV} or let "
                         "`cai review` make one)")
-    return Settings(cfg.database_url, review.check_reviewer(reviewer), default_filter(cfg), cfg.page_size,
+    return Settings(cfg.database_url, review.check_reviewer(reviewer), cfg.queue_filter(), cfg.page_size,
                     loopback, token, secrets.token_bytes(32))
 
 
@@ -139,251 +141,6 @@ def filter_from(params: dict[str, str], defaults: QueueFilter, reviewer: str) ->
                    principle=params.get("principle", ""), version=params.get("version", ""),
                    tag=params.get("tag", ""), label_min=_float(params.get("label_min"), "label_min"),
                    label_max=_float(params.get("label_max"), "label_max"), queue=queue)
-
-
-def filter_params(f: QueueFilter) -> dict[str, str]:
-    return {"method": f.method, "status": f.status, "principle": f.principle, "version": f.version, "tag": f.tag,
-            "label_min": "" if f.label_min is None else f"{f.label_min:g}",
-            "label_max": "" if f.label_max is None else f"{f.label_max:g}", "queue": f.queue}
-
-
-# --- HTML ------------------------------------------------------------------------------------------------
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-CSS = """
-body { font-family: -apple-system, "Segoe UI", "DejaVu Sans", Arial, sans-serif; margin: 0 auto; max-width: 1400px;
-       padding: .6rem 1rem 2rem; color: #222; line-height: 1.4; }
-header { display: flex; gap: 1rem; align-items: center; flex-wrap: wrap; border-bottom: 1px solid #ccc;
-         padding-bottom: .4rem; }
-header form { display: inline; margin: 0; } a { color: #1d4f91; }
-#filters { display: flex; gap: .5rem; flex-wrap: wrap; align-items: end; margin: .6rem 0; font-size: .85rem; }
-#filters label { display: flex; flex-direction: column; } #filters input { width: 5rem; }
-.meta { color: #555; font-size: .85rem; } .error { color: #a00; font-weight: bold; }
-.prompt, .reply { border: 1px solid #ddd; border-radius: 4px; padding: .4rem .8rem; margin: .4rem 0; }
-.prompt { background: #f6f8fb; } .role { font-weight: bold; font-size: .8rem; color: #555; }
-.text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: .95rem; }
-.sides { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }
-.reply h3 { margin: .2rem 0; font-size: 1rem; } .gates { font-size: .8rem; color: #555; margin-top: .4rem; }
-details#ai { margin: .6rem 0; border: 1px dashed #aaa; padding: .3rem .8rem; }
-#verdict { position: sticky; bottom: 0; background: #fff; border-top: 1px solid #ccc; padding: .5rem 0; }
-#verdict textarea { width: 100%; height: 2.6rem; box-sizing: border-box; }
-#verdict button { margin: .3rem .3rem 0 0; padding: .35rem .8rem; }
-kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 .25rem; font-size: .8rem; background: #f4f4f4; }
-table { border-collapse: collapse; margin: .6rem 0; font-size: .85rem; }
-th, td { border: 1px solid #ccc; padding: .2rem .5rem; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
-"""
-
-KEYS_JS = """
-(function () {
-  var form = document.getElementById("verdict");
-  if (!form) return;
-  var ai = document.getElementById("ai"), sent = false;
-  ai.addEventListener("toggle", function () { if (ai.open) form.elements["ai_shown"].value = "1"; });
-  form.addEventListener("submit", function (e) { if (sent) e.preventDefault(); sent = true; });
-  var keys = {"1": "left", "ArrowLeft": "left", "2": "right", "ArrowRight": "right", "3": "tie", "t": "tie",
-              "4": "both-bad", "b": "both-bad", "0": "skip", "s": "skip"};
-  document.addEventListener("keydown", function (e) {
-    var t = e.target, tag = t && t.tagName;
-    if (tag === "TEXTAREA" || tag === "INPUT" || tag === "SELECT") {
-      if (e.key === "Escape") t.blur();
-      return;
-    }
-    if (e.ctrlKey || e.metaKey || e.altKey || sent) return;
-    if (e.key === "n") { e.preventDefault(); document.getElementById("note").focus(); return; }
-    if (e.key === "i") { ai.open = !ai.open; return; }
-    var choice = keys[e.key];
-    if (!choice) return;
-    e.preventDefault();
-    document.getElementById("btn-" + choice).click();
-  });
-})();
-"""
-
-
-def page(title: str, body: str, nonce: str, script: str = "") -> str:
-    js = f'<script nonce="{nonce}">{script}</script>' if script else ""
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<style nonce="{nonce}">{CSS}</style></head><body>{body}{js}</body></html>\n')
-
-
-def _header(s: Settings, reviewer: str, f: QueueFilter, csrf: str) -> str:
-    q = urlencode(filter_params(f))
-    return (f'<header><b>cai review</b><a href="/?{_e(q)}">review</a><a href="/queue?{_e(q)}">queue</a>'
-            f'<a href="/stats">agreement</a><form method="post" action="/reviewer" id="who">'
-            f'<input type="hidden" name="csrf" value="{_e(csrf)}"><label>reviewer '
-            f'<input name="reviewer" value="{_e(reviewer)}" size="12" maxlength="64"></label> '
-            f'<button>set</button></form></header>')
-
-
-def _select(name: str, values: list[str], current: str, any_label: str = "any") -> str:
-    opts = [f'<option value=""{" selected" if not current else ""}>{_e(any_label)}</option>']
-    opts += [f'<option value="{_e(v)}"{" selected" if v == current else ""}>{_e(v)}</option>' for v in values]
-    return f'<label>{_e(name)}<select name="{_e(name)}">{"".join(opts)}</select></label>'
-
-
-def _filters_form(action: str, f: QueueFilter, options: dict[str, list[str]]) -> str:
-    queue = "".join(f'<option value="{q}"{" selected" if q == f.queue else ""}>{q}</option>' for q in QUEUES)
-    statuses = sorted(set(options["status"]) | ({"gated"} if any(s.startswith("gated:") for s in options["status"])
-                                                 else set()))
-    return (f'<form id="filters" method="get" action="{action}">'
-            + _select("method", options["method"], f.method) + _select("status", statuses, f.status)
-            + _select("principle", options["principle"], f.principle)
-            + _select("version", options["version"], f.version)
-            + _select("tag", options["tag"], f.tag)
-            + f'<label>P(chosen) from<input name="label_min" value="{_e(filter_params(f)["label_min"])}"></label>'
-            + f'<label>to<input name="label_max" value="{_e(filter_params(f)["label_max"])}"></label>'
-            + f'<label>queue<select name="queue">{queue}</select></label><button>apply</button></form>')
-
-
-def _gates(reply: dict[str, Any]) -> str:
-    q = reply["quality"] or {}
-    parts = [f"{q['words']} words" if "words" in q else ""]
-    if q.get("failed"):
-        parts.append("failed gates: " + ", ".join(map(str, q["failed"])))
-    if "refused" in q:
-        parts.append("refuses" if q["refused"] else "does not refuse")
-    if reply["finish_reason"] == "length":
-        parts.append("cut by the token cap")
-    if q.get("repeated_trigrams"):
-        parts.append(f"repeated trigrams {q['repeated_trigrams']:.2f}")
-    return " · ".join(_e(p) for p in parts if p)
-
-
-def _factory_label(v: dict[str, Any], left: str) -> str:
-    """The fold with the factory's label, in left/right terms (what the person sees)."""
-    pair: PreferencePair = v["pair"]
-    side = {left: "left", review.other(left): "right"}
-    d = pair.details or {}
-    rows = [f"<li>the factory chose the <b>{side['chosen']}</b> reply ({_e(pair.method)}); P(chosen better) "
-            f"= {pair.label_prob:.3f}; status {_e(pair.status)}</li>"]
-    if pair.judge_model:
-        rows.append(f"<li>judge {_e(pair.judge_model)}</li>")
-    if "mean_xy" in d and "mean_yx" in d:  # mean_xy: P(x better) with x shown first; mean_yx: with y first
-        if d.get("x_id") == pair.chosen_id:
-            first, second = d["mean_xy"], d["mean_yx"]
-        else:
-            first, second = 1 - d["mean_yx"], 1 - d["mean_xy"]
-        rows.append(f"<li>P(chosen better), both orders: {first:.3f} with the chosen reply shown first, "
-                    f"{second:.3f} with it shown second</li>")
-    for j in sorted(v["judgments"], key=lambda j: (j["principle"], (j["order"] == "xy") != j["x_is_chosen"])):
-        p = j["prob_x"] if j["x_is_chosen"] else 1 - j["prob_x"]
-        shown_first = (j["order"] == "xy") == j["x_is_chosen"]
-        rows.append(f"<li>{_e(j['principle'])}: P(chosen better) {p:.3f}, chosen shown "
-                    f"{'first' if shown_first else 'second'}</li>")
-    if "scores" in d:
-        scores = d["scores"] or {}
-        rows.append(f"<li>reward scores: chosen {scores.get(pair.chosen_id, float('nan')):.3f}, rejected "
-                    f"{scores.get(pair.rejected_id, float('nan')):.3f} (of {_e(d.get('n'))} samples)</li>")
-    for s in ("chosen", "rejected"):
-        steer = v["replies"][s]["steering"]
-        if steer:
-            rows.append(f"<li>the {side[s]} reply was steered ({_e(steer.get('kind'))}): "
-                        f"<q>{_e(steer.get('text'))}</q></li>")
-    rows.append(f"<li>written as: left {_e(v['replies'][left]['kind'])} by {_e(v['replies'][left]['model'])}, "
-                f"right {_e(v['replies'][review.other(left)]['kind'])} by "
-                f"{_e(v['replies'][review.other(left)]['model'])}</li>")
-    if d.get("chain"):
-        rows.append(f"<li>revision chain of {len(d['chain'])} replies: the {side['chosen']} reply is the last "
-                    "revision, the other the first answer</li>")
-    return ("<details id=\"ai\"><summary>The factory's label (press <kbd>i</kbd>; opening it is recorded with "
-            f"your verdict)</summary><ul>{''.join(rows)}</ul></details>")
-
-
-def pair_html(v: dict[str, Any], left: str, f: QueueFilter, csrf: str, reviewer: str) -> str:
-    pair: PreferencePair = v["pair"]
-    right = review.other(left)
-    principles = "".join(f"<li><b>{_e(p)}</b>: {_e(v['principles'].get(p, ''))}</li>"
-                         for p in pair.principle_ids or [])
-    turns = "".join(f'<div class="role">{_e(m.get("role"))}</div><div class="text">{_e(m.get("content"))}</div>'
-                    for m in v["messages"])
-    sides = "".join(
-        f'<section class="reply" id="reply-{name}"><h3>{name.title()} <kbd>{key}</kbd></h3>'
-        f'<div class="text">{_e(v["replies"][s]["text"])}</div><div class="gates">{_gates(v["replies"][s])}</div>'
-        f"</section>" for name, s, key in (("left", left, "1"), ("right", right, "2")))
-    hidden = "".join(f'<input type="hidden" name="{k}" value="{_e(val)}">' for k, val in filter_params(f).items())
-    buttons = "".join(f'<button type="submit" name="choice" value="{c}" id="btn-{c}">{label} <kbd>{k}</kbd></button>'
-                      for c, label, k in (("left", "Left is better", "1"), ("right", "Right is better", "2"),
-                                          ("tie", "Tie", "3"), ("both-bad", "Both bad", "4"), ("skip", "Skip", "0")))
-    mine = [r for r in v["reviews"] if r.reviewer == reviewer and r.verdict != "skip"]
-    others = len({r.reviewer for r in v["reviews"] if r.verdict != "skip"} - {reviewer})
-    # your last verdict in today's sides (never "chosen": that would show the factory's label)
-    before = (f"you judged this pair before ({_e(review.choice_for(mine[-1].verdict, left))}); your new verdict "
-              "replaces it. " if mine else "")
-    return (f'<main id="pair" data-pair="{_e(pair.id)}" data-left="{_e(left)}">'
-            f'<p class="meta">pair <code>{_e(pair.id)}</code> · {_e(pair.method)} · status {_e(pair.status)} · '
-            f'{_e(pair.constitution)}@{_e(pair.constitution_version)} · '
-            f'prompt tags {_e(", ".join(v["tags"]) or "none")}'
-            f'{" · category " + _e(v["category"]) if v["category"] else ""}</p>'
-            + (f'<ul class="meta">{principles}</ul>' if principles else "")
-            + f'<section class="prompt">{turns}</section><div class="sides">{sides}</div>'
-            + _factory_label(v, left)
-            + '<form id="verdict" method="post" action="/verdict">'
-            f'<input type="hidden" name="pair" value="{_e(pair.id)}">'
-            f'<input type="hidden" name="left" value="{_e(left)}"><input type="hidden" name="csrf" value="{_e(csrf)}">'
-            f'<input type="hidden" name="ai_shown" value="0">{hidden}'
-            f'<textarea name="note" id="note" maxlength="{MAX_NOTE}" placeholder="optional note (n; Esc leaves it)">'
-            f"</textarea>{buttons}"
-            f'<p class="meta">{before}{others} other {"person has" if others == 1 else "people have"} judged this '
-            "pair.</p></form></main>")
-
-
-def _people(n: int) -> str:
-    return f"{n} {'person' if n == 1 else 'people'}"
-
-
-def stats_html(st: dict[str, Any]) -> str:
-    def interval(a: dict[str, Any]) -> str:
-        if not a["n"]:
-            return "n/a"
-        return (f"{100 * a['rate']:.1f} % ({a['k']} of {a['n']}; 95 % CI {100 * a['low']:.1f} to "
-                f"{100 * a['high']:.1f} %)")
-
-    def table(head: list[str], rows: list[list[Any]]) -> str:
-        return ("<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
-
-    o = st["overall"]
-    out = [f'<h2>Agreement with the factory</h2><p class="meta">{o["verdicts"]} verdicts on {o["pairs"]} pairs by '
-           f'{_people(len(st["reviewers"]))} ({_e(", ".join(st["reviewers"]))}); each person\'s latest verdict per '
-           f'pair, skips left out ({st["skips"]} skips stored). Agreement counts the verdicts that prefer one '
-           "reply.</p>",
-           table(["figure", "value"], [["agreement with the factory", interval(o["agreement"])],
-                                       ["given before opening the factory's label", interval(st["blind"])],
-                                       ["ties / both bad", f"{o['tie']} / {o['both_bad']}"],
-                                       ["people agreeing with each other", interval(st["human_human"])],
-                                       ["verdicts picking the left reply", interval(st["picked_left"])]])]
-    for title, key in (("method", "by_method"), ("principle", "by_principle"), ("judge model", "by_judge"),
-                       ("status", "by_status")):
-        out.append(table([title, "verdicts", "pairs", "agreement", "ties", "both bad"],
-                         [[k, g["verdicts"], g["pairs"], interval(g["agreement"]), g["tie"], g["both_bad"]]
-                          for k, g in st[key].items()]))
-    if st["calibration"]:
-        out += ["<h3>Judge calibration: P(chosen better) against people agreeing</h3>",
-                table(["bin", "mean P", "people agreeing"],
-                      [[f"{c['bin'][0]:.1f}-{c['bin'][1]:.1f}", f"{c['mean_label']:.3f}", interval(c)]
-                       for c in st["calibration"]])]
-    return "".join(out)
-
-
-def queue_html(pairs: list[PreferencePair], texts: dict[str, str], reviews: dict[str, int], f: QueueFilter,
-               after: str | None, more: bool) -> str:
-    q = filter_params(f)
-    rows = "".join(
-        f'<tr><td><a href="/?{_e(urlencode(q | {"pair": p.id}))}"><code>{_e(p.id[:12])}</code></a></td>'
-        f"<td>{_e(p.method)}</td><td>{_e(p.status)}</td><td>{p.label_prob:.3f}</td>"
-        f"<td>{_e(', '.join(map(str, p.principle_ids or [])))}</td><td>{reviews.get(p.id, 0)}</td>"
-        f"<td>{_e(texts.get(p.prompt_id, '')[:140])}</td></tr>" for p in pairs)
-    nav = (f'<a href="/queue?{_e(urlencode(q))}">first page</a> '
-           + (f'<a id="next-page" href="/queue?{_e(urlencode(q | {"after": pairs[-1].id}))}">next page</a>'
-              if more else ""))
-    return ("<table><tr><th>pair</th><th>method</th><th>status</th><th>P(chosen)</th><th>principles</th>"
-            f"<th>verdicts</th><th>prompt</th></tr>{rows}</table><p>{nav}</p>"
-            + ("" if pairs or after else '<p class="meta">No pair matches these filters.</p>'))
 
 
 # --- the app -----------------------------------------------------------------------------------------------
@@ -481,11 +238,11 @@ def make_app(s: Settings):
                 session, f, request.query_params.get("after") or None)
             v = pair_view(session, pair.id) if pair else None
             n = count(session, f)
-        head = _header(s, reviewer, f, csrf) + _filters_form("/", f, choices)
-        note = f'<p class="error">{_e(problem)}</p>' if problem else ""
+        head = header(reviewer, f, csrf) + filters_form("/", f, choices)
+        note = f'<p class="error">{esc(problem)}</p>' if problem else ""
         if wanted and pair is None:
-            note += f'<p class="error">no pair {_e(wanted)} in the store</p>'
-        summary = f'<p class="meta">{n} pairs match these filters (queue {_e(f.queue)}, reviewer {_e(reviewer)}).</p>'
+            note += f'<p class="error">no pair {esc(wanted)} in the store</p>'
+        summary = f'<p class="meta">{n} pairs match these filters (queue {esc(f.queue)}, reviewer {esc(reviewer)}).</p>'
         if v is None:
             body = head + note + summary + '<p id="done">Nothing to review here: every pair matching these ' \
                                            "filters is done, or none matches. Change the filters above.</p>"
@@ -541,11 +298,11 @@ def make_app(s: Settings):
             choices = options(session)
             pairs = queue_page(session, f, after, s.page_size + 1)
             more, pairs = len(pairs) > s.page_size, pairs[:s.page_size]
-            texts = _prompt_texts(session, pairs)
-            reviews = _review_counts(session, pairs)
+            texts = prompt_texts(session, pairs)
+            reviews = review_counts(session, pairs)
             n = count(session, f)
-        body = (_header(s, reviewer, f, csrf) + _filters_form("/queue", f, choices)
-                + (f'<p class="error">{_e(problem)}</p>' if problem else "")
+        body = (header(reviewer, f, csrf) + filters_form("/queue", f, choices)
+                + (f'<p class="error">{esc(problem)}</p>' if problem else "")
                 + f'<p class="meta">{n} pairs match; {s.page_size} a page, in pair id order.</p>'
                 + queue_html(pairs, texts, reviews, f, after, more))
         return html_page("cai review: queue", body, nonce)
@@ -556,29 +313,10 @@ def make_app(s: Settings):
         reviewer = reviewer_of(request)
         with session_scope(s.database_url) as session:
             st = review.compute(review.verdict_from_row(r) for r in verdict_rows(session))
-        body = _header(s, reviewer, replace(s.defaults, reviewer=reviewer), csrf) + stats_html(st)
+        body = header(reviewer, replace(s.defaults, reviewer=reviewer), csrf) + stats_html(st)
         return html_page("cai review: agreement", body, nonce)
 
     return app
-
-
-def _prompt_texts(session, pairs: list[PreferencePair]) -> dict[str, str]:
-    from sqlmodel import col, select
-
-    ids = list({p.prompt_id for p in pairs})
-    return dict(session.exec(select(Prompt.id, Prompt.text).where(col(Prompt.id).in_(ids))).all()) if ids else {}
-
-
-def _review_counts(session, pairs: list[PreferencePair]) -> dict[str, int]:
-    from sqlalchemy import func
-    from sqlmodel import col, select
-
-    ids = [p.id for p in pairs]
-    if not ids:
-        return {}
-    return dict(session.exec(select(Review.pair_id, func.count()).where(col(Review.pair_id).in_(ids),
-                                                                         Review.verdict != "skip")
-                             .group_by(Review.pair_id)).all())
 
 
 # --- serving -----------------------------------------------------------------------------------------------
@@ -609,80 +347,3 @@ def serve(app, sock: socket.socket) -> None:
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     server.run(sockets=[sock])
-
-
-# --- stats, export, import ------------------------------------------------------------------------------------
-
-def stats(database_url: str | None = None, constitution: str | None = None) -> dict[str, Any]:
-    with session_scope(database_url) as session:
-        return review.compute(review.verdict_from_row(r) for r in verdict_rows(session, constitution=constitution))
-
-
-def export_records(cfg: ReviewConfig, out: Path, limit: int | None = None) -> int:
-    """The queue's pairs (cfg's filters, queue `all` unless set) as JSONL records; returns how many."""
-    f = default_filter(cfg)
-    if "queue" not in cfg.model_fields_set:  # a file for another tool: every pair, reviewed or not
-        f = replace(f, queue="all")
-    n = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    with session_scope(cfg.database_url) as session, tmp.open("w", encoding="utf-8", newline="\n") as fh:
-        batch: list[tuple[PreferencePair, list[dict[str, Any]], dict[str, str]]] = []
-
-        def flush() -> None:
-            ids = [p.id for p, _, _ in batch]
-            per: dict[str, list[review.Verdict]] = {}
-            for row in verdict_rows(session, pair_ids=ids):
-                v = review.verdict_from_row(row)
-                per.setdefault(v.pair_id, []).append(v)
-            for p, messages, texts in batch:
-                fh.write(json.dumps(review.to_record(p, messages, texts, per.get(p.id, [])), ensure_ascii=False) + "\n")
-            batch.clear()
-
-        for item in export_rows(session, f, limit):
-            batch.append(item)
-            n += 1
-            if len(batch) >= 500:
-                flush()
-        flush()
-    tmp.replace(out)
-    return n
-
-
-def import_records(path: Path, database_url: str | None = None) -> dict[str, int]:
-    """People's verdicts from JSONL records (`cai review export`, or another tool's records of the same
-    shape). Every line is checked before anything is written; a verdict that is already the reviewer's
-    current one on that pair is skipped, so importing a file twice adds nothing."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    records: list[tuple[int, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    records.append((n, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{n}: not JSON ({exc.msg})") from None
-    source = f"import:{path.name}"
-    with session_scope(database_url) as session:
-        known = chosen_ids(session, [r.get("id") for _, r in records if isinstance(r, dict)
-                                     and isinstance(r.get("id"), str)])
-        verdicts: list[review.Imported] = []
-        for n, rec in records:
-            try:
-                verdicts += review.from_record(rec, known)
-            except ValueError as exc:
-                raise UserError(f"{path}:{n}: {exc}; nothing was imported") from None
-        current = current_verdicts(session, [v.pair_id for v in verdicts])
-        now = utcnow()
-        rows, same = [], 0
-        for v in verdicts:
-            if current.get((v.pair_id, v.reviewer)) == (v.verdict, v.note):
-                same += 1
-                continue
-            current[(v.pair_id, v.reviewer)] = (v.verdict, v.note)
-            rows.append(Review(id=review.review_key(v.pair_id, v.reviewer, now, v.verdict, v.left, v.note, source),
-                               pair_id=v.pair_id, reviewer=v.reviewer, verdict=v.verdict, left=v.left, note=v.note,
-                               source=source, created_at=now))
-        added = add_reviews(session, rows)
-    return {"records": len(records), "verdicts": len(verdicts), "added": added, "already_known": same}

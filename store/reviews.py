@@ -224,3 +224,18 @@ def current_verdicts(session: Session, pair_ids: Iterable[str]) -> dict[tuple[st
             out[(pid, who)] = (verdict, note)
     return out
 
+
+def prompt_texts(session: Session, pairs: list[PreferencePair]) -> dict[str, str]:
+    """prompt id -> its text, for a page of pairs."""
+    ids = list({p.prompt_id for p in pairs})
+    return dict(session.exec(select(Prompt.id, Prompt.text).where(col(Prompt.id).in_(ids))).all()) if ids else {}
+
+
+def review_counts(session: Session, pairs: list[PreferencePair]) -> dict[str, int]:
+    """pair id -> verdicts stored (skips left out), for a page of pairs."""
+    ids = [p.id for p in pairs]
+    if not ids:
+        return {}
+    return dict(session.exec(select(Review.pair_id, func.count()).where(col(Review.pair_id).in_(ids),
+                                                                         Review.verdict != "skip")
+                             .group_by(Review.pair_id)).all())

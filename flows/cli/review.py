@@ -85,7 +85,7 @@ def review_stats(
 ) -> None:
     """People's agreement with the factory (per method, principle, judge), with each other, and the judge's
     calibration against them; 95 % Wilson intervals."""
-    from flows.review import stats
+    from flows.review_io import stats
 
     st = stats(None, constitution)
     if as_json:
@@ -152,7 +152,7 @@ def review_export(
     """Pairs as JSONL records another review tool can load: prompt and two replies as fields, the factory's
     label as a suggestion (value, score, agent), people's verdicts as responses (queue: all pairs by default)."""
     from flows.cli.common import check_writable
-    from flows.review import export_records
+    from flows.review_io import export_records
 
     check_writable(out.parent if str(out.parent) else Path("."), "--out")
     n = export_records(cfg, out, limit)
@@ -163,7 +163,7 @@ def review_export(
 @guarded
 def review_import(file: Path = typer.Argument(..., help="JSONL records (`cai review export` shape).")) -> None:
     """People's verdicts from JSONL records; a verdict a reviewer already gave on that pair is skipped."""
-    from flows.review import import_records
+    from flows.review_io import import_records
 
     r = import_records(file)
     console.print(esc(f"{file}: {r['records']} records, {r['verdicts']} verdicts: {r['added']} added, "
