@@ -421,6 +421,8 @@ class RewardScoreConfig(StoreSettings):
     methods: list[str] = same_as(TrainConfig, "methods")
     statuses: list[str] = same_as(TrainConfig, "statuses")
     min_label_prob: float | None = same_as(TrainConfig, "min_label_prob")
+    reviewed: Reviewed = same_as(TrainConfig, "reviewed")
+    people_order: bool = same_as(TrainConfig, "people_order")
     dataset: str | None = same_as(TrainConfig, "dataset")
     dataset_split: str = same_as(TrainConfig, "dataset_split")
     limit: int | None = same_as(TrainConfig, "limit")

@@ -124,8 +124,8 @@ def load_examples(cfg: TrainConfig, url: str | None = None) -> tuple[list[PairEx
     return examples, refs
 
 
-def reviewed_examples(examples: list[PairExample], cfg: TrainConfig | RewardTrainConfig, url: str | None = None,
-                      session=None) -> list[PairExample]:
+def reviewed_examples(examples: list[PairExample], cfg: TrainConfig | RewardTrainConfig | RewardScoreConfig,
+                      url: str | None = None, session=None) -> list[PairExample]:
     """The pairs `--reviewed` keeps, by their pair ids' verdicts in the store (cai review); a pair
     people flipped, with `--people-order`, swapped, its label the share of people preferring it."""
     if cfg.reviewed == "any" and not cfg.people_order:
