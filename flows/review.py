@@ -218,12 +218,15 @@ def make_app(s: Settings):
         except ValueError as exc:
             return None, str(exc)
 
-    async def form(request: Request) -> dict[str, str] | None:
+    async def form(request: Request) -> dict[str, str] | Response:
+        """The posted form's fields, or the refusal: too large, or without the page's anti-forgery value."""
         body = await request.body()
         if len(body) > MAX_BODY:
-            return None
+            return deny(413, f"the form is larger than {MAX_BODY // 1024} KiB; shorten the note")
         data = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
-        return data if hmac.compare_digest(data.get("csrf", "").encode(), csrf.encode()) else None
+        if not hmac.compare_digest(data.get("csrf", "").encode(), csrf.encode()):
+            return deny(403, "the form's anti-forgery value is missing or wrong: reload the page")
+        return data
 
     @app.get("/")
     def review_page(request: Request):
@@ -253,8 +256,8 @@ def make_app(s: Settings):
     @app.post("/verdict")
     async def verdict(request: Request):
         data = await form(request)
-        if data is None:
-            return deny(403, "the form's anti-forgery value is missing or wrong: reload the page")
+        if isinstance(data, Response):
+            return data
         reviewer = reviewer_of(request)
         try:
             f = filter_from(data, s.defaults, reviewer)
@@ -277,8 +280,8 @@ def make_app(s: Settings):
     @app.post("/reviewer")
     async def set_reviewer(request: Request):
         data = await form(request)
-        if data is None:
-            return deny(403, "the form's anti-forgery value is missing or wrong: reload the page")
+        if isinstance(data, Response):
+            return data
         try:
             name = review.check_reviewer(data.get("reviewer", ""))
         except ValueError as exc:

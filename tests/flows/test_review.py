@@ -214,6 +214,7 @@ def test_state_changes_from_another_site_are_refused(sqlite_url, host):
     form = {"pair": pair, "left": left, "choice": "left", "csrf": csrf}
     assert c.post("/verdict", data={**form, "csrf": ""}).status_code == 403
     assert c.post("/verdict", data={**form, "csrf": "guess"}).status_code == 403
+    assert c.post("/verdict", data={**form, "note": "x" * 70_000}).status_code == 413
     assert c.post("/verdict", data=form, headers={"Origin": "http://evil.example"}).status_code == 403
     assert c.post("/verdict", data=form, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
     assert c.post("/verdict", data=form, headers={"Sec-Fetch-Site": "same-site"}).status_code == 403
