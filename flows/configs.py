@@ -318,6 +318,9 @@ class EvalConfig(StoreSettings):
 
 # --- train (flows/train.py) ------------------------------------------------------------------
 
+Reviewed = Literal["any", "not-rejected", "agreed"]  # cai.review.REVIEWED_MODES
+
+
 class TrainConfig(StoreSettings):
     """What to train on and where it goes; how to train is `trainer` (dpo/config.py)."""
 
@@ -329,6 +332,9 @@ class TrainConfig(StoreSettings):
     statuses: list[str] = Field(default_factory=lambda: ["ok"], description="pair statuses used; ties and gated "
                                 "pairs (gated:<gate>) teach noise")
     min_label_prob: float | None = Field(None, ge=0, le=1, description="drop AI labels less sure than this")
+    reviewed: Reviewed = Field("any", description="people's verdicts (cai review): agreed = only pairs people "
+                               "confirmed; not-rejected = drop pairs people flipped, tied or called both bad")
+    people_order: bool = Field(False, description="keep a pair people flipped, in their order, instead of dropping it")
     dataset: str | None = Field(None, description="a saved HF dataset dir (cai export) or .jsonl instead of the store")
     dataset_split: str = Field("train_prefs", description="the split of `dataset` to read")
     limit: int | None = Field(None, ge=1, description="only the first N selected pairs (by id)")
@@ -379,6 +385,8 @@ class RewardTrainConfig(StoreSettings):
     methods: list[str] = same_as(TrainConfig, "methods")
     statuses: list[str] = same_as(TrainConfig, "statuses")
     min_label_prob: float | None = same_as(TrainConfig, "min_label_prob")
+    reviewed: Reviewed = same_as(TrainConfig, "reviewed")
+    people_order: bool = same_as(TrainConfig, "people_order")
     dataset: str | None = same_as(TrainConfig, "dataset")
     dataset_split: str = same_as(TrainConfig, "dataset_split")
     limit: int | None = same_as(TrainConfig, "limit")
@@ -405,6 +413,8 @@ class RewardScoreConfig(StoreSettings):
     methods: list[str] = same_as(TrainConfig, "methods")
     statuses: list[str] = same_as(TrainConfig, "statuses")
     min_label_prob: float | None = same_as(TrainConfig, "min_label_prob")
+    reviewed: Reviewed = same_as(TrainConfig, "reviewed")
+    people_order: bool = same_as(TrainConfig, "people_order")
     dataset: str | None = same_as(TrainConfig, "dataset")
     dataset_split: str = same_as(TrainConfig, "dataset_split")
     limit: int | None = same_as(TrainConfig, "limit")
@@ -448,6 +458,8 @@ class ExportConfig(Config):
     include_ties: bool = Field(False, description="also ties: they carry no preference, DPO on them adds noise")
     include_inconsistent: bool = Field(False, description="also pairs whose label flipped with the order")
     include_quarantined: bool = Field(False, description="also pairs touching items that failed repeatedly")
+    reviewed: Reviewed = same_as(TrainConfig, "reviewed")
+    people_order: bool = same_as(TrainConfig, "people_order")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts (by hash bucket) in the test splits")
     license: str = Field("other", description="card license, e.g. cc-by-4.0; text inherits its models' terms")
     push_to_hub: str | None = Field(None, description="then push to this hub dataset (OWNER/NAME; HF_TOKEN)")
@@ -493,6 +505,34 @@ class ReportConfig(StoreSettings):
     constitution: str | None = Field(None, description="NAME or NAME@VERSION: only its rows; None: everything")
     examples: int = Field(5, ge=0, description="example chains shown; each is a few screens of text at most")
     max_chars: int = Field(1200, ge=1, description="long answers are cut in the examples so the page stays readable")
+
+
+# --- people's review (flows/review.py) --------------------------------------------------------
+
+class ReviewConfig(StoreSettings):
+    """`cai review`: the page's address and the queue it opens on (the page can change the filters)."""
+
+    host: str = Field("127.0.0.1", description="address to listen on; any but loopback needs the token it prints")
+    port: int = Field(8765, ge=0, le=65535, description="port to listen on (0: any free port, printed at start)")
+    reviewer: str | None = Field(None, description="whose verdicts these are (default: your login name)")
+    page_size: int = Field(50, ge=1, le=500, description="pairs per page of the queue list")
+    method: str | None = Field(None, description="only pairs made this way (revision, ai, contrastive, helpful, "
+                               "best-of-n)")
+    status: str | None = Field(None, description="only pairs with this status (ok, tie, gated = any gated:<gate>, ...)")
+    principle: str | None = Field(None, description="only pairs made or judged under this principle id")
+    constitution: str | None = Field(None, description="only pairs of NAME or NAME@VERSION")
+    tag: str | None = Field(None, description="only pairs whose prompt carries this tag")
+    label_min: float | None = Field(None, ge=0, le=1, description="only pairs whose P(chosen better) is >= this")
+    label_max: float | None = Field(None, ge=0, le=1, description="only pairs whose P(chosen better) is <= this")
+    queue: Literal["todo", "unreviewed", "all", "reviewed"] = Field(
+        "todo", description="todo: pairs you have not judged; unreviewed: pairs nobody judged; all; reviewed")
+
+    def queue_filter(self):
+        from store.reviews import QueueFilter
+
+        return QueueFilter(method=self.method or "", status=self.status or "", principle=self.principle or "",
+                           version=self.constitution or "", tag=self.tag or "", label_min=self.label_min,
+                           label_max=self.label_max, queue=self.queue)
 
 
 # --- the pipeline (flows/pipeline.py) --------------------------------------------------------
@@ -559,5 +599,5 @@ class PipelineConfig(Config):
 CONFIGS: dict[str, type[BaseModel]] = {
     "generate": GenerateConfig, "contrast": ContrastConfig, "label": LabelConfig, "train": TrainConfig,
     "redteam": RedteamConfig, "export": ExportConfig, "eval": EvalConfig, "report": ReportConfig, "run": PipelineConfig,
-    "reward-train": RewardTrainConfig, "reward-score": RewardScoreConfig,
+    "reward-train": RewardTrainConfig, "reward-score": RewardScoreConfig, "review": ReviewConfig,
 }

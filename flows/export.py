@@ -47,6 +47,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from cai import dataset_schema as schema
+from cai import review
 from cai.card import label_prob_stats
 from constitution.load import split_ref
 from flows.common import Timer, UserError, run_logger
@@ -60,6 +61,7 @@ from store.keys import canonical_json
 from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
 from store.pairs import latest_per_response_pair
 from store.queries import pairs_under
+from store.reviews import verdict_rows
 from store.runs import recorded_run
 
 SFT_METHODS = ("revision", "contrastive", "helpful")  # their chosen side is a reply to learn; an AI label is not
@@ -96,6 +98,10 @@ def command_line(config: ExportConfig) -> str:
                     ("--include-quarantined", config.include_quarantined)):
         if on:
             parts.append(opt)
+    if config.reviewed != "any":
+        parts += ["--reviewed", config.reviewed]
+    if config.people_order:
+        parts.append("--people-order")
     if config.test_fraction != ExportConfig.model_fields["test_fraction"].default:
         parts += ["--test-fraction", repr(config.test_fraction)]
     if config.license != ExportConfig.model_fields["license"].default:
@@ -116,6 +122,7 @@ class Selection:
     pairs: list[PreferencePair]  # sorted by id
     available: int  # pairs of this version before any filter
     removed: dict[str, int] = field(default_factory=dict)  # filter -> pairs it removed
+    review: dict[str, Any] = field(default_factory=dict)  # people's verdicts on the pairs (cai/review.py)
 
 
 def _chunks(items: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
@@ -205,13 +212,31 @@ def select_pairs(session: Session, config: ExportConfig) -> Selection:
         if len(kept) < len(pairs):
             sel.removed[label] = len(pairs) - len(kept)
         pairs = kept
+    pairs, sel.review = apply_reviews(session, pairs, config.reviewed, config.people_order)
+    if sel.review["mode"] != "any":
+        for verdict, n in sorted(sel.review["dropped"].items()):
+            sel.removed[f"reviewed {config.reviewed} ({verdict})"] = n
     if not pairs:
         why = "; ".join(f"{k} removed {n}" for k, n in sel.removed.items()) or "no filter removed any"
         raise UserError(f"nothing to export for {name}@{version}: {sel.available} pairs stored, none left "
                         f"after the filters ({why}); loosen --method/--tag/--min-label-prob/--min-margin/"
-                        "--since/--until or add --include-ties/--include-inconsistent/--include-quarantined")
+                        "--since/--until/--reviewed or add --include-ties/--include-inconsistent/--include-quarantined")
     sel.pairs = pairs
     return sel
+
+
+def apply_reviews(session: Session, pairs: list[PreferencePair], mode: str, people_order: bool
+                  ) -> tuple[list[PreferencePair], dict[str, Any]]:
+    """The pairs `--reviewed MODE` keeps (a pair people flipped as a detached copy in their order when
+    `people_order`), and the people's figures for the card (cai/review.py)."""
+    ids = [p.id for p in pairs]
+    verdicts = [review.verdict_from_row(row) for row in verdict_rows(session, pair_ids=ids)]
+    decision = review.decide(ids, verdicts, mode, people_order)
+    kept = [p if p.id in decision.keep else review.flipped_copy(p, decision.flip[p.id])
+            for p in pairs if p.id in decision.keep or p.id in decision.flip]
+    facts = {"mode": mode, "people_order": people_order, "pairs_selected": len(pairs), "flipped": len(decision.flip),
+             "dropped": dict(decision.dropped), "stats": review.public(review.compute(verdicts))}
+    return kept, facts
 
 
 # --- rows and splits -----------------------------------------------------------------------
@@ -526,6 +551,7 @@ def collect_facts(session: Session, config: ExportConfig, sel: Selection, plan: 
             "since": _iso(config.since), "until": _iso(config.until), "include_ties": config.include_ties,
             "include_inconsistent": config.include_inconsistent,
             "include_quarantined": config.include_quarantined,
+            "reviewed": None if config.reviewed == "any" else config.reviewed, "people_order": config.people_order,
             "pairs_available": sel.available, "pairs_selected": len(sel.pairs),
             "removed_by": dict(sel.removed),
         },
@@ -557,6 +583,7 @@ def collect_facts(session: Session, config: ExportConfig, sel: Selection, plan: 
         "principles_used": dict(sorted(Counter(i for p in sel.pairs for i in p.principle_ids or []).items())),
         "prompt_tags": dict(sorted(tags.items())),
         "created": {"first": _iso(min(created)), "last": _iso(max(created))},
+        "review": sel.review,
     }
 
 

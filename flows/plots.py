@@ -162,11 +162,31 @@ def plot_redteam(data: dict[str, Any], out: Path) -> str | None:
     return _save(fig, out / "redteam.png")
 
 
+def plot_review(data: dict[str, Any], out: Path) -> str | None:
+    """The judge's P(chosen better) against the share of people agreeing, with 95 % Wilson bars."""
+    cal = (data.get("review") or {}).get("calibration") or []
+    if not cal:
+        return None
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    xs = [c["mean_label"] for c in cal]
+    ys = [c["rate"] for c in cal]
+    ax.errorbar(xs, ys, yerr=[[y - c["low"] for y, c in zip(ys, cal, strict=True)],
+                              [c["high"] - y for y, c in zip(ys, cal, strict=True)]], fmt="o", capsize=3)
+    for x, y, c in zip(xs, ys, cal, strict=True):
+        ax.annotate(str(c["n"]), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="judge's P(chosen better), bin mean",
+           ylabel="share of people agreeing (n beside each point)")
+    ax.set_title("judge calibration against people", fontsize=10)
+    return _save(fig, out / "review_calibration.png")
+
+
 def plot_all(data: dict[str, Any], out: Path) -> dict[str, list[str]]:
     """section -> PNG file names written (relative to `out`)."""
     images: dict[str, list[str]] = {}
     for section, fn in (("stages", plot_stages), ("principles", plot_principles), ("training", plot_training),
-                        ("eval", plot_eval), ("redteam", plot_redteam)):
+                        ("eval", plot_eval), ("redteam", plot_redteam), ("review", plot_review)):
         name = fn(data, out)
         images[section] = [name] if name else []
     images["judge"] = [p.name for p in plot_judge(data["judge"], out)] if data["judge"] else []

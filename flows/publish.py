@@ -26,6 +26,7 @@ from typing import Any
 
 from cai import dataset_schema as schema
 from cai.card import render_card, render_manifest
+from cai.review import card_lines as review_card_lines
 from flows.common import UserError
 
 GENERATOR = "cai-factory export"  # manifest.json's `generator`: the mark of a directory we may replace
@@ -148,7 +149,8 @@ def write_export(data, facts: dict[str, Any], out: Path, fmt: str) -> dict[str, 
     try:
         _write_data(data, tmp, fmt)
         facts = {**facts, "generator": GENERATOR, "files": _file_facts(tmp)}
-        (tmp / "README.md").write_text(render_card(facts, data_files(fmt)), encoding="utf-8", newline="\n")
+        card = render_card(facts, data_files(fmt)) + "\n".join(review_card_lines(facts.get("review")))
+        (tmp / "README.md").write_text(card, encoding="utf-8", newline="\n")
         (tmp / "manifest.json").write_text(render_manifest(facts), encoding="utf-8", newline="\n")
         check_out(out)  # again: files a person put there while the data was written are kept too
     except BaseException:

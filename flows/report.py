@@ -25,6 +25,9 @@ from cai.evaluate import examples as reply_examples
 from cai.evaluate import summarize, summarize_kinds
 from cai.judge_stats import compute as judge_compute
 from cai.judge_stats import records
+from cai.review import compute as review_compute
+from cai.review import public as review_public
+from cai.review import verdict_from_row
 from constitution.load import split_ref
 from flows.configs import ReportConfig
 from flows.orchestration import stage_flow
@@ -44,9 +47,10 @@ from store.models import (
     TrainingStep,
 )
 from store.queries import ai_pairs, rows_by_id
+from store.reviews import verdict_rows
 
 IMAGES = ("stages.png", "principles.png", "dpo.png", "eval.png", "redteam.png", "label_prob_hist.png",
-          "position_consistency.png", "principle_agreement.png")
+          "position_consistency.png", "principle_agreement.png", "review_calibration.png")
 
 
 # --- figures: plain data from the store ----------------------------------------------------
@@ -93,6 +97,12 @@ def judge_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
         return None
     keys = sorted({k for r in rows for k in r.details.get("judgments", [])})
     return judge_compute(*records(rows, rows_by_id(s, Judgment, keys).values()))
+
+
+def review_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
+    """People's verdicts (cai review) against the factory's labels; None when nobody reviewed."""
+    verdicts = [verdict_from_row(row) for row in verdict_rows(s, constitution=ref)]
+    return review_public(review_compute(verdicts)) if verdicts else None
 
 
 def training_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
@@ -213,6 +223,7 @@ def collect(s: Session, cfg: ReportConfig) -> dict[str, Any]:
         "stages": stage_counts(s, ref),
         "principles": principle_usage(s, ref),
         "judge": judge_figures(s, ref),
+        "review": review_figures(s, ref),
         "training": training_figures(s, ref),
         "eval": eval_figures(s, ref),
         "redteam": redteam_figures(s, cfg.max_chars),
@@ -313,6 +324,43 @@ def _judge_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]
         _imgs(images["judge"], "judge label quality")]
 
 
+def _interval(a: dict[str, Any]) -> str:
+    if not a["n"]:
+        return "n/a"
+    return f"{_pct(a['rate'])} ({a['k']} of {a['n']}; 95 % CI {_pct(a['low'])} to {_pct(a['high'])})"
+
+
+def _review_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
+    r = data.get("review")
+    if not r:
+        return [_empty("verdicts from people", "run `cai review` and judge a few pairs")]
+    o = r["overall"]
+    out = [f'<p class="meta">{o["verdicts"]} verdicts on {o["pairs"]} pairs from {r["reviewers"]} '
+           f'{"person" if r["reviewers"] == 1 else "people"} (each person\'s latest verdict per pair; skips left '
+           "out). Agreement: the share of verdicts preferring one reply that prefer the one the factory chose; "
+           "ties and both-bad verdicts are counted beside it. Intervals: 95 % Wilson.</p>",
+           _table(["figure", "value"], [
+               ["agreement with the factory", _interval(o["agreement"])],
+               ["agreement, given before the factory's label was shown", _interval(r["blind"])],
+               ["ties / both bad", f"{o['tie']} / {o['both_bad']}"],
+               ["people agreeing with each other (pairs with two or more reviewers)",
+                _interval(r["human_human"]) + f" on {r['human_human']['pairs']} pairs"],
+               ["people picking the left reply (0.5: no position bias)", _interval(r["picked_left"])]])]
+    for title, key in (("method", "by_method"), ("principle", "by_principle"), ("judge model", "by_judge")):
+        out.append(_table([title, "verdicts", "pairs", "agreement with the factory", "ties", "both bad"],
+                          [[k, g["verdicts"], g["pairs"], _interval(g["agreement"]), g["tie"], g["both_bad"]]
+                           for k, g in r[key].items()]))
+    if r["calibration"]:
+        out += ["<h3>Judge calibration against people</h3>",
+                '<p class="meta">Pairs labelled by a judge model, binned by its P(chosen better): the share of '
+                "people's verdicts that agree. A calibrated judge sits on the diagonal.</p>",
+                _imgs(images.get("review", []), "judge calibration against people"),
+                _table(["P(chosen better)", "mean", "agree"],
+                       [[f"{c['bin'][0]:.1f}-{c['bin'][1]:.1f}", f"{c['mean_label']:.3f}", _interval(c)]
+                        for c in r["calibration"]])]
+    return out
+
+
 def _training_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
     tr = data["training"]
     if not tr:
@@ -405,7 +453,8 @@ def _examples_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[s
 
 
 SECTIONS = (("Rows per stage", _stages_html), ("Principle usage", _principles_html),
-            ("Judge: AI labels", _judge_html), ("DPO training", _training_html), ("Evaluation", _eval_html),
+            ("Judge: AI labels", _judge_html), ("People's review", _review_html),
+            ("DPO training", _training_html), ("Evaluation", _eval_html),
             ("Red-team campaign", _redteam_html), ("Examples", _examples_html))
 
 

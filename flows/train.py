@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from cai import review
 from cai.prompts import load_saved_dataset, saved_dataset_error
 from cai.refusal import expected_stance, stance_errors
 from dpo.checkpoint import latest_checkpoint, read_meta
@@ -43,6 +44,7 @@ from flows.orchestration import stage_flow, stage_task
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import Run, TrainingRun, TrainingStep, utcnow
+from store.reviews import verdict_rows
 from store.runs import finish_run, start_run
 from store.stop import is_stop
 from store.upsert import insert_ignore, upsert
@@ -101,23 +103,47 @@ def load_examples(cfg: TrainConfig, url: str | None = None) -> tuple[list[PairEx
     """The selected pairs (from the store, or cfg.dataset) and the constitution versions
     (name@version) they were made under; a one-line UserError if nothing matches."""
     if cfg.dataset:
-        records = [r for r in _read_records(cfg) if _record_matches(r, cfg)][:cfg.limit or None]
+        records = [r for r in _read_records(cfg) if _record_matches(r, cfg)]
         try:
-            examples = examples_from_records(records)
+            examples = reviewed_examples(examples_from_records(records), cfg, url)[:cfg.limit or None]
         except ValueError as exc:
             raise UserError(f"--dataset {cfg.dataset}: {exc}") from None
+        used = {e.id for e in examples}
         refs = sorted({f"{r['constitution']}@{r.get('constitution_version', '')}" for r in records
-                       if r.get("constitution")})
+                       if r.get("constitution") and str(r.get("id") or r.get("pair_id") or "") in used})
         where = f"{cfg.dataset} (split {cfg.dataset_split})"
     else:
         with session_scope(url) as s:
-            examples = select_pairs(s, cfg.pair_filter())[:cfg.limit or None]
+            examples = reviewed_examples(select_pairs(s, cfg.pair_filter()), cfg, url, s)[:cfg.limit or None]
             refs = constitution_versions(s, [e.id for e in examples])
         where = "the store"
     if not examples:
-        raise UserError(f"no preference pairs match {cfg.pair_filter().describe()} in {where}; "
+        reviewed = f", reviewed {cfg.reviewed}" if cfg.reviewed != "any" else ""
+        raise UserError(f"no preference pairs match {cfg.pair_filter().describe()}{reviewed} in {where}; "
                         "make some with `cai generate` / `cai label`, or loosen the filters")
     return examples, refs
+
+
+def reviewed_examples(examples: list[PairExample], cfg: TrainConfig | RewardTrainConfig | RewardScoreConfig,
+                      url: str | None = None, session=None) -> list[PairExample]:
+    """The pairs `--reviewed` keeps, by their pair ids' verdicts in the store (cai review); a pair
+    people flipped, with `--people-order`, swapped, its label the share of people preferring it."""
+    if cfg.reviewed == "any" and not cfg.people_order:
+        return examples
+    if session is None:
+        with session_scope(url) as s:
+            return reviewed_examples(examples, cfg, url, s)
+    ids = [e.id for e in examples]
+    decision = review.decide(ids, map(review.verdict_from_row, verdict_rows(session, pair_ids=ids)),
+                             cfg.reviewed, cfg.people_order)
+    out = []
+    for e in examples:
+        if e.id in decision.flip:
+            out.append(replace(e, chosen=e.rejected, rejected=e.chosen, chosen_ended=e.rejected_ended,
+                               rejected_ended=e.chosen_ended, label_prob=decision.flip[e.id]))
+        elif e.id in decision.keep:
+            out.append(e)
+    return out
 
 
 def _resolve_base(spec: str) -> Path | str:
@@ -160,7 +186,9 @@ def _begin(cfg: TrainConfig | RewardTrainConfig, examples: list[PairExample], re
     for e in examples:
         by_method[e.method or "?"] = by_method.get(e.method or "?", 0) + 1
     selection = {"source": cfg.dataset or "store",
-                 "filters": asdict(cfg.pair_filter()) | {"limit": cfg.limit}, "pairs": len(examples),
+                 "filters": asdict(cfg.pair_filter()) | {"limit": cfg.limit, "reviewed": cfg.reviewed,
+                                                         "people_order": cfg.people_order},
+                 "pairs": len(examples),
                  "pairs_hash": pairs_hash, "by_method": by_method, "constitution_versions": refs}
     with session_scope(url) as s:
         insert_ignore(s, TrainingRun, [TrainingRun(

@@ -164,6 +164,29 @@ class PreferencePair(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class Review(SQLModel, table=True):
+    """One person's verdict on one preference pair (`cai review`); the pair itself never changes.
+
+    Several people may review a pair, and one person may review it again (their latest verdict
+    counts, cai/review.py). The verdict is in the pair's terms (`chosen`: the person prefers the
+    reply the factory chose); `left` records which reply was on the left, so a person's own
+    position bias can be measured.
+    """
+
+    __tablename__ = "review"
+    __table_args__ = (Index("ix_review_pair_reviewer", "pair_id", "reviewer"),)
+
+    id: str = Field(primary_key=True)  # cai.review.review_key: pair, reviewer, time, verdict, sides, note
+    pair_id: str = Field(foreign_key="preference_pair.id")
+    reviewer: str = Field(index=True)
+    verdict: str  # chosen | rejected | tie | both-bad | skip (cai.review.VERDICTS)
+    left: str  # the reply shown on the left: chosen | rejected
+    note: str | None = Field(default=None, sa_column=Column(Text))
+    ai_shown: bool = False  # the person opened the factory's label before giving the verdict
+    source: str = "page"  # page | import:<file name>
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class RefLogp(SQLModel, table=True):
     """Reference-model sequence log-prob of one (prompt, response), computed once for DPO."""
 

@@ -19,6 +19,7 @@ from store.models import (
     PromptTag,
     RefLogp,
     Response,
+    Review,
     Run,
     TrainingRun,
     TrainingStep,
@@ -26,7 +27,7 @@ from store.models import (
 )
 from store.runs import mark_crashed
 
-TABLES = [ConstitutionVersion, Prompt, PromptTag, Run, Response, Judgment, PreferencePair, RefLogp,
+TABLES = [ConstitutionVersion, Prompt, PromptTag, Run, Response, Judgment, PreferencePair, Review, RefLogp,
           TrainingRun, TrainingStep, EvalResult, Failure, Claim, WorkProgress]
 
 

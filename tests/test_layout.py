@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # flows/ modules that are helpers, not stage flows: any flow may import them
-FLOW_HELPERS = {"common", "configs", "stage", "plots", "publish", "orchestration", "lint", "__init__"}
+FLOW_HELPERS = {"common", "configs", "stage", "plots", "publish", "orchestration", "lint", "review_page", "__init__"}
 COMPOSERS = {"pipeline", "schedule", "prefect_flows"}  # may import sibling flows
 FORBIDDEN_IN_CAI = ("prefect", "rich", "matplotlib", "typer", "flows", "dpo")
 

@@ -28,6 +28,7 @@ from flows.cli.common import _session, check_writable, console, err, fail, guard
 from flows.cli.data import constitution_app, prompts_app
 from flows.cli.options import CONFIG_HELP, SET_HELP, SHOW_HELP, configured, opt, resolve_config, show
 from flows.cli.render import esc
+from flows.cli.review import review_app
 from flows.configs import (
     CONFIGS,
     ContrastConfig,
@@ -53,6 +54,7 @@ app.add_typer(prompts_app, name="prompts")
 app.add_typer(db_app, name="db")
 reward_app = typer.Typer(help="A Bradley-Terry reward model on the store's pairs.", no_args_is_help=True)
 app.add_typer(reward_app, name="reward")
+app.add_typer(review_app, name="review")
 
 # --- status and db -------------------------------------------------------------------------
 
@@ -459,6 +461,8 @@ def train(
     method: list[str] | None = opt(TrainConfig, "methods", "--method", convert=_split),
     status: list[str] | None = opt(TrainConfig, "statuses", "--status", convert=_split),
     min_label_prob: float | None = opt(TrainConfig, "min_label_prob"),
+    reviewed: str | None = opt(TrainConfig, "reviewed"),
+    people_order: bool | None = opt(TrainConfig, "people_order", "--people-order"),
     soft_labels: bool | None = opt(TrainConfig, "trainer.use_soft_labels", "--soft-labels/--hard-labels"),
     dataset: str | None = opt(TrainConfig, "dataset"),
     split: str | None = opt(TrainConfig, "dataset_split", "--split"),
@@ -610,6 +614,8 @@ def export(
     include_ties: bool | None = opt(ExportConfig, "include_ties", "--include-ties"),
     include_inconsistent: bool | None = opt(ExportConfig, "include_inconsistent", "--include-inconsistent"),
     include_quarantined: bool | None = opt(ExportConfig, "include_quarantined", "--include-quarantined"),
+    reviewed: str | None = opt(ExportConfig, "reviewed"),
+    people_order: bool | None = opt(ExportConfig, "people_order", "--people-order"),
     test_fraction: float | None = opt(ExportConfig, "test_fraction"),
     license_id: str | None = opt(ExportConfig, "license", "--license"),
     push_to_hub: str | None = opt(ExportConfig, "push_to_hub", metavar="OWNER/NAME"),

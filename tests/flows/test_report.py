@@ -146,8 +146,9 @@ def test_report_on_an_empty_store_renders_and_says_so(sqlite_url: str, tmp_path:
     data = make_report(ReportConfig(out=out, database_url=sqlite_url))
     page = (out / "index.html").read_text()
     assert _img_sources(page) == [] and not (out / "dpo.png").exists()
-    assert page.count('class="empty"') == 7  # one per section, the red-team campaign included
+    assert page.count('class="empty"') == 8  # one per section, the red-team campaign and people's review included
     assert data["judge"] is None and data["eval"] is None and data["training"] is None and data["redteam"] is None
+    assert data["review"] is None
     assert json.loads((out / "report.json").read_text())["examples"] == []
 
 
