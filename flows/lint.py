@@ -11,6 +11,7 @@ Token counts use the bundled model's tokenizer (tokenizer.json alone, no model l
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from cai.lint import Finding, lint
@@ -22,13 +23,21 @@ from flows.common import UserError
 
 def _prompt_counts(url: str | None, tags: list[str] | None) -> tuple[dict[str, int], dict[str, int], str]:
     from sqlalchemy import func
+    from sqlalchemy.engine import make_url
     from sqlmodel import select
 
-    from store.db import DatabaseError, session_scope
+    from store.db import DatabaseError, database_url, session_scope
     from store.models import Prompt, PromptTag
 
+    full = database_url(url)
+    if full.startswith("sqlite"):  # no store file yet: nothing stored to check, and lint makes none
+        path = make_url(full).database
+        if path and path != ":memory:" and not Path(path).exists():
+            full = ""
     try:
-        with session_scope(url) as s:
+        if not full:
+            raise DatabaseError("no store")
+        with session_scope(full) as s:
             q = select(PromptTag.tag, func.count()).group_by(PromptTag.tag)
             tag_counts = {t: n for t, n in s.exec(q) if not tags or t in tags}
             cq = select(Prompt.category, func.count()).group_by(Prompt.category)
