@@ -54,6 +54,8 @@ class LoopSettings(BaseModel):
         "auto", description="auto: bf16 autocast where a measured matmul is faster (engines/precision.py), "
         "else fp32; bfloat16 autocasts; weights stay fp32 either way")
     seed: int = Field(0, description="data order and anything random")
+    length_grouping: int = Field(8, ge=1, description="rows of similar length batched together within windows of "
+                                 "this many batches (less padding); 1: plain shuffled batches")
     ref_batch_tokens: int = Field(8192, ge=1, description="token budget of one no-grad batch (reference, eval)")
 
 
@@ -97,6 +99,8 @@ class SFTConfig(LoopSettings):
     eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: three per run")
     early_stop_patience: int | None = Field(2, ge=1, description="held-out evals without a lower loss before stopping")
     keep_best: bool = Field(True, description="restore the weights of the best held-out eval at the end")
+    freeze_layers: int = Field(0, ge=0, description="the embeddings and this many bottom decoder layers stay as they "
+                               "are: backward stops above them (half of them frozen: about a third less compute)")
 
 
 class RewardConfig(LoopSettings):

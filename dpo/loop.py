@@ -20,6 +20,8 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, group: int
     from a random slice of the data (a global sort would put all the short rows in the same steps)."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(lengths), generator=gen).tolist()
+    if group <= 1:  # plain shuffled batches, in the order drawn
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     window = batch_size * group
     out: list[list[int]] = []
     for w in range(0, len(order), window):

@@ -57,6 +57,24 @@ class SFTResult:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
 
 
+def freeze_bottom(model, layers: int) -> list[torch.nn.Parameter]:
+    """Stop training the input embeddings and the bottom `layers` decoder layers (their parameters
+    get requires_grad False, so autograd stops above them); returns what was frozen. With tied
+    embeddings the output head is the same tensor and stays as it is too."""
+    if layers <= 0:
+        return []
+    decoder = model.get_decoder()
+    blocks = list(decoder.layers)
+    if layers > len(blocks):
+        raise ValueError(f"freeze_layers {layers}: the model has {len(blocks)} decoder layers")
+    frozen = [p for p in decoder.embed_tokens.parameters() if p.requires_grad]
+    for block in blocks[:layers]:
+        frozen += [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
 def _nll(model, seqs: Sequence[Encoded], pad_id: int, dtype: str) -> tuple[torch.Tensor, int]:
     """Summed NLL of the response tokens of `seqs` and how many tokens that is."""
     with autocast_for(model, dtype):
@@ -90,6 +108,7 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
     warmup = math.ceil(cfg.warmup_ratio * total)
     eval_every = cfg.eval_every or max(1, total // 3)
     model.train()
+    frozen = freeze_bottom(model, cfg.freeze_layers)
     opt = _optimizer(model, cfg)  # reads lr and weight_decay
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.scheduler))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -113,7 +132,7 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
     for step in range(1, total + 1):
         if not batches:
             epoch += 1
-            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, cfg.length_grouping)
         idx = batches.pop(0)
         nll, n = _nll(model, [tr[i] for i in idx], enc.pad_id, cfg.dtype)
         (nll / max(n, 1)).backward()
@@ -135,6 +154,8 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
                     logger.info("sft %s", stop_reason)
                     break
     del opt, sched, params
+    for p in frozen:  # what trains next (DPO, adapters) decides for itself
+        p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     if cfg.keep_best and best_state is not None and best_step != step:
         model.load_state_dict(best_state)

@@ -202,7 +202,7 @@ def _micro_batches(lengths: Sequence[int], cfg: TrainerConfig):
     same data order."""
     epoch = 0
     while True:
-        yield from epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+        yield from epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, cfg.length_grouping)
         epoch += 1
 
 

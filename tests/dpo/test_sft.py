@@ -46,3 +46,21 @@ def test_early_stop_and_keep_best(tiny_model_dir):
     now = eval_loss(model, [enc.encode(e.prompt, e.response) for e in rows(4, start=50)], enc.pad_id, cfg)
     assert abs(now["loss"] - evals[res.best_step]) < 1e-3
     assert torch.isfinite(torch.tensor(now["loss"]))
+
+
+def test_frozen_bottom_layers_do_not_move_and_train_again_afterwards(tiny_model_dir):
+    """freeze_layers keeps the embeddings and the bottom layers as they were (autograd stops above
+    them); the layers above still learn, and everything trains again after the stage."""
+    model, tok = load_policy(tiny_model_dir, "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = SFTConfig(lr=3e-3, epochs=2, batch_size=4, early_stop_patience=None, keep_best=False, freeze_layers=1)
+    train_sft(model, tok, rows(8), [], cfg)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not [k for k in moved if ".layers.0." in k or "embed_tokens" in k]
+    assert any(".layers.1." in k for k in moved)
+    assert all(p.requires_grad for p in model.parameters())
+    import pytest
+
+    with pytest.raises(ValueError, match="freeze_layers 9: the model has 2 decoder layers"):
+        train_sft(model, tok, rows(4), [], SFTConfig(freeze_layers=9))
