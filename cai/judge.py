@@ -209,6 +209,7 @@ class Scored:
     logp_b: float
     prob_a: float  # before clamping
     prob_x: float  # after clamping
+    mode: str = "logprobs"  # how the engine scored it (engines.base.ChoiceScores): a remote judge may hard-label
 
 
 def score(engine: Engine, conversations: Sequence[list[Message]], orders: Sequence[str],
@@ -222,7 +223,7 @@ def score(engine: Engine, conversations: Sequence[list[Message]], orders: Sequen
     for row, order in zip(rows, orders, strict=True):
         la, lb = float(row[CHOICE_A]), float(row[CHOICE_B])
         pa = prob_a(la, lb)
-        out.append(Scored(la, lb, pa, clamp(prob_x(order, pa), bounds)))
+        out.append(Scored(la, lb, pa, clamp(prob_x(order, pa), bounds), getattr(row, "mode", "logprobs")))
     return out
 
 

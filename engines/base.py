@@ -12,6 +12,10 @@ the feedback model is asked "The answer is:" and then scored on "(A)" vs "(B)".
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -74,6 +78,88 @@ class EngineStats:
     truncations: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+class ChoiceScores(dict):
+    """A `choice_logprobs` row (choice -> log-prob) that also says how it was scored.
+
+    mode: "logprobs" (the choice's own tokens, as the hf and vllm engines score it),
+    "top-logprobs" (the first answer token of a reply, from an endpoint's top log-probs),
+    "hard" (the endpoint gives no log-probs: the choice it wrote gets 0, the other HARD_LOGP) or
+    "unparsed" (it wrote neither choice: both HARD_LOGP, a tie). A plain dict means "logprobs".
+    """
+
+    mode: str = "logprobs"
+
+    def __init__(self, scores: dict[str, float], mode: str = "logprobs") -> None:
+        super().__init__(scores)
+        self.mode = mode
+
+
+HARD_LOGP = -1e4  # finite (stored in SQL and JSON as it is) yet exp() of it is exactly 0.0
+
+
+# --- usage metering: what each request cost, for the run's ledger ----------------------------
+
+@dataclass
+class Usage:
+    """Requests and tokens one endpoint and model served (one ledger row's counts)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0  # attempts past the first (429, 5xx, timeouts, resets, malformed replies)
+    failures: int = 0  # requests that still failed after their retries
+
+    def add(self, other: Usage) -> None:
+        for k in ("requests", "prompt_tokens", "completion_tokens", "retries", "failures"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+class Meter:
+    """Usage per (endpoint, model) while a block of engine calls runs (thread-safe: a remote
+    engine records from its worker threads)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], Usage] = {}
+        self._lock = threading.Lock()
+
+    def add(self, endpoint: str, model: str, **counts: int) -> None:
+        with self._lock:
+            self.rows.setdefault((endpoint, model), Usage()).add(Usage(**counts))
+
+    @property
+    def total(self) -> Usage:
+        out = Usage()
+        for u in self.rows.values():
+            out.add(u)
+        return out
+
+
+_METER: ContextVar[Meter | None] = ContextVar("cai_engine_meter", default=None)
+
+
+@contextmanager
+def metered() -> Iterator[Meter]:
+    """Collect what every engine call inside the block costs (engines call `record_usage`)."""
+    meter = Meter()
+    token = _METER.set(meter)
+    try:
+        yield meter
+    finally:
+        _METER.reset(token)
+
+
+def current_meter() -> Meter | None:
+    """The meter of the calling context; a remote engine hands it to its worker threads."""
+    return _METER.get()
+
+
+def record_usage(endpoint: str, model: str, meter: Meter | None = None, **counts: int) -> None:
+    """Add one call's usage to `meter` (default: the calling context's); a no-op outside `metered`."""
+    meter = meter or _METER.get()
+    if meter is not None:
+        meter.add(endpoint, model, **counts)
 
 
 class Engine(Protocol):

@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engines.base import Completion, Conversation, EngineStats, Output, Sampling
+from engines.base import Completion, Conversation, EngineStats, Output, Sampling, record_usage
 from engines.bundled import ALIASES, DEFAULT_SPEC, ModelNotFound, is_adapter_dir, resolve
 from engines.chat import (
     check_sampling,
@@ -214,6 +214,9 @@ class HFEngine:
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         self.stats.completion_tokens += sum(o.completion_tokens for c in completions for o in c.outputs)
         self.stats.seconds += time.perf_counter() - t0
+        record_usage("local:hf", self.model_id, requests=len(conversations),
+                     prompt_tokens=sum(len(p) for p in prompts),
+                     completion_tokens=sum(o.completion_tokens for c in completions for o in c.outputs))
         return completions
 
     def choice_logprobs(
@@ -249,6 +252,8 @@ class HFEngine:
         self.stats.extra["batches"] += len(batches)
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         self.stats.seconds += time.perf_counter() - t0
+        record_usage("local:hf", self.model_id, requests=len(conversations),
+                     prompt_tokens=sum(len(p) for p in prompts))
         return out
 
     def close(self) -> None:

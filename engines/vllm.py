@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import replace
 
-from engines.base import Completion, Conversation, EngineStats, Output, Sampling
+from engines.base import Completion, Conversation, EngineStats, Output, Sampling, record_usage
 from engines.bundled import ALIASES, DEFAULT_SPEC, is_adapter_dir, merged_dir, resolve
 from engines.chat import check_sampling, encode, encode_prompts, end_of_turn_ids, row_seed
 
@@ -180,6 +180,9 @@ class VLLMEngine:
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         self.stats.completion_tokens += sum(o.completion_tokens for c in completions for o in c.outputs)
         self.stats.seconds += time.perf_counter() - t0
+        record_usage("local:vllm", self.model_id, requests=len(conversations),
+                     prompt_tokens=sum(len(p) for p in prompts),
+                     completion_tokens=sum(o.completion_tokens for c in completions for o in c.outputs))
         return completions
 
     def choice_logprobs(
@@ -217,6 +220,8 @@ class VLLMEngine:
         self.stats.calls += 1
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         self.stats.seconds += time.perf_counter() - t0
+        record_usage("local:vllm", self.model_id, requests=len(conversations),
+                     prompt_tokens=sum(len(p) for p in prompts))
         return out
 
     def close(self) -> None:

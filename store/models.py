@@ -132,6 +132,9 @@ class Judgment(SQLModel, table=True):
     logp_b: float
     prob_x: float  # probability that x is better, from this judgment (after CoT clamping and calibration)
     prob_x_raw: float | None = None  # before contextual calibration (None: judged without it)
+    # how the judge's choice was scored when not from full log-probs (engines.base.ChoiceScores):
+    # "top-logprobs" (a hosted API's first answer token), "hard" or "unparsed" (no log-probs at all)
+    scoring: str | None = None
     reasoning: str | None = Field(default=None, sa_column=Column(Text))  # CoT text, if any
     conversation: list = Field(sa_column=Column(JSON, nullable=False))
     judge_model: str
@@ -353,6 +356,27 @@ class WorkProgress(SQLModel, table=True):
     claimed: int = 0  # items claimed (taken over ones included)
     done: int = 0  # items computed and written by this run
     failed: int = 0  # failed attempts
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Spend(SQLModel, table=True):
+    """The ledger: requests and tokens one run's stage sent to one endpoint and model, and their cost.
+
+    Written with each chunk's outputs in one transaction (store/ledger.py), so a killed run's
+    spend up to its last stored chunk is kept; local engines appear as endpoint local:hf / local:vllm."""
+
+    __tablename__ = "spend"
+
+    run_id: str = Field(primary_key=True)
+    stage: str = Field(primary_key=True)
+    endpoint: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    failures: int = 0  # requests that still failed after their retries
+    cost_usd: float | None = None  # None: no price for this model in the run's price table
     updated_at: datetime = Field(default_factory=utcnow)
 
 

@@ -102,8 +102,12 @@ def finish_run(run_id: str, status: str, summary: dict[str, Any] | None = None,
 @contextmanager
 def recorded_run(flow: str, config: dict[str, Any], model: str = "", engine: str = "", constitution: Any = None,
                  url: str | None = None) -> Iterator[OpenRun]:
-    """Open a Run row, yield it, and close it `completed` or `failed` (the summary survives either way)."""
+    """Open a Run row, yield it, and close it `completed` or `failed` (the summary survives either way).
+
+    A run whose config asks for a dry run (runner.dry_run: it only estimates) is closed `dry-run`."""
     run = OpenRun(start_run(flow, config, model=model, engine=engine, constitution=constitution, url=url))
+    if (config.get("runner") or {}).get("dry_run"):
+        run.status = "dry-run"
     try:
         yield run
     except BaseException as exc:

@@ -8,6 +8,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from store.db import current_revision
+from store.ledger import per_run
 from store.models import (
     Claim,
     ConstitutionVersion,
@@ -21,6 +22,7 @@ from store.models import (
     Response,
     Review,
     Run,
+    Spend,
     TrainingRun,
     TrainingStep,
     WorkProgress,
@@ -28,7 +30,7 @@ from store.models import (
 from store.runs import mark_crashed
 
 TABLES = [ConstitutionVersion, Prompt, PromptTag, Run, Response, Judgment, PreferencePair, Review, RefLogp,
-          TrainingRun, TrainingStep, EvalResult, Failure, Claim, WorkProgress]
+          TrainingRun, TrainingStep, EvalResult, Failure, Claim, WorkProgress, Spend]
 
 
 def collect(session: Session) -> dict[str, Any]:
@@ -62,11 +64,14 @@ def collect(session: Session) -> dict[str, Any]:
                   for f in session.exec(select(Failure).order_by(Failure.updated_at.desc()).limit(20))],
     }
     data["workers"] = workers(session)
+    runs = list(session.exec(select(Run).order_by(Run.started_at.desc()).limit(10)))
+    spend = per_run(session, [r.id for r in runs])
     data["runs"] = [{"id": r.id[:12], "flow": r.flow, "status": r.status, "model": r.model,
                      "constitution": f"{r.constitution}@{r.constitution_version}" if r.constitution else "",
                      "started_at": r.started_at.isoformat(timespec="seconds"),
-                     "finished_at": r.finished_at.isoformat(timespec="seconds") if r.finished_at else None}
-                    for r in session.exec(select(Run).order_by(Run.started_at.desc()).limit(10))]
+                     "finished_at": r.finished_at.isoformat(timespec="seconds") if r.finished_at else None,
+                     "spend": spend.get(r.id)}
+                    for r in runs]
     return data
 
 

@@ -13,7 +13,9 @@ The scheme (works the same on SQLite and PostgreSQL):
   worker and host (`tally`); the counts of a batch commit with its outputs, so `cai status`
   shows per-worker progress that agrees with the rows.
 - A failing item gets a `failure` row (error, attempts); after MAX_ATTEMPTS it is quarantined:
-  skipped by later runs and reported by `cai status`, never silently dropped.
+  skipped by later runs and reported by `cai status`, never silently dropped. A transient
+  failure (a remote endpoint that still failed after its retries) is counted but never
+  quarantines: the item is not at fault, and the next run asks for it again.
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ def release(session: Session, stage: str, keys: Iterable[str], worker: str) -> N
         session.exec(delete(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys), Claim.worker == worker))
 
 
-def record_failure(session: Session, stage: str, key: str, error: str, run_id: str | None) -> int:
-    """Count one more failed attempt; quarantine at MAX_ATTEMPTS. Returns the attempt count."""
+def record_failure(session: Session, stage: str, key: str, error: str, run_id: str | None,
+                   transient: bool = False) -> int:
+    """Count one more failed attempt; quarantine at MAX_ATTEMPTS unless `transient`. Returns the attempt count."""
     row = session.get(Failure, (stage, key))
     if row is None:
         insert_ignore(session, Failure, [Failure(stage=stage, item_key=key, error=error[:4000], attempts=0,
@@ -120,7 +123,7 @@ def record_failure(session: Session, stage: str, key: str, error: str, run_id: s
         row = session.get(Failure, (stage, key))
     row.attempts += 1
     row.error = error[:4000]
-    row.quarantined = row.attempts >= MAX_ATTEMPTS
+    row.quarantined = row.attempts >= MAX_ATTEMPTS and not transient
     row.run_id = run_id
     row.updated_at = utcnow()
     session.add(row)

@@ -127,6 +127,8 @@ def generate(
     seed: int | None = opt(GenerateConfig, "seed"),
     max_new_tokens: int | None = typer.Option(None, min=1, help="Cap every stage's output length."),
     chunk_size: int | None = opt(GenerateConfig, "runner.chunk_size", "--chunk-size"),
+    dry_run: bool | None = opt(GenerateConfig, "runner.dry_run", "--dry-run"),
+    budget: str | None = opt(GenerateConfig, "runner.budget", "--budget", metavar="TOKENS|$"),
 ) -> None:
     """SL-CAI: initial answers, then critique -> revision rounds; stores revision pairs."""
     from flows.generate import load_inputs
@@ -150,6 +152,8 @@ def contrast(
     engine: str | None = opt(ContrastConfig, "engine.backend", "--engine"),
     limit: int | None = opt(ContrastConfig, "limit"),
     seed: int | None = opt(ContrastConfig, "seed"),
+    dry_run: bool | None = opt(ContrastConfig, "runner.dry_run", "--dry-run"),
+    budget: str | None = opt(ContrastConfig, "runner.budget", "--budget", metavar="TOKENS|$"),
 ) -> None:
     """Contrastive pairs (prompts to refuse) and helpfulness pairs (prompts to answer), steered by the
     governing principle's own texts, quality-gated."""
@@ -177,6 +181,8 @@ def redteam(
     campaign: bool | None = opt(RedteamConfig, "campaign", "--campaign/--no-campaign"),
     seed: int | None = opt(RedteamConfig, "seed"),
     chunk_size: int | None = opt(RedteamConfig, "runner.chunk_size", "--chunk-size"),
+    dry_run: bool | None = opt(RedteamConfig, "runner.dry_run", "--dry-run"),
+    budget: str | None = opt(RedteamConfig, "runner.budget", "--budget", metavar="TOKENS|$"),
 ) -> None:
     """Model-written attack prompts per harm category, deduplicated and stored; then the policy answers them."""
     from flows.redteam import load_inputs
@@ -193,14 +199,20 @@ def redteam(
 
 
 def _print_summary(flow_name: str, summary: dict) -> None:
+    from flows.cli.render import render_budget_stop, render_plan
+
+    if summary.get("dry_run"):
+        render_plan(flow_name, summary, console)
+        return
     table = Table("stage", "items", "already done", "computed", "failed", "quarantined", "tokens", "engine s",
                   "total s", title=f"{flow_name} summary (run {esc(summary.get('run_id', '')[:12])})")
     for name, st in summary.get("stages", {}).items():
         table.add_row(esc(name), str(st["items"]), str(st["done_before"]), str(st["computed"]), str(st["failed"]),
                       str(st["quarantined"]), str(st["tokens"]), f"{st['engine_s']:.1f}", f"{st['total_s']:.1f}")
     console.print(table)
-    extras = {k: v for k, v in summary.items() if k not in ("stages",)}
+    extras = {k: v for k, v in summary.items() if k not in ("stages", "budget_stopped")}
     console.print(esc(" ".join(f"{k}={v}" for k, v in extras.items())), highlight=False)
+    render_budget_stop(summary, console)
 
 
 @app.command("run")
@@ -414,6 +426,8 @@ def label(
     engine: str | None = opt(LabelConfig, "engine.backend", "--engine"),
     max_new_tokens: int | None = opt(LabelConfig, "max_new_tokens"),
     chunk_size: int | None = opt(LabelConfig, "runner.chunk_size", "--chunk-size"),
+    dry_run: bool | None = opt(LabelConfig, "runner.dry_run", "--dry-run"),
+    budget: str | None = opt(LabelConfig, "runner.budget", "--budget", metavar="TOKENS|$"),
 ) -> None:
     """RL-CAI: the judge labels pairs of responses by (A)/(B) log-probs; stores soft-labelled pairs."""
     from flows.label import preflight
@@ -661,6 +675,8 @@ def eval_cmd(
     limit: int | None = opt(EvalConfig, "limit"),
     name: str | None = opt(EvalConfig, "name"),
     engine: str | None = opt(EvalConfig, "engine.backend", "--engine"),
+    dry_run: bool | None = opt(EvalConfig, "runner.dry_run", "--dry-run"),
+    budget: str | None = opt(EvalConfig, "runner.budget", "--budget", metavar="TOKENS|$"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Trained model vs baseline on held-out prompts: refusal rates and judged win rates."""

@@ -53,6 +53,47 @@ def render_status(data: dict[str, Any], console) -> None:
         for r in data["runs"]:
             t.add_row(*(esc(r[k]) for k in ("id", "flow", "status", "model", "constitution", "started_at")))
         console.print(t)
+    if spend := [(r["id"], r["flow"], r["spend"]) for r in data["runs"] if r.get("spend")]:
+        t = Table("run", "flow", "model @ endpoint", "requests", "prompt tokens", "completion tokens", "retries",
+                  "failed", "cost", title="spend per run (the ledger)")
+        for rid, flow, sp in spend:
+            for name, m in sp["by_model"].items():
+                t.add_row(esc(rid), esc(flow), esc(name), str(m["requests"]), f"{m['prompt_tokens']:,}",
+                          f"{m['completion_tokens']:,}", str(m["retries"]), str(m["failures"]), money(m["cost_usd"]))
+        console.print(t)
+
+
+def money(usd: float | None) -> str:
+    return "-" if usd is None else f"${usd:,.4f}"
+
+
+def render_plan(flow_name: str, summary: dict[str, Any], console) -> None:
+    """A dry run: per stage, what is pending and what computing it would send."""
+    from rich.table import Table
+
+    t = Table("stage", "items", "already done", "pending", "requests", "~prompt tokens", "~completion tokens",
+              "~cost at most", title=f"{flow_name} dry run: nothing was sent")
+    total = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    for name, st in summary.get("stages", {}).items():
+        plan = st.get("dry_run") or {}
+        model = plan.get("model_calls", False)
+        t.add_row(esc(name), str(st["items"]), str(st["done_before"]), str(plan.get("pending", 0)),
+                  str(plan.get("requests", 0)) if model else "no model",
+                  f"{plan.get('prompt_tokens', 0):,}", f"{plan.get('completion_tokens', 0):,}",
+                  money(plan.get("cost_usd_at_most")))
+        for k in total:
+            total[k] += plan.get(k, 0)
+    console.print(t)
+    console.print(f"would send {total['requests']:,} requests, about {total['prompt_tokens']:,} prompt and "
+                  f"{total['completion_tokens']:,} completion tokens (~4 characters a token; completions at their "
+                  "max_new_tokens; stages after one with pending items are counted as if it had finished)",
+                  highlight=False)
+
+
+def render_budget_stop(summary: dict[str, Any], console) -> None:
+    if why := summary.get("budget_stopped"):
+        console.print(f"[bold yellow]stopped by the budget:[/] {esc(why)}; what was stored stays, and a rerun "
+                      "resumes from it", highlight=False)
 
 
 def render_eval(summary: dict[str, Any], console) -> None:
