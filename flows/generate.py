@@ -140,7 +140,7 @@ def critique_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
     for p in prompts:
         parent = parents.get(p.id)
         if parent is None and cfg.runner.dry_run:  # a dry run counts it as if its parent were made
-            parent = placeholder(Response, p.id, (cfg.initial if round_ == 1 else cfg.revision).max_new_tokens)
+            parent = placeholder(p.id, (cfg.initial if round_ == 1 else cfg.revision).max_new_tokens)
         if parent is None:  # its parent is quarantined: nothing to build on
             continue
         items.append(sl_cai.critique_item(c, p.id, p.messages, parent.id, parent.text, round_, cfg.seed, cfg.model,
@@ -157,8 +157,8 @@ def revise_task(cfg: GenerateConfig, run_id: str, round_: int) -> StageStats:
     for p in prompts:
         rows = chains.get(p.id, [])
         if len(rows) != 2 * (round_ - 1) + 2 and cfg.runner.dry_run:  # as if its parent and critique were made
-            rows = [placeholder(Response, p.id, (cfg.initial if round_ == 1 else cfg.revision).max_new_tokens),
-                    placeholder(Response, p.id, cfg.critique.max_new_tokens)]
+            rows = [placeholder(p.id, (cfg.initial if round_ == 1 else cfg.revision).max_new_tokens),
+                    placeholder(p.id + ":critique", cfg.critique.max_new_tokens)]
         if len(rows) != 2 * (round_ - 1) + 2:  # needs this round's critique
             continue
         parent, crit = rows[-2], rows[-1]

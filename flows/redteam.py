@@ -34,7 +34,7 @@ from engines.base import Completion
 from flows.common import cached_engine, drop_engines, engine_facts, run_logger, worker_id
 from flows.configs import RedteamConfig
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, run_stage, stage_totals
+from flows.stage import Stage, StageStats, chat_estimate, run_stage, stage_totals
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import Prompt, PromptTag, RedteamAttack, RedteamCandidate, TaxonomyVersion
@@ -130,7 +130,7 @@ def generate_task(cfg: RedteamConfig, run_id: str, round_: int) -> StageStats:
         pools = record_taxonomy(s, tax)
     items = plan(cfg, tax, cats, pools, round_)
     sampling = cfg.attacker_sampling()
-    engine = cached_engine(cfg.model, cfg.engine.backend, **cfg.engine.settings)
+    engine = None if cfg.runner.dry_run else cached_engine(cfg.model, cfg.engine.backend, **cfg.engine.settings)
 
     def compute(chunk: list[GenItem]) -> list[Completion]:
         return engine.generate([it.conversation for it in chunk], sampling)
@@ -156,7 +156,8 @@ def generate_task(cfg: RedteamConfig, run_id: str, round_: int) -> StageStats:
     stage = Stage(name=f"redteam.generate_{round_}", key=lambda it: it.key,
                   done=lambda s, keys: existing_ids(s, RedteamCandidate.id, keys), compute=compute, write=write,
                   tokens=lambda comp: comp.outputs[0].completion_tokens,
-                  size=lambda it: len(it.conversation[1]["content"]))
+                  size=lambda it: len(it.conversation[1]["content"]),
+                  estimate=lambda it: chat_estimate(it.conversation, sampling.max_new_tokens))
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
@@ -191,7 +192,8 @@ def campaign_task(cfg: RedteamConfig, run_id: str) -> StageStats:
     name = campaign_name(cfg, tax)
     items = campaign_items(cfg, tax, name)
     sampling = cfg.campaign_sampling()
-    engine = cached_engine(cfg.policy_model, cfg.engine.backend, **cfg.engine.settings)
+    engine = None if cfg.runner.dry_run else cached_engine(cfg.policy_model, cfg.engine.backend,
+                                                            **cfg.engine.settings)
 
     def compute(chunk: list[AttackItem]) -> list[Completion]:
         return engine.generate([it.prompt.messages for it in chunk], sampling)
@@ -215,7 +217,8 @@ def campaign_task(cfg: RedteamConfig, run_id: str) -> StageStats:
 
     stage = Stage(name="redteam.campaign", key=lambda it: it.key,
                   done=lambda s, keys: existing_ids(s, RedteamAttack.id, keys), compute=compute, write=write,
-                  tokens=lambda comp: comp.outputs[0].completion_tokens, size=lambda it: len(it.prompt.text))
+                  tokens=lambda comp: comp.outputs[0].completion_tokens, size=lambda it: len(it.prompt.text),
+                  estimate=lambda it: chat_estimate(it.prompt.messages, sampling.max_new_tokens))
     return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
 
 
@@ -240,6 +243,8 @@ def redteam_flow(cfg: RedteamConfig) -> dict[str, Any]:
             if not st.items:  # every category has its prompts
                 break
             stages.append(st)
+            if cfg.runner.dry_run:  # later rounds top up what the filters reject: unknown before it runs
+                break
         gen_s = time.perf_counter() - t0
         with session_scope(cfg.database_url) as s:
             mine = s.exec(select(RedteamCandidate).where(RedteamCandidate.run_id == run.id)).all()
@@ -262,9 +267,10 @@ def redteam_flow(cfg: RedteamConfig) -> dict[str, Any]:
             stages.append(campaign_task(cfg, run.id))
             name = campaign_name(cfg, tax)
             summary |= {"campaign": name, "attack_success": campaign_results(cfg.database_url, name)}
-        summary |= {**stage_totals(stages), "total_s": round(time.perf_counter() - t0, 3),
-                    "engine": engine_facts(cached_engine(cfg.policy_model if cfg.campaign else cfg.model,
-                                                         cfg.engine.backend, **cfg.engine.settings))}
+        summary |= {**stage_totals(stages), "total_s": round(time.perf_counter() - t0, 3)}
+        if not cfg.runner.dry_run:
+            summary["engine"] = engine_facts(cached_engine(cfg.policy_model if cfg.campaign else cfg.model,
+                                                           cfg.engine.backend, **cfg.engine.settings))
         run.summary = summary
         run.timings = {s.stage: round(s.total_s, 3) for s in stages}
     logger.info("redteam done: %d generated, %d kept (%s), %.1fs", len(verdicts), kept,

@@ -32,6 +32,7 @@ from constitution.load import split_ref
 from flows.configs import ReportConfig
 from flows.orchestration import stage_flow
 from flows.plots import DPO_PANELS, plot_all
+from store import ledger
 from store.db import session_scope
 from store.models import (
     EvalResult,
@@ -76,10 +77,12 @@ def stage_counts(s: Session, ref: str | None) -> dict[str, Any]:
                                                                          PreferencePair.status))]
     tags = dict(s.exec(select(PromptTag.tag, func.count()).group_by(PromptTag.tag)
                        .order_by(PromptTag.tag)).all())
+    recent = list(s.exec(select(Run).order_by(Run.started_at.desc()).limit(10)))
+    spend = ledger.per_run(s, [r.id for r in recent])
     runs = [{"flow": r.flow, "status": r.status, "model": r.model,
              "constitution": f"{r.constitution}@{r.constitution_version}" if r.constitution else "",
-             "started_at": r.started_at.isoformat(timespec="seconds")}
-            for r in s.exec(select(Run).order_by(Run.started_at.desc()).limit(10))]
+             "started_at": r.started_at.isoformat(timespec="seconds"), "id": r.id[:12], "spend": spend.get(r.id)}
+            for r in recent]
     return {"responses": responses, "pairs": pairs, "prompt_tags": tags, "recent_runs": runs}
 
 
@@ -296,6 +299,13 @@ def _stages_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str
         parts.append(_table(["flow", "status", "model", "constitution", "started (UTC)"],
                             [[r["flow"], r["status"], r["model"], r["constitution"], r["started_at"]]
                              for r in st["recent_runs"]]))
+    spend = [(r, name, m) for r in st["recent_runs"] if r.get("spend") for name, m in r["spend"]["by_model"].items()]
+    if spend:  # the ledger: what each run sent, per model and endpoint
+        parts.append(_table(["run", "flow", "model @ endpoint", "requests", "prompt tokens", "completion tokens",
+                             "retries", "failed", "cost (USD)"],
+                            [[r["id"], r["flow"], name, m["requests"], m["prompt_tokens"], m["completion_tokens"],
+                              m["retries"], m["failures"], "-" if m["cost_usd"] is None else f"{m['cost_usd']:.4f}"]
+                             for r, name, m in spend]))
     return parts
 
 

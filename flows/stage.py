@@ -26,6 +26,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
 
 from rich.console import Console
@@ -87,11 +88,10 @@ def chat_estimate(conversation: Sequence[dict], max_new_tokens: int, n: int = 1,
     return Estimate(requests, requests * (chars // CHARS_PER_TOKEN + 8 * len(conversation)), max_new_tokens * n)
 
 
-def placeholder(row_type: type, prompt_id: str, max_new_tokens: int):
-    """A stand-in for a row a dry run has not made: as long as `max_new_tokens` allows, so the items
-    built on it estimate what they would send (never stored: its id says so)."""
-    return row_type(id=f"dry-run:{prompt_id}:{max_new_tokens}", prompt_id=prompt_id, kind="dry-run", conversation=[],
-                    text="x" * (max_new_tokens * CHARS_PER_TOKEN), model="dry-run")
+def placeholder(key: str, max_new_tokens: int) -> SimpleNamespace:
+    """A stand-in (`.id`, `.text`) for a row a dry run has not made: as long as `max_new_tokens`
+    allows, so the items built on it estimate what they would send. Never stored."""
+    return SimpleNamespace(id=f"dry-run:{key}", text="x" * (max_new_tokens * CHARS_PER_TOKEN))
 
 
 def choice_estimate(conversation: Sequence[dict], choices: int = 2) -> Estimate:

@@ -689,6 +689,10 @@ def eval_cmd(
     from flows.evaluate import eval_flow
 
     summary = run_flow(eval_flow, cfg)
+    if summary.get("dry_run") and not as_json:
+        from flows.cli.render import render_plan
+
+        return render_plan("eval", summary, console)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     else:
