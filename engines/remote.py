@@ -11,13 +11,13 @@ The spec is the model name the endpoint serves (`served_model` overrides what is
 is read from the environment variable `api_key_env` names and lives only in this process's
 request headers: never in settings, rows, logs, run configs or exports.
 
-Requests go out `concurrency` at a time. A 429, a 5xx, a timeout, a dropped connection or a
-reply that is not the JSON expected is retried with exponential backoff and jitter (a
-`Retry-After` header is honoured); a request that still fails after `max_retries` raises
-`RemoteUnavailable` (retry_later: a rerun tries again) and a 4xx other than 408/409/429 raises
-`RequestRejected` (the request itself is wrong). A batch in which some requests failed raises
-`BatchIncomplete`; the stage runner then asks again item by item, and every request that
-succeeded is answered from memory (`_done`), so no request is sent twice.
+Requests go out `concurrency` at a time through engines/http.py: a 429, a 5xx, a timeout, a
+dropped connection or a reply that is not the JSON expected is retried with exponential backoff
+and jitter (a `Retry-After` header is honoured); a request that still fails after `max_retries`
+raises `RemoteUnavailable` (retry_later: a rerun tries again) and a 4xx other than 408/409/425/429
+raises `RequestRejected` (the request itself is wrong). A batch in which some requests failed
+raises `BatchIncomplete`; the stage runner then asks again item by item, and every request that
+succeeded is answered from memory, so no request is sent twice.
 
 What the endpoint supports is probed once, on first need, and logged (`server: auto`); naming
 the server kind (`vllm`, `openai`, `generic`) skips the probe:
@@ -33,22 +33,13 @@ An assistant prefix (the judge's "The answer is:", a primed refusal) is continue
 
 from __future__ import annotations
 
-import email.utils
-import hashlib
-import json
 import logging
 import math
 import os
-import random
 import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
-import httpx
 
 from engines.base import (
     HARD_LOGP,
@@ -60,48 +51,24 @@ from engines.base import (
     Output,
     Sampling,
     current_meter,
-    record_usage,
 )
 from engines.bundled import ALIASES, DEFAULT_SPEC
 from engines.chat import check_sampling, row_seed
+from engines.http import (  # noqa: F401 - the errors are part of this engine's interface
+    BatchIncomplete,
+    RemoteError,
+    RemoteSetupError,
+    RemoteUnavailable,
+    RequestRejected,
+    Transport,
+    finish,
+)
 
 log = logging.getLogger(__name__)
 
 SERVERS = ("auto", "vllm", "openai", "generic")
 SCORINGS = ("auto", "prompt-logprobs", "top-logprobs", "constrained")
 PREFIXES = ("auto", "continue", "completions", "none")
-RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
-
-
-class RemoteError(RuntimeError):
-    """A request the endpoint did not answer as asked."""
-
-    retry_later = False  # True: the endpoint, not the item, is at fault; a rerun should try again
-    fatal = False  # True: a setting is wrong; the stage stops instead of failing every item
-
-
-class RemoteUnavailable(RemoteError):
-    """Still failing after every retry (429, 5xx, timeouts, dropped connections, malformed replies)."""
-
-    retry_later = True
-
-
-class RequestRejected(RemoteError):
-    """A 4xx: the request itself is wrong (too long a prompt, an unknown parameter); not retried."""
-
-
-class RemoteSetupError(RemoteError):
-    """The endpoint cannot do what a setting asks (e.g. continue an assistant prefix)."""
-
-    fatal = True
-
-
-class BatchIncomplete(RemoteError):
-    """Some requests of a batch failed; the ones that succeeded are kept for the item-by-item retry."""
-
-    def __init__(self, failed: int, total: int, first: Exception) -> None:
-        super().__init__(f"{failed} of {total} requests failed ({first.__class__.__name__}: {first})")
-        self.retry_later = getattr(first, "retry_later", False)
 
 
 @dataclass
@@ -121,40 +88,6 @@ KNOWN = {
     "openai": Caps("openai", False, False, False, True, False),
     "generic": Caps("generic", False, False, False, False, False),
 }
-
-
-def endpoint_label(base_url: str) -> str:
-    """The URL as the ledger and logs name it: no user, password, query or fragment."""
-    parts = urlsplit(base_url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date); None if absent or bad."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def backoff_s(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with jitter: half of base * 2**attempt (capped) fixed, half random."""
-    step = min(cap, base * 2 ** attempt)
-    return step / 2 + rng.uniform(0, step / 2)
-
-
-def _key(path: str, body: dict) -> str:
-    return hashlib.sha256((path + json.dumps(body, sort_keys=True)).encode()).hexdigest()
 
 
 class RemoteEngine:
@@ -191,20 +124,18 @@ class RemoteEngine:
         self.model_id = DEFAULT_SPEC if spec.lower() in ALIASES else spec
         self.served = served_model or self.model_id
         self.base_url = base_url.rstrip("/")
-        self.endpoint = endpoint_label(self.base_url)
         headers = {"Content-Type": "application/json"}
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
                 raise ValueError(f"engine.settings.api_key_env names {api_key_env}, which is not set in the "
                                  "environment")
-            headers["Authorization"] = f"Bearer {key}"  # kept only here; never logged or stored
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-                                    limits=httpx.Limits(max_connections=concurrency,
-                                                        max_keepalive_connections=concurrency))
-        self.concurrency = concurrency
-        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff_s, max_backoff_s
-        self.fail_fast_after, self.cooldown_s = fail_fast_after, cooldown_s
+            headers["Authorization"] = f"Bearer {key}"  # kept only in the client's headers: never logged or stored
+        self.stats = EngineStats()
+        self.http = Transport(self.base_url, self.served, headers, self.stats, concurrency=concurrency,
+                              timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
+                              max_backoff_s=max_backoff_s, fail_fast_after=fail_fast_after, cooldown_s=cooldown_s)
+        self.endpoint = self.http.endpoint
         self.scoring_setting, self.prefix_setting, self.top_k = scoring, prefix, top_logprobs
         self._server = server
         self._tokenizer_spec = tokenizer
@@ -212,135 +143,10 @@ class RemoteEngine:
         self._tok_loaded = False
         self._caps: Caps | None = KNOWN.get(server)
         self._probe_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="cai-remote")
-        self._rng = random.Random()
-        self._lock = threading.Lock()
-        self._done: OrderedDict[str, dict] = OrderedDict()  # request key -> reply, for the item-by-item retry
-        self._failed: dict[str, Exception] = {}  # request key -> its final error, answered once without sending
-        self._streak = 0  # requests in a row that failed after their retries
-        self._quiet_until = 0.0
         self._choice_ids: dict[str, list[int]] = {}
         self.scoring_path: str | None = None
-        self.stats = EngineStats()
-        self.stats.extra.update(device="remote", endpoint=self.endpoint, requests=0, retries=0, failures=0)
+        self.stats.extra.update(device="remote", endpoint=self.endpoint)
         log.info("openai engine: %s at %s (server %s, %d in flight)", self.served, self.endpoint, server, concurrency)
-
-    # ---- HTTP: one request with retries, many in flight ------------------------------------
-
-    def _post(self, path: str, body: dict, meter: Meter | None) -> dict:
-        """POST `body` to base_url + path (or to `path` if it is a URL): the parsed reply, or
-        RemoteUnavailable (retries spent) / RequestRejected (a 4xx, not retried)."""
-        url = self.base_url + path if path.startswith("/") else path
-        with self._lock:
-            quiet = self._streak >= self.fail_fast_after and time.monotonic() < self._quiet_until
-            streak = self._streak
-        if quiet:  # the endpoint is down: fail at once instead of spending every retry on it
-            record_usage(self.endpoint, self.served, meter, failures=1)
-            raise RemoteUnavailable(f"not sent: the last {streak} requests to {self.endpoint} all failed; "
-                                    "a rerun tries again")
-        retries = 0
-        err = ""
-        for attempt in range(self.max_retries + 1):
-            wait: float | None = None
-            try:
-                r = self._client.post(url, json=body)
-            except httpx.TimeoutException as exc:
-                err = f"timed out ({exc.__class__.__name__})"
-            except httpx.TransportError as exc:  # refused, reset, dropped mid-reply, protocol errors
-                err = f"connection failed ({exc.__class__.__name__}: {exc})"
-            else:
-                if r.status_code == 200:
-                    try:
-                        data = r.json()
-                        if not isinstance(data, dict):
-                            raise ValueError("not a JSON object")
-                    except ValueError as exc:
-                        err = f"malformed reply ({exc}): {r.text[:120]!r}"
-                    else:
-                        self._count(meter, data, retries, failed=False)
-                        return data
-                elif r.status_code in RETRY_STATUS or r.status_code >= 500:
-                    err = f"HTTP {r.status_code}: {_message(r)}"
-                    wait = retry_after_s(r.headers.get("retry-after"))
-                else:
-                    self._count(meter, {}, retries, failed=True, streak=False)
-                    raise RequestRejected(f"HTTP {r.status_code} from {self.endpoint}{path}: {_message(r)}")
-            if attempt == self.max_retries:
-                break
-            delay = backoff_s(attempt, self.backoff, self.max_backoff, self._rng)
-            if wait is not None:  # the server's own figure wins, plus a little jitter so clients spread out
-                delay = wait + self._rng.uniform(0, min(1.0, self.backoff))
-            log.debug("%s%s: %s; retry %d in %.1fs", self.endpoint, path, err, attempt + 1, delay)
-            time.sleep(delay)
-            retries += 1
-        self._count(meter, {}, retries, failed=True)
-        raise RemoteUnavailable(f"{self.endpoint}{path}: {err} (after {retries + 1} attempts)")
-
-    def _count(self, meter: Meter | None, data: dict, retries: int, failed: bool, streak: bool = True) -> None:
-        usage = data.get("usage") or {}
-        prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        with self._lock:
-            self.stats.extra["requests"] += 1
-            self.stats.extra["retries"] += retries
-            self.stats.extra["failures"] += int(failed)
-            self.stats.prompt_tokens += prompt
-            self.stats.completion_tokens += completion
-            if failed and streak:
-                self._streak += 1
-                if self._streak >= self.fail_fast_after:
-                    self._quiet_until = time.monotonic() + self.cooldown_s
-            elif not failed:
-                self._streak = 0
-        record_usage(self.endpoint, self.served, meter, requests=1, prompt_tokens=prompt, completion_tokens=completion,
-                     retries=retries, failures=int(failed))
-
-    def _send_all(self, requests: list[tuple[str, dict]]) -> list[dict | Exception]:
-        """Every (path, body), `concurrency` at a time; each reply or its exception, in order.
-
-        A request answered earlier in this process (an item-by-item retry after BatchIncomplete)
-        is answered from memory; one that failed is answered with its error once, unsent."""
-        meter = current_meter()  # worker threads do not inherit the caller's context
-        keys = [_key(p, b) for p, b in requests]
-        out: list[dict | Exception | None] = [None] * len(requests)
-        todo = []
-        with self._lock:
-            for i, k in enumerate(keys):
-                if k in self._done:
-                    out[i] = self._done[k]
-                elif k in self._failed:
-                    out[i] = self._failed.pop(k)
-                else:
-                    todo.append(i)
-
-        def one(i: int) -> dict | Exception:
-            try:
-                return self._post(*requests[i], meter)
-            except RemoteError as exc:
-                return exc
-
-        results = list(self._pool.map(one, todo)) if len(todo) > 1 else [one(i) for i in todo]
-        with self._lock:
-            for i, res in zip(todo, results, strict=True):
-                out[i] = res
-                if isinstance(res, Exception):
-                    self._failed[keys[i]] = res
-                else:
-                    self._done[keys[i]] = res
-                    self._done.move_to_end(keys[i])
-            while len(self._done) > 8192:
-                self._done.popitem(last=False)
-        return out  # type: ignore[return-value]
-
-    def _finish(self, outs: list[Any | Exception]) -> list[Any]:
-        """The results, or BatchIncomplete when some failed (one request: its own error)."""
-        bad = [o for o in outs if isinstance(o, Exception)]
-        if not bad:
-            return outs
-        if any(getattr(b, "fatal", False) for b in bad):
-            raise next(b for b in bad if getattr(b, "fatal", False))
-        if len(outs) == 1:
-            raise bad[0]
-        raise BatchIncomplete(len(bad), len(outs), bad[0])
 
     # ---- what the endpoint supports ---------------------------------------------------------
 
@@ -362,7 +168,7 @@ class RemoteEngine:
                      "continue_final_message": True, "add_generation_prompt": False, "repetition_penalty": 1.0,
                      "prompt_logprobs": 0, "return_token_ids": True}
         try:
-            data = self._post("/chat/completions", vllm_body, meter)
+            data = self.http.post("/chat/completions", vllm_body, meter)
             if data.get("prompt_logprobs") is not None or data.get("prompt_token_ids") is not None:
                 return replace(KNOWN["vllm"], tokenize=self._has_tokenize(meter))
         except RequestRejected:
@@ -371,7 +177,7 @@ class RemoteEngine:
                  "logprobs": True, "top_logprobs": 2}
         top = False
         try:
-            data = self._post("/chat/completions", plain, meter)
+            data = self.http.post("/chat/completions", plain, meter)
             content = ((data.get("choices") or [{}])[0].get("logprobs") or {}).get("content") or []
             top = bool(content and content[0].get("top_logprobs"))
         except RequestRejected:
@@ -380,8 +186,8 @@ class RemoteEngine:
 
     def _has_tokenize(self, meter: Meter | None) -> bool:
         try:
-            self._post(self._root() + "/tokenize", {"model": self.served, "prompt": "hi", "add_special_tokens": False},
-                       meter)
+            self.http.post(self._root() + "/tokenize",
+                           {"model": self.served, "prompt": "hi", "add_special_tokens": False}, meter)
             return True
         except RemoteError:
             return False
@@ -408,7 +214,7 @@ class RemoteEngine:
 
             return encode(tok, render(tok, conv))
         last = conv[-1]["role"] == "assistant"
-        data = self._post(self._root() + "/tokenize", {"model": self.served, "messages": conv,
+        data = self.http.post(self._root() + "/tokenize", {"model": self.served, "messages": conv,
                                                        "add_generation_prompt": not last,
                                                        "continue_final_message": last}, meter)
         return list(data["tokens"])
@@ -421,7 +227,7 @@ class RemoteEngine:
 
                 ids = encode(tok, text)
             else:
-                ids = list(self._post(self._root() + "/tokenize", {"model": self.served, "prompt": text,
+                ids = list(self.http.post(self._root() + "/tokenize", {"model": self.served, "prompt": text,
                                                                    "add_special_tokens": False}, meter)["tokens"])
             self._choice_ids[text] = ids
         return self._choice_ids[text]
@@ -496,7 +302,7 @@ class RemoteEngine:
         if sampling.max_new_tokens == 0:
             replies: list[Any] = [{"choices": [], "usage": {}} for _ in conversations]
         else:
-            replies = self._send_all(requests)
+            replies = self.http.send_all(requests)
         outs: list[Completion | Exception] = []
         for conv, (path, _), reply in zip(conversations, requests, replies, strict=True):
             if isinstance(reply, Exception):
@@ -508,7 +314,7 @@ class RemoteEngine:
                 outs.append(exc)
             except (KeyError, TypeError, ValueError, IndexError) as exc:
                 outs.append(RemoteUnavailable(f"reply without the expected fields ({exc.__class__.__name__}: {exc})"))
-        completions = self._finish(outs)
+        completions = finish(outs)
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - t0
         return completions
@@ -533,7 +339,7 @@ class RemoteEngine:
     def _more_draws(self, conv: Conversation, sampling: Sampling, k: int, meter: Meter | None) -> list[Output]:
         reqs = [self._gen_request(conv, sampling, 1, row_seed(sampling.seed, conv, j + 1), meter) for j in range(k)]
         out = []
-        for (path, _), reply in zip(reqs, self._send_all(reqs), strict=True):
+        for (path, _), reply in zip(reqs, self.http.send_all(reqs), strict=True):
             if isinstance(reply, Exception):
                 raise reply
             c = reply["choices"][0]
@@ -587,7 +393,7 @@ class RemoteEngine:
             rows = self._score_prompt_logprobs(conversations, choices)
         else:
             rows = self._score_reply(conversations, choices, path)
-        out = self._finish(rows)
+        out = finish(rows)
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - t0
         return out
@@ -612,7 +418,7 @@ class RemoteEngine:
                 requests.append(("/completions", {"model": self.served, "prompt": p + ids, "max_tokens": 1,
                                                   "temperature": 0.0, "prompt_logprobs": 1}))
                 owners.append((i, j))
-        replies = self._send_all(requests)
+        replies = self.http.send_all(requests)
         rows: list[Any] = [p if isinstance(p, Exception) else {} for p in prompts]
         for (i, j), reply in zip(owners, replies, strict=True):
             if isinstance(rows[i], Exception):
@@ -645,7 +451,7 @@ class RemoteEngine:
                 body |= {"logprobs": True, "top_logprobs": self.top_k}
             requests.append(("/chat/completions", body))
         rows: list[Any] = []
-        for reply in self._send_all(requests):
+        for reply in self.http.send_all(requests):
             if isinstance(reply, Exception):
                 rows.append(reply)
                 continue
@@ -661,8 +467,7 @@ class RemoteEngine:
         return rows
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        self.http.close()
 
 
 # --- pure helpers (tested directly) -------------------------------------------------------------
@@ -742,19 +547,6 @@ def _find_token(text: str, form: str) -> int:
             return i
         start = i + 1
     return -1
-
-
-def _message(r: httpx.Response) -> str:
-    """The error text of a reply, short and on one line."""
-    try:
-        data = r.json()
-        msg = data.get("error", data) if isinstance(data, dict) else data
-        if isinstance(msg, dict):
-            msg = msg.get("message", msg)
-        text = str(msg)
-    except ValueError:
-        text = r.text
-    return " ".join(text.split())[:300]
 
 
 def _load_tokenizer(spec: str, required: bool):

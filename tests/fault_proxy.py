@@ -12,7 +12,8 @@ them and gives no log-probs at all.
 FaultProxy forwards to an upstream and injects faults on the first attempt of chosen requests:
 429 with Retry-After, 500, a reply slower than the client's timeout, a dropped connection and a
 200 with malformed JSON: by share of requests (`faults`, chosen by a hash of the body, so a test
-is reproducible) or in turn (`cycle`: the k-th distinct request gets cycle[k % len(cycle)]). It counts attempts and successful forwards per request body: `duplicates()` lists
+is reproducible) or in turn (`cycle`: the k-th distinct request gets cycle[k % len(cycle)]).
+It counts attempts and successful forwards per request body: `duplicates()` lists
 the bodies that were answered successfully more than once (a request sent twice).
 """
 

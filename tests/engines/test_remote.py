@@ -18,16 +18,14 @@ from fault_proxy import FakeUpstream, FaultProxy
 import engines
 from engines import Sampling
 from engines.base import HARD_LOGP, metered
+from engines.http import backoff_s, endpoint_label, retry_after_s
 from engines.remote import (
     BatchIncomplete,
     RemoteSetupError,
     RemoteUnavailable,
     RequestRejected,
-    backoff_s,
-    endpoint_label,
     first_answer_scores,
     hard_scores,
-    retry_after_s,
 )
 
 
@@ -224,8 +222,10 @@ def test_a_4xx_is_not_retried():
 
 @pytest.mark.parametrize("fault", ["429", "500", "slow", "drop", "malformed"])
 def test_each_fault_is_retried_until_it_succeeds(fault):
-    with FakeUpstream() as up, FaultProxy(up.url, faults={fault: 1.0}, slow_s=1.5, retry_after=1) as px:
-        eng = remote(px.url, server="vllm", timeout_s=0.7, backoff_s=0.05, max_retries=3)
+    # a timeout well above a healthy reply's time even on a busy machine: a reply slower than the
+    # timeout is asked for again, which the proxy would count as a duplicate
+    with FakeUpstream() as up, FaultProxy(up.url, faults={fault: 1.0}, slow_s=4.0, retry_after=1) as px:
+        eng = remote(px.url, server="vllm", timeout_s=3.0, backoff_s=0.05, max_retries=3)
         t0 = time.perf_counter()
         with metered() as m:
             out = eng.generate(QS[:4], Sampling(max_new_tokens=4))

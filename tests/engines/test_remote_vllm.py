@@ -172,9 +172,9 @@ def test_faults_in_front_of_the_real_server(server, reng, tmp_path, monkeypatch)
     plain = [p.text for p in load_prompts(None, ["red-team"], 4) if p.text.isascii() and not set('"\\') & set(p.text)]
     bad = plain[0].encode()  # as it stands in a request body
     cycle = ["429", None, "500", None, "slow", None, "drop", None, "malformed", None]
-    with FaultProxy(server.base_url.removesuffix("/v1"), cycle=cycle, slow_s=12,
+    with FaultProxy(server.base_url.removesuffix("/v1"), cycle=cycle, slow_s=22,
                     always_fail=lambda raw: bad in raw) as px:
-        settings = {"base_url": px.url + "/v1", "timeout_s": 10, "backoff_s": 0.1, "max_retries": 3}
+        settings = {"base_url": px.url + "/v1", "timeout_s": 20, "backoff_s": 0.1, "max_retries": 3}
         cfg = GenerateConfig(model=SPEC, prompts=["red-team"], limit=4, rounds=1, engine={"backend": "openai",
                              "settings": settings}, initial={"temperature": 0, "max_new_tokens": 16},
                              critique={"max_new_tokens": 16}, revision={"max_new_tokens": 16},

@@ -38,7 +38,7 @@ def _engines():
 
 
 def remote(url: str, **kw) -> dict:
-    settings = {"base_url": url + "/v1", "server": "vllm", "tokenizer": "none", "timeout_s": 0.8,
+    settings = {"base_url": url + "/v1", "server": "vllm", "tokenizer": "none", "timeout_s": 3.0,
                 "backoff_s": 0.02, "max_retries": 3} | kw
     return {"backend": "openai", "settings": settings}
 
@@ -60,7 +60,7 @@ def test_faults_become_rows_once_and_a_rerun_asks_only_for_the_failures(use_db):
 
     bad = load_prompts(None, ["red-team"], 6)[2].text.encode()  # its requests always fail at the endpoint
     cycle = ["429", None, "500", None, "slow", None, "drop", None, "malformed", None]
-    with FakeUpstream() as up, FaultProxy(up.url, cycle=cycle, slow_s=1.2, always_fail=lambda raw: bad in raw) as px:
+    with FakeUpstream() as up, FaultProxy(up.url, cycle=cycle, slow_s=4.0, always_fail=lambda raw: bad in raw) as px:
         summary = generate_flow(gen_cfg(px.url))
         first = {r.id: r.text for r in rows()}
         assert set(px.faults_sent) == {"429", "500", "slow", "drop", "malformed", "none"}, px.faults_sent
@@ -300,3 +300,28 @@ def test_a_killed_remote_run_resumes_without_sending_a_stored_row_again(tmp_path
     assert not [m for m in sent_twice if m in [conv for _, conv in stored.values()]], "a stored row was asked again"
     assert len(twice) <= 2  # at most the one chunk (2 items, one request each) in flight at the kill
     assert set(twice) <= answered_before
+
+
+def test_dry_runs_of_contrast_eval_and_redteam_send_nothing(use_db):
+    from flows.configs import ContrastConfig, EvalConfig, RedteamConfig
+    from flows.contrast import contrast_flow
+    from flows.evaluate import eval_flow
+    from flows.redteam import redteam_flow
+    from store.models import EvalResult, RedteamCandidate
+
+    dry = {"show_progress": False, "dry_run": True}
+    with FakeUpstream() as up:
+        s = contrast_flow(ContrastConfig(model="m", limit=2, continue_tokens=8, engine=remote(up.url), runner=dry))
+        plans = {k: v["dry_run"] for k, v in s["stages"].items()}
+        assert plans["contrast.plain"]["pending"] == 4 and plans["contrast.steered"]["pending"] == 4
+        s = eval_flow(EvalConfig(model="m", baseline="m0", judge="j", limit=2, principles=2,
+                                 engine=remote(up.url), runner=dry))
+        plans = {k: v["dry_run"] for k, v in s["stages"].items()}
+        assert s["dry_run"] and plans["eval.generate.model"]["pending"] == 4
+        assert plans["eval.judge"]["pending"] == 4 and plans["eval.judge"]["requests"] == 4 * 2 * 2 * 2
+        s = redteam_flow(RedteamConfig(model="m", per_category=2, categories=["weapons"], engine=remote(up.url),
+                                       runner=dry))
+        plans = {k: v["dry_run"] for k, v in s["stages"].items()}
+        assert plans["redteam.generate_0"]["pending"] >= 2 and "redteam.campaign" in plans
+        assert up.requests == []
+    assert rows() == [] and rows(EvalResult) == [] and rows(RedteamCandidate) == []
