@@ -151,8 +151,10 @@ def cached_engine(spec: str, backend: str = "auto", *, job_tokens: int | None = 
             try:
                 _ENGINES[key] = load(spec, engine=backend, **job, **settings)
             except Exception as exc:  # noqa: BLE001 - one line a person can act on
-                raise UserError(f"cannot load model {spec!r} ({exc.__class__.__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local HF directory, "
+                why = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if backend == "openai" or settings.get("base_url"):  # a remote endpoint: the message says what
+                    raise UserError(f"engine openai for model {spec!r}: {why}") from exc
+                raise UserError(f"cannot load model {spec!r} ({why}); pass a local HF directory, "
                                 f"a .gguf file, or `{DEFAULT_SPEC}` for the bundled model") from exc
             facts = engine_facts(_ENGINES[key])
             run_logger().info("loaded %s in %.1fs: %s", spec, time.perf_counter() - t0,

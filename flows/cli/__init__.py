@@ -240,6 +240,9 @@ def run(
     seed: int | None = opt(PipelineConfig, "seed"),
 ) -> None:
     """The main job: [redteam ->] generate -> contrast -> label -> export -> train -> eval -> report, by stage."""
+    if cfg.runner.dry_run:
+        fail("cai run has no dry run (it would go on to export and train on what is stored); dry-run its "
+             "model stages one by one: cai generate / contrast / label / eval --dry-run")
     from flows.generate import load_inputs
     from flows.pipeline import stage_configs
     from flows.publish import check_out
