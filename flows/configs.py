@@ -114,7 +114,8 @@ class RunnerSettings(Config):
     budget: str | None = Field(None, description="stop a run's model stages cleanly once it has used this much: "
                                "tokens (200000, 200k, 1.5M) or dollars ($5, 5usd; needs `prices`); a rerun resumes")
     prices: dict[str, Price] = Field(default_factory=dict, description="model (as rows record it) -> {input, output} "
-                                     "$ per million tokens; '*' for any other; the ledger's cost and $ budgets")
+                                     "$ per million tokens; '*' for any other; the ledger's cost and $ budgets "
+                                     "(an unpriced in-process engine counts as free)")
 
     @field_validator("budget")
     @classmethod

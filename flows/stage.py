@@ -171,9 +171,9 @@ class _Spending:
             return self.before.tokens + self.meter.total.prompt_tokens + self.meter.total.completion_tokens
         unpriced = set(self.before.unpriced)
         total = self.before.usd
-        for (_, model), u in self.meter.rows.items():
+        for (endpoint, model), u in self.meter.rows.items():
             c = ledger.cost(self.prices, model, u.prompt_tokens, u.completion_tokens)
-            if c is None and (u.prompt_tokens or u.completion_tokens):
+            if c is None and (u.prompt_tokens or u.completion_tokens) and not ledger.is_local(endpoint):
                 unpriced.add(model)
             total += c or 0.0
         if unpriced:

@@ -85,11 +85,16 @@ def add(session: Session, run_id: str, stage: str, rows: Mapping[tuple[str, str]
             session.exec(update(Spend).where(*where).values(cost_usd=func.coalesce(Spend.cost_usd, 0.0) + c))
 
 
+def is_local(endpoint: str) -> bool:
+    """An in-process engine (local:hf, local:vllm): free unless the price table names its model."""
+    return endpoint.startswith("local:")
+
+
 @dataclass
 class Spent:
     tokens: int = 0
     usd: float = 0.0
-    unpriced: tuple[str, ...] = ()  # models with tokens but no price
+    unpriced: tuple[str, ...] = ()  # remote models with tokens but no price
 
     def over(self, budget: Budget) -> bool:
         return (self.tokens if budget.unit == "tokens" else self.usd) >= budget.amount
@@ -98,7 +103,8 @@ class Spent:
 def spent(session: Session, run_id: str) -> Spent:
     """What a run has used so far, over all its stages."""
     rows = session.exec(select(Spend).where(Spend.run_id == run_id)).all()
-    unpriced = sorted({r.model for r in rows if r.cost_usd is None and (r.prompt_tokens or r.completion_tokens)})
+    unpriced = sorted({r.model for r in rows if r.cost_usd is None and (r.prompt_tokens or r.completion_tokens)
+                       and not is_local(r.endpoint)})
     return Spent(tokens=sum(r.prompt_tokens + r.completion_tokens for r in rows),
                  usd=sum(r.cost_usd or 0.0 for r in rows), unpriced=tuple(unpriced))
 

@@ -35,6 +35,7 @@ def test_chunks_add_up_per_run_stage_endpoint_and_model(db_url):
     m = Meter()
     m.add("http://h/v1", "judge", requests=2, prompt_tokens=100, completion_tokens=4, retries=1)
     m.add("local:hf", "policy", requests=3, prompt_tokens=30, completion_tokens=60)
+    m.add("http://other/v1", "unpriced", requests=1, prompt_tokens=1, completion_tokens=1)
     prices = {"judge": {"input": 10.0, "output": 20.0}}
     with session_scope(db_url) as s:
         for _ in range(2):
@@ -43,10 +44,11 @@ def test_chunks_add_up_per_run_stage_endpoint_and_model(db_url):
     with session_scope(db_url) as s:
         spent = ledger.spent(s, "run1")
         totals = ledger.per_run(s, ["run1", "run2", "none"])
-    assert spent.tokens == 2 * (104 + 90) and spent.unpriced == ("policy",)
+    assert spent.tokens == 2 * (104 + 90 + 2)
+    assert spent.unpriced == ("unpriced",)  # the local engine is free unless priced; a remote one is not
     assert spent.usd == pytest.approx(2 * (100 * 10 + 4 * 20) / 1e6)
     r1 = totals["run1"]
-    assert r1["requests"] == 10 and r1["retries"] == 2 and set(totals) == {"run1", "run2"}
+    assert r1["requests"] == 12 and r1["retries"] == 2 and set(totals) == {"run1", "run2"}
     assert r1["by_model"]["judge @ http://h/v1"]["prompt_tokens"] == 200
     assert r1["by_model"]["policy @ local:hf"]["cost_usd"] is None
     assert spent.over(ledger.Budget(300, "tokens")) and not spent.over(ledger.Budget(1.0, "usd"))
