@@ -151,6 +151,8 @@ class _Spending:
         self.budget = ledger.parse_budget(budget) if budget else None
         self.prices, self.stage = prices or {}, stage
         self.meter = Meter()  # this stage's usage, chunk by chunk
+        self.scale = 1.0  # what this stage's chunks really used over what was estimated for them (>= 1)
+        self._est = self._got = 0
         self.before = ledger.Spent()
         if self.budget and self.budget.unit == "usd" and not self.prices:
             raise UserError(f"--budget {budget}: a budget in dollars needs a price table (runner.prices: model -> "
@@ -159,7 +161,12 @@ class _Spending:
             with session_scope(url) as s:
                 self.before = ledger.spent(s, run_id)
 
-    def add(self, meter: Meter) -> None:
+    def add(self, meter: Meter, estimated: int = 0) -> None:
+        """One chunk's usage; with its estimate (tokens), later estimates are scaled to what chunks really use."""
+        if estimated:
+            self._est += estimated
+            self._got += meter.total.prompt_tokens + meter.total.completion_tokens
+            self.scale = max(1.0, self._got / self._est)
         for (endpoint, model), u in meter.rows.items():
             self.meter.add(endpoint, model, requests=u.requests, prompt_tokens=u.prompt_tokens,
                            completion_tokens=u.completion_tokens, retries=u.retries, failures=u.failures)
@@ -185,9 +192,10 @@ class _Spending:
         """An estimate in the budget's unit; dollars at the dearest price the run has met (or the table's)."""
         assert self.budget is not None
         if self.budget.unit == "tokens":
-            return est.tokens
+            return est.tokens * self.scale
         models = [m for _, m in self.meter.rows] or list(self.prices)
-        return max((ledger.cost(self.prices, m, est.prompt_tokens, est.completion_tokens) or 0.0) for m in models)
+        return self.scale * max((ledger.cost(self.prices, m, est.prompt_tokens, est.completion_tokens) or 0.0)
+                                for m in models)
 
     def fit(self, chunk: list[T], estimate: Callable[[T], Estimate] | None) -> tuple[list[T], str | None]:
         """The start of `chunk` that fits what is left of the budget, and why the stage stops, if it does."""
@@ -336,7 +344,7 @@ def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | 
                     raise UserError(f"{stage.name}: {exc}") from None
                 stats.engine_s += time.perf_counter() - t0
                 if spending is not None:
-                    spending.add(meter)
+                    spending.add(meter, sum(stage.estimate(i).tokens for i in chunk) if stage.estimate else 0)
                 t1 = time.perf_counter()
                 good = [(item, r) for item, r in zip(chunk, results, strict=True) if not isinstance(r, Exception)]
                 bad_items = [(item, r) for item, r in zip(chunk, results, strict=True) if isinstance(r, Exception)]
