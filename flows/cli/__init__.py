@@ -94,12 +94,15 @@ def _split(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-def _preflight_model(spec: str) -> None:
+def _preflight_model(spec: str, engine=None) -> None:
     """Fail before any work when a local model path is wrong, or a hub id can be neither
-    downloaded nor found in the cache (seconds, not a minute of download retries)."""
+    downloaded nor found in the cache (seconds, not a minute of download retries). A model a
+    remote endpoint serves (`engine`: backend openai, or a base_url) is a name only it knows."""
     from engines.bundled import ALIASES, resolve
     from flows.common import is_loaded
 
+    if engine is not None and (engine.backend == "openai" or engine.settings.get("base_url")):
+        return
     if spec.lower() not in ALIASES and not is_loaded(spec):
         resolve(spec)
 
@@ -134,7 +137,7 @@ def generate(
     from flows.generate import load_inputs
 
     load_inputs(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
-    _preflight_model(cfg.model)
+    _preflight_model(cfg.model, cfg.engine)
     from flows.generate import generate_flow
 
     summary = run_flow(generate_flow, cfg)
@@ -160,7 +163,7 @@ def contrast(
     from flows.contrast import load_inputs
 
     load_inputs(cfg)  # unknown constitution / tag / unreachable database: fail before Prefect starts
-    _preflight_model(cfg.model)
+    _preflight_model(cfg.model, cfg.engine)
     from flows.contrast import contrast_flow
 
     summary = run_flow(contrast_flow, cfg)
@@ -188,7 +191,7 @@ def redteam(
     from flows.redteam import load_inputs
 
     load_inputs(cfg)  # bad taxonomy file or category: fail before Prefect starts
-    _preflight_model(cfg.model)
+    _preflight_model(cfg.model, cfg.engine)
     from flows.redteam import redteam_flow
 
     summary = run_flow(redteam_flow, cfg)
@@ -256,7 +259,7 @@ def run(
         elif getattr(sub, "out", None) is not None:
             check_writable(sub.out, flags.get(stage, f"the {stage} output"))
     load_inputs(stages["generate"])  # bad constitution / tag / database: fail before Prefect starts
-    _preflight_model(cfg.model)
+    _preflight_model(cfg.model, cfg.engine)
     from flows.pipeline import pipeline_flow
 
     t0 = __import__("time").perf_counter()
@@ -437,9 +440,9 @@ def label(
 
     preflight(cfg)  # unknown constitution / tag, nothing stored to pair: fail before Prefect starts
     if cfg.source in ("samples", "best-of-n"):
-        _preflight_model(cfg.policy)
+        _preflight_model(cfg.policy, cfg.engine)
     if cfg.source != "best-of-n":  # best-of-n asks the reward model, not the judge
-        _preflight_model(cfg.judge)
+        _preflight_model(cfg.judge, cfg.judge_engine or cfg.engine)
     from flows.label import label_flow
 
     summary = run_flow(label_flow, cfg)
@@ -653,8 +656,10 @@ def export(
 
 # run / eval / report: flows/pipeline.py, flows/evaluate.py, flows/report.py
 
-def _preflight_eval_model(flag: str, spec: str) -> None:
+def _preflight_eval_model(flag: str, spec: str, engine=None) -> None:
     """runs/NAME that does not exist is a typo or an untrained model, not a hub id: say so."""
+    if engine is not None and (engine.backend == "openai" or engine.settings.get("base_url")):
+        return  # a name only the remote endpoint knows
     p = Path(spec).expanduser()
     if not p.exists() and "/" in spec and (p.parent.is_dir() or spec.startswith("runs/")):
         fail(f"{flag} {spec}: no such model directory (expected a HF-format directory written by "
@@ -686,8 +691,9 @@ def eval_cmd(
     from flows.evaluate import load_items
 
     load_items(cfg)  # unknown constitution / tag, unreachable database: fail before Prefect starts
-    for flag, spec in (("--model", cfg.model), ("--baseline", cfg.baseline), ("--judge", cfg.judge_model)):
-        _preflight_eval_model(flag, spec)
+    for flag, spec, eng in (("--model", cfg.model, cfg.engine), ("--baseline", cfg.baseline, cfg.engine),
+                            ("--judge", cfg.judge_model, cfg.judge_engine or cfg.engine)):
+        _preflight_eval_model(flag, spec, eng)
     from flows.cli.render import render_eval
     from flows.evaluate import eval_flow
 
