@@ -124,7 +124,7 @@ def test_generate_contrast_label_through_the_server_match_in_process(server, ren
     monkeypatch.chdir(tmp_path)
     greedy = [f"--set={k}.{f}={v}" for k in GREEDY for f, v in (("temperature", 0), ("no_repeat_ngram", 0))]
     jobs = [["generate", "--prompts", "red-team", "--limit", "2", "--rounds", "1", "--max-new-tokens", "24", *greedy],
-            ["contrast", "--harmful-prompts", "red-team", "--benign-prompts", "benign", "--limit", "2",
+            ["contrast", "--prompts", "red-team,benign", "--limit", "2",
              "--set", "continue_tokens=8", "--set", "sampling.no_repeat_ngram=0",
              "--set", "sampling.max_new_tokens=24"],
             ["label", "--source", "store", "--kinds", "initial,final-revision", "--prompts", "red-team", "--limit", "2",
