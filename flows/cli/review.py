@@ -74,7 +74,14 @@ def review(
     console.print("keys: 1/Left, 2/Right, 3/t tie, 4/b both bad, 0/s skip, n note, i the factory's label; "
                   "Ctrl+C stops", highlight=False)
     sys.stdout.flush()
-    serve(app, sock)
+    from store.stop import is_stop
+
+    try:
+        serve(app, sock)
+    except BaseException as exc:  # uvicorn shuts down cleanly, then passes the signal on: a server's normal end
+        if not is_stop(exc):
+            raise
+    console.print("cai review: stopped; every verdict is stored", highlight=False)
 
 
 @review_app.command("stats")
