@@ -49,8 +49,11 @@ def opening_for(prompt_id: str, texts: tuple[str, ...], seed: int) -> str:
 
 def steering_texts(rule: Rule) -> tuple[str, ...]:
     """The texts a prompt's steered side is drawn from: the governing principle's examples (refuse)
-    or its counter-examples (answer: the needless refusal the plain reply is preferred to)."""
-    return rule.principle.examples if rule.refuse else rule.principle.counter_examples
+    or its counter-examples (answer: the needless refusal the plain reply is preferred to), or its
+    counter-openings when it has them (the model completes those: see `completed_text`)."""
+    if rule.refuse:
+        return rule.principle.examples
+    return rule.principle.counter_openings or rule.principle.counter_examples
 
 
 @dataclass(frozen=True)
@@ -96,14 +99,36 @@ def plan_prompt(prompt_id: str, messages: list[Message], rule: Rule, *, model: s
         return None
     opening = opening_for(prompt_id, texts, seed)
     steered_conv = list(messages) + [{"role": "assistant", "content": opening}]
-    steering = {"kind": "primed-opening", "text": opening, "constitution": rule.constitution.name,
-                "principle": rule.principle.id, "principle_hash": rule.principle.hash,
-                "source": "examples" if rule.refuse else "counter_examples", "governed_by": rule.via}
+    completes = not rule.refuse and bool(rule.principle.counter_openings)
+    if completes:
+        continue_tokens = continue_tokens or OPENING_TOKENS
+    source = "examples" if rule.refuse else "counter_openings" if completes else "counter_examples"
+    steering = {"kind": "completed-opening" if completes else "primed-opening", "text": opening,
+                "constitution": rule.constitution.name, "principle": rule.principle.id,
+                "principle_hash": rule.principle.hash, "source": source, "governed_by": rule.via}
     plain = Side(side_key("contrast-plain", prompt_id, model, sampling, list(messages), 0), prompt_id,
                  "contrast-plain", list(messages), None, True)
     steered = Side(side_key("contrast-steered", prompt_id, model, sampling, steered_conv, continue_tokens),
                    prompt_id, "contrast-steered", steered_conv, steering, continue_tokens > 0)
     return PromptPlan(prompt_id, list(messages), rule, plain, steered)
+
+
+OPENING_TOKENS = 24  # room for the model to finish a counter-opening's sentence
+
+
+def completed_text(opening: str, continuation: str) -> str | None:
+    """A counter-opening ("I won't help with") finished by the model's own words, up to the end of
+    its first sentence ("... with scams or lies.", or just "... with that."); None when the model
+    wrote no sentence after it (the steered side is then a failed item, and the prompt makes no pair)."""
+    text = " ".join(continuation.replace("\n", " ").split())
+    ends = [i for i, ch in enumerate(text) if ch in ".!?" and (i + 1 == len(text) or text[i + 1] == " ")]
+    if not ends:
+        return None
+    first = text[:ends[0] + 1]
+    if not first.rstrip(".!?").split():
+        return None
+    joiner = "" if opening.endswith((" ", "\n")) or first[:1] in ",.;:" else " "
+    return f"{opening}{joiner}{first}"
 
 
 def steered_text(opening: str, continuation: str) -> str:

@@ -84,7 +84,7 @@ def _principles(c: Constitution, categories, tags, taught: Taught, count, max_ex
         if p.refuses and not p.examples:
             out.append(_at(c, lines, here, "warning", f"{p.id} refuses but has no examples: the prompts it governs "
                            "make no contrastive pair"))
-        if p.stance == "answer" and not p.counter_examples:
+        if p.stance == "answer" and not (p.counter_examples or p.counter_openings):
             out.append(_at(c, lines, here, "warning", f"{p.id} answers but has no counter_examples (needless "
                            "refusals): the prompts it governs make no helpful pair"))
         if p.governs and (categories is not None or tags is not None):
@@ -98,6 +98,11 @@ def _principles(c: Constitution, categories, tags, taught: Taught, count, max_ex
             for j, text in enumerate(texts):
                 path = f"{here}.{key}[{j}]"
                 out += _text_findings(c, lines, path, name, key, text, p.refuses, taught, count, max_example)
+        for j, stem in enumerate(p.counter_openings):
+            if not detect(f"{stem} that.")[0]:
+                out.append(_at(c, lines, f"{here}.counter_openings[{j}]", "error", f"{name}: the model finishes "
+                               f"{stem!r} itself, so it must open a refusal the detector knows ('{stem} that.' "
+                               "does not read as one)"))
         shots = c.few_shot_for(p.id)
         if shots:
             n = sum(count(t) for f in shots for t in (f.prompt, f.response, f.critique, f.revision)) \

@@ -67,7 +67,10 @@ class Principle:
     """A rule of the constitution. `critique`/`revision` drive SL-CAI; a principle with a `stance`
     also declares what the prompts it `governs` should get (refuse or answer) and carries
     `examples` (replies that follow it: what a small model is primed with, and few-shot material
-    for a large one) and `counter_examples` (replies that break it, e.g. needless refusals)."""
+    for a large one) and `counter_examples` (replies that break it, e.g. needless refusals). An
+    answer principle may also give `counter_openings`: the first words of a needless refusal ("I
+    won't help with"), which the model completes for each prompt, so the refusal it is taught to
+    avoid names that prompt's own topic, as a trained small model's over-refusals do."""
 
     id: str
     critique: str
@@ -76,6 +79,7 @@ class Principle:
     governs: Governs = field(default_factory=Governs)
     examples: tuple[str, ...] = ()
     counter_examples: tuple[str, ...] = ()
+    counter_openings: tuple[str, ...] = ()
 
     def content(self) -> dict[str, Any]:
         """What defines this principle; the optional fields only when set, so a file written before
@@ -90,6 +94,8 @@ class Principle:
             out["examples"] = list(self.examples)
         if self.counter_examples:
             out["counter_examples"] = list(self.counter_examples)
+        if self.counter_openings:
+            out["counter_openings"] = list(self.counter_openings)
         return out
 
     @property
@@ -212,7 +218,8 @@ _SCHEMA: dict[str, Any] = {
     "default_principle": _Optional(str),
     "principles": [{"id": str, "critique": str, "revision": str, "stance": _Optional(str),
                     "governs": _Optional({"categories": _Optional([str]), "tags": _Optional([str])}),
-                    "examples": _Optional([str]), "counter_examples": _Optional([str])}],
+                    "examples": _Optional([str]), "counter_examples": _Optional([str]),
+                    "counter_openings": _Optional([str])}],
     "preferences": [{"id": str, "question": str}],
     "few_shot": [{"prompt": str, "response": str, "principle": str, "critique": str, "revision": str}],
 }
@@ -399,7 +406,8 @@ def parse_text(text: str, file: str = "<text>") -> Constitution:
         g = p.get("governs") or {}
         return Principle(s(p["id"]), s(p["critique"]), s(p["revision"]), stance=p.get("stance"),
                          governs=Governs(texts(g, "categories"), texts(g, "tags")),
-                         examples=texts(p, "examples"), counter_examples=texts(p, "counter_examples"))
+                         examples=texts(p, "examples"), counter_examples=texts(p, "counter_examples"),
+                         counter_openings=texts(p, "counter_openings"))
 
     return Constitution(
         name=s(data["name"]),
@@ -439,9 +447,12 @@ def _check_governance(data: dict[str, Any], fail) -> None:
                          f"principles[{first[0]}] with stance {first[1]}: one prompt cannot be both refused and "
                          "answered")
                 claimed.setdefault((kind, name.strip()), (i, stance))
-        for key in ("examples", "counter_examples"):
+        for key in ("examples", "counter_examples", "counter_openings"):
             if p.get(key) and stance is None:
                 fail(["principles", i, key], f"{key} belong to a principle with a stance (refuse or answer)")
+        if p.get("counter_openings") and stance != "answer":
+            fail(["principles", i, "counter_openings"], "counter_openings (needless refusals the model completes) "
+                 "belong to a principle with stance answer")
     default = data.get("default_principle")
     if default is not None:
         match = [p for p in data["principles"] if p["id"] == default.strip()]
@@ -536,7 +547,7 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 
 # --- diff ----------------------------------------------------------------------------------
 
-PRINCIPLE_FIELDS = ("critique", "revision", "stance", "governs", "examples", "counter_examples")
+PRINCIPLE_FIELDS = ("critique", "revision", "stance", "governs", "examples", "counter_examples", "counter_openings")
 
 
 def _text(item: Any, name: str) -> str | None:

@@ -95,21 +95,40 @@ def _row(cfg: ContrastConfig, plan: contrast.PromptPlan, side: contrast.Side, te
         finish_reason=comp.outputs[0].finish_reason if comp else "stop")
 
 
+def _wanted(plan: contrast.PromptPlan, which: str) -> contrast.Side | None:
+    """The side of `plan` that stage `which` computes, if the model has to write it."""
+    side = plan.plain if which == "plain" else plan.steered
+    if not side.needs_model:
+        return None
+    if which == "plain":
+        return side
+    completes = side.steering["kind"] == "completed-opening"
+    return side if completes == (which == "completed") else None
+
+
 @stage_task(name="contrast-generate")
 def generate_task(cfg: ContrastConfig, run_id: str, which: str) -> StageStats:
-    """The plain replies (which="plain") or the model-continued steered sides (which="steered")."""
+    """The plain replies (which="plain"), the counter-openings the model completes into a needless
+    refusal naming the prompt's topic (which="completed"), or the model-continued steered sides
+    (which="steered", with `continue_tokens`)."""
     gov, plans, prompts, _ = load_inputs(cfg)
     known = taught(gov)
-    sides = [(p, p.plain if which == "plain" else p.steered) for p in plans]
-    sides = [(p, s) for p, s in sides if s.needs_model]
+    sides = [(p, s) for p in plans if (s := _wanted(p, which)) is not None]
     plan_of = {s.key: p for p, s in sides}
     sampling = cfg.sampling.sampling(cfg.seed)
     if which == "steered":  # a short continuation: one sentence at most is kept
         sampling = type(sampling)(**{**sampling.__dict__, "max_new_tokens": cfg.continue_tokens,
                                      "stop": ("\n", " But", " However", ":")})
+    if which == "completed":  # the rest of the opening's sentence
+        sampling = type(sampling)(**{**sampling.__dict__, "max_new_tokens": contrast.OPENING_TOKENS,
+                                     "stop": ("\n",)})
 
     def compute(items: list[contrast.Side]) -> list[Completion | Exception]:
         outs = _engine(cfg).generate([s.conversation for s in items], sampling)
+        if which == "completed":  # no sentence after the opening: a failed item, retried by a rerun
+            return [c if contrast.completed_text(s.steering["text"], c.text) else
+                    ValueError(f"the model did not finish the sentence {s.steering['text']!r}: {c.text[:80]!r}")
+                    for s, c in zip(items, outs, strict=True)]
         return [c if c.text.strip() or which == "steered" else ValueError("empty output from the model")
                 for c in outs]
 
@@ -120,6 +139,9 @@ def generate_task(cfg: ContrastConfig, run_id: str, which: str) -> StageStats:
             request = prompts[plan.prompt_id].text
             if which == "steered":
                 text = contrast.steered_text(side.steering["text"], comp.text)
+                _, quality = finish(request, text, "stop", known)
+            elif which == "completed":
+                text = contrast.completed_text(side.steering["text"], comp.text) or ""
                 _, quality = finish(request, text, "stop", known)
             else:
                 text, quality = finish(request, comp.text, comp.outputs[0].finish_reason, known)
@@ -203,6 +225,8 @@ def contrast_flow(cfg: ContrastConfig) -> dict[str, Any]:
             logger.warning("%d prompts are governed by no principle and make no pair: %s", sum(ungoverned.values()),
                            ", ".join(f"{k} {v}" for k, v in ungoverned.most_common()))
         stages = [generate_task(cfg, run.id, "plain")]
+        if any(p.steered.steering["kind"] == "completed-opening" for p in plans):
+            stages.append(generate_task(cfg, run.id, "completed"))
         if cfg.continue_tokens:
             stages.append(generate_task(cfg, run.id, "steered"))
         dry = cfg.runner.dry_run  # writes nothing, not even the rows that need no model

@@ -81,8 +81,12 @@ def test_every_steering_text_comes_from_the_governing_principle(use_db, engine):
         pairs = list(s.exec(select(PreferencePair)))
         rows = {r.id: r for r in s.exec(select(Response))}
         prompts = {p.id: p for p in s.exec(select(Prompt))}
+    rules = [gov.rule(prompts[p.prompt_id].category) for p in pairs]
+    completing = sum(not r.refuse and bool(r.principle.counter_openings) for r in rules)
     assert summary["refuse"] == 6 and summary["prompts"] == 12 and len(pairs) == 12
-    assert engine.calls == 12  # one plain reply per prompt; the constitution's texts need no model call
+    # one plain reply per prompt; a constitution text needs no model call, except a counter-opening,
+    # which the model finishes
+    assert completing and engine.calls == 12 + completing
     for p in pairs:
         rule = gov.rule(prompts[p.prompt_id].category)
         chosen, rejected = rows[p.chosen_id], rows[p.rejected_id]
@@ -97,14 +101,18 @@ def test_every_steering_text_comes_from_the_governing_principle(use_db, engine):
             assert chosen.principle_id == rule.principle.id
         else:  # a benign category: the plain answer over one of the principle's needless refusals
             assert p.method == "helpful" and not rule.refuse and chosen.text == ANSWER
-            assert rejected.text in rule.principle.counter_examples
+            if rule.principle.counter_openings:  # the model finished the opening's sentence
+                assert rejected.steering["text"] in rule.principle.counter_openings
+                assert rejected.text == f"{rejected.steering['text']} {ANSWER.split('.')[0]}."
+            else:
+                assert rejected.text in rule.principle.counter_examples
         # the steering is not part of the training prompt: the pair's prompt is the user's messages
         assert prompts[p.prompt_id].messages[-1]["role"] == "user"
     # each harm category's refusal names its own principle, not one generic sentence for all
     assert len({p.principle_ids[0] for p in pairs if p.method == "contrastive"}) >= 3
     assert {p.status for p in pairs} == {"ok"}
     again = contrast_flow(_cfg())
-    assert engine.calls == 12 and again["pairs"]["new_pairs"] == 0  # a rerun computes nothing
+    assert engine.calls == 12 + completing and again["pairs"]["new_pairs"] == 0  # a rerun computes nothing
 
 
 def test_each_stance_can_have_its_own_limit(use_db, engine):
@@ -243,3 +251,15 @@ def test_plan_keys_and_steered_text():
     assert steered_text(opening, " But here is how: 1. get parts") == opening
     assert steered_text(opening, " Please talk to someone you trust instead.") == (
         f"{opening} Please talk to someone you trust instead.")
+
+
+def test_a_counter_opening_is_finished_by_the_models_first_sentence():
+    from cai.contrast import completed_text
+
+    assert completed_text("I won't help with", " scams or lies. I'm here to help with whatever") == \
+        "I won't help with scams or lies."
+    assert completed_text("I won't help with", "\nthat sort of thing!\nMore") == "I won't help with that sort of thing!"
+    assert completed_text("I won't help with", " that") is None  # no sentence end: no pair
+    assert completed_text("I won't help with", " that.") == "I won't help with that."  # the usual one
+    assert completed_text("I won't help with", " .") is None
+    assert completed_text("I can't help with", ", sadly, recipes.") == "I can't help with, sadly, recipes."

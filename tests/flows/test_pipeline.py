@@ -119,7 +119,7 @@ def taught_only_from_model_or_constitution(url: str, exports) -> None:
                 continue
             for row in ds[split]:
                 c = texts[f"{row['constitution']}@{row['constitution_version']}"]
-                taught = {t for p in c.principles for t in p.examples + p.counter_examples}
+                taught = {t for p in c.principles for t in p.examples + p.counter_examples + p.counter_openings}
                 for side in ("chosen", "rejected"):
                     r = rows[row[f"{side}_id"]]
                     text = row[side][-1]["content"]
