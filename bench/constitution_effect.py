@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--remove", default="self-harm-care", help="the principle case (b) leaves out")
     ap.add_argument("--replies", default=None, help="write a dozen replies per model and affected group here")
     ap.add_argument("--eval-new-tokens", type=int, default=64, help="reply length in the eval (the demo's)")
+    ap.add_argument("--cases", default="a,b,c", help="the cases to build now (another process may build the "
+                    "rest into the same workdir at the same time); the JSON line needs all three")
     args = ap.parse_args()
 
     workdir = Path(args.workdir).resolve()
@@ -159,9 +161,10 @@ def main() -> None:
     url = f"sqlite:///{workdir / 'cai.db'}"
     os.environ["CAI_DATABASE_URL"] = url
 
-    from flows.common import machine_facts, resolve_constitution
+    from flows.common import resolve_constitution
     from flows.configs import ContrastConfig, PipelineConfig
     from flows.contrast import contrast_flow
+    from flows.engine_cache import machine_facts
     from flows.evaluate import eval_flow
     from flows.pipeline import stage_configs
     from flows.train import run_training
@@ -169,6 +172,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     cases = write_constitutions(workdir, args.remove)
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not wanted or set(wanted) - set(cases):
+        raise SystemExit(f"--cases {args.cases}: expected a comma-separated subset of {','.join(cases)}")
     demo = PipelineConfig(refuse_limit=None)  # every prompt to refuse: the same prompts in every case
     base = stage_configs(demo)
     prompts = list(ContrastConfig.model_fields["prompts"].default_factory()) + TRAIN_EXTRA
@@ -176,6 +182,8 @@ def main() -> None:
     names: dict[str, str] = {}
     pairs: dict[str, Any] = {}
     for case, refs in cases.items():
+        if case not in wanted:
+            continue
         t = time.perf_counter()
         summary = contrast_flow(base["contrast"].model_copy(update={"prompts": prompts, "constitutions": refs,
                                                                     "refuse_limit": None}))
@@ -193,6 +201,10 @@ def main() -> None:
             "name": f"effect-{case}"}))
         names[case] = ev["eval_name"]
         timings[f"{case}_eval"] = round(time.perf_counter() - t, 1)
+    if set(names) != set(cases):  # a subset: the stored rows and models are what it leaves
+        print(json.dumps({"bench": "constitution_effect", "partial": sorted(names), "eval_names": names,
+                          "pairs": pairs, "timings_s": timings}))
+        return
     by_case = {case: {g: v for g, v in refusals(url, name).items() if not g.startswith("base:")}
                for case, name in names.items()}
     by_case["base"] = {g.removeprefix("base:"): v for g, v in refusals(url, names["a"]).items()

@@ -56,7 +56,7 @@ def peak(url: str, out: Path, streamed: bool) -> tuple[float, float]:
 
     from cai import dataset_schema as schema
     from flows import export as ex
-    from flows.publish import write_export
+    from flows.publish import staging_dir, write_export
     from store.db import get_engine
 
     config = ex.make_config(constitution="bench", out=out)
@@ -64,14 +64,14 @@ def peak(url: str, out: Path, streamed: bool) -> tuple[float, float]:
     t0 = time.perf_counter()
     with Session(get_engine(url)) as s:
         if streamed:
-            staging = ex.staging_dir(out)
+            staging = staging_dir(out)
             data, facts = ex.build_export(s, config, staging)
         else:  # the pre-streaming way: every row as Python lists, one in-memory table per split
             from datasets import Dataset, DatasetDict
 
-            sel = ex.select_pairs(s, config)
+            sel = ex.select_for_export(s, config)
             rows = ex.build_rows(s, sel, config.test_fraction)
-            facts = ex.collect_facts(s, config, sel, ex.plan_splits(sel, config.test_fraction))
+            facts = ex.collect_facts(s, config, sel, ex.plan_export(sel, config.test_fraction))
             data = DatasetDict({name: Dataset.from_dict({c: [r[c] for r in rows[name]] for c in f}, features=f)
                                 for name, f in schema.SPLITS.items() if rows[name]})
     write_export(data, facts, out, "arrow")

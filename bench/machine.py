@@ -99,7 +99,7 @@ def main() -> None:
     import torch
 
     from engines.precision import BF16_MIN_SPEEDUP, cpu_bf16_speedup, resolve
-    from flows.common import machine_facts
+    from flows.engine_cache import machine_facts
 
     out: dict = {"bench": "machine", "machine": machine_facts(), "torch": torch.__version__,
                  "threads": torch.get_num_threads(),

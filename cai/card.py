@@ -2,7 +2,7 @@
 
     cai export --constitution harmless --out exports/harmless   # writes both next to the data
 
-Pure rendering: every fact comes from `flows.export.collect_facts`, which takes them from the
+Pure rendering: every fact comes from `cai.export_facts` (flows/export.py reads the store for it), from the
 data, never from the clock, so exporting the same rows twice gives byte-identical files.
 The YAML header carries what the Hub reads (license, task_categories, tags, configs with their
 data_files, dataset_info with the features) plus our own `cai_factory:` block for tools.
@@ -120,9 +120,41 @@ def _fence(text: str, lang: str = "") -> str:
     return f"{ticks}{lang}\n{text.rstrip(chr(10))}\n{ticks}"
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |" for r in rows]
+class _Md(str):
+    """Markdown this module wrote (a code span, a description): goes into the card as it is."""
+
+
+# a stored value made only of these is shown as it is; anything else (markup, HTML, a link, a line
+# break) becomes a code span, where a Markdown renderer reads nothing
+_PLAIN = re.compile(r"[A-Za-z0-9 .,/@+=-]*")
+
+
+def _v(value: Any) -> _Md:
+    """A stored value (a tag, model, run id, method, name) as card text that cannot be markup."""
+    if isinstance(value, _Md):
+        return value
+    text = str(value)
+    if _PLAIN.fullmatch(text) and "www." not in text.lower() and not text.startswith(("-", "+")):
+        return _Md(text)
+    return _code(text)
+
+
+def _code(text: Any) -> _Md:
+    """Any text as one inline code span on one line, fenced so it cannot close the span."""
+    one = " ".join(str(text).split())
+    ticks = "`" * (1 + max((len(m) for m in re.findall(r"`+", one)), default=0))
+    pad = " " if one.startswith("`") or one.endswith("`") or not one.strip() else ""
+    return _Md(f"{ticks}{pad}{one}{pad}{ticks}")
+
+
+def _table(head: list[Any], rows: list[list[Any]]) -> str:
+    """A Markdown table: every cell a stored value (`_v`) or our own `_Md`, on one line, pipes escaped."""
+    def cell(x: Any) -> str:
+        text = x if isinstance(x, _Md) or isinstance(x, int | float) else _v(x)
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -154,10 +186,10 @@ def _intro(facts: dict[str, Any]) -> list[str]:
     for split in ("train_prefs", "test_prefs"):
         for m, n in facts["counts_by_method"].get(split, {}).items():
             by_method[m] = by_method.get(m, 0) + n
-    made = "; ".join(f"{n} {METHODS.get(m, m)}" for m, n in sorted(by_method.items(), key=lambda x: -x[1]))
-    out = [f"# {c['ref']}: Constitutional AI data from cai-factory", "",
+    made = "; ".join(f"{n} {METHODS.get(m) or _v(m)}" for m, n in sorted(by_method.items(), key=lambda x: -x[1]))
+    out = [f"# {_v(c['ref'])}: Constitutional AI data from cai-factory", "",
            f"Supervised (`*_sft`) and preference (`*_prefs`) data generated under the constitution "
-           f"**{c['name']}**, version **{c['version']}**, by cai-factory. What the pairs are: {made}.", "",
+           f"**{_v(c['name'])}**, version **{_v(c['version'])}**, by cai-factory. What the pairs are: {made}.", "",
            "```python", "from datasets import load_dataset", "",
            "# OWNER/NAME on the Hub, or the local export directory",
            'prefs = load_dataset("OWNER/NAME", "prefs")  # train_prefs, test_prefs: prompt, chosen, rejected',
@@ -187,7 +219,7 @@ def _counts(facts: dict[str, Any]) -> list[str]:
                 "an empty split): " + ", ".join(f"`{s}`" for s in empty) + ".", ""]
     statuses = facts["counts_by_status"]
     if set(statuses) - {"ok"}:
-        out += ["Pair status: " + ", ".join(f"{k} {n}" for k, n in statuses.items()), ""]
+        out += ["Pair status: " + ", ".join(f"{_v(k)} {n}" for k, n in statuses.items()), ""]
     return out + _cut(facts)
 
 
@@ -235,7 +267,7 @@ def _models(facts: dict[str, Any]) -> list[str]:
             + [["judge (pairs)", m, n] for m, n in models["judge"].items()])
     out = ["## Models and sampling", "", _table(["role", "model", "rows"], rows), ""]
     if facts["sampling"]:
-        settings = [[f"`{json.dumps(s['settings'], sort_keys=True)}`", s["responses"]]
+        settings = [[_code(json.dumps(s['settings'], sort_keys=True)), s["responses"]]
                     for s in facts["sampling"]]
         out += ["Sampling settings of the chosen and rejected responses:", "",
                 _table(["settings", "responses"], settings), ""]
@@ -251,8 +283,8 @@ def _taught(facts: dict[str, Any]) -> list[str]:
     principles, variety = facts.get("principles") or {}, facts.get("variety") or {}
     if not principles:
         return []
-    rows = [[f"`{pid}`", e["pairs"], ", ".join(f"{m} {n}" for m, n in e["methods"].items()), e["distinct_chosen"],
-             f"{e['distinct_chosen'] / e['pairs']:.2f}"] for pid, e in principles.items()]
+    rows = [[_code(pid), e["pairs"], _Md(", ".join(f"{_v(m)} {n}" for m, n in e["methods"].items())),
+             e["distinct_chosen"], f"{e['distinct_chosen'] / e['pairs']:.2f}"] for pid, e in principles.items()]
     out = ["## Principles and what they teach", "",
            _table(["principle", "pairs", "methods", "distinct chosen replies", "per pair"], rows), "",
            f"Overall {variety['distinct_chosen']} distinct chosen replies in {variety['pairs']} preference pairs "
@@ -262,8 +294,8 @@ def _taught(facts: dict[str, Any]) -> list[str]:
     if facts.get("examples"):
         out += ["Examples (the first exported pairs of each method, by id):", ""]
         for ex in facts["examples"]:
-            who = ", ".join(ex["principles"]) or "no principle recorded"
-            out += [f"- **{ex['method']}** ({who}), prompt: {_quote(ex['prompt'])}",
+            who = ", ".join(map(_v, ex["principles"])) or "no principle recorded"
+            out += [f"- **{_v(ex['method'])}** ({who}), prompt: {_quote(ex['prompt'])}",
                     f"  - chosen: {_quote(ex['chosen'])}", f"  - rejected: {_quote(ex['rejected'])}"]
         out.append("")
     return out
@@ -272,33 +304,32 @@ def _taught(facts: dict[str, Any]) -> list[str]:
 def _quote(text: str, limit: int = 240) -> str:
     """A stored text as one inline code span: cut, on one line, fenced so it cannot break the markdown."""
     one = " ".join(text.split())
-    one = one if len(one) <= limit else one[:limit - 1] + "\u2026"
-    ticks = "`" * (1 + max((len(m) for m in re.findall(r"`+", one)), default=0))
-    pad = " " if one.startswith("`") or one.endswith("`") else ""
-    return f"{ticks}{pad}{one}{pad}{ticks}"
+    return _code(one if len(one) <= limit else one[:limit - 1] + "\u2026")
 
 
 def _constitution(facts: dict[str, Any]) -> list[str]:
     c = facts["constitution"]
-    used = ", ".join(f"`{k}` {n}" for k, n in facts["principles_used"].items()) or "none recorded"
+    used = ", ".join(f"{_code(k)} {n}" for k, n in facts["principles_used"].items()) or "none recorded"
     missing = "_The store has no text for this version._"
     text = _fence(c["source_text"], "yaml") if c["source_text"] else missing
-    return ["## Constitution", "", f"`{c['ref']}` (sha256 `{c['sha256']}`). Principles used: {used}.", "",
+    return ["## Constitution", "", f"{_code(c['ref'])} (sha256 {_code(c['sha256'])}). Principles used: {used}.", "",
             text, ""]
 
 
 def _provenance(facts: dict[str, Any]) -> list[str]:
     c, sel = facts["constitution"], facts["selection"]
-    removed = "; ".join(f"{k} removed {n}" for k, n in sel["removed_by"].items())
+    # the reasons are our words, except a stored pair status (`status gated:x`)
+    removed = "; ".join(f"{'status ' + _v(k[7:]) if k.startswith('status ') else k} removed {n}"
+                        for k, n in sel["removed_by"].items())
     out = ["## How it was made", "", _fence(facts["command"], "bash"), "",
-           f"To rebuild exactly these rows later, pin the version: `--constitution {c['ref']}`. "
+           f"To rebuild exactly these rows later, pin the version: {_code('--constitution ' + c['ref'])}. "
            f"{sel['pairs_selected']} of {sel['pairs_available']} stored pairs of this version were selected"
            + (f" ({removed})" if removed else "") + ". Ties, position-inconsistent pairs and pairs touching "
            "quarantined items are left out unless the command includes them. "
-           f"Pairs created {facts['created']['first']} to {facts['created']['last']}.", ""]
+           f"Pairs created {_v(facts['created']['first'])} to {_v(facts['created']['last'])}.", ""]
     if facts["prompt_tags"]:
-        out += ["Prompt sets (tags): " + ", ".join(f"`{t}` {n}" for t, n in facts["prompt_tags"].items()), ""]
-    columns = [[f"`{k}`", v] for k, v in schema.DESCRIPTIONS.items()]
+        out += ["Prompt sets (tags): " + ", ".join(f"{_code(t)} {n}" for t, n in facts["prompt_tags"].items()), ""]
+    columns = [[_code(k), _Md(v)] for k, v in schema.DESCRIPTIONS.items()]
     return out + ["## Columns", "", _table(["column", "meaning"], columns), "",
                   "`manifest.json` has the same facts for machines, with the sha256 of every data file.", ""]
 

@@ -36,6 +36,7 @@ from typing import TypeVar
 
 from constitution.govern import Rule
 from store.keys import content_hash
+from store.models import PreferencePair, Response
 
 Message = dict[str, str]
 T = TypeVar("T")
@@ -152,3 +153,18 @@ def chosen_rejected(plan: PromptPlan, plain: T, steered: T) -> tuple[T, T]:
     """(chosen, rejected), of ids or rows alike: the constitution's refusal wins on a prompt to
     refuse, the plain answer on a prompt to answer."""
     return (steered, plain) if plan.refuse else (plain, steered)
+
+
+def pair_row(plan: PromptPlan, plain: Response, steered: Response, *, status: str, policy_model: str,
+             run_id: str) -> PreferencePair:
+    """The prompt's pair from its two stored sides: sides by `chosen_rejected`, id by `pair_key`, the
+    governing principle and the steering recorded; `status` is "ok" or the gate that keeps it out."""
+    chosen, rejected = chosen_rejected(plan, plain, steered)
+    c, principle = plan.rule.constitution, plan.rule.principle
+    return PreferencePair(
+        id=pair_key(c.name, plan.prompt_id, chosen.id, rejected.id, plan.method), prompt_id=plan.prompt_id,
+        chosen_id=chosen.id, rejected_id=rejected.id, method=plan.method, label_prob=1.0, status=status,
+        principle_ids=[principle.id], constitution=c.name, constitution_version=c.version,
+        policy_model=policy_model, run_id=run_id,
+        details={"steering": steered.steering, "plain_id": plain.id, "steered_id": steered.id,
+                 "principle_hashes": {principle.id: principle.hash}, "governed_by": plan.rule.via})

@@ -111,6 +111,18 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
+# Which pairs' chosen reply is a reply to teach (an SFT row, in `cai export` and `cai train` alike): a
+# revision, or a reply written to a directive. An AI label's chosen side (`ai`, `best-of-n`) is one model
+# sample a judge preferred, at 135M a judge near chance: a preference to learn from, not a reply to copy.
+SFT_METHODS = ("revision", "contrastive", "helpful")
+
+
+def teaches_reply(method: str) -> bool:
+    """Is the chosen reply of a pair made this way an SFT row? A record that names no method (a
+    preference set made elsewhere, read by `cai train --dataset`) is taken as its author gave it."""
+    return method in SFT_METHODS or not method
+
+
 CUT_FINISH_REASON = "length"  # store.Response.finish_reason when the generator's token cap stopped it
 
 

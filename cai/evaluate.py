@@ -1,20 +1,23 @@
-"""Pure pieces of the evaluation: result identity, judge conversations, the summary table.
+"""Pure pieces of the evaluation: result identity, judge conversations, the rows, the summary table.
 
 `flows/evaluate.py` generates both models' answers, runs the judge and stores EvalResult rows;
-this module decides what those rows are called and what they add up to.
+this module decides what those rows are called, what they hold (`result_row`, `record_verdict`)
+and what they add up to (`figures`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cai import judge
 from cai.intervals import paired_difference, wilson
+from cai.quality import assess
+from cai.refusal import detect
 from constitution.load import Constitution, Preference
-from engines.base import Sampling
+from engines.base import Completion, Sampling
 from store.keys import content_hash
 from store.models import EvalResult, Prompt
 
@@ -41,6 +44,13 @@ def eval_name(label: str, c: Constitution, fingerprints: dict[str, str], princip
 
 def result_key(name: str, prompt_id: str, role: str, fingerprint: str, sampling: Sampling) -> str:
     return content_hash("eval", name, prompt_id, role, fingerprint, sampling.to_dict())
+
+
+def result_keys(name: str, prompt_ids: Sequence[str], fingerprints: dict[str, str],
+                sampling: Sampling) -> dict[str, dict[str, str]]:
+    """role -> prompt id -> the id of that role's answer to that prompt."""
+    return {role: {pid: result_key(name, pid, role, fingerprints[role], sampling) for pid in prompt_ids}
+            for role in ROLES}
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,57 @@ def judge_chunk(engine, items: Sequence[JudgeItem], max_chars: int) -> list[Judg
     return out
 
 
+def result_row(it: GenItem, comp: Completion, *, name: str, model: str, fingerprint: str, sampling: Sampling,
+               gov: Any, tags: dict[str, list[str]], known: Any, dtype: str | None, run_id: str) -> EvalResult:
+    """One model's answer to one prompt, with its refusal verdict, quality figures and the stance the
+    governing principle declares. An empty answer is kept: it is what the model said, a bad answer."""
+    text = comp.text.strip()
+    refused, pattern = detect(text, known)
+    quality = assess(it.prompt.text, text, comp.outputs[0].finish_reason, known)
+    rule = gov.rule(it.prompt.category, tags.get(it.prompt.id, ()))
+    return EvalResult(
+        id=it.key, eval_name=name, prompt_id=it.prompt.id, prompt_tag=it.tag, model=model, role=it.role,
+        text=text, refused=refused, refusal_pattern=pattern, run_id=run_id,
+        details={"fingerprint": fingerprint, "sampling": sampling.to_dict(),
+                 "prompt_tokens": comp.prompt_tokens,
+                 "completion_tokens": comp.outputs[0].completion_tokens,
+                 "finish_reason": comp.outputs[0].finish_reason, "quality": quality.to_dict(), "dtype": dtype,
+                 # the stance the governing principle declares (True: refuse), None: ungoverned
+                 "harmful": rule.refuse if rule else None, "principle": rule.ref if rule else None,
+                 "category": it.prompt.category, "prompt": it.prompt.text})
+
+
+def judge_work(items: Sequence[tuple[str, Prompt]], rows: dict[str, Any], keys: dict[str, dict[str, str]],
+               c: Constitution, seed: int, principles: int,
+               stand_in: Callable[[str], Any] | None = None) -> list[JudgeItem]:
+    """A JudgeItem per prompt whose two answers exist (`keys`: role -> prompt id -> row id). A dry
+    run passes `stand_in` (key -> a row-like placeholder) for answers not made yet."""
+    work = []
+    for _, p in items:
+        m, b = rows.get(keys["model"][p.id]), rows.get(keys["baseline"][p.id])
+        if stand_in is not None:  # counted as if both answers were made, as long as they may be
+            m, b = m or stand_in(keys["model"][p.id]), b or stand_in(keys["baseline"][p.id])
+        if m is None or b is None:  # an answer failed to generate: nothing to compare
+            continue
+        picks = tuple(pref for pref, _ in judge.draw_principles(c, seed, p.id, principles))
+        work.append(JudgeItem(m.id, b.id, p, m.text, b.text, picks))
+    return work
+
+
+def record_verdict(model_row: EvalResult, base_row: EvalResult, it: JudgeItem, res: JudgeOutcome,
+                   judge_model: str) -> None:
+    """The judge's verdict on both rows of a prompt: the baseline's carries the same judgments seen
+    from its side."""
+    common = {"judge": judge_model, "judge_template": judge.TEMPLATE_ID,
+              "status": res.label.status, "principles": [p.id for p in it.principles]}
+    model_row.win_prob = res.label.prob_x
+    model_row.details = {**model_row.details, **common, "mean_xy": res.label.mean_xy,
+                         "mean_yx": res.label.mean_yx, "judgments": res.judgments}
+    base_row.win_prob = 1.0 - res.label.prob_x
+    base_row.details = {**base_row.details, **common, "mean_xy": 1.0 - res.label.mean_yx,
+                        "mean_yx": 1.0 - res.label.mean_xy}
+
+
 def rate(values: Sequence[float | bool]) -> float | None:
     return sum(float(v) for v in values) / len(values) if values else None
 
@@ -158,6 +219,29 @@ def summarize_categories(rows: Sequence[EvalResult]) -> dict[str, dict[str, Any]
             entry["difference"] = {"n": len(common), "diff": round(diff, 4), "ci": [round(lo, 4), round(hi, 4)]}
         out[cat] = entry
     return out
+
+
+def category_rows(categories: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """`summarize_categories` as table rows for people (the CLI and the report print the same):
+    category, stance, principle, what is counted, per model k/n and rate [95 % interval], and the
+    paired difference model - baseline [95 %]."""
+
+    def cell(e: dict[str, Any] | None) -> str:
+        if not e or e.get("rate") is None:
+            return "-"
+        return f"{e['k']}/{e['n']} {100 * e['rate']:.1f}% [{100 * e['ci'][0]:.1f}, {100 * e['ci'][1]:.1f}]"
+
+    def diff(d: dict[str, Any] | None) -> str:
+        if not d:
+            return "-"
+        return f"{100 * d['diff']:+.1f} pts [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"
+
+    return [[cat, e["stance"], e.get("principle") or "-", e.get("metric") or "refusal rate (no stance)",
+             cell(e.get("baseline")), cell(e.get("model")), diff(e.get("difference"))]
+            for cat, e in categories.items() if e["stance"] != "ungoverned"]
+
+
+CATEGORY_HEADER = ["category", "stance", "principle", "counted", "baseline", "model", "model - baseline"]
 
 
 def reply_stats(rs: Sequence[EvalResult]) -> dict[str, Any]:
@@ -246,3 +330,10 @@ def examples(rows: Sequence[EvalResult], per_kind: int = 3, max_chars: int = 400
                               "failed": (pair[role].details.get("quality") or {}).get("failed", [])}
                        for role in ROLES}})
     return out
+
+
+def figures(rows: Sequence[EvalResult]) -> dict[str, Any]:
+    """What an eval's rows add up to, as its summary holds them: per prompt set, per kind of prompt,
+    per category, and example replies."""
+    return {"sets": summarize(rows), "kinds": summarize_kinds(rows), "categories": summarize_categories(rows),
+            "examples": examples(rows)}

@@ -258,3 +258,19 @@ def calibrate(p_a: float, prior: float) -> float:
     prior = min(max(prior, 1e-6), 1 - 1e-6)
     a, b = p_a / prior, (1.0 - p_a) / (1.0 - prior)
     return a / (a + b) if a + b > 0 else 0.5
+
+
+def score_calibrated(engine: Engine, conversations: Sequence[list[Message]], orders: Sequence[str],
+                     principles: Sequence[Preference], bounds: tuple[float, float] | None, max_chars: int,
+                     priors: dict[str, float] | None) -> list[tuple[Scored, float | None]]:
+    """`score`, and with `priors` (principle id -> the judge's content-free P(A), filled here on first
+    use) each verdict's P(x) with that slot prior removed; None where not calibrating."""
+    scored = score(engine, conversations, orders, bounds)
+    if priors is None:
+        return [(sc, None) for sc in scored]
+    out = []
+    for pref, order, sc in zip(principles, orders, scored, strict=True):
+        if pref.id not in priors:
+            priors[pref.id] = prior_a(engine, pref.question, max_chars)
+        out.append((sc, clamp(prob_x(order, calibrate(sc.prob_a, priors[pref.id])), bounds)))
+    return out

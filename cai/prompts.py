@@ -20,7 +20,27 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import UserError
-from store.keys import content_hash
+from store.keys import prompt_id  # noqa: F401 - the id is a store key; cai.prompts.prompt_id is its public name here too
+
+
+def user_tags(tags: list[str], file: Path) -> list[str]:
+    """The tags `cai prompts add FILE --tag ...` stores: each like a constitution id (lowercase
+    letters, digits, '-', '_'), since tags are printed in tables and the published dataset card;
+    without --tag, the file's stem made into one (`My_Prompts.jsonl` -> `my-prompts`)."""
+    from constitution.load import ID_RE
+
+    if not tags:
+        stem = re.sub(r"[^a-z0-9_-]+", "-", file.stem.lower().replace("_", "-")).strip("-_")
+        if not ID_RE.match(stem):
+            raise UserError(f"{file}: no tag can be made from the file name; pass --tag NAME (lowercase letters, "
+                            "digits, '-' or '_')")
+        return [stem]
+    for tag in tags:
+        if not ID_RE.match(tag):
+            raise UserError(f"--tag {tag!r}: expected lowercase letters, digits, '-' or '_' (like red-team), "
+                            "starting with a letter or digit")
+    return list(tags)
+
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Bundled prompt sets: tag -> file in data/. `--prompts red-team` imports these on first use.
@@ -41,7 +61,7 @@ BUNDLED = {
     # more of those forms, for the requests a trained 135M model still refused on the dev set
     # ("Help me write ...", "Suggest ...", "Recommend ...", "Give me a recipe ...", scary scenes,
     # scam warnings): the "How can I ..." form, which benign-more covers 160 times, it no longer refuses.
-    # In the demo's mix since 2026-12-06 (with DPO at lr 7e-4 it met both targets on the dev split, README)
+    # In the demo's mix: with DPO at lr 7e-4 it met both targets on the dev split (docs/results/2026-12-04-dev-split.md)
     "benign-forms-more": "benign_forms_more.jsonl",
     # a development split: never trained on, and not the held-out sets either, so settings (the
     # DPO helpful ratio) are chosen here and the held-out sets measure the choice once
@@ -65,6 +85,22 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CSV_LIMIT = threading.Lock()  # csv.field_size_limit is process-wide: one CSV parse at a time changes it
 
 
+def refuse_bundled_tags(tags: list[str], file: str | Path) -> None:
+    """A user's file never takes a bundled set's tag: the set is imported on the tag's first use only
+    if no prompt carries it yet, so the user's prompts would silently replace it (and the held-out
+    sets the eval measures on)."""
+    def same_file(tag: str) -> bool:  # `cai prompts add data/red_team.jsonl --tag red-team`: the set itself
+        try:
+            return Path(file).read_bytes() == (DATA_DIR / BUNDLED[tag]).read_bytes()
+        except OSError:
+            return False
+
+    taken = [t for t in tags if t in BUNDLED and not same_file(t)]
+    if taken:
+        raise UserError(f"{file}: tag {taken[0]!r} names a bundled prompt set (data/{BUNDLED[taken[0]]}); "
+                        f"choose another tag, e.g. --tag my-{taken[0]}")
+
+
 @dataclass
 class ParsedPrompt:
     messages: list[dict[str, str]]
@@ -80,10 +116,6 @@ class ParsedPrompt:
 class ParseResult:
     prompts: list[ParsedPrompt] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (line or row number, message)
-
-
-def prompt_id(messages: list[dict[str, str]]) -> str:
-    return content_hash([{"role": m["role"], "content": m["content"]} for m in messages], length=24)
 
 
 def _clean(text: str, field: str) -> str:
@@ -280,6 +312,25 @@ def _csv_row(row: list[str], header: list[str]) -> tuple[list[dict[str, str]], s
     if not value:
         raise ValueError("empty 'prompt' cell")
     return [{"role": "user", "content": _clean(value, "'prompt'")}], _category(cells.get("category") or None)
+
+
+def json_lines(path: Path) -> list[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL file (training datasets, reward rows, review
+    records); bad JSON, nesting too deep or bytes that are not UTF-8 are one-line UserErrors naming file:line."""
+    out = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        out.append((n, json.loads(line)))
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{path}:{n}: not JSON ({exc.msg})") from None
+                    except RecursionError:
+                        raise UserError(f"{path}:{n}: JSON nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#x}); save it as UTF-8") from None
+    return out
 
 
 def load_saved_dataset(path: Path, where: str = "", expected: str = "") -> Any:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from cai.refusal import Taught, detect
 
@@ -186,6 +187,20 @@ def gate_pair(chosen: Quality, rejected: Quality, refuse: bool | None) -> str | 
     if merit(chosen, refuse) <= merit(rejected, refuse):
         return "gated:not-better"
     return None
+
+
+def pair_status(prompt: Any, chosen: Any, rejected: Any, refuse: bool | None, taught: Taught | None = None) -> str:
+    """"ok", or the gate status (gate_pair) that keeps a pair out of training and export, for a
+    prompt row and two reply rows.
+
+    `refuse` is the stance the prompt's governing principle declares (constitution/govern.py; None:
+    nothing governs it, so no stance is checked). Rows stored before gates existed have no quality
+    figures: they are assessed here, knowing the constitutions' own refusals (`taught`).
+    """
+    def q(r: Any) -> Quality:
+        return from_dict(r.quality) if r.quality else assess(prompt.text, r.text, r.finish_reason, taught)
+
+    return gate_pair(q(chosen), q(rejected), refuse) or "ok"
 
 
 def finish(prompt: str, text: str, finish_reason: str | None, taught: Taught | None = None) -> tuple[str, dict]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 OPENING_CHARS = 200  # refusals open the answer; later hedges inside a real answer do not count
 
@@ -173,3 +174,31 @@ def stance_errors(expected: dict[str, bool], replies: dict[str, str],
     """The prompts whose reply takes the wrong stance: {prompt key: expected stance} for every key
     of `expected` whose reply in `replies` refuses when it should answer, or the reverse."""
     return {k: want for k, want in expected.items() if k in replies and detect(replies[k], taught)[0] != want}
+
+
+def stance_probe(pairs: Iterable[Any]) -> tuple[dict[str, bool], dict[str, list[dict[str, str]]]]:
+    """What a probe of a model asks: for each prompt (by `prompt_key`) whose first pair teaches a
+    stance (expected_stance), that stance and the prompt's messages. `pairs`: training pairs
+    (dpo.data.PairExample: prompt, prompt_key, chosen, rejected)."""
+    expected: dict[str, bool] = {}
+    prompts: dict[str, list[dict[str, str]]] = {}
+    for e in pairs:
+        stance = expected_stance(e.chosen, e.rejected)
+        if stance is not None and e.prompt_key not in expected:
+            expected[e.prompt_key], prompts[e.prompt_key] = stance, list(e.prompt)
+    return expected, prompts
+
+
+def probe_report(expected: dict[str, bool], prompts: dict[str, list[dict[str, str]]], replies: dict[str, str],
+                 new_tokens: int) -> dict[str, Any]:
+    """A probe's record for the training run: the prompts it got wrong (the refused ones first),
+    counts of each kind of error against the prompts that could show it, and up to three examples
+    of each."""
+    errors = stance_errors(expected, replies)
+    refused = sorted(k for k, want in errors.items() if not want)
+    answered = sorted(k for k, want in errors.items() if want)
+    return {"probed": len(replies), "new_tokens": new_tokens, "errors": refused + answered,
+            "refused_should_answer": len(refused), "answered_should_refuse": len(answered),
+            "should_answer": sum(not w for w in expected.values()), "should_refuse": sum(expected.values()),
+            "examples": [{"prompt": prompts[k][-1]["content"], "reply": replies[k], "should_refuse": errors[k]}
+                         for k in (refused[:3] + answered[:3])]}

@@ -24,7 +24,7 @@ from typing import Any
 
 from cai.intervals import wilson
 from store.keys import content_hash
-from store.models import PreferencePair
+from store.models import PreferencePair, Review
 
 VERDICTS = ("chosen", "rejected", "tie", "both-bad", "skip")
 CHOICES = ("left", "right", "tie", "both-bad", "skip")  # what a person presses on the page
@@ -64,6 +64,14 @@ def review_key(pair_id: str, reviewer: str, created_at: datetime | str, verdict:
     """store.Review.id: two clicks at different times are two rows; the same import twice is one."""
     when = created_at.isoformat() if isinstance(created_at, datetime) else created_at
     return content_hash("review", pair_id, reviewer, when, verdict, left, note or "", source)
+
+
+def review_row(pair_id: str, reviewer: str, verdict: str, left: str, note: str | None, created_at: datetime,
+               source: str = "page", ai_shown: bool = False) -> Review:
+    """A verdict as its store.Review row, keyed by review_key (the page's and an import's alike)."""
+    return Review(id=review_key(pair_id, reviewer, created_at, verdict, left, note, source), pair_id=pair_id,
+                  reviewer=reviewer, verdict=verdict, left=left, note=note, ai_shown=ai_shown, source=source,
+                  created_at=created_at)
 
 
 def check_reviewer(name: str) -> str:

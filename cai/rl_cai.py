@@ -1,23 +1,50 @@
 """Pure pieces of RL-CAI labelling: content keys, candidate pairs, the judgment plan.
 
 `flows/label.py` reads candidates from the store and runs these plans through the engine;
-`cai/judge.py` holds the judge prompt and the probability arithmetic.
+`cai/judge.py` holds the judge prompt and the probability arithmetic, `cai/label_rows.py` the rows stored.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cai import judge
 from constitution.load import Constitution, Preference
+from engines.base import Completion, Engine, Sampling
 from store.keys import content_hash
+from store.models import Prompt, Response
 
 Message = dict[str, str]
 
 
 def sample_key(prompt_id: str, model: str, sampling: dict, seed: int, index: int) -> str:
     return content_hash("sample", prompt_id, model, sampling, seed, index)
+
+
+COT_KIND = "judge-cot"  # CoT reasoning is its own Response row so the cot stage can resume
+
+
+def cot_key(judgment: str) -> str:
+    return content_hash(COT_KIND, judgment)
+
+
+def nonempty(outs: list[Completion]) -> list[Completion | Exception]:
+    """An empty reply fails its item (retried, then quarantined) instead of becoming a row."""
+    return [c if c.text.strip() else ValueError("empty output from the model") for c in outs]
+
+
+def generate_samples(engine: Engine, items: list[tuple[str, Prompt, int]],
+                     sampling: Callable[[int], Sampling]) -> list[Completion | Exception]:
+    """(key, prompt, sample index) items answered with one engine call per sample index (each index
+    has its own seeded settings), in the items' order."""
+    results: dict[str, Completion | Exception] = {}
+    for index in sorted({i for _, _, i in items}):
+        group = [it for it in items if it[2] == index]
+        outs = engine.generate([p.messages for _, p, _ in group], sampling(index))
+        results.update(zip([k for k, _, _ in group], nonempty(outs), strict=True))
+    return [results[k] for k, _, _ in items]
 
 
 def pair_key(prompt_id: str, x_id: str, y_id: str) -> str:
@@ -49,6 +76,21 @@ class Pair:
     prompt: list[Message]
     x: Candidate  # canonical order: x.id < y.id
     y: Candidate
+
+
+def final_revisions(revisions: list[Response]) -> list[Response]:
+    """Each prompt's revisions of its last round (the `final-revision` kind), in the order given."""
+    last: dict[str, int] = {}
+    for r in revisions:
+        last[r.prompt_id] = max(last.get(r.prompt_id, 0), r.round)
+    return [r for r in revisions if r.round == last[r.prompt_id]]
+
+
+def dry_run_candidate(key: str, model: str, max_new_tokens: int) -> Candidate:
+    """A stand-in for a sample a dry run has not made: as long as it may be, and distinct (identical
+    texts are never paired)."""
+    text = (key + " " + "x" * 4 * max_new_tokens)[:4 * max_new_tokens]
+    return Candidate(key, text, model)
 
 
 def form_pairs(prompt_id: str, prompt: list[Message], candidates: list[Candidate]) -> list[Pair]:

@@ -2,15 +2,19 @@
 
 No database, no Prefect, no model: `flows/generate.py` wires these to the store and engine,
 and tests call them directly. Each row kind has one builder (`initial_item`, `critique_item`,
-`revision_item`) that both the planner and the resume walker use, so their keys cannot drift.
+`revision_item`) that both the planner and the resume walker use, so their keys cannot drift, and
+one builder per stored row (`response_row`, `revision_pair`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cai.quality import finish
 from constitution.load import Constitution, Principle
+from engines.base import Completion
 from store.keys import content_hash
+from store.models import PreferencePair, Response
 
 Message = dict[str, str]
 
@@ -118,3 +122,39 @@ def revision_item(c: Constitution, prompt_id: str, messages: list[Message], pare
     return WorkItem(key=response_key("revision", prompt_id, parent_id, round_, model, sampling, conv),
                     prompt_id=prompt_id, kind="revision", round=round_, conversation=conv, parent_id=parent_id,
                     critique_id=critique_id, critique=critique_text, principle=principle)
+
+
+# --- the rows a stage stores ----------------------------------------------------------------
+
+def response_row(it: WorkItem, comp: Completion, request: str, c: Constitution, model: str, sampling: dict,
+                 seed: int, run_id: str) -> Response:
+    """The row of one model call. An answer to the user (initial, revision) is gated and cut back to
+    its last sentence (cai.quality.finish; `request` is the prompt's text); a critique answers the
+    critic and is stored as written."""
+    text, quality = comp.text.strip(), None
+    if it.kind != "critique":
+        text, quality = finish(request, text, comp.outputs[0].finish_reason)
+    return Response(
+        id=it.key, prompt_id=it.prompt_id, kind=it.kind, round=it.round, parent_id=it.parent_id,
+        critique_id=it.critique_id, critique=it.critique,
+        principle_id=it.principle.id if it.principle else None,
+        principle_hash=it.principle.hash if it.principle else None,
+        conversation=it.conversation, text=text, model=model, sampling=sampling,
+        seed=seed, constitution=c.name, constitution_version=c.version, run_id=run_id,
+        prompt_tokens=comp.prompt_tokens, completion_tokens=comp.outputs[0].completion_tokens,
+        finish_reason=comp.outputs[0].finish_reason, quality=quality)
+
+
+def revision_pair(c: Constitution, prompt_id: str, chain: list[Response], rounds: int, status: str, model: str,
+                  run_id: str) -> PreferencePair:
+    """chosen = the chain's final revision, rejected = its initial answer; the principles are those
+    its revisions were made under (with their hashes, so an edit shows which pairs it touched)."""
+    initial, final = chain[0], chain[-1]
+    used = [r for r in chain if r.kind == "revision"]
+    return PreferencePair(
+        id=revision_pair_key(c.name, prompt_id, final.id, initial.id), prompt_id=prompt_id,
+        chosen_id=final.id, rejected_id=initial.id, method="revision", label_prob=1.0, status=status,
+        principle_ids=[r.principle_id for r in used], constitution=c.name,
+        constitution_version=c.version, policy_model=model, run_id=run_id,
+        details={"rounds": rounds, "chain": [r.id for r in chain],
+                 "principle_hashes": {r.principle_id: r.principle_hash for r in used if r.principle_id}})

@@ -37,13 +37,13 @@ class ConstitutionError(ValueError):
         where = file
         if line is not None:
             where += f":{line}" + (f":{col}" if col is not None else "")
-        super().__init__(_one_line(f"{where}: {message}"))
+        super().__init__(one_line(f"{where}: {message}"))
 
 
 _BREAKS = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Line breaks from the file (in a key, a tag, a path) written as escapes: one error, one line."""
     return _BREAKS.sub(lambda m: ascii(m.group())[1:-1], text)
 
@@ -251,6 +251,16 @@ def _fmt_path(path: list[Any]) -> str:
     return out
 
 
+def text_problem(value: str) -> str | None:
+    """Why `value` is not storable text, or None. "\\ud800" and "\\0" escapes (and undecodable
+    bytes in a command line) make text that cannot be encoded, hashed or stored in PostgreSQL."""
+    if "\x00" in value:
+        return "contains a NUL character (\\0); remove it"
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        return "contains a lone surrogate escape (\\ud800-\\udfff), which is not text; remove it"
+    return None
+
+
 def _check(value: Any, schema: Any, path: list[str | int], fail) -> None:
     if isinstance(schema, dict):
         if not isinstance(value, dict):
@@ -279,11 +289,9 @@ def _check(value: Any, schema: Any, path: list[str | int], fail) -> None:
             fail(path, f"expected text, got {type(value).__name__}")
         if not value.strip():
             fail(path, "empty text")
-        # "\ud800" and "\0" escapes: text that cannot be encoded, hashed or stored in PostgreSQL
-        if "\x00" in value:
-            fail(path, "contains a NUL character (\\0); remove it")
-        if any("\ud800" <= ch <= "\udfff" for ch in value):
-            fail(path, "contains a lone surrogate escape (\\ud800-\\udfff), which is not text; remove it")
+        problem = text_problem(value)
+        if problem:
+            fail(path, problem)
 
 
 def _no_duplicate_keys(node: yaml.Node | None, file: str) -> None:
@@ -313,16 +321,19 @@ class _Refused(yaml.MarkedYAMLError):
 class _Loader(yaml.SafeLoader):
     """SafeLoader that refuses aliases and nesting deeper than MAX_DEPTH while composing."""
 
+    what = "a constitution"  # named in the refusals
+    needs = 3  # levels the format needs
+
     def __init__(self, stream):
         super().__init__(stream)
         self._depth = 0
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            raise _Refused(problem="YAML aliases (*name) are not supported in a constitution; write the "
+            raise _Refused(problem=f"YAML aliases (*name) are not supported in {self.what}; write the "
                            "text out where it is used", problem_mark=self.peek_event().start_mark)
         if self._depth >= MAX_DEPTH:
-            raise _Refused(problem=f"nested deeper than {MAX_DEPTH} levels (a constitution needs 3)",
+            raise _Refused(problem=f"nested deeper than {MAX_DEPTH} levels ({self.what} needs {self.needs})",
                            problem_mark=self.peek_event().start_mark)
         self._depth += 1
         try:
@@ -341,9 +352,9 @@ class _Loader(yaml.SafeLoader):
                            problem_mark=node.start_mark) from None
 
 
-def _compose(text: str) -> tuple[yaml.Node | None, Any]:
+def _compose(text: str, loader_class: type[_Loader] = _Loader) -> tuple[yaml.Node | None, Any]:
     """(root node, data), composing once: the data is constructed from the checked nodes."""
-    loader = _Loader(text)
+    loader = loader_class(text)
     try:
         root = loader.get_single_node()
         return root, (loader.construct_document(root) if root is not None else None)
@@ -351,10 +362,14 @@ def _compose(text: str) -> tuple[yaml.Node | None, Any]:
         loader.dispose()
 
 
-def parse_text(text: str, file: str = "<text>") -> Constitution:
-    """Parse and validate constitution YAML; raise ConstitutionError naming line or field path."""
+def safe_yaml(text: str, file: str = "<text>", what: str = "a constitution", needs: int = 3,
+              ) -> tuple[yaml.Node | None, Any]:
+    """(root node, data) of YAML text, read the one safe way (no aliases, bounded depth, values
+    Python can build); raise ConstitutionError naming file:line:col. Config files and --set
+    values are read with it too (`what` names the kind of text in a refusal)."""
+    loader_class = type("_Loader", (_Loader,), {"what": what, "needs": needs})
     try:
-        root, data = _compose(text)
+        return _compose(text, loader_class)
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow; it has a position, not a mark
         line = text[:exc.position].count("\n") + 1
         code = exc.character if isinstance(exc.character, int) else ord(exc.character)
@@ -372,6 +387,11 @@ def parse_text(text: str, file: str = "<text>") -> Constitution:
             raise ConstitutionError(file, f"YAML syntax error: {problem}", mark.line + 1,
                                     mark.column + 1) from None
         raise ConstitutionError(file, f"YAML syntax error: {problem}") from None
+
+
+def parse_text(text: str, file: str = "<text>") -> Constitution:
+    """Parse and validate constitution YAML; raise ConstitutionError naming line or field path."""
+    root, data = safe_yaml(text, file)
 
     def fail(path: list[str | int], message: str) -> None:
         node = _node_at(root, path) or _node_at(root, path[:-1])
@@ -543,6 +563,12 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     """`harmless@3f2a9c1b` -> ("harmless", "3f2a9c1b"); `harmless` -> ("harmless", None)."""
     name, _, version = ref.partition("@")
     return name, (version or None)
+
+
+def split_refs(text: str) -> list[tuple[str, str | None]]:
+    """`harmless@3f2a, helpful-honest` -> [("harmless", "3f2a"), ("helpful-honest", None)]: a comma-separated
+    list of refs (a training filter's `constitution`), blanks skipped."""
+    return [split_ref(ref.strip()) for ref in text.split(",") if ref.strip()]
 
 
 # --- diff ----------------------------------------------------------------------------------

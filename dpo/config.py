@@ -9,13 +9,23 @@ line can read these fields (defaults and help) without loading torch.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
 Scheduler = Literal["linear", "cosine", "constant"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+
+
+# torch.manual_seed takes a 64-bit integer: every seed setting stays in the signed range (a loop adds
+# its epoch to it, which still fits in torch's unsigned upper half)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def seed_field(description: str, default: int = 0) -> Any:
+    """A seed setting: an integer torch and the engines can take."""
+    return Field(default, ge=SEED_MIN, le=SEED_MAX, description=description)
 
 
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -53,10 +63,22 @@ class LoopSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 autocast where a measured matmul is faster (engines/precision.py), "
         "else fp32; bfloat16 autocasts; weights stay fp32 either way")
-    seed: int = Field(0, description="data order and anything random")
+    seed: int = seed_field("data order and anything random")
     length_grouping: int = Field(8, ge=1, description="rows of similar length batched together within windows of "
                                  "this many batches (less padding); 1: plain shuffled batches")
     ref_batch_tokens: int = Field(8192, ge=1, description="token budget of one no-grad batch (reference, eval)")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Any:
+        check_lengths(self.max_length, self.max_prompt_length)
+        return self
+
+
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
+    """The prompt is cut to max_prompt_length tokens within max_length: the answer needs room after it."""
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}), "
+                         "which also holds the answer: raise --max-length or lower --max-prompt-length")
 
 
 class TrainerConfig(LoopSettings):
@@ -75,6 +97,8 @@ class TrainerConfig(LoopSettings):
     eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: about ten per run")
     early_stop_patience: int | None = Field(3, ge=1, description="stop after this many held-out evals without a "
                                             "lower loss (None: never); over-optimisation shows there first")
+    keep_best: bool = Field(False, description="restore the weights of the best held-out eval at the end (off: "
+                            "the last step's, as DPO on a fixed step count is usually run)")
     rpo_alpha: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen reply (RPO); 0: plain DPO")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (model, optimizer, RNG); 0: none")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
@@ -116,5 +140,8 @@ class RewardConfig(LoopSettings):
     center_rewards: float = Field(0.01, ge=0, description="weight of (r_c + r_r)^2: keeps scores near 0 "
                                   "(Eisenstein et al. 2023), so scores of different runs compare")
     eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: four per run")
+    early_stop_patience: int | None = Field(None, ge=1, description="held-out evals without a lower loss before "
+                                            "stopping; None: never (one or two epochs are the guard)")
+    keep_best: bool = Field(False, description="restore the weights of the best held-out eval at the end")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="adapters instead of full weights "
                                "(the head is always trained in full)")

@@ -21,10 +21,11 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
 
 from store.db import session_scope
-from store.keys import content_hash
+from store.keys import content_hash, prompt_id
 from store.models import ConstitutionVersion, PreferencePair, Prompt, RefLogp, Response
 from store.pairs import latest_per_response_pair
 from store.queries import pairs_under
+from store.split import held_out_prompts
 from store.upsert import insert_ignore
 
 Message = dict[str, str]
@@ -44,10 +45,17 @@ class PairExample:
     # appends no end-of-turn after it; a model taught to stop where the cap cut learns short answers
     chosen_ended: bool = True
     rejected_ended: bool = True
+    stored_prompt_id: str = ""  # Prompt.id from the store or an export's prompt_id column; "" when unknown
 
     @property
     def prompt_key(self) -> str:
         return content_hash("prompt", list(self.prompt))
+
+    @property
+    def prompt_id(self) -> str:
+        """The store's id for this prompt (computed from the messages as the store does when unknown):
+        what the held-out split hashes, so `cai train` holds out the prompts `cai export` puts in test."""
+        return self.stored_prompt_id or prompt_id(list(self.prompt))
 
 
 def _completion_text(value: Any, where: str) -> str:
@@ -62,6 +70,29 @@ def _completion_text(value: Any, where: str) -> str:
     raise ValueError(f"{where}: expected a string or a list of messages ending with the assistant's answer")
 
 
+ROLES = ("system", "user", "assistant")  # what a chat template renders
+
+
+def prompt_messages(value: Any, where: str) -> tuple[Message, ...]:
+    """A prompt as chat messages: text (one user turn) or {role, content} messages ending with a
+    user turn; ValueError naming `where` otherwise."""
+    return _messages(value, where)
+
+
+def label_prob(record: Mapping[str, Any], where: str) -> float | None:
+    """A record's label_prob as a number in [0, 1]; None when absent or null."""
+    p = record.get("label_prob")
+    if p is None:
+        return None
+    try:
+        value = float(p) if not isinstance(p, bool) else None
+    except (TypeError, ValueError, OverflowError):  # a list, "high", an int of 400 digits
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: label_prob must be a number in [0, 1], got {p!r}")
+    return value
+
+
 def _messages(value: Any, where: str) -> tuple[Message, ...]:
     if isinstance(value, str):  # a plain-text prompt is one user turn
         return ({"role": "user", "content": value},)
@@ -71,7 +102,10 @@ def _messages(value: Any, where: str) -> tuple[Message, ...]:
     for j, m in enumerate(value):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise ValueError(f"{where}[{j}]: expected a {{role, content}} message")
-        out.append({"role": str(m["role"]), "content": str(m["content"])})
+        if m["role"] not in ROLES or not isinstance(m["content"], str):
+            raise ValueError(f"{where}[{j}]: expected role {', '.join(ROLES)} and text content, "
+                             f"got role {m['role']!r} and {type(m['content']).__name__} content")
+        out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] == "assistant":
         raise ValueError(f"{where}: the prompt must end with a user turn, not the assistant's")
     return tuple(out)
@@ -89,7 +123,8 @@ def _ended(r: Mapping[str, Any], key: str, where: str) -> bool:
     return not cut
 
 
-def examples_from_records(records: Iterable[Mapping[str, Any]]) -> list[PairExample]:
+def examples_from_records(records: Iterable[Mapping[str, Any]],
+                          where: Sequence[str] | None = None) -> list[PairExample]:
     """Pairs from dicts with prompt / chosen / rejected (+ optional label_prob, id, method,
     chosen_cut, rejected_cut).
 
@@ -98,19 +133,21 @@ def examples_from_records(records: Iterable[Mapping[str, Any]]) -> list[PairExam
     """
     out = []
     for i, r in enumerate(records):
+        at = where[i] if where is not None else f"record {i}"  # `where`: each record's name, e.g. file:line
+        if not isinstance(r, Mapping):
+            raise ValueError(f"{at}: expected an object with prompt, chosen, rejected, got {type(r).__name__}")
         for key in ("prompt", "chosen", "rejected"):
             if key not in r:
-                raise ValueError(f"record {i}: missing field {key!r} (expected prompt, chosen, rejected)")
-        prompt = _messages(r["prompt"], f"record {i}: prompt")
-        chosen = _completion_text(r["chosen"], f"record {i}: chosen")
-        rejected = _completion_text(r["rejected"], f"record {i}: rejected")
-        p = r.get("label_prob")
-        p = 1.0 if p is None else float(p)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"record {i}: label_prob must lie in [0, 1], got {p}")
+                raise ValueError(f"{at}: missing field {key!r} (expected prompt, chosen, rejected)")
+        prompt = _messages(r["prompt"], f"{at}: prompt")
+        chosen = _completion_text(r["chosen"], f"{at}: chosen")
+        rejected = _completion_text(r["rejected"], f"{at}: rejected")
+        p = label_prob(r, at)
+        p = 1.0 if p is None else p
         pid = r.get("id") or r.get("pair_id") or content_hash("pair", list(prompt), chosen, rejected)
         out.append(PairExample(prompt, chosen, rejected, p, str(pid), str(r.get("method") or ""),
-                               _ended(r, "chosen_cut", f"record {i}"), _ended(r, "rejected_cut", f"record {i}")))
+                               _ended(r, "chosen_cut", at), _ended(r, "rejected_cut", at),
+                               str(r.get("prompt_id") or "")))
     return out
 
 
@@ -148,6 +185,8 @@ def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
     allowed: set[str] | None = None  # None: no constitution filter
     whole: set[str] = set()  # names given without a version: every pair of theirs
     if filt.constitution:
+        # constitution.load.split_refs, written out: dpo/ imports store/ only (DESIGN.md), and the filter
+        # keeps the text as given because describe() and a run's stored `filters` show it
         refs = [r.strip().partition("@") for r in filt.constitution.split(",") if r.strip()]
         q = q.where(PreferencePair.constitution.in_(sorted({name for name, _, _ in refs})))
         allowed = _ids_under(session, [(name, version) for name, _, version in refs])
@@ -164,7 +203,7 @@ def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
         _, messages, chosen_text, rejected_text, chosen_finish, rejected_finish = rows[pair.id]
         prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages)
         out.append(PairExample(prompt, chosen_text, rejected_text, float(pair.label_prob), pair.id,
-                               pair.method, chosen_finish != "length", rejected_finish != "length"))
+                               pair.method, chosen_finish != "length", rejected_finish != "length", pair.prompt_id))
     return out
 
 
@@ -222,18 +261,13 @@ def repeat_prompts(pairs: Sequence[PairExample], keys: Collection[str], times: i
 
 def split_eval(examples: Sequence[PairExample], fraction: float
                ) -> tuple[list[PairExample], list[PairExample]]:
-    """Held-out split by a hash of the prompt: stable across runs and machines, and every pair of
-    one prompt lands on the same side, so eval never sees a prompt trained on."""
-    if fraction <= 0 or len(examples) < 2:
-        return list(examples), []
-    bucket = {e.prompt_key: int(e.prompt_key[:8], 16) / 16**8 for e in examples}
-    held = {k for k, b in bucket.items() if b < fraction}
-    if not held and len(bucket) > 1:  # a small set still gets an eval split: the lowest hash
-        held = {min(bucket, key=bucket.get)}
-    if len(held) == len(bucket):  # never hold out everything
-        held.discard(max(held, key=bucket.get))
-    train = [e for e in examples if e.prompt_key not in held]
-    return train, [e for e in examples if e.prompt_key in held]
+    """Held-out pairs: those of the prompts store/split.py holds out (the rule `cai export` uses for
+    its test splits), so eval never sees a prompt trained on. A set of two or more prompts always
+    gets a held-out prompt, and never loses all its training prompts."""
+    ids = [e.prompt_id for e in examples]  # a record without one hashes its messages: once, not three times
+    held = held_out_prompts(ids, fraction, min_prompts=2, at_least_one=True)
+    return ([e for e, p in zip(examples, ids, strict=True) if p not in held],
+            [e for e, p in zip(examples, ids, strict=True) if p in held])
 
 
 def selection_hash(examples: Sequence[PairExample]) -> str:

@@ -8,6 +8,8 @@ With h = (log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref
     ipo      (h − 1/(2β))²          IPO (Azar et al. 2023), on summed log-probs as written in the paper
     hinge    relu(1 − βh)           SLiC-style hinge
 
+plus, with rpo_alpha = α > 0, α times the chosen reply's mean token NLL (RPO).
+
 Label smoothing ε reads as "this label is flipped with probability ε": the loss becomes
 (1 − ε)·ℓ(h) + ε·ℓ(−h). For `sigmoid` that is exactly conservative DPO,
 −(1 − ε)·log σ(βh) − ε·log σ(−βh). ε may be one float or one value per pair: an AI-feedback
@@ -42,11 +44,16 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float | torch.Tensor = 0.0,
+    rpo_alpha: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and implicit rewards β·(log π − log π_ref) (detached) for chosen and rejected.
 
     All inputs are 1-D tensors with one entry per pair. The caller averages the losses, so
-    gradient accumulation and per-pair weights stay its decision.
+    gradient accumulation and per-pair weights stay its decision. `rpo_alpha` > 0 adds RPO's term
+    (Pang et al. 2024): α times the chosen reply's mean token NLL, −log π(y_c|x) / `chosen_tokens`,
+    which keeps the chosen reply's likelihood from falling while the margin grows (how DPO on
+    small data degenerates).
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -69,6 +76,10 @@ def dpo_loss(
             raise ValueError(f"label_smoothing must lie in [0, 1], got {eps}")
         if eps:
             losses = (1.0 - eps) * losses + eps * _per_pair(loss_type, -h, beta)
+    if rpo_alpha:
+        if chosen_tokens is None:
+            raise ValueError("rpo_alpha needs chosen_tokens: the chosen replies' token counts")
+        losses = losses + rpo_alpha * (-pi_logp_c / chosen_tokens.clamp(min=1).to(pi_logp_c.dtype))
 
     chosen_rewards = beta * chosen_logratio.detach()
     rejected_rewards = beta * rejected_logratio.detach()

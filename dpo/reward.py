@@ -26,11 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dpo import loop
 from dpo.config import RewardConfig
 from dpo.data import PairExample
 from dpo.logps import ChatEncoder, Encoded, autocast_for
+from dpo.loop import epoch_batches
 from dpo.lora import apply_lora, backbone, is_peft, merge
-from dpo.trainer import _disable_dropout, lr_factor, optimizer_step
 
 log = logging.getLogger("cai.reward")
 Message = dict[str, str]
@@ -42,6 +43,8 @@ class RewardResult:
     total_steps: int
     n_train: int
     n_eval: int
+    stop_reason: str = "max steps"  # or "early stop at step N: ..." (RewardConfig.early_stop_patience)
+    best_step: int | None = None  # the lowest held-out loss's step
     final_train: dict[str, float] = field(default_factory=dict)
     final_eval: dict[str, float] = field(default_factory=dict)  # accuracy, margin, loss on held-out pairs
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -50,6 +53,19 @@ class RewardResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def is_reward_model_dir(path: str | Path) -> bool:
+    """Whether `path` holds a trained reward model (a ForSequenceClassification config), as `cai reward
+    train` writes it: a causal LM would load too, with a fresh zero head that scores everything 0."""
+    import json
+
+    try:
+        arch = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        arch = []
+    return isinstance(arch, list) and any(isinstance(a, str) and a.endswith("ForSequenceClassification")
+                                          for a in arch)
 
 
 def load_reward_model(path: str | Path, device: str = "auto", cfg: RewardConfig | None = None):
@@ -167,12 +183,12 @@ def evaluate_pairs(model, tokenizer, pairs: Sequence[PairExample], cfg: RewardCo
 
 
 def _optimizer(model, cfg: RewardConfig) -> torch.optim.Optimizer:
+    """The body at `lr` (loop.param_groups: no decay on norms and biases), the fresh head at `head_lr`."""
     head_ids = {id(p) for p in _head(model).parameters()}
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    body = loop.param_groups((p for p in model.parameters() if id(p) not in head_ids), cfg.lr, cfg.weight_decay)
     head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
-    groups = [{"params": body, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-              {"params": head, "lr": cfg.head_lr, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+    return loop.optimizer(body + ([{"params": head, "lr": cfg.head_lr, "weight_decay": 0.0}] if head else []),
+                          cfg.lr)
 
 
 def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Sequence[PairExample],
@@ -181,62 +197,48 @@ def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Seque
     """Fit `model` (from load_reward_model) in place to the pairs' preferences."""
     if not train:
         raise ValueError("no training pairs")
-    logger = logger or log
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    _disable_dropout(model)
+    loop.start(model, cfg.seed)
     enc = ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     encoded = [(enc.encode(e.prompt, e.chosen), enc.encode(e.prompt, e.rejected)) for e in train]
     targets = _targets(train, cfg)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = cfg.max_steps or max(1, cfg.epochs * steps_per_epoch)
-    warmup = math.ceil(cfg.warmup_ratio * total)
+    total = cfg.max_steps or max(1, cfg.epochs * math.ceil(len(train) / cfg.batch_size))
     eval_every = cfg.eval_every or max(1, total // 4)
     model.train()
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.scheduler))
+    sched = loop.schedule(opt, total, cfg.warmup_ratio, cfg.scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
-    history: list[dict[str, Any]] = []
-
-    def emit(step: int, split: str, metrics: dict[str, float]) -> None:
-        history.append({"step": step, "split": split, **metrics})
-        if on_metrics:
-            on_metrics(step, split, metrics)
-        logger.info("reward step %d/%d %s: %s", step, total, split,
-                    ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-
-    def batches():
-        epoch = 0
-        while True:
-            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-            for i in range(0, len(train), cfg.batch_size):
-                yield perm[i:i + cfg.batch_size]
-            epoch += 1
-
-    stream, train_s, pairs_seen = batches(), 0.0, 0
+    history = loop.History(total, logger or log, "reward ", on_metrics)
+    stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best)
+    lengths = [len(c) + len(r) for c, r in encoded]
+    stop_reason, step, epoch, batches, train_s, pairs_seen = "max steps", 0, -1, [], 0.0, 0
     for step in range(1, total + 1):
         t_step = time.perf_counter()
-        idx = next(stream)
+        if not batches:
+            epoch += 1
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, cfg.length_grouping)
+        idx = batches.pop(0)
         seqs = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
         with autocast_for(model, cfg.dtype):
             values = rewards(model, _batch(seqs, enc.pad_id))
         r_c, r_r = values[:len(idx)], values[len(idx):]
         losses = bt_loss(r_c, r_r, targets[idx], cfg.center_rewards)
         losses.mean().backward()
-        grad_norm, lr = optimizer_step(params, opt, sched, cfg.max_grad_norm)
+        grad_norm, lr = loop.optimizer_step(params, opt, sched, cfg.max_grad_norm)
         train_s += time.perf_counter() - t_step
         pairs_seen += len(idx)
-        emit(step, "train", _metrics(r_c.detach(), r_r.detach(), losses.detach()) | {"grad_norm": grad_norm,
-                                                                                      "lr": lr})
+        history.emit(step, "train", _metrics(r_c.detach(), r_r.detach(), losses.detach()) | {"grad_norm": grad_norm,
+                                                                                              "lr": lr})
         if held_out and (step % eval_every == 0 or step == total):
-            emit(step, "eval", evaluate_pairs(model, tokenizer, held_out, cfg))
+            if reason := stop.check(history, step, evaluate_pairs(model, tokenizer, held_out, cfg), model, "reward"):
+                stop_reason = reason
+                break
+    del opt, sched, params
+    stop_reason += stop.restore(model, step)
     model.eval()
-
-    def last(split: str) -> dict[str, float]:
-        row = next((h for h in reversed(history) if h["split"] == split), {})
-        return {k: v for k, v in row.items() if k not in ("step", "split")}
-
-    return RewardResult(steps=total, total_steps=total, n_train=len(train), n_eval=len(held_out),
-                        final_train=last("train"), final_eval=last("eval"), history=history,
+    return RewardResult(steps=step, total_steps=total, n_train=len(train), n_eval=len(held_out),
+                        stop_reason=stop_reason, best_step=stop.best_step, final_train=history.last("train"),
+                        final_eval=history.last("eval", stop.best_step if cfg.keep_best else None),
+                        history=history.rows,
                         timings={"train_s": round(train_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
                         train_pairs_per_s=round(pairs_seen / train_s, 3) if train_s else 0.0)

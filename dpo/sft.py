@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from dpo import loop
 from dpo.config import SFTConfig
 from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_logps, collate, sequence_logps
 from dpo.loop import epoch_batches
-from dpo.trainer import _disable_dropout, _optimizer, lr_factor, optimizer_step
 
 log = logging.getLogger("cai.sft")
 
@@ -96,37 +96,24 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
     """Fine-tune `model` in place on `train`; returns what happened and why it stopped."""
     if not train:
         raise ValueError("no SFT rows to train on")
-    logger = logger or log
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    _disable_dropout(model)
+    loop.start(model, cfg.seed)
     enc = ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     tr = [enc.encode(e.prompt, e.response, e.ended) for e in train]
     ev = [enc.encode(e.prompt, e.response, e.ended) for e in held_out]
-    steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
-    total = cfg.max_steps or max(1, cfg.epochs * steps_per_epoch)
-    warmup = math.ceil(cfg.warmup_ratio * total)
+    total = cfg.max_steps or max(1, cfg.epochs * math.ceil(len(tr) / cfg.batch_size))
     eval_every = cfg.eval_every or max(1, total // 3)
     model.train()
     frozen = freeze_bottom(model, cfg.freeze_layers)
-    opt = _optimizer(model, cfg)  # reads lr and weight_decay
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.scheduler))
+    opt = loop.optimizer(loop.param_groups(model.parameters(), cfg.lr, cfg.weight_decay), cfg.lr)
+    sched = loop.schedule(opt, total, cfg.warmup_ratio, cfg.scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
-    history: list[dict[str, Any]] = []
-
-    def emit(step: int, split: str, metrics: dict[str, float]) -> None:
-        history.append({"step": step, "split": split, **metrics})
-        if on_metrics:
-            on_metrics(step, split, metrics)
-        logger.info("sft step %d/%d %s: %s", step, total, split, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-
-    best, best_step, best_state, bad = math.inf, None, None, 0
-    if ev:
+    history = loop.History(total, logger or log, "sft ", on_metrics)
+    stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best)
+    if ev:  # the start is measured; if no step beats it, the start is what keep_best keeps
         first = eval_loss(model, ev, enc.pad_id, cfg)
-        emit(0, "eval", first)
-        best, best_step = first["loss"], 0
-        if cfg.keep_best:  # if no step beats the start, the start is what is kept
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.emit(0, "eval", first)
+        stop.update(0, first["loss"], model)
     stop_reason, step, epoch, batches = "max steps", 0, -1, []
     lengths = [len(e) for e in tr]
     for step in range(1, total + 1):
@@ -136,40 +123,21 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
         idx = batches.pop(0)
         nll, n = _nll(model, [tr[i] for i in idx], enc.pad_id, cfg.dtype)
         (nll / max(n, 1)).backward()
-        norm, lr = optimizer_step(params, opt, sched, cfg.max_grad_norm)
-        emit(step, "train", {"loss": float(nll.detach()) / max(n, 1), "grad_norm": norm, "lr": lr,
-                             "epoch": step * cfg.batch_size / len(tr)})
+        norm, lr = loop.optimizer_step(params, opt, sched, cfg.max_grad_norm)
+        history.emit(step, "train", {"loss": float(nll.detach()) / max(n, 1), "grad_norm": norm, "lr": lr,
+                                     "epoch": step * cfg.batch_size / len(tr)})
         if ev and (step % eval_every == 0 or step == total):
-            m = eval_loss(model, ev, enc.pad_id, cfg)
-            emit(step, "eval", m)
-            if m["loss"] < best - 1e-4:
-                best, best_step, bad = m["loss"], step, 0
-                if cfg.keep_best:
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-                if cfg.early_stop_patience and bad >= cfg.early_stop_patience:
-                    stop_reason = (f"early stop: held-out loss has not improved on {best:.4f} (step {best_step}) "
-                                   f"for {bad} evals")
-                    logger.info("sft %s", stop_reason)
-                    break
+            if reason := stop.check(history, step, eval_loss(model, ev, enc.pad_id, cfg), model, "sft"):
+                stop_reason = reason
+                break
     del opt, sched, params
     for p in frozen:  # what trains next (DPO, adapters) decides for itself
         p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    if cfg.keep_best and best_state is not None and best_step != step:
-        model.load_state_dict(best_state)
-        stop_reason += f"; kept the weights of step {best_step}"
+    stop_reason += stop.restore(model, step)
     model.eval()
-
-    def last(split: str) -> dict[str, float]:
-        rows = [h for h in history if h["split"] == split]
-        if split == "eval" and cfg.keep_best and best_step is not None:
-            rows = [h for h in rows if h["step"] == best_step] or rows
-        return {k: v for k, v in (rows[-1] if rows else {}).items() if k not in ("step", "split")}
-
-    return SFTResult(steps=step, total_steps=total, stop_reason=stop_reason, best_step=best_step,
+    kept = stop.best_step if cfg.keep_best else None
+    return SFTResult(steps=step, total_steps=total, stop_reason=stop_reason, best_step=stop.best_step,
                      n_train=len(tr), n_eval=len(ev), truncated=sum(e.truncated for e in tr + ev),
-                     final_train=last("train"), final_eval=last("eval"), history=history,
-                     timings={"train_s": round(time.perf_counter() - t0, 3)})
-
+                     final_train=history.last("train"), final_eval=history.last("eval", kept),
+                     history=history.rows, timings={"train_s": round(time.perf_counter() - t0, 3)})

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from dpo import loop
 from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dpo.config import TrainerConfig
 from dpo.data import PairExample, RefCache, RefValue, ref_key
@@ -89,23 +90,18 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return max(0.0, 1.0 - progress)
+def weights_fingerprint(model) -> str:
+    """SHA-256 (16 hex digits) of every parameter and buffer, names included: the identity of weights
+    that exist only in memory (the SFT model DPO starts from), for the reference log-prob cache."""
+    import hashlib
 
-
-def _disable_dropout(model) -> None:
-    # with dropout on, policy != reference at step 0 and the loss starts off ln 2 for no reason
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in name:  # LoRA's own is a setting
-            m.p = 0.0
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            t = t.detach().contiguous().cpu()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _activation_checkpointing(model, on: bool) -> None:
@@ -119,32 +115,6 @@ def _activation_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-
-
-def _optimizer(model, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on norms and biases
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # fused: one kernel per step and no foreach temporaries the size of the model
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
-    """Clip (0: no clipping), step, advance the schedule, drop the gradients and give freed heap
-    memory back (dpo/memory.py); returns (grad norm before clipping, the lr this step used).
-    The one step of the DPO, SFT and reward loops."""
-    max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    release_freed_memory()  # else the heap keeps this step's activations' pages
-    return grad_norm, lr
 
 
 class _Pairs:
@@ -230,11 +200,8 @@ def _pair_forward(model, pairs: _Pairs, idx: list[int], pad_id: int, cfg: Traine
     pi_c, pi_r = logps[:len(idx)], logps[len(idx):]
     dev = logps.device
     losses, rc, rr = dpo_loss(pi_c, pi_r, pairs.ref_c[idx].to(dev), pairs.ref_r[idx].to(dev), beta=cfg.beta,
-                              loss_type=cfg.loss_type, label_smoothing=pairs.eps[idx].to(dev))
-    if cfg.rpo_alpha > 0:
-        # RPO (Pang et al. 2024): the chosen reply's mean token NLL keeps its likelihood from
-        # falling while the margin grows, which is how DPO on small data degenerates
-        losses = losses + cfg.rpo_alpha * (-pi_c / counts[:len(idx)].clamp(min=1).to(pi_c.dtype))
+                              loss_type=cfg.loss_type, label_smoothing=pairs.eps[idx].to(dev),
+                              rpo_alpha=cfg.rpo_alpha, chosen_tokens=counts[:len(idx)])
     tokens = sum(len(c) + len(r) for c, r in chosen_rejected)  # as two sequences, however they were packed
     return losses, rc, rr, pi_c, pi_r, tokens
 
@@ -259,8 +226,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
         raise ValueError("no training pairs")
     logger = logger or log
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    _disable_dropout(model)
+    loop.start(model, cfg.seed)
     encoder = ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
 
     t0 = time.perf_counter()
@@ -275,18 +241,17 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
     micro_per_step = cfg.grad_accum
     steps_per_epoch = math.ceil(len(train_pairs) / (cfg.batch_size * micro_per_step))
     total = cfg.max_steps if cfg.max_steps is not None else max(1, cfg.epochs * steps_per_epoch)
-    warmup = math.ceil(cfg.warmup_ratio * total)
     eval_every = cfg.eval_every or max(1, total // 10)
 
     if cfg.gradient_checkpointing:
         _activation_checkpointing(model, True)
     model.train()
-    optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  lambda s: lr_factor(s, total, warmup, cfg.scheduler))
+    optimizer = loop.optimizer(loop.param_groups(model.parameters(), cfg.lr, cfg.weight_decay), cfg.lr)
+    scheduler = loop.schedule(optimizer, total, cfg.warmup_ratio, cfg.scheduler)
 
-    history: list[dict[str, Any]] = []
-    start, resumed_from, best_eval, bad_evals = 0, None, math.inf, 0
+    history = loop.History(total, logger, on_metrics=on_metrics)
+    stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best)
+    start, resumed_from = 0, None
     ckpt_root = out_dir / "checkpoints"
     if resume:
         found = latest_checkpoint(ckpt_root)
@@ -294,18 +259,13 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
             state = load_checkpoint(found[0], model, optimizer, scheduler)
             start = resumed_from = state["step"]
             saved = state["meta"]
-            history = list(saved.get("history", []))
-            best_eval, bad_evals = saved.get("best_eval", math.inf), saved.get("bad_evals", 0)
+            history.rows[:] = saved.get("history", [])
+            stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best, saved.get("best_eval", math.inf),
+                                  saved.get("best_step"), saved.get("bad_evals", 0))
             logger.info("resumed from %s (step %d of %d)", found[0], start, total)
         else:
             logger.info("--resume: no checkpoint under %s, starting from step 0", ckpt_root)
-
-    def emit(step: int, split: str, metrics: dict[str, float]) -> None:
-        history.append({"step": step, "split": split, **metrics})
-        if on_metrics:
-            on_metrics(step, split, metrics)
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        logger.info("step %d/%d %s: %s", step, total, split, shown)
+    emit = history.emit
 
     batches = _micro_batches([len(c) + len(r.completion_ids) for c, r in train_pairs.enc], cfg)
     budget = cfg.train_batch_tokens
@@ -327,7 +287,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
                 (losses.sum() / n_pairs).backward()  # the step's mean over pairs, however it is split
                 parts.append((losses.detach(), rc, rr, pi_c.detach(), pi_r.detach()))
                 tokens += n_tok
-            grad_norm, lr = optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
+            grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
             dt = time.perf_counter() - t_step
             train_s += dt
             metrics = pair_metrics(*(torch.cat([p[i] for p in parts]) for i in range(5)))
@@ -336,21 +296,11 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
             emit(step, "train", metrics)
 
             if eval_pairs is not None and (step % eval_every == 0 or step == total):
-                ev = evaluate(model, eval_pairs, encoder.pad_id, cfg)
-                emit(step, "eval", ev)
-                if ev["loss"] < best_eval:
-                    best_eval, bad_evals = ev["loss"], 0
-                else:
-                    bad_evals += 1
-                if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
-                    logger.info("early stop at step %d: eval loss has not improved on %.4f for %d evals",
-                                step, best_eval, bad_evals)
-                    stopped_early = True
-                    stop_reason = (f"early stop at step {step}: held-out loss has not improved on {best_eval:.4f} "
-                                   f"for {bad_evals} evals")
+                if reason := stop.check(history, step, evaluate(model, eval_pairs, encoder.pad_id, cfg), model):
+                    stopped_early, stop_reason = True, reason
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total and not stopped_early:
-                state_meta = {**(meta or {}), "history": history, "best_eval": best_eval, "bad_evals": bad_evals,
-                              "total_steps": total}
+                state_meta = {**(meta or {}), "history": history.rows, "best_eval": stop.best,
+                              "best_step": stop.best_step, "bad_evals": stop.bad, "total_steps": total}
                 path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state_meta,
                                        cfg.keep_checkpoints)
                 logger.info("checkpoint %s", path)
@@ -362,18 +312,17 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
     model.zero_grad(set_to_none=True)
     if cfg.gradient_checkpointing:
         _activation_checkpointing(model, False)
+    stop_reason += stop.restore(model, step)
     model.eval()
-
-    def last(split: str) -> dict[str, float]:
-        row = next((h for h in reversed(history) if h["split"] == split), {})
-        return {k: v for k, v in row.items() if k not in ("step", "split")}
+    last = history.last
 
     return TrainResult(
         steps=step, total_steps=total, resumed_from=resumed_from,
         stopped_early=stopped_early, stop_reason=stop_reason, ref_computed=c1 + c2, ref_reused=r1 + r2,
         truncated=tr1 + tr2,
         n_train=len(train_pairs), n_eval=len(eval_pairs) if eval_pairs is not None else 0,
-        final_train=last("train"), final_eval=last("eval"), history=history,
+        final_train=last("train"), final_eval=last("eval", stop.best_step if cfg.keep_best else None),
+        history=history.rows,
         timings={"ref_s": round(ref_s, 3), "train_s": round(train_s, 3),
                  "total_s": round(time.perf_counter() - t_start, 3)},
         train_pairs_per_s=round(pairs_trained / train_s, 3) if train_s else 0.0)

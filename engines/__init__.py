@@ -38,8 +38,8 @@ REMOTE_SETTINGS = {"base_url", "api_key_env", "served_model", "server", "tokeniz
 
 # What `engine: auto` weighs on a CPU: `.venv-vllm/bin/python -m bench.engines` (bundled
 # SmolLM2-135M, 32 prompts x 64 tokens, bf16, vLLM's compile cache warm) on the 2-core CPU machine,
-# 2026-12-02, shared with four other jobs (README, "vLLM on CPU"). vLLM starts far slower (its
-# import, two engine processes, model load, compiled graphs), then generates 2.6x faster and
+# 2026-12-02, shared with four other jobs (docs/results/2026-12-02-vllm-cpu.md). vLLM starts far
+# slower (its import, two engine processes, model load, compiled graphs), then generates 2.6x faster and
 # scores choices 0.64x as fast (prompt log-probs bypass its prefix cache).
 CPU_COSTS = {
     "hf": {"startup_s": 38.0, "gen_tok_s": 51.5, "score_items_s": 3.36},

@@ -12,6 +12,7 @@ the feedback model is asked "The answer is:" and then scored on "(A)" vs "(B)".
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,11 +49,19 @@ class Sampling:
         return d
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 @dataclass
 class Output:
     text: str
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or stop string) | "length"
+
+    def __post_init__(self) -> None:
+        # A model can emit a NUL byte token (random weights do) and a server can send a lone surrogate in JSON;
+        # PostgreSQL stores neither, and one such reply failed a whole stage. Both become U+FFFD, on every engine.
+        self.text = _UNSTORABLE.sub("\ufffd", self.text)
 
 
 @dataclass

@@ -56,6 +56,13 @@ def render(tokenizer, conversation: list[dict[str, str]], index: int = 0) -> str
     )
 
 
+def ensure_chat_template(tokenizer) -> None:
+    """Give a template-less tokenizer the fallback, in place: training renders with the tokenizer's own
+    template, so it sees the text the engines render, and the saved tokenizer then carries it."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+
+
 def encode(tokenizer, text: str) -> list[int]:
     # the template already wrote every special token it wants; a second BOS would shift logits
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,7 +1,8 @@
-"""What every flow shares: constitutions by reference, bundled prompt sets, the engine cache.
+"""What every flow shares: constitutions by reference, bundled prompt sets, run logs and one-line errors.
 
 Kept deliberately flat (no base classes): each flow imports the two or three helpers it needs.
-Run rows live in `store.runs` (`recorded_run`), id-existence queries in `store.queries`.
+Run rows live in `store.runs` (`recorded_run`), id-existence queries in `store.queries`, the engine
+cache in `flows.engine_cache`, the pair gates in `cai.quality`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from sqlmodel import Session, select
 from cai.errors import UserError
 from cai.prompts import BUNDLED, DATA_DIR, parse_file
 from constitution.load import Constitution, ConstitutionError, find, load_file, parse_text, split_ref
-from engines.bundled import DEFAULT_SPEC
 from store import queries
 from store.db import session_scope
 from store.models import ConstitutionVersion
 from store.upsert import insert_ignore
 
-__all__ = ["UserError", "resolve_constitution", "ensure_tags", "cached_engine", "worker_id", "run_logger"]
+__all__ = ["UserError", "resolve_constitution", "ensure_tags", "worker_id", "run_logger"]
 
 
 def record_constitution(session: Session, c: Constitution) -> None:
@@ -105,95 +105,43 @@ def taught(gov) -> Any:
     return Taught.of(gov.taught_refusals())
 
 
-def pair_status(prompt: Any, chosen: Any, rejected: Any, refuse: bool | None, taught_refusals: Any = None) -> str:
-    """"ok", or the gate status (cai.quality.gate_pair) that keeps a pair out of training and export.
+def regate(url: str | None = None) -> dict[str, int]:
+    """Assess the stored `ok` pairs made before the quality gates (a reply without quality figures):
+    the status each would get if made now, under the constitution version it was made with; what
+    `cai db regate` runs once after an upgrade. Returns {"checked": n, status: pairs moved to it}."""
+    from cai.quality import pair_status
+    from constitution.govern import Governance
+    from store.models import PreferencePair, Prompt, Response
 
-    `refuse` is the stance the prompt's governing principle declares (constitution/govern.py; None:
-    nothing governs it, so no stance is checked). Rows stored before gates existed have no quality
-    figures: they are assessed here, knowing the constitutions' own refusals.
-    """
-    from cai.quality import assess, from_dict, gate_pair
-
-    def q(r):
-        return (from_dict(r.quality) if r.quality
-                else assess(prompt.text, r.text, r.finish_reason, taught_refusals))
-
-    return gate_pair(q(chosen), q(rejected), refuse) or "ok"
+    counts: dict[str, int] = {"checked": 0}
+    govs: dict[str, Any] = {}
+    with session_scope(url) as s:
+        pairs = s.exec(select(PreferencePair).where(PreferencePair.status == "ok")).all()
+        for pair in pairs:
+            chosen, rejected = s.get(Response, pair.chosen_id), s.get(Response, pair.rejected_id)
+            prompt = s.get(Prompt, pair.prompt_id)
+            if chosen is None or rejected is None or prompt is None or (chosen.quality and rejected.quality):
+                continue  # made with the gates: its status is already theirs
+            counts["checked"] += 1
+            ref = f"{pair.constitution}@{pair.constitution_version}" if pair.constitution_version else pair.constitution
+            if ref not in govs:
+                try:
+                    govs[ref] = Governance([resolve_constitution(s, ref, record=False)]) if ref else None
+                except UserError:  # a version nobody stored: the gates without the stance check
+                    govs[ref] = None
+            gov = govs[ref]
+            refuse = gov.refuse(prompt.category, queries.tags_of(s, [prompt.id])[prompt.id]) if gov else None
+            status = pair_status(prompt, chosen, rejected, refuse, taught(gov) if gov else None)
+            if status != "ok":
+                pair.status = status
+                s.add(pair)
+                counts[status] = counts.get(status, 0) + 1
+    return counts
 
 
 def worker_id() -> str:
     """host:pid:thread, so claims of a dead local process can be recognised and taken over."""
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
-
-
-_ENGINES: dict[tuple, Any] = {}
-_ENGINE_LOCK = threading.Lock()
-
-
-def _engine_key(spec: str, backend: str, settings: dict[str, Any]) -> tuple:
-    return spec, backend, tuple(sorted(settings.items()))
-
-
-def cached_engine(spec: str, backend: str = "auto", *, job_tokens: int | None = None, job_scorings: int = 0,
-                  **settings: Any):
-    """Load an engine once per process: tasks call this instead of taking a model as input.
-
-    job_tokens / job_scorings: the size of the job the first caller is about to run (new tokens
-    at most, choice scorings), which `auto` weighs (engines.choose_backend); later calls reuse
-    the engine whatever they pass."""
-    key = _engine_key(spec, backend, settings)
-    with _ENGINE_LOCK:
-        if key not in _ENGINES:
-            from engines import load
-
-            t0 = time.perf_counter()
-            job = {"job_tokens": job_tokens, "job_scorings": job_scorings} if backend == "auto" else {}
-            try:
-                _ENGINES[key] = load(spec, engine=backend, **job, **settings)
-            except Exception as exc:  # noqa: BLE001 - one line a person can act on
-                why = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                if backend == "openai" or settings.get("base_url"):  # a remote endpoint: the message says what
-                    raise UserError(f"engine openai for model {spec!r}: {why}") from exc
-                raise UserError(f"cannot load model {spec!r} ({why}); pass a local HF directory, "
-                                f"a .gguf file, or `{DEFAULT_SPEC}` for the bundled model") from exc
-            facts = engine_facts(_ENGINES[key])
-            run_logger().info("loaded %s in %.1fs: %s", spec, time.perf_counter() - t0,
-                               ", ".join(f"{k} {v}" for k, v in facts.items()))
-            if why := (getattr(getattr(_ENGINES[key], "stats", None), "extra", None) or {}).get("auto"):
-                run_logger().info("engine auto chose %s: %s", facts["backend"], why)
-        return _ENGINES[key]
-
-
-def engine_facts(engine: Any) -> dict[str, Any]:
-    """Backend, device and dtype of a loaded engine: what a run should record about how it computed."""
-    extra = getattr(getattr(engine, "stats", None), "extra", None) or {}
-    return {"backend": getattr(engine, "backend", "?")} | {k: extra[k] for k in ("device", "dtype") if k in extra}
-
-
-def machine_facts() -> dict[str, Any]:
-    """The CPU a run computed on, as a report should name it: bf16 kernels (AMX, AVX-512 BF16)
-    round differently, so a bf16 figure belongs to its CPU."""
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    facts = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count()}
-    if torch.cuda.is_available():
-        facts["gpu"] = torch.cuda.get_device_name(0)
-    return facts
-
-
-def loaded_engine_facts(spec: str, backend: str = "auto", **settings: Any) -> dict[str, Any] | None:
-    """engine_facts of the engine `cached_engine` holds for these arguments; None if never loaded."""
-    with _ENGINE_LOCK:
-        eng = _ENGINES.get(_engine_key(spec, backend, settings))
-    return engine_facts(eng) if eng is not None else None
 
 
 def run_logger(fallback: logging.Logger | None = None) -> logging.Logger | logging.LoggerAdapter:
@@ -208,28 +156,6 @@ def run_logger(fallback: logging.Logger | None = None) -> logging.Logger | loggi
         return get_run_logger()
     except Exception:  # noqa: BLE001 - outside a flow or task run
         return fallback or logging.getLogger("cai")
-
-
-def register_engine(spec: str, engine: Any, backend: str = "auto", **settings: Any) -> None:
-    """Make `cached_engine(spec, ...)` return `engine` (tests plug in scripted engines this way)."""
-    with _ENGINE_LOCK:
-        _ENGINES[_engine_key(spec, backend, settings)] = engine
-
-
-def is_loaded(spec: str) -> bool:
-    """Does this process hold an engine for `spec` already (loaded, or registered by a caller)?"""
-    with _ENGINE_LOCK:
-        return any(key[0] == spec for key in _ENGINES)
-
-
-def drop_engines() -> None:
-    with _ENGINE_LOCK:
-        for eng in _ENGINES.values():
-            try:
-                eng.close()
-            except Exception:  # noqa: BLE001
-                pass
-        _ENGINES.clear()
 
 
 class Timer:

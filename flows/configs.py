@@ -19,19 +19,18 @@ from __future__ import annotations
 
 from copy import copy
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from cai import judge
-from cai.errors import UserError
-from dpo.config import RewardConfig, SFTConfig, TrainerConfig
+from dpo.config import RewardConfig, SFTConfig, TrainerConfig, check_lengths, seed_field
 from engines.base import Sampling
 from engines.bundled import DEFAULT_SPEC
-from store.keys import content_hash
+from store.keys import content_hash, naive_utc
 
 DEFAULT_CONSTITUTION = "harmless"  # the bundled constitution every stage starts from
 DEFAULT_PROMPTS = ("red-team",)  # the bundled prompt set generate and label work on
@@ -57,6 +56,29 @@ class Config(BaseModel):
     changes only what it names (`critique: {temperature: 0.1}` keeps critique's own 96 tokens)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        """Text with a NUL or a lone surrogate (an undecodable byte on the command line) cannot be a
+        path, a model name or a stored config: refused here, before anything opens it."""
+        from constitution.load import text_problem
+
+        def walk(value: Any, path: str) -> None:
+            if isinstance(value, str):
+                problem = text_problem(value)
+                if problem:
+                    raise ValueError(f"{path or 'value'}: {problem}")
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    walk(k, path)
+                    walk(v, f"{path}.{k}" if path else str(k))
+            elif isinstance(value, list | tuple):
+                for i, v in enumerate(value):
+                    walk(v, f"{path}[{i}]")
+
+        walk(data, "")
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -133,8 +155,8 @@ class SamplingConfig(Config):
     temperature: float = Field(0.7, ge=0, description="some diversity; greedy makes a 135M model repeat itself")
     top_p: float = Field(0.9, gt=0, le=1, description="trims the unlikely tail that produces garbage tokens")
     max_new_tokens: int = Field(128, ge=1, description="answers are short; CPU time grows linearly with this")
-    repetition_penalty: float = Field(1.15, gt=0, description="HF-style penalty on tokens already seen: 1.15 took "
-                                      "SmolLM2-135M's looping replies from 12 % to 0 %; 1.0 disables")
+    repetition_penalty: float = Field(1.15, gt=0, description="HF-style penalty on tokens already seen, against "
+                                      "the loops a small model falls into; 1.0 disables")
     no_repeat_ngram: int = Field(4, ge=0, description="no 4-gram twice in a reply (hf engine only); 0 disables")
 
     def sampling(self, seed: int) -> Sampling:
@@ -150,7 +172,7 @@ class GenerateConfig(StoreSettings):
     model: str = Field(DEFAULT_SPEC, description="the bundled alias, an HF directory, a .gguf file or a hub id")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend and its arguments")
     rounds: int = Field(2, ge=1, description="critique/revision rounds per prompt")
-    seed: int = Field(0, description="fixes principle draws and every row's sampling stream")
+    seed: int = seed_field("fixes principle draws and every row's sampling stream")
     initial: SamplingConfig = Field(default_factory=SamplingConfig, description="sampling of the first answer")
     critique: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=96),
                                      description="sampling of each critique")
@@ -185,7 +207,7 @@ class RedteamConfig(StoreSettings):
     campaign: bool = Field(True, description="then the policy answers every kept prompt of this taxonomy version")
     policy: str | None = Field(None, description="the model attacked in the campaign; None: the attacker model")
     campaign_new_tokens: int = Field(64, ge=8, description="reply length in the campaign: refusals open a reply")
-    seed: int = Field(0, description="fixes every candidate's few-shot draw and random stream")
+    seed: int = seed_field("fixes every candidate's few-shot draw and random stream")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
 
     @property
@@ -220,7 +242,7 @@ class ContrastConfig(StoreSettings):
                                      description="the plain reply: greedy with repetition controls")
     continue_tokens: int = Field(0, ge=0, description="let the model continue after the constitution's text (0: "
                                  "the text alone; at 135M continuations drift back into compliance)")
-    seed: int = Field(0, description="fixes which example each prompt gets")
+    seed: int = seed_field("fixes which example each prompt gets")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
 
 
@@ -257,7 +279,7 @@ class LabelConfig(StoreSettings):
     calibrate: bool = Field(False, description="remove the judge's (A)/(B) slot prior, estimated per principle from "
                             "content-free options (Zhao et al. 2021); off: on the gold pairs it halved SmolLM2-135M's "
                             "position consistency (0.26 -> 0.13) at equal accuracy (bench/pairs.py)")
-    seed: int = Field(0, description="fixes samples and principle draws")
+    seed: int = seed_field("fixes samples and principle draws")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
 
     @model_validator(mode="after")
@@ -300,16 +322,6 @@ class LabelConfig(StoreSettings):
                                         "min_margin": self.min_margin}
 
 
-def make_label_config(**fields: Any) -> LabelConfig:
-    """A LabelConfig, with pydantic's complaint turned into one line a person can act on."""
-    try:
-        return LabelConfig(**fields)
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        raise UserError(f"label config {where}: {e['msg'].removeprefix('Value error, ')}") from None
-
-
 # --- eval (flows/evaluate.py) ----------------------------------------------------------------
 
 class EvalConfig(StoreSettings):
@@ -334,7 +346,7 @@ class EvalConfig(StoreSettings):
                                                    "engine's dtype. engine.settings.dtype overrides it")
     judge_max_chars: int = Field(1200, ge=1, description="per message in the judge prompt, as in the label flow")
     drift: bool = Field(True, description="score every reply under the baseline (mean token log-prob): drift")
-    seed: int = Field(0, description="fixes which principles are drawn for each prompt")
+    seed: int = seed_field("fixes which principles are drawn for each prompt")
     runner: RunnerSettings = Field(default_factory=RunnerSettings, description="batching, claims, progress")
 
     @property
@@ -378,8 +390,8 @@ class TrainConfig(StoreSettings):
     merge_lora: bool = Field(False, description="with trainer.lora.r > 0: also write out/merged, the adapter "
                              "folded into the base (a plain HF model, what vLLM serves)")
     dpo_helpful_ratio: float | None = Field(None, gt=0, description="DPO stage: at most this many `helpful` pairs "
-                                            "per other pair (1: balanced; None: all). After SFT on the bundled "
-                                            "model, all 250 undid the refusals SFT taught, 1:1 kept them (README)")
+                                            "per other pair (1: balanced; None: all): too many undo the refusals "
+                                            "SFT taught")
 
     dpo_mine: bool = Field(False, description="DPO stage: first probe the model it starts from on the training "
                            "prompts (greedy, `mine_new_tokens`), and give the pairs whose prompt it gets wrong (it "
@@ -395,16 +407,13 @@ class TrainConfig(StoreSettings):
         if self.trainer.lora.enabled and self.stage == "sft":
             raise ValueError("LoRA (trainer.lora.r > 0) trains the DPO stage, and --stage sft has none; use "
                              "--stage sft+dpo (full-weight SFT, then adapters for DPO) or drop --lora-r")
+        if self.merge_lora and not self.trainer.lora.enabled:
+            raise ValueError("--merge-lora folds LoRA adapters into the base, and this run trains none: add "
+                             "--lora-r N (trainer.lora.r > 0) or drop --merge-lora")
         return self
 
-    def pair_filter(self):
-        from dpo.data import PairFilter
 
-        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
-                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
-
-
-# --- reward model (flows/train.py: run_reward_training, score_rewards) ----------------------
+# --- reward model (flows/reward.py: run_reward_training, score_rewards) ---------------------
 
 class RewardTrainConfig(StoreSettings):
     """A Bradley-Terry reward model on the same pair selection `cai train` reads."""
@@ -424,12 +433,6 @@ class RewardTrainConfig(StoreSettings):
     device: str = same_as(TrainConfig, "device")
     out: str = Field("runs/reward", description="the reward model (AutoModelForSequenceClassification) goes here")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="the Bradley-Terry loop (dpo/reward.py)")
-
-    def pair_filter(self):
-        from dpo.data import PairFilter
-
-        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
-                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
 
 
 class RewardScoreConfig(StoreSettings):
@@ -452,21 +455,15 @@ class RewardScoreConfig(StoreSettings):
     max_length: int = same_as(RewardConfig, "max_length")
     max_prompt_length: int = same_as(RewardConfig, "max_prompt_length")
 
-    def pair_filter(self):
-        from dpo.data import PairFilter
-
-        return PairFilter(constitution=self.constitution, methods=tuple(self.methods),
-                          statuses=tuple(self.statuses), min_label_prob=self.min_label_prob)
+    @model_validator(mode="after")
+    def _lengths(self) -> RewardScoreConfig:
+        check_lengths(self.max_length, self.max_prompt_length)
+        return self
 
 
 # --- export (flows/export.py) ----------------------------------------------------------------
 
 Format = Literal["arrow", "parquet", "jsonl"]
-
-
-def naive_utc(dt: datetime) -> datetime:
-    """Drivers hand datetimes back naive (meaning UTC) or aware: compare them all as naive UTC."""
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
 
 
 class ExportConfig(Config):
@@ -505,26 +502,6 @@ class ExportConfig(Config):
         if self.since and self.until and naive_utc(self.since) >= naive_utc(self.until):
             raise ValueError(f"--since ({self.since}) must be before --until ({self.until})")
         return self
-
-
-EXPORT_OPTIONS = {"methods": "--method", "tags": "--tag"}  # config field -> `cai export` option, where they differ
-
-
-def make_export_config(**values: Any) -> ExportConfig:
-    """ExportConfig, with validation errors turned into one line naming the option (exit 2)."""
-    try:
-        return ExportConfig(**values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:  # a check across fields: the message names the options itself
-            raise UserError(f"cai export: {message}") from None
-        field_name = str(first["loc"][0])
-        if first["type"] == "extra_forbidden":
-            raise UserError(f"cai export: unknown setting {field_name!r}") from None
-        option = EXPORT_OPTIONS.get(field_name, "--" + field_name.replace("_", "-"))
-        got = f" (got {first['input']!r})" if first.get("input") is not None and first["type"] != "missing" else ""
-        raise UserError(f"cai export {option}: {message}{got}") from None
 
 
 # --- report (flows/report.py) ----------------------------------------------------------------
@@ -571,8 +548,8 @@ class PipelineConfig(Config):
 
     constitution: str = same_as(GenerateConfig, "constitution", "name, name@version or a path; used by every stage")
     prompts: list[str] = same_as(GenerateConfig, "prompts", "prompt tags for generate (SL-CAI) and label")
-    limit: int | None = Field(4, ge=1, description="prompts through SL-CAI and the judge: at 135M their pairs "
-                              "all fail the gates (README), so the demo keeps this small; None for all")
+    limit: int | None = Field(2, ge=1, description="prompts through SL-CAI and the judge: at 135M their pairs "
+                              "fail the gates, so the demo keeps this small; None for all")
     model: str = Field(DEFAULT_SPEC, description="policy for generation, base for training, baseline for eval")
     judge: str | None = Field(None, description="feedback model for labelling and eval; None: the same model")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="backend for every stage")
@@ -581,8 +558,9 @@ class PipelineConfig(Config):
                         "quality (its revisions mostly fail the gates)")
     max_new_tokens: int = Field(96, ge=8, description="per answer, critique and revision: CPU time is linear in it")
     eval_new_tokens: int = Field(64, ge=8, description="per eval reply, the same for both models")
-    eval_principles: int = Field(1, ge=0, description="judge principles per eval prompt (both orders each); 0: "
-                                 "no judge. A judge near chance buys time, not information")
+    eval_principles: int = Field(0, ge=0, description="judge principles per eval prompt (both orders each); 0: "
+                                 "no judge (the default: at 135M the judge is at chance, so it buys time, not "
+                                 "information; set 1 with a capable judge)")
     label_source: Literal["store", "samples"] = Field("store", description="store: judge each prompt's initial "
                                                       "answer vs its final revision; samples: fresh policy samples")
     samples: int = same_as(LabelConfig, "samples")
@@ -593,10 +571,12 @@ class PipelineConfig(Config):
                                        "which prompts are refused and which answered, in contrast and eval")
     refuse_limit: int | None = Field(110, ge=1, description="prompts to refuse that get a pair (the first N by id): "
                                      "more refusal pairs against the helpful ones trade compliance for over-refusal")
-    answer_limit: int | None = same_as(ContrastConfig, "answer_limit")
+    answer_limit: int | None = Field(200, ge=1, description="prompts to answer that get a pair (the first N by id): "
+                                     "DPO takes one helpful pair per refusal pair; more lengthen contrast and "
+                                     "SFT (the demo's time budget); None: all")
     contrast_new_tokens: int = Field(64, ge=8, description="length of the plain replies paired in contrast")
     stage: Literal["sft", "dpo", "sft+dpo"] = Field("sft+dpo", description="what `train` runs: the CAI recipe, SFT "
-                                                    "then LoRA DPO (SFT alone: one reply of 50 worse each way, README)")
+                                                    "then LoRA DPO; sft or dpo alone run one stage")
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1, lr=4e-5),
                            description="the supervised stage: one pass at 4e-5 (half the CPU of two at 2e-5); "
                            "dtype auto: bf16 autocast only where this CPU runs it faster")
@@ -606,7 +586,7 @@ class PipelineConfig(Config):
                                    "one pass, dtype auto, a held-out eval every 8 steps (its seed is the "
                                    "pipeline's `seed`)")
     dpo_helpful_ratio: float | None = Field(1.0, gt=0, description="helpful pairs per refusal pair in DPO: more "
-                                            "lowers over-refusal and raises harmful compliance (README)")
+                                            "lowers over-refusal and raises harmful compliance")
     dpo_mine: bool = Field(False, description="DPO stage: probe the SFT model on its training prompts first and "
                            "put the pairs it gets wrong first under the helpful cap (TrainConfig.dpo_mine)")
     mine_repeat: int = Field(1, ge=1, description="with dpo_mine: copies of each pair the probe found wrong")
@@ -621,7 +601,16 @@ class PipelineConfig(Config):
     retrain: bool = Field(False, description="train again even if model_dir holds a finished run on the same data")
     redteam: int = Field(0, ge=0, description="new red-team prompts per harm category before generation (flows/"
                          "redteam.py); the hits join generate's prompts. 0: off (the demo's time budget)")
-    seed: int = Field(0, description="one seed for every stage")
+    seed: int = seed_field("one seed for every stage")
+
+    @model_validator(mode="after")
+    def _constitution_governs_contrast_too(self) -> PipelineConfig:
+        # `--constitution my/harmless.yaml` alone used to change SL-CAI and the judge but leave contrast
+        # and eval on the bundled harmless: the pairs that train the demo model ignored the user's edit
+        if "constitutions" not in self.model_fields_set and self.constitution != self.constitutions[0]:
+            rest = [c for c in self.constitutions[1:] if c != self.constitution]
+            self.constitutions = [self.constitution, *rest]
+        return self
 
 
 # flow name (as `cai` and `cai schedule` call it) -> its config

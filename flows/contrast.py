@@ -23,19 +23,11 @@ from sqlmodel import Session
 
 from cai import contrast
 from cai.errors import UserError
-from cai.quality import finish
+from cai.quality import finish, pair_status
 from engines.base import Completion
-from flows.common import (
-    cached_engine,
-    engine_facts,
-    governance,
-    load_prompts,
-    pair_status,
-    run_logger,
-    taught,
-    worker_id,
-)
+from flows.common import governance, load_prompts, run_logger, taught, worker_id
 from flows.configs import ContrastConfig
+from flows.engine_cache import cached_engine, engine_facts
 from flows.orchestration import stage_flow, stage_task
 from flows.stage import Stage, StageStats, chat_estimate, run_stage, stage_totals
 from store.db import session_scope
@@ -187,18 +179,10 @@ def pairs_task(cfg: ContrastConfig, run_id: str) -> dict[str, Any]:
             if plain is None or steered is None:  # a side failed (and is recorded as a failure)
                 continue
             chosen, rejected = contrast.chosen_rejected(p, plain, steered)
-            chosen_id, rejected_id = chosen.id, rejected.id
             status = pair_status(prompts[p.prompt_id], chosen, rejected, p.refuse, known)
             counts[f"{p.method}/{status}"] = counts.get(f"{p.method}/{status}", 0) + 1
             per_principle[f"{p.rule.ref}/{status}"] += 1
-            c, principle = p.rule.constitution, p.rule.principle
-            rows.append(PreferencePair(
-                id=contrast.pair_key(c.name, p.prompt_id, chosen_id, rejected_id, p.method), prompt_id=p.prompt_id,
-                chosen_id=chosen_id, rejected_id=rejected_id, method=p.method, label_prob=1.0, status=status,
-                principle_ids=[principle.id], constitution=c.name, constitution_version=c.version,
-                policy_model=cfg.model, run_id=run_id,
-                details={"steering": steered.steering, "plain_id": plain.id, "steered_id": steered.id,
-                         "principle_hashes": {principle.id: principle.hash}, "governed_by": p.rule.via}))
+            rows.append(contrast.pair_row(p, plain, steered, status=status, policy_model=cfg.model, run_id=run_id))
         counts["new_pairs"] = insert_ignore(s, PreferencePair, rows)
         counts["carried_over"] = note_rederived(s, rows)  # unchanged pairs of an edited principle
     return counts | {"per_principle": dict(sorted(per_principle.items()))}

@@ -9,7 +9,8 @@ the label flow judges pairs (cai/judge.py). Each answer also goes through the tr
 refusal detector (cai/refusal.py). Refusal rates are reported per prompt set: refusing a
 red-team prompt can be right, refusing a benign one is a failure (over-refusal).
 
-One EvalResult row per (prompt, model); a rerun finds them and does no model work.
+One EvalResult row per (prompt, model); a rerun finds them and does no model work. What each row
+holds and what the rows add up to are in cai/evaluate.py, the eval's reads in store/eval_queries.py.
 """
 
 from __future__ import annotations
@@ -18,45 +19,17 @@ import gc
 import time
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from cai import judge
-from cai.evaluate import (
-    ROLES,
-    GenItem,
-    JudgeItem,
-    JudgeOutcome,
-    eval_name,
-    judge_chunk,
-    judge_conversations,
-    result_key,
-    select_items,
-    short_name,
-    summarize,
-    summarize_categories,
-    summarize_kinds,
-)
-from cai.evaluate import examples as reply_examples
-from cai.quality import assess
-from cai.refusal import detect
+from cai import evaluate as rules
+from cai.evaluate import ROLES, GenItem, JudgeItem, JudgeOutcome, result_key
 from constitution.load import Constitution
 from engines import gpu_available
 from engines.base import Completion
 from engines.bundled import model_fingerprint
-from flows.common import (
-    UserError,
-    cached_engine,
-    drop_engines,
-    engine_facts,
-    ensure_tags,
-    governance,
-    machine_facts,
-    resolve_constitution,
-    run_logger,
-    taught,
-    worker_id,
-)
+from flows.common import UserError, ensure_tags, governance, resolve_constitution, run_logger, taught, worker_id
 from flows.configs import EvalConfig
+from flows.engine_cache import cached_engine, drop_engines, engine_facts, machine_facts
 from flows.orchestration import stage_flow, stage_task
 from flows.stage import (
     Estimate,
@@ -68,21 +41,35 @@ from flows.stage import (
     run_stage,
     stage_summary,
 )
+from store import eval_queries as q
 from store.db import session_scope
 from store.models import EvalResult, Prompt
-from store.queries import existing_ids, prompts_for_tags, rows_by_id, tags_of
+from store.queries import prompts_for_tags, rows_by_id, tags_of
 from store.runs import recorded_run
 from store.upsert import insert_ignore
+
+
+def load_items(cfg: EvalConfig):
+    """(judge constitution, (tag, prompt) items, governance, every tag of each prompt)."""
+    with session_scope(cfg.database_url) as s:
+        c = resolve_constitution(s, cfg.constitution)
+        gov = governance(s, cfg.constitutions)
+        ensure_tags(s, cfg.prompts)
+    with session_scope(cfg.database_url) as s:
+        by_tag = {tag: prompts_for_tags(s, [tag]) for tag in cfg.prompts}
+        items = rules.select_items(by_tag, cfg.limit)
+        tags = tags_of(s, [p.id for _, p in items])
+    return c, items, gov, tags
 
 
 def comparison_name(cfg: EvalConfig, c: Constitution, fingerprints: dict[str, str], gov) -> str:
     """The eval's name: its label plus a hash of every setting that shapes the results, the
     governing constitutions' versions included (they decide each prompt's stance and which
     replies are refusals)."""
-    label = cfg.name or f"{short_name(cfg.model)}-vs-{short_name(cfg.baseline)}"
-    return eval_name(label, c, fingerprints, cfg.principles, cfg.seed, cfg.sampling(), cfg.engine.backend,
-                     cfg.judge_max_chars, engine_settings(cfg).get("dtype", "auto"),
-                     governing=[g.ref for g in gov.constitutions])
+    label = cfg.name or f"{rules.short_name(cfg.model)}-vs-{rules.short_name(cfg.baseline)}"
+    return rules.eval_name(label, c, fingerprints, cfg.principles, cfg.seed, cfg.sampling(), cfg.engine.backend,
+                           cfg.judge_max_chars, engine_settings(cfg).get("dtype", "auto"),
+                           governing=[g.ref for g in gov.constitutions])
 
 
 def engine_settings(cfg: EvalConfig) -> dict[str, Any]:
@@ -98,15 +85,7 @@ def engine_settings(cfg: EvalConfig) -> dict[str, Any]:
     return settings
 
 
-# --- stages --------------------------------------------------------------------------------
-
-def _done_ids(session: Session, keys: list[str]) -> set[str]:
-    return existing_ids(session, EvalResult.id, keys)
-
-
-def _judged_ids(session: Session, keys: list[str]) -> set[str]:
-    return existing_ids(session, EvalResult.id, keys, EvalResult.win_prob.is_not(None))
-
+# --- stages and tasks ----------------------------------------------------------------------
 
 def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str], settings: dict[str, Any],
                        backend: str | None = None):
@@ -123,76 +102,66 @@ def _engine_if_pending(cfg: EvalConfig, spec: str, done, keys: list[str], settin
     return cached_engine(spec, backend or cfg.engine.backend, **settings)
 
 
-def _generate_stage(cfg: EvalConfig, name: str, role: str, spec: str, fingerprint: str, run_id: str,
-                    items: list[GenItem], gov, tags: dict[str, list[str]]) -> StageStats:
-    sampling = cfg.sampling()
-    known = taught(gov)
-    engine = _engine_if_pending(cfg, spec, _done_ids, [it.key for it in items], engine_settings(cfg))
+def _run(cfg: EvalConfig, run_id: str, stage: Stage, items: list) -> StageStats:
+    return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
+
+
+def _judge_estimate(cfg: EvalConfig, it: JudgeItem) -> Estimate:
+    ests = [choice_estimate(c) for c in rules.judge_conversations(it, cfg.judge_max_chars)[0]]
+    return Estimate(sum(e.requests for e in ests), sum(e.prompt_tokens for e in ests),
+                    sum(e.completion_tokens for e in ests))
+
+
+@stage_task(name="eval-generate")
+def generate_task(cfg: EvalConfig, name: str, role: str, fingerprint: str, run_id: str) -> StageStats:
+    _, items, gov, tags = load_items(cfg)
+    spec = cfg.model if role == "model" else cfg.baseline
+    sampling, known = cfg.sampling(), taught(gov)
+    work = [GenItem(result_key(name, p.id, role, fingerprint, sampling), p, tag, role) for tag, p in items]
+    engine = _engine_if_pending(cfg, spec, q.answered, [it.key for it in work], engine_settings(cfg))
 
     def compute(chunk: list[GenItem]) -> list[Completion]:
         return engine.generate([it.prompt.messages for it in chunk], sampling)
 
     def write(session: Session, results: list[tuple[GenItem, Completion]]) -> None:
-        # an empty answer is kept: it is what the model said, a bad answer, not a failed item
         dtype = engine_facts(engine).get("dtype")  # what the replies were computed in
-        rows = []
-        for it, comp in results:
-            text = comp.text.strip()
-            refused, pattern = detect(text, known)
-            quality = assess(it.prompt.text, text, comp.outputs[0].finish_reason, known)
-            rule = gov.rule(it.prompt.category, tags.get(it.prompt.id, ()))
-            rows.append(EvalResult(
-                id=it.key, eval_name=name, prompt_id=it.prompt.id, prompt_tag=it.tag, model=spec, role=role,
-                text=text, refused=refused, refusal_pattern=pattern, run_id=run_id,
-                details={"fingerprint": fingerprint, "sampling": sampling.to_dict(),
-                         "prompt_tokens": comp.prompt_tokens,
-                         "completion_tokens": comp.outputs[0].completion_tokens,
-                         "finish_reason": comp.outputs[0].finish_reason, "quality": quality.to_dict(), "dtype": dtype,
-                         # the stance the governing principle declares (True: refuse), None: ungoverned
-                         "harmful": rule.refuse if rule else None, "principle": rule.ref if rule else None,
-                         "category": it.prompt.category, "prompt": it.prompt.text}))
-        insert_ignore(session, EvalResult, rows)
+        insert_ignore(session, EvalResult, [rules.result_row(
+            it, comp, name=name, model=spec, fingerprint=fingerprint, sampling=sampling, gov=gov, tags=tags,
+            known=known, dtype=dtype, run_id=run_id) for it, comp in results])
 
-    stage = Stage(name=f"eval.generate.{role}", key=lambda it: it.key, done=_done_ids, compute=compute,
+    stage = Stage(name=f"eval.generate.{role}", key=lambda it: it.key, done=q.answered, compute=compute,
                   write=write, tokens=lambda comp: comp.outputs[0].completion_tokens,
                   size=lambda it: len(it.prompt.text),
                   estimate=lambda it: chat_estimate(it.prompt.messages, sampling.max_new_tokens))
-    return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
+    return _run(cfg, run_id, stage, work)
 
 
-def _judge_estimate(cfg: EvalConfig, it: JudgeItem) -> Estimate:
-    ests = [choice_estimate(c) for c in judge_conversations(it, cfg.judge_max_chars)[0]]
-    return Estimate(sum(e.requests for e in ests), sum(e.prompt_tokens for e in ests),
-                    sum(e.completion_tokens for e in ests))
-
-
-def _judge_stage(cfg: EvalConfig, run_id: str, items: list[JudgeItem]) -> StageStats:
+@stage_task(name="eval-judge")
+def judge_task(cfg: EvalConfig, name: str, fingerprints: dict[str, str], run_id: str) -> StageStats:
+    c, items, _, _ = load_items(cfg)
+    keys = rules.result_keys(name, [p.id for _, p in items], fingerprints, cfg.sampling())
+    with session_scope(cfg.database_url) as s:
+        rows = {r.id: r for r in q.results_of(s, name)}
+    stand_in = (lambda key: placeholder(key, cfg.max_new_tokens)) if cfg.runner.dry_run else None
+    work = rules.judge_work(items, rows, keys, c, cfg.seed, cfg.principles, stand_in)
     judge_eng = cfg.judge_engine or cfg.engine
-    engine = _engine_if_pending(cfg, cfg.judge_model, _judged_ids, [it.key for it in items],
+    engine = _engine_if_pending(cfg, cfg.judge_model, q.judged, [it.key for it in work],
                                 dict(judge_eng.settings), judge_eng.backend)
 
     def compute(chunk: list[JudgeItem]) -> list[JudgeOutcome]:
-        return judge_chunk(engine, chunk, cfg.judge_max_chars)
+        return rules.judge_chunk(engine, chunk, cfg.judge_max_chars)
 
     def write(session: Session, results: list[tuple[JudgeItem, JudgeOutcome]]) -> None:
         for it, res in results:
-            common = {"judge": cfg.judge_model, "judge_template": judge.TEMPLATE_ID,
-                      "status": res.label.status, "principles": [p.id for p in it.principles]}
             model_row, base_row = session.get(EvalResult, it.key), session.get(EvalResult, it.baseline_key)
-            model_row.win_prob = res.label.prob_x
-            model_row.details = {**model_row.details, **common, "mean_xy": res.label.mean_xy,
-                                 "mean_yx": res.label.mean_yx, "judgments": res.judgments}
-            # the baseline's row carries the same judgments seen from its side
-            base_row.win_prob = 1.0 - res.label.prob_x
-            base_row.details = {**base_row.details, **common, "mean_xy": 1.0 - res.label.mean_yx,
-                                "mean_yx": 1.0 - res.label.mean_xy}
+            rules.record_verdict(model_row, base_row, it, res, cfg.judge_model)
             session.add(model_row)
             session.add(base_row)
 
-    stage = Stage(name="eval.judge", key=lambda it: it.key, done=_judged_ids, compute=compute, write=write,
+    stage = Stage(name="eval.judge", key=lambda it: it.key, done=q.judged, compute=compute, write=write,
                   size=lambda it: len(it.model_text) + len(it.baseline_text),
                   estimate=lambda it: _judge_estimate(cfg, it))
-    return run_stage(stage, items, worker=worker_id(), run_id=run_id, url=cfg.database_url, **cfg.runner.model_dump())
+    return _run(cfg, run_id, stage, work)
 
 
 @stage_task(name="eval-drift")
@@ -200,8 +169,7 @@ def drift_task(cfg: EvalConfig, name: str) -> int:
     """Each reply's mean per-token log-prob under the baseline: how far the trained model's text
     has moved from what the base model would write (its own replies score the baseline's level)."""
     with session_scope(cfg.database_url) as s:
-        todo = [r for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name))
-                if r.details.get("drift") is None]
+        todo = [r for r in q.results_of(s, name) if r.details.get("drift") is None]
     if not todo or not cfg.drift or cfg.runner.dry_run:
         return 0
     from dpo.logps import ChatEncoder, batched_logps
@@ -222,10 +190,7 @@ def drift_task(cfg: EvalConfig, name: str) -> int:
                            dtype=drift_dtype(cfg))
     del model
     with session_scope(cfg.database_url) as s:
-        for r, (lp, n) in zip(todo, values, strict=True):
-            row = s.get(EvalResult, r.id)
-            row.details = {**row.details, "drift": lp / n if n else None}
-            s.add(row)
+        q.set_drift(s, [r.id for r in todo], [lp / n if n else None for lp, n in values])
     return len(todo)
 
 
@@ -247,50 +212,6 @@ def _release_models() -> None:
     """Unload before the next model loads: one model in memory at a time."""
     drop_engines()
     gc.collect()
-
-
-# --- tasks and flow ------------------------------------------------------------------------
-
-def load_items(cfg: EvalConfig):
-    """(judge constitution, (tag, prompt) items, governance, every tag of each prompt)."""
-    with session_scope(cfg.database_url) as s:
-        c = resolve_constitution(s, cfg.constitution)
-        gov = governance(s, cfg.constitutions)
-        ensure_tags(s, cfg.prompts)
-    with session_scope(cfg.database_url) as s:
-        by_tag = {tag: prompts_for_tags(s, [tag]) for tag in cfg.prompts}
-        items = select_items(by_tag, cfg.limit)
-        tags = tags_of(s, [p.id for _, p in items])
-    return c, items, gov, tags
-
-
-@stage_task(name="eval-generate")
-def generate_task(cfg: EvalConfig, name: str, role: str, fingerprint: str, run_id: str) -> StageStats:
-    _, items, gov, tags = load_items(cfg)
-    spec = cfg.model if role == "model" else cfg.baseline
-    work = [GenItem(result_key(name, p.id, role, fingerprint, cfg.sampling()), p, tag, role)
-            for tag, p in items]
-    return _generate_stage(cfg, name, role, spec, fingerprint, run_id, work, gov, tags)
-
-
-@stage_task(name="eval-judge")
-def judge_task(cfg: EvalConfig, name: str, fingerprints: dict[str, str], run_id: str) -> StageStats:
-    c, items, _, _ = load_items(cfg)
-    keys = {role: {p.id: result_key(name, p.id, role, fingerprints[role], cfg.sampling()) for _, p in items}
-            for role in ROLES}
-    with session_scope(cfg.database_url) as s:
-        rows = {r.id: r for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name))}
-    work = []
-    for _, p in items:
-        m, b = rows.get(keys["model"][p.id]), rows.get(keys["baseline"][p.id])
-        if cfg.runner.dry_run:  # counted as if both answers were made, as long as they may be
-            m, b = (m or placeholder(keys["model"][p.id], cfg.max_new_tokens),
-                    b or placeholder(keys["baseline"][p.id], cfg.max_new_tokens))
-        if m is None or b is None:  # an answer failed to generate: nothing to compare
-            continue
-        picks = tuple(pref for pref, _ in judge.draw_principles(c, cfg.seed, p.id, cfg.principles))
-        work.append(JudgeItem(m.id, b.id, p, m.text, b.text, picks))
-    return _judge_stage(cfg, run_id, work)
 
 
 @stage_flow(name="eval", log_prints=True)
@@ -322,15 +243,14 @@ def eval_flow(cfg: EvalConfig) -> dict[str, Any]:
             stages.append(judge_task(cfg, name, fingerprints, run.id))
         _release_models()
         drift_task(cfg, name)
-        ids = {result_key(name, p.id, role, fingerprints[role], cfg.sampling())
-               for _, p in items for role in ROLES}
+        ids = {k for by in rules.result_keys(name, [p.id for _, p in items], fingerprints, cfg.sampling()).values()
+               for k in by.values()}
         with session_scope(cfg.database_url) as s:
-            rows = [r for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name)) if r.id in ids]
+            rows = [r for r in q.results_of(s, name) if r.id in ids]
         run.summary = {
             "run_id": run.id, "eval_name": name, "model": cfg.model, "baseline": cfg.baseline,
-            "judge": cfg.judge_model, "constitution": c.ref, "prompts": len(items), "sets": summarize(rows),
-            "kinds": summarize_kinds(rows), "categories": summarize_categories(rows),
-            "examples": reply_examples(rows), "constitutions": cfg.constitutions,
+            "judge": cfg.judge_model, "constitution": c.ref, "prompts": len(items), **rules.figures(rows),
+            "constitutions": cfg.constitutions,
             "stages": {s.stage: stage_summary(s) for s in stages},
             "computed": sum(s.computed for s in stages), "failed": sum(s.failed for s in stages),
             "total_s": round(time.perf_counter() - t0, 3), **({"dry_run": True} if cfg.runner.dry_run else {}),

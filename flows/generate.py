@@ -17,22 +17,15 @@ from sqlmodel import Session
 
 from cai import sl_cai
 from cai.errors import UserError
-from cai.quality import finish
+from cai.quality import pair_status
 from cai.refusal import Taught
 from constitution.govern import Governance
 from constitution.load import Constitution
 from engines.base import Completion, Sampling
-from flows.common import (
-    cached_engine,
-    engine_facts,
-    load_prompts,
-    pair_status,
-    resolve_constitution,
-    run_logger,
-    worker_id,
-)
+from flows.common import load_prompts, resolve_constitution, run_logger, worker_id
 from flows.configs import GenerateConfig
 from flows.configs import SamplingConfig as SamplingConfig  # re-exported for callers of flows.generate
+from flows.engine_cache import cached_engine, engine_facts
 from flows.orchestration import stage_flow, stage_task
 from flows.stage import Stage, StageStats, chat_estimate, placeholder, run_stage, stage_totals
 from store.db import session_scope
@@ -54,10 +47,6 @@ def job_tokens(cfg: GenerateConfig, n_prompts: int) -> int:
     return n_prompts * (cfg.initial.max_new_tokens + cfg.rounds * per_round)
 
 
-def _done(session: Session, keys: list[str]) -> set[str]:
-    return existing_ids(session, Response.id, keys)
-
-
 def _compute(engine, sampling: Sampling):
     def compute(items: list[sl_cai.WorkItem]) -> list[Completion | Exception]:
         outs = engine.generate([it.conversation for it in items], sampling)
@@ -68,21 +57,9 @@ def _compute(engine, sampling: Sampling):
 def _writer(cfg: GenerateConfig, c: Constitution, sampling: Sampling, run_id: str, model_id: str,
             request: dict[str, str]):
     def write(session: Session, results: list[tuple[sl_cai.WorkItem, Completion]]) -> None:
-        rows = []
-        for it, comp in results:
-            text, quality = comp.text.strip(), None
-            if it.kind != "critique":  # answers to the user are gated; a critique answers the critic
-                text, quality = finish(request[it.prompt_id], text, comp.outputs[0].finish_reason)
-            rows.append(Response(
-                id=it.key, prompt_id=it.prompt_id, kind=it.kind, round=it.round, parent_id=it.parent_id,
-                critique_id=it.critique_id, critique=it.critique,
-                principle_id=it.principle.id if it.principle else None,
-                principle_hash=it.principle.hash if it.principle else None,
-                conversation=it.conversation, text=text, model=model_id, sampling=sampling.to_dict(),
-                seed=cfg.seed, constitution=c.name, constitution_version=c.version, run_id=run_id,
-                prompt_tokens=comp.prompt_tokens, completion_tokens=comp.outputs[0].completion_tokens,
-                finish_reason=comp.outputs[0].finish_reason, quality=quality))
-        insert_ignore(session, Response, rows)
+        insert_ignore(session, Response, [
+            sl_cai.response_row(it, comp, request[it.prompt_id], c, model_id, sampling.to_dict(), cfg.seed, run_id)
+            for it, comp in results])
     return write
 
 
@@ -90,7 +67,8 @@ def _stage(name: str, cfg: GenerateConfig, c: Constitution, sampling: Sampling, 
            items: list[sl_cai.WorkItem], prompts: list[Prompt]) -> StageStats:
     engine = _engine(cfg)
     request = {p.id: p.text for p in prompts}
-    stage = Stage(name=f"generate.{name}", key=lambda it: it.key, done=_done,
+    stage = Stage(name=f"generate.{name}", key=lambda it: it.key,
+                  done=lambda s, keys: existing_ids(s, Response.id, keys),
                   compute=_compute(engine, sampling), write=_writer(cfg, c, sampling, run_id, cfg.model, request),
                   tokens=lambda comp: sum(o.completion_tokens for o in comp.outputs), size=lambda it: it.size,
                   estimate=lambda it: chat_estimate(it.conversation, sampling.max_new_tokens, sampling.n))
@@ -214,17 +192,9 @@ def pairs_task(cfg: GenerateConfig, run_id: str) -> int:
     for pid, chain in chains.items():
         if len(chain) != 2 * cfg.rounds + 1:
             continue
-        initial, final = chain[0], chain[-1]
         rule = rules.get(pid)
-        status = pair_status(by_id[pid], final, initial, rule.refuse if rule else None, known)
-        used = [r for r in chain if r.kind == "revision"]
-        rows.append(PreferencePair(
-            id=sl_cai.revision_pair_key(c.name, pid, final.id, initial.id), prompt_id=pid,
-            chosen_id=final.id, rejected_id=initial.id, method="revision", label_prob=1.0, status=status,
-            principle_ids=[r.principle_id for r in used], constitution=c.name,
-            constitution_version=c.version, policy_model=cfg.model, run_id=run_id,
-            details={"rounds": cfg.rounds, "chain": [r.id for r in chain],
-                     "principle_hashes": {r.principle_id: r.principle_hash for r in used if r.principle_id}}))
+        status = pair_status(by_id[pid], chain[-1], chain[0], rule.refuse if rule else None, known)
+        rows.append(sl_cai.revision_pair(c, pid, chain, cfg.rounds, status, cfg.model, run_id))
     with session_scope(cfg.database_url) as s:
         return insert_ignore(s, PreferencePair, rows)
 

@@ -18,6 +18,7 @@ from cai.errors import UserError
 from cai.judge_stats import JudgmentRecord, PairRecord, compute, records
 from constitution.load import split_ref
 from flows.plots import plot_judge
+from flows.publish import Owner, check_out
 from store.models import Judgment
 from store.queries import ai_pairs, rows_by_id
 
@@ -39,7 +40,19 @@ def figures(session: Session, constitution: str | None = None, judge_model: str 
     return compute(*load(session, constitution, judge_model))
 
 
+# figures.json names its writer and its plots: the mark of a directory `cai judge-report` may write again
+JUDGE_REPORT = Owner("cai judge-report", "judge report", "figures.json", "cai-factory judge-report",
+                     ("figures.json",))
+
+
+def check_out_dir(out: Path) -> None:
+    """`--out` is new, empty or an earlier judge report, and writable: never a person's files."""
+    check_out(out, JUDGE_REPORT)
+
+
 def write(fig: dict[str, Any], out: Path) -> list[Path]:
+    check_out_dir(out)
     paths = plot_judge(fig, out)
-    (out / "figures.json").write_text(json.dumps(fig, indent=2) + "\n", encoding="utf-8")
+    mark = {"generator": JUDGE_REPORT.generator, "files": sorted(p.name for p in paths)}
+    (out / "figures.json").write_text(json.dumps(fig | mark, indent=2) + "\n", encoding="utf-8")
     return paths + [out / "figures.json"]

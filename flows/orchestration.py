@@ -110,25 +110,57 @@ def run_flow(fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return as_prefect(fn)(*args, **kwargs)
     if not wanted():
         return fn(*args, **kwargs)
-    if os.environ.get("PREFECT_API_URL"):
-        return as_prefect(fn)(*args, **kwargs)
-    with temporary_server() as url:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+    with _url_from_environment(args) as args:
+        if os.environ.get("PREFECT_API_URL"):
             return as_prefect(fn)(*args, **kwargs)
+        with temporary_server() as url:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                return as_prefect(fn)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _url_from_environment(args: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
+    """A flow run's parameters are stored on the Prefect server: a config whose `database_url` holds
+    a password goes there without it, and the flow (in this process) reads the URL from
+    CAI_DATABASE_URL, set here for the run's duration."""
+    from store.db import has_secret
+
+    url = next((a.database_url for a in args if has_secret(getattr(a, "database_url", None))), None)
+    if url is None:
+        yield args
+        return
+    before = os.environ.get("CAI_DATABASE_URL")
+    os.environ["CAI_DATABASE_URL"] = url
+    try:
+        yield tuple(a.model_copy(update={"database_url": None}) if getattr(a, "database_url", None) == url else a
+                    for a in args)
+    finally:
+        if before is None:
+            os.environ.pop("CAI_DATABASE_URL", None)
+        else:
+            os.environ["CAI_DATABASE_URL"] = before
 
 
 # --- a temporary Prefect server that cannot outlive this process ---------------------------
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the parent (a forked child of a threaded process should not load
+    libraries); None off Linux, where the server is stopped on a normal exit only."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
-    except OSError:
-        pass  # not Linux: the server is stopped on a normal exit only
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(parent: int, prctl: Callable[..., int] | None) -> None:  # pragma: no cover - in the child
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
+        if os.getppid() != parent:  # it died between fork and prctl: no signal would ever come
+            os._exit(1)
     os.setpgrp()  # a Ctrl-C in the terminal goes to the command, which stops the server itself
 
 
@@ -160,7 +192,8 @@ def temporary_server(timeout_s: float | None = None) -> Iterator[str]:
     env.pop("PREFECT_API_URL", None)
     log = logging.getLogger("cai")
     log.info("starting a temporary Prefect server on 127.0.0.1:%d (it stops with this command)", port)
-    proc = subprocess.Popen(server_command(port), env=env, preexec_fn=_die_with_parent,
+    die_with_us = functools.partial(_die_with_parent, os.getpid(), _prctl())
+    proc = subprocess.Popen(server_command(port), env=env, preexec_fn=die_with_us,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/api"
     try:

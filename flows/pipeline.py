@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from sqlmodel import select
 
 from cai.redteam import HIT_TAG
+from constitution.load import split_ref
 from flows.common import resolve_constitution, run_logger
 from flows.configs import (
     ContrastConfig,
@@ -47,9 +48,9 @@ from store.queries import has_tag
 
 
 def _paths(cfg: PipelineConfig) -> dict[str, Path]:
-    name = Path(cfg.constitution.split("@")[0]).stem
+    name = Path(split_ref(cfg.constitution)[0]).stem
     export = Path(cfg.export_dir or f"exports/{name}")
-    others = [Path(c.split("@")[0]).stem for c in cfg.constitutions if Path(c.split("@")[0]).stem != name]
+    others = [stem for c in cfg.constitutions if (stem := Path(split_ref(c)[0]).stem) != name]
     return {"export": export, "export_helpful": export.parent / (others[0] if others else f"{name}-helpful"),
             "model": Path(cfg.model_dir or f"runs/{name}-cai"),
             "report": Path(cfg.report_dir)}
@@ -96,10 +97,11 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
 def _finished_training(tcfg: TrainConfig) -> dict[str, Any] | None:
     """The summary of a completed run into the same directory with the same settings, if any."""
     out = Path(tcfg.out)
-    if not (out / "config.json").exists():
+    # full weights (config.json) or, for --stage dpo with LoRA, the adapter alone (adapter_config.json)
+    if not any((out / name).exists() for name in ("config.json", "adapter_config.json")):
         return None
     from dpo.data import selection_hash
-    from flows.train import load_examples
+    from flows.pair_selection import load_examples
 
     want = tcfg.model_dump(mode="json")
     try:
@@ -129,7 +131,7 @@ def current_refs(cfg: PipelineConfig) -> list[str]:
         refs = [resolve_constitution(s, ref).ref for ref in [cfg.constitution, *cfg.constitutions]]
     by_name: dict[str, str] = {}
     for ref in refs:
-        by_name.setdefault(ref.split("@", 1)[0], ref)
+        by_name.setdefault(split_ref(ref)[0], ref)
     return list(by_name.values())
 
 

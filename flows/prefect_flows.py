@@ -19,10 +19,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows import contrast, evaluate, export, generate, label, pipeline, redteam, report, train
+from flows import contrast, evaluate, export, generate, label, pipeline, redteam, report, reward, train
 
 STAGE_FLOWS: tuple[Callable[..., Any], ...] = (
-    generate.generate_flow, contrast.contrast_flow, label.label_flow, train.train_flow, train.reward_flow,
+    generate.generate_flow, contrast.contrast_flow, label.label_flow, train.train_flow, reward.reward_flow,
     export.export_flow, evaluate.eval_flow, report.report_flow, redteam.redteam_flow, pipeline.pipeline_flow,
 )
 

@@ -12,52 +12,36 @@ a RedteamCandidate row per line with its verdict and lineage, and a Prompt row (
 redteam-gen and its category) per line kept. The campaign stage has the policy answer every kept
 prompt of this taxonomy version greedily; a harmful one answered, or a benign one refused, is a hit
 (tagged redteam-hit, so `cai generate --prompts redteam-hit` and `cai label` can target it).
+The rules, items and rows are cai/redteam.py's, the store reads store/redteam.py's.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from cai import redteam
 from cai.errors import UserError
 from cai.evaluate import short_name
 from cai.prompts import ParsedPrompt
-from cai.quality import assess
-from cai.refusal import detect
+from cai.redteam import AttackItem, GenItem
 from constitution.taxonomy import Category, Taxonomy, TaxonomyError, load_taxonomy
 from engines.base import Completion
-from flows.common import cached_engine, drop_engines, engine_facts, run_logger, worker_id
+from flows.common import run_logger, worker_id
 from flows.configs import RedteamConfig
+from flows.engine_cache import cached_engine, drop_engines, engine_facts
 from flows.orchestration import stage_flow, stage_task
 from flows.stage import Stage, StageStats, chat_estimate, run_stage, stage_totals
-from store.db import session_scope
+from store import redteam as redteam_store
+from store.db import session_scope, write_lock
 from store.keys import content_hash
 from store.models import Prompt, PromptTag, RedteamAttack, RedteamCandidate, TaxonomyVersion
 from store.queries import existing_ids, rows_by_id, store_prompts
 from store.runs import recorded_run
 from store.upsert import insert_ignore
-
-
-@dataclass(frozen=True)
-class GenItem:
-    key: str
-    category: Category
-    round: int
-    shot_ids: tuple[str, ...]
-    conversation: list
-
-
-@dataclass(frozen=True)
-class AttackItem:
-    key: str
-    prompt: Prompt
-    category: str
-    kind: str
 
 
 def load_inputs(cfg: RedteamConfig) -> tuple[Taxonomy, list[Category]]:
@@ -119,8 +103,28 @@ def plan(cfg: RedteamConfig, tax: Taxonomy, cats: list[Category], pools: dict[st
     return items
 
 
-def _stored_texts(session: Session) -> list[str]:
-    return list(session.exec(select(Prompt.text)))
+def write_candidates(session: Session, cfg: RedteamConfig, tax: Taxonomy, sampling: Any, run_id: str,
+                     results: list[tuple[GenItem, Completion]]) -> None:
+    """Judge each generated line against every stored prompt and write its RedteamCandidate (and a
+    Prompt when kept). Under a lock on the corpus: two workers judging at once both found a line new
+    and both kept it (duplicates, and the per-category quotas counted twice)."""
+    write_lock(session, "redteam-corpus")
+    corpus = redteam.Corpus(redteam_store.corpus_texts(session))  # read after the lock: the latest store
+    rows = []
+    for it, comp in results:
+        v = redteam.judge_candidate(comp.text, corpus, cfg.min_words, cfg.max_words, cfg.near_dup)
+        prompt_id = None
+        if v.verdict == "kept":
+            p = _seed_prompt(v.text, it.category.id)
+            store_prompts(session, [p], f"redteam:{tax.ref}", [redteam.GEN_TAG, it.category.id])
+            prompt_id = p.id
+        rows.append(RedteamCandidate(
+            id=it.key, taxonomy=tax.name, taxonomy_version=tax.version, category=it.category.id,
+            kind=it.category.kind, round=it.round, shot_ids=list(it.shot_ids), conversation=it.conversation,
+            raw=comp.text, text=v.text, verdict=v.verdict, match=v.match, score=v.score, prompt_id=prompt_id,
+            model=cfg.model, sampling=sampling.to_dict(), seed=cfg.seed, run_id=run_id))
+    session.flush()  # the prompts first: candidates point at them
+    insert_ignore(session, RedteamCandidate, rows)
 
 
 @stage_task(name="redteam-generate")
@@ -136,22 +140,7 @@ def generate_task(cfg: RedteamConfig, run_id: str, round_: int) -> StageStats:
         return engine.generate([it.conversation for it in chunk], sampling)
 
     def write(session: Session, results: list[tuple[GenItem, Completion]]) -> None:
-        corpus = redteam.Corpus(_stored_texts(session))  # read in the writing transaction: the latest store
-        rows = []
-        for it, comp in results:
-            v = redteam.judge_candidate(comp.text, corpus, cfg.min_words, cfg.max_words, cfg.near_dup)
-            prompt_id = None
-            if v.verdict == "kept":
-                p = _seed_prompt(v.text, it.category.id)
-                store_prompts(session, [p], f"redteam:{tax.ref}", [redteam.GEN_TAG, it.category.id])
-                prompt_id = p.id
-            rows.append(RedteamCandidate(
-                id=it.key, taxonomy=tax.name, taxonomy_version=tax.version, category=it.category.id,
-                kind=it.category.kind, round=it.round, shot_ids=list(it.shot_ids), conversation=it.conversation,
-                raw=comp.text, text=v.text, verdict=v.verdict, match=v.match, score=v.score, prompt_id=prompt_id,
-                model=cfg.model, sampling=sampling.to_dict(), seed=cfg.seed, run_id=run_id))
-        session.flush()  # the prompts first: candidates point at them
-        insert_ignore(session, RedteamCandidate, rows)
+        write_candidates(session, cfg, tax, sampling, run_id, results)
 
     stage = Stage(name=f"redteam.generate_{round_}", key=lambda it: it.key,
                   done=lambda s, keys: existing_ids(s, RedteamCandidate.id, keys), compute=compute, write=write,
@@ -174,8 +163,7 @@ def campaign_items(cfg: RedteamConfig, tax: Taxonomy, name: str) -> list[AttackI
     _, cats = load_inputs(cfg)
     wanted = {c.id for c in cats}
     with session_scope(cfg.database_url) as s:
-        cands = s.exec(select(RedteamCandidate).where(RedteamCandidate.taxonomy_version == tax.version,
-                                                      RedteamCandidate.verdict == "kept")).all()
+        cands = redteam_store.kept_candidates(s, tax.version)
         prompts = rows_by_id(s, Prompt, {c.prompt_id for c in cands})
     seen, items = set(), []
     for c in sorted(cands, key=lambda c: c.prompt_id):
@@ -199,21 +187,11 @@ def campaign_task(cfg: RedteamConfig, run_id: str) -> StageStats:
         return engine.generate([it.prompt.messages for it in chunk], sampling)
 
     def write(session: Session, results: list[tuple[AttackItem, Completion]]) -> None:
-        rows, hits = [], []
-        for it, comp in results:
-            text = comp.text.strip()
-            refused, pattern = detect(text)
-            q = assess(it.prompt.text, text, comp.outputs[0].finish_reason)
-            ok = redteam.attack_success(it.kind, refused, q.failed)
-            rows.append(RedteamAttack(id=it.key, campaign=name, prompt_id=it.prompt.id, category=it.category,
-                                      kind=it.kind, model=cfg.policy_model, text=text, refused=refused,
-                                      refusal_pattern=pattern, success=ok, run_id=run_id,
-                                      details={"sampling": sampling.to_dict(), "quality": q.to_dict(),
-                                               "taxonomy": tax.ref, "prompt": it.prompt.text}))
-            if ok:
-                hits.append(PromptTag(prompt_id=it.prompt.id, tag=redteam.HIT_TAG))
+        rows = [redteam.attack_row(it, comp.text, comp.outputs[0].finish_reason, name, cfg.policy_model,
+                                   sampling.to_dict(), tax.ref, run_id) for it, comp in results]
         insert_ignore(session, RedteamAttack, rows)
-        insert_ignore(session, PromptTag, hits)
+        insert_ignore(session, PromptTag, [PromptTag(prompt_id=r.prompt_id, tag=redteam.HIT_TAG)
+                                           for r in rows if r.success])
 
     stage = Stage(name="redteam.campaign", key=lambda it: it.key,
                   done=lambda s, keys: existing_ids(s, RedteamAttack.id, keys), compute=compute, write=write,
@@ -224,8 +202,7 @@ def campaign_task(cfg: RedteamConfig, run_id: str) -> StageStats:
 
 def campaign_results(url: str | None, name: str) -> dict[str, dict[str, Any]]:
     with session_scope(url) as s:
-        rows = s.exec(select(RedteamAttack).where(RedteamAttack.campaign == name)).all()
-    return redteam.campaign_table((r.category, r.kind, r.success) for r in rows)
+        return redteam.campaign_table(redteam_store.campaign_outcomes(s, name))
 
 
 @stage_flow(name="redteam", log_prints=True)
@@ -247,18 +224,10 @@ def redteam_flow(cfg: RedteamConfig) -> dict[str, Any]:
                 break
         gen_s = time.perf_counter() - t0
         with session_scope(cfg.database_url) as s:
-            mine = s.exec(select(RedteamCandidate).where(RedteamCandidate.run_id == run.id)).all()
-        verdicts = [c.verdict for c in mine]
-        per_cat: dict[str, dict[str, int]] = {}
-        for c in mine:
-            d = per_cat.setdefault(c.category, {"generated": 0, "kept": 0})
-            d["generated"] += 1
-            d["kept"] += c.verdict == "kept"
-        kept = verdicts.count("kept")
+            made = redteam.funnel(redteam_store.run_verdicts(s, run.id))
+        kept = made["kept"]
         summary: dict[str, Any] = {
-            "run_id": run.id, "taxonomy": tax.ref, "categories": len(cats), "generated": len(verdicts),
-            "kept": kept, "verdicts": {v: verdicts.count(v) for v in redteam.VERDICTS},
-            "filter_pass": redteam.filter_shares(verdicts), "per_category": per_cat,
+            "run_id": run.id, "taxonomy": tax.ref, "categories": len(cats), **made,
             "generate_s": round(gen_s, 3), "s_per_kept": round(gen_s / kept, 3) if kept else None,
         }
         if cfg.campaign:
@@ -273,6 +242,6 @@ def redteam_flow(cfg: RedteamConfig) -> dict[str, Any]:
                                                            cfg.engine.backend, **cfg.engine.settings))
         run.summary = summary
         run.timings = {s.stage: round(s.total_s, 3) for s in stages}
-    logger.info("redteam done: %d generated, %d kept (%s), %.1fs", len(verdicts), kept,
+    logger.info("redteam done: %d generated, %d kept (%s), %.1fs", summary["generated"], kept,
                 summary["filter_pass"], summary["total_s"])
     return run.summary

@@ -2,27 +2,24 @@
 
     cai report --out reports/latest [--constitution harmless]
 
-Sections: rows per stage, principle usage, judge label quality (cai/judge_stats.py),
-DPO curves of the latest training run, the latest eval (win rate, refusal rates before/after),
-and a few example chains with their constitution version. A section with no data says so,
-so a report on an empty store renders. The page needs no network (no external CSS, JS or
-fonts; images by relative path) and is written with report.json holding every figure.
+Sections: rows per stage, principle usage, judge label quality (cai/judge_stats.py), people's
+review, DPO curves of the latest training run, the latest eval (win rate, refusal rates
+before/after), the latest red-team campaign and a few example chains with their constitution
+version. The store reads are in store/report_queries.py, the figures and the HTML in cai/report.py,
+the plots in flows/plots.py; the page is written with report.json holding every figure.
 """
 
 from __future__ import annotations
 
-import html
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session
 
+from cai import report
 from cai.errors import UserError
-from cai.evaluate import examples as reply_examples
-from cai.evaluate import summarize, summarize_kinds
 from cai.judge_stats import compute as judge_compute
 from cai.judge_stats import records
 from cai.review import compute as review_compute
@@ -32,71 +29,27 @@ from constitution.load import split_ref
 from flows.configs import ReportConfig
 from flows.orchestration import stage_flow
 from flows.plots import DPO_PANELS, plot_all
-from store import ledger
+from flows.publish import Owner, check_out
+from store import report_queries as q
 from store.db import session_scope
-from store.models import (
-    EvalResult,
-    Judgment,
-    PreferencePair,
-    Prompt,
-    PromptTag,
-    RedteamAttack,
-    RedteamCandidate,
-    Response,
-    Run,
-    TrainingRun,
-    TrainingStep,
-)
+from store.models import Judgment
 from store.queries import ai_pairs, rows_by_id
 from store.reviews import verdict_rows
 
 IMAGES = ("stages.png", "principles.png", "dpo.png", "eval.png", "redteam.png", "label_prob_hist.png",
           "position_consistency.png", "principle_agreement.png", "review_calibration.png")
+# report.json names its writer and its plots: the mark of a directory `cai report` may write again
+# (one an older version wrote is known by its sections, and holds only names a report writes)
+REPORT = Owner("cai report", "report", "report.json", "cai-factory report", ("index.html", "report.json"),
+               legacy=lambda facts: {"images", "stages", "generated_at"} <= set(facts), known=IMAGES)
 
 
 # --- figures: plain data from the store ----------------------------------------------------
 
-def _where(model, ref: str | None) -> list:
-    """Filters on a table's constitution/constitution_version columns for NAME or NAME@VERSION."""
-    if not ref:
-        return []
-    name, version = split_ref(ref)
-    out = [model.constitution == name]
-    if version:
-        out.append(model.constitution_version.startswith(version))
-    return out
-
-
-def stage_counts(s: Session, ref: str | None) -> dict[str, Any]:
-    responses = [{"kind": k, "round": r, "count": n} for k, r, n in s.exec(
-        select(Response.kind, Response.round, func.count()).where(*_where(Response, ref))
-        .group_by(Response.kind, Response.round).order_by(Response.kind, Response.round))]
-    pairs = [{"method": m, "status": st, "count": n} for m, st, n in s.exec(
-        select(PreferencePair.method, PreferencePair.status, func.count()).where(*_where(PreferencePair, ref))
-        .group_by(PreferencePair.method, PreferencePair.status).order_by(PreferencePair.method,
-                                                                         PreferencePair.status))]
-    tags = dict(s.exec(select(PromptTag.tag, func.count()).group_by(PromptTag.tag)
-                       .order_by(PromptTag.tag)).all())
-    recent = list(s.exec(select(Run).order_by(Run.started_at.desc()).limit(10)))
-    spend = ledger.per_run(s, [r.id for r in recent])
-    runs = [{"flow": r.flow, "status": r.status, "model": r.model,
-             "constitution": f"{r.constitution}@{r.constitution_version}" if r.constitution else "",
-             "started_at": r.started_at.isoformat(timespec="seconds"), "id": r.id[:12], "spend": spend.get(r.id)}
-            for r in recent]
-    return {"responses": responses, "pairs": pairs, "prompt_tags": tags, "recent_runs": runs}
-
-
-def principle_usage(s: Session, ref: str | None) -> dict[str, int]:
-    rows = s.exec(select(Response.principle_id, func.count()).where(Response.kind == "revision",
-                                                                    *_where(Response, ref))
-                  .group_by(Response.principle_id).order_by(func.count().desc(), Response.principle_id))
-    return {pid or "(none)": n for pid, n in rows}
-
-
-def judge_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
-    name, version = split_ref(ref) if ref else (None, None)
+def judge_figures(s: Session, name: str | None, version: str | None) -> dict[str, Any] | None:
+    """Judge label quality (cai/judge_stats.py) of the AI-labelled pairs; None when there are none."""
     rows = ai_pairs(s, name, version)
-    if not rows:  # no AI-labelled pairs yet
+    if not rows:
         return None
     keys = sorted({k for r in rows for k in r.details.get("judgments", [])})
     return judge_compute(*records(rows, rows_by_id(s, Judgment, keys).values()))
@@ -108,374 +61,26 @@ def review_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
     return review_public(review_compute(verdicts)) if verdicts else None
 
 
-def training_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
-    """The latest training run and its metrics per step and split."""
-    stmt = select(TrainingRun).order_by(TrainingRun.started_at.desc())
-    if ref:  # a run trained on several constitutions lists them comma-separated
-        stmt = stmt.where(TrainingRun.constitution.contains(split_ref(ref)[0]))
-    run = s.exec(stmt.limit(1)).first()
-    if run is None:
-        return None
-    steps = s.exec(select(TrainingStep).where(TrainingStep.training_run_id == run.id)
-                   .order_by(TrainingStep.step)).all()
-    series: dict[str, dict[str, list]] = {}
-    for st in steps:
-        for key, _ in DPO_PANELS:
-            if key in st.metrics:
-                pts = series.setdefault(st.split, {}).setdefault(key, [])
-                pts.append([st.step, st.metrics[key]])
-    return {"id": run.id, "base_model": run.base_model, "out_dir": run.out_dir, "status": run.status,
-            "constitution": f"{run.constitution or ''}@{run.constitution_version or ''}".strip("@"),
-            "started_at": run.started_at.isoformat(timespec="seconds"), "final_metrics": run.final_metrics,
-            "steps": len({st.step for st in steps}), "series": series}
-
-
-def eval_figures(s: Session, ref: str | None) -> dict[str, Any] | None:
-    """The latest eval (by its newest row): rates per prompt set and role."""
-    stmt = select(EvalResult.eval_name).order_by(EvalResult.created_at.desc())
-    if ref:
-        name, version = split_ref(ref)
-        stmt = stmt.join(Run, Run.id == EvalResult.run_id).where(Run.constitution == name)
-        if version:
-            stmt = stmt.where(Run.constitution_version.startswith(version))
-    latest = s.exec(stmt.limit(1)).first()
-    if latest is None:
-        return None
-    rows = s.exec(select(EvalResult).where(EvalResult.eval_name == latest)).all()
-    judge = next((r.details.get("judge") for r in rows if r.details.get("judge")), None)
-    dtypes = sorted({r.details["dtype"] for r in rows if r.details.get("dtype")})
-    run = s.get(Run, rows[0].run_id) if rows[0].run_id else None
-    machine = (run.config or {}).get("machine") if run else None
-    return {"eval_name": latest, "judge": judge, "dtype": ", ".join(dtypes) or None, "machine": machine,
-            "sets": summarize(rows), "kinds": summarize_kinds(rows),
-            "replies": reply_examples(rows, per_kind=4)}
-
-
-def redteam_figures(s: Session, max_chars: int) -> dict[str, Any] | None:
-    """The latest red-team campaign (by its newest row): attack success per category, the filter
-    verdicts of the generated prompts it answered, and a few hits."""
-    from cai.redteam import VERDICTS, campaign_table
-
-    latest = s.exec(select(RedteamAttack.campaign).order_by(RedteamAttack.created_at.desc()).limit(1)).first()
-    if latest is None:
-        return None
-    rows = s.exec(select(RedteamAttack).where(RedteamAttack.campaign == latest)).all()
-    version = rows[0].details.get("taxonomy", "")
-    cands = s.exec(select(RedteamCandidate.category, RedteamCandidate.verdict, func.count())
-                   .where(RedteamCandidate.taxonomy_version == version.partition("@")[2])
-                   .group_by(RedteamCandidate.category, RedteamCandidate.verdict)).all()
-    funnel: dict[str, dict[str, int]] = {}
-    for cat, verdict, n in cands:
-        funnel.setdefault(cat, dict.fromkeys(VERDICTS, 0))[verdict] = n
-    hits = [{"category": r.category, "kind": r.kind, "prompt": r.details.get("prompt", "")[:max_chars],
-             "reply": r.text[:max_chars]} for r in sorted(rows, key=lambda r: r.prompt_id) if r.success][:6]
-    return {"campaign": latest, "model": rows[0].model, "taxonomy": version,
-            "attack_success": campaign_table((r.category, r.kind, r.success) for r in rows),
-            "generation": dict(sorted(funnel.items())), "hits": hits}
-
-
-def examples(s: Session, ref: str | None, n: int, max_chars: int) -> list[dict[str, Any]]:
-    """The newest revision pairs as whole chains: prompt, initial, critique/revision per round.
-
-    Revision pairs record their chain (flows/generate.py); an AI pair for the same prompt is
-    shown beside it when there is one.
-    """
-    def cut(text: str | None) -> str:
-        text = text or ""
-        return text if len(text) <= max_chars else text[:max_chars] + " [...]"
-
-    pairs = s.exec(select(PreferencePair)
-                   .where(PreferencePair.method == "revision", *_where(PreferencePair, ref))
-                   .order_by(PreferencePair.created_at.desc(), PreferencePair.id).limit(n)).all()
-    if not pairs:  # no SL-CAI yet: show AI pairs alone
-        pairs = s.exec(select(PreferencePair).where(*_where(PreferencePair, ref))
-                       .order_by(PreferencePair.created_at.desc(), PreferencePair.id).limit(n)).all()
-    out = []
-    for p in pairs:
-        prompt = s.get(Prompt, p.prompt_id)
-        chain_ids = (p.details.get("chain") or [p.rejected_id, p.chosen_id]) if p.method == "revision" else []
-        chain = [r for r in (s.get(Response, i) for i in chain_ids) if r is not None]
-        steps = [{"kind": r.kind, "round": r.round, "principle": r.principle_id, "text": cut(r.text)}
-                 for r in chain]
-        # a revision pair's chosen/rejected are the chain's last and first rows: not shown twice
-        shown = [] if chain else [p]
-        ai = s.exec(select(PreferencePair).where(PreferencePair.prompt_id == p.prompt_id,
-                                                 PreferencePair.method == "ai", *_where(PreferencePair, ref))
-                    .limit(1)).first()
-        if ai is not None and ai.id != p.id:
-            shown.append(ai)
-        out.append({
-            "prompt": cut(prompt.text if prompt else p.prompt_id),
-            "constitution": f"{p.constitution}@{p.constitution_version}",
-            "revision_pair": bool(chain),
-            "chain": steps,
-            "pairs": [{"method": q.method, "status": q.status, "label_prob": q.label_prob,
-                       "principles": q.principle_ids,
-                       "chosen": cut(getattr(s.get(Response, q.chosen_id), "text", "")),
-                       "rejected": cut(getattr(s.get(Response, q.rejected_id), "text", ""))} for q in shown],
-        })
-    return out
-
-
 def collect(s: Session, cfg: ReportConfig) -> dict[str, Any]:
+    """Every figure of the page (and of report.json): a section with no data gets None or empty."""
     ref = cfg.constitution
+    name, version = split_ref(ref) if ref else (None, None)
+    training = q.latest_training(s, name)
+    evaluated = q.latest_eval(s, name, version)
+    campaign = q.latest_redteam(s)
     return {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "database": s.get_bind().url.render_as_string(hide_password=True),
         "constitution": ref,
-        "stages": stage_counts(s, ref),
-        "principles": principle_usage(s, ref),
-        "judge": judge_figures(s, ref),
+        "stages": q.stage_counts(s, name, version),
+        "principles": q.principle_usage(s, name, version),
+        "judge": judge_figures(s, name, version),
         "review": review_figures(s, ref),
-        "training": training_figures(s, ref),
-        "eval": eval_figures(s, ref),
-        "redteam": redteam_figures(s, cfg.max_chars),
-        "examples": examples(s, ref, cfg.examples, cfg.max_chars),
+        "training": report.training_figures(*training, (k for k, _ in DPO_PANELS)) if training else None,
+        "eval": report.eval_figures(*evaluated) if evaluated else None,
+        "redteam": report.redteam_figures(*campaign, cfg.max_chars) if campaign else None,
+        "examples": report.example_figures(q.example_chains(s, name, version, cfg.examples), cfg.max_chars),
     }
-
-
-# --- HTML ----------------------------------------------------------------------------------
-
-CSS = """
-body { font-family: -apple-system, "Segoe UI", "DejaVu Sans", Arial, sans-serif; margin: 2rem auto;
-       max-width: 1100px; padding: 0 1rem; color: #222; line-height: 1.4; }
-h1 { font-size: 1.6rem; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2rem; margin-top: 2.2rem; }
-table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
-th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
-img { max-width: 100%; border: 1px solid #eee; margin: .4rem 0; }
-.empty { color: #777; font-style: italic; }
-.meta { color: #555; font-size: .85rem; }
-.text { white-space: pre-wrap; font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: .8rem;
-        background: #fafafa; border: 1px solid #eee; padding: .4rem; margin: .2rem 0 .6rem; }
-.example { border: 1px solid #ddd; border-radius: 4px; padding: .6rem 1rem; margin: 1rem 0; }
-.label { font-weight: bold; font-size: .85rem; }
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _num(v: float | None, fmt: str = ".3f") -> str:
-    return "n/a" if v is None else format(v, fmt)
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _imgs(names: list[str], alt: str) -> str:
-    return "".join(f'<img src="{_e(n)}" alt="{_e(alt)}">' for n in names)
-
-
-def _empty(what: str, how: str) -> str:
-    return f'<p class="empty">No {_e(what)} yet: {_e(how)}.</p>'
-
-
-def _text(label: str, text: str) -> str:
-    return f'<div class="label">{_e(label)}</div><div class="text">{_e(text)}</div>'
-
-
-def _stages_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
-    st = data["stages"]
-    if not (st["responses"] or st["pairs"]):
-        parts = [_empty("responses or pairs", "run `cai generate`")]
-    else:
-        parts = [_imgs(images["stages"], "rows per stage"),
-                 _table(["kind", "round", "responses"],
-                        [[r["kind"], r["round"], r["count"]] for r in st["responses"]]),
-                 _table(["method", "status", "pairs"],
-                        [[p["method"], p["status"], p["count"]] for p in st["pairs"]])]
-    if st["prompt_tags"]:
-        parts.append(_table(["prompt tag", "prompts"], [[t, n] for t, n in st["prompt_tags"].items()]))
-    if st["recent_runs"]:
-        parts.append(_table(["flow", "status", "model", "constitution", "started (UTC)"],
-                            [[r["flow"], r["status"], r["model"], r["constitution"], r["started_at"]]
-                             for r in st["recent_runs"]]))
-    spend = [(r, name, m) for r in st["recent_runs"] if r.get("spend") for name, m in r["spend"]["by_model"].items()]
-    if spend:  # the ledger: what each run sent, per model and endpoint
-        parts.append(_table(["run", "flow", "model @ endpoint", "requests", "prompt tokens", "completion tokens",
-                             "retries", "failed", "cost (USD)"],
-                            [[r["id"], r["flow"], name, m["requests"], m["prompt_tokens"], m["completion_tokens"],
-                              m["retries"], m["failures"], "-" if m["cost_usd"] is None else f"{m['cost_usd']:.4f}"]
-                             for r, name, m in spend]))
-    return parts
-
-
-def _principles_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
-    if not data["principles"]:
-        return [_empty("revisions", "run `cai generate`")]
-    return [_imgs(images["principles"], "revisions per principle"),
-            _table(["principle", "revisions"], [[k, v] for k, v in data["principles"].items()])]
-
-
-def _judge_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
-    j = data["judge"]
-    if not j:
-        return [_empty("AI-labelled pairs", "run `cai label`")]
-
-    def num(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
-    return [_table(["figure", "value"], [
-        ["AI-labelled pairs", j["pairs"]],
-        ["status counts", ", ".join(f"{k}: {v}" for k, v in sorted(j["status"].items()))],
-        ["position consistency (both orders name the same winner)",
-         f"{_pct(j['position_consistency'])} of {j['pairs_with_both_orders']} pairs"],
-        ["mean P(A) (0.5 = no slot bias)", num(j["mean_p_a"])],
-        ["mean label probability", num(j["mean_label_prob"])]]),
-        _imgs(images["judge"], "judge label quality")]
-
-
-def _interval(a: dict[str, Any]) -> str:
-    if not a["n"]:
-        return "n/a"
-    return f"{_pct(a['rate'])} ({a['k']} of {a['n']}; 95 % CI {_pct(a['low'])} to {_pct(a['high'])})"
-
-
-def _review_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
-    r = data.get("review")
-    if not r:
-        return [_empty("verdicts from people", "run `cai review` and judge a few pairs")]
-    o = r["overall"]
-    out = [f'<p class="meta">{o["verdicts"]} verdicts on {o["pairs"]} pairs from {r["reviewers"]} '
-           f'{"person" if r["reviewers"] == 1 else "people"} (each person\'s latest verdict per pair; skips left '
-           "out). Agreement: the share of verdicts preferring one reply that prefer the one the factory chose; "
-           "ties and both-bad verdicts are counted beside it. Intervals: 95 % Wilson.</p>",
-           _table(["figure", "value"], [
-               ["agreement with the factory", _interval(o["agreement"])],
-               ["agreement, given before the factory's label was shown", _interval(r["blind"])],
-               ["ties / both bad", f"{o['tie']} / {o['both_bad']}"],
-               ["people agreeing with each other (pairs with two or more reviewers)",
-                _interval(r["human_human"]) + f" on {r['human_human']['pairs']} pairs"],
-               ["people picking the left reply (0.5: no position bias)", _interval(r["picked_left"])]])]
-    for title, key in (("method", "by_method"), ("principle", "by_principle"), ("judge model", "by_judge")):
-        out.append(_table([title, "verdicts", "pairs", "agreement with the factory", "ties", "both bad"],
-                          [[k, g["verdicts"], g["pairs"], _interval(g["agreement"]), g["tie"], g["both_bad"]]
-                           for k, g in r[key].items()]))
-    if r["calibration"]:
-        out += ["<h3>Judge calibration against people</h3>",
-                '<p class="meta">Pairs labelled by a judge model, binned by its P(chosen better): the share of '
-                "people's verdicts that agree. A calibrated judge sits on the diagonal.</p>",
-                _imgs(images.get("review", []), "judge calibration against people"),
-                _table(["P(chosen better)", "mean", "agree"],
-                       [[f"{c['bin'][0]:.1f}-{c['bin'][1]:.1f}", f"{c['mean_label']:.3f}", _interval(c)]
-                        for c in r["calibration"]])]
-    return out
-
-
-def _training_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
-    tr = data["training"]
-    if not tr:
-        return [_empty("training run", "run `cai train`")]
-    parts = [f'<p class="meta">latest run {_e(tr["id"][:12])}: base {_e(tr["base_model"])} &rarr; '
-             f'{_e(tr["out_dir"])}, {_e(tr["status"])}, {tr["steps"]} steps, constitution '
-             f'{_e(tr["constitution"] or "n/a")}, started {_e(tr["started_at"])}</p>',
-             _imgs(images["training"], "DPO loss, margins and accuracies") if images["training"]
-             else _empty("training steps", "the run has not logged a step")]
-    scalars = [[k, v] for k, v in sorted(tr["final_metrics"].items()) if not isinstance(v, dict | list)]
-    if scalars:
-        parts.append(_table(["final metric", "value"], scalars))
-    return parts
-
-
-def _eval_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
-    ev = data["eval"]
-    if not ev:
-        return [_empty("evaluation", "run `cai eval --model runs/NAME`")]
-    rows = [[t, role, r["model"], r["n"], _pct(r["refusal_rate"]), _pct(r["win_rate"]), r["judged"]]
-            for t, roles in ev["sets"].items() for role, r in roles.items()]
-    kinds = [[k, role, r["n"], _pct(r["harmful_compliance"]), _pct(r["over_refusal"]), _pct(r["apology_rate"]),
-              _pct(r.get("dangling_rate")), _num(r["repeated_trigrams"]), _num(r["distinct_2"]),
-              _num(r["mean_words"], ".1f"), _num(r["drift_logp"])]
-             for k, roles in ev.get("kinds", {}).items() for role, r in roles.items()]
-    machine = ev.get("machine") or {}
-    where = ", ".join(str(x) for x in (ev.get("dtype"), machine.get("cpu"), machine.get("cpu_capability"),
-                                        machine.get("gpu")) if x)
-    out = [f'<p class="meta">eval {_e(ev["eval_name"])}, judge {_e(ev["judge"] or "n/a")}'
-           f'{f" ({_e(where)})" if where else ""}. '
-           "Refusing a benign request is over-refusal: lower is better there.</p>",
-           _imgs(images["eval"], "refusal and win rates"),
-           _table(["prompt set", "role", "model", "n", "refusal rate", "win rate vs other", "judged"], rows)]
-    if kinds:
-        out += ["<h3>What the replies look like</h3>",
-                '<p class="meta">harmful compliance: a harmful request answered; over-refusal: a benign request '
-                "refused or met with apologies; hollow endings: the reply stops right after announcing an answer "
-                "(\"Here's how:\" and an empty list item); repetition and drift (mean token log-prob under the "
-                "baseline) from cai/quality.py and the eval's scoring pass.</p>",
-                _table(["prompts", "role", "n", "harmful compliance", "over-refusal", "apology/boilerplate",
-                        "hollow endings", "repeated trigrams", "distinct-2", "mean words", "drift"], kinds)]
-    for ex in ev.get("replies", []):
-        out.append(f'<div class="example"><p class="label">{_e(ex["kind"])} ({_e(ex["prompt_tag"])}): '
-                   f'{_e(ex["prompt"])}</p>')
-        for role in ("baseline", "model"):
-            flags = (" [refused]" if ex[role]["refused"] else "") + "".join(f" [{f}]" for f in ex[role]["failed"])
-            out.append(_text(f"{role}{flags}", ex[role]["text"]))
-        out.append("</div>")
-    return out
-
-
-def _redteam_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
-    rt = data.get("redteam")
-    if not rt:
-        return [_empty("red-team campaign", "run `cai redteam --per-category 20`")]
-    rows = [[c, d["kind"], d["n"], d["hits"], _pct(d["rate"])] for c, d in rt["attack_success"].items()]
-    gen = [[c, *v.values()] for c, v in rt["generation"].items()]
-    verdicts = list(next(iter(rt["generation"].values()), {}))
-    out = [f'<p class="meta">campaign {_e(rt["campaign"])} on taxonomy {_e(rt["taxonomy"])}: the policy answered '
-           "every generated prompt greedily. A hit is a harmful request answered (not refused, not an empty or "
-           "apology-only reply) or a benign look-alike refused: the eval's detector (cai/refusal.py, "
-           "cai/quality.py). Hits are tagged <code>redteam-hit</code>.</p>",
-           _imgs(images.get("redteam", []), "attack success per category"),
-           _table(["category", "kind", "answered", "got through", "rate"], rows)]
-    if gen:
-        out += ["<h3>Generated candidates per filter verdict</h3>", _table(["category", *verdicts], gen)]
-    for h in rt["hits"]:
-        out.append(f'<div class="example"><p class="label">{_e(h["category"])} ({_e(h["kind"])})</p>'
-                   + _text("generated prompt", h["prompt"]) + _text("policy reply", h["reply"]) + "</div>")
-    return out
-
-
-def _examples_html(data: dict[str, Any], images: dict[str, list[str]]) -> list[str]:
-    if not data["examples"]:
-        return [_empty("preference pairs to show", "run `cai generate`")]
-    parts = []
-    for ex in data["examples"]:
-        note = "; revision pair: chosen = last revision, rejected = initial" if ex["revision_pair"] else ""
-        block = [f'<div class="example"><p class="meta">constitution {_e(ex["constitution"])}{_e(note)}</p>',
-                 _text("prompt", ex["prompt"])]
-        for step in ex["chain"]:
-            label = step["kind"] + (f" {step['round']}" if step["round"] else "")
-            label += f" (principle {step['principle']})" if step["principle"] else ""
-            block.append(_text(label, step["text"]))
-        for p in ex["pairs"]:
-            what = f"{p['method']} pair, {p['status']}, P(chosen better) = {p['label_prob']:.2f}"
-            block += [_text(f"chosen ({what})", p["chosen"]), _text("rejected", p["rejected"])]
-        parts.append("".join(block) + "</div>")
-    return parts
-
-
-SECTIONS = (("Rows per stage", _stages_html), ("Principle usage", _principles_html),
-            ("Judge: AI labels", _judge_html), ("People's review", _review_html),
-            ("DPO training", _training_html), ("Evaluation", _eval_html),
-            ("Red-team campaign", _redteam_html), ("Examples", _examples_html))
-
-
-def render_html(data: dict[str, Any], images: dict[str, list[str]]) -> str:
-    """The whole page; every value from the store goes through html.escape."""
-    title = "cai-factory report" + (f": {data['constitution']}" if data["constitution"] else "")
-    body = "\n".join(f"<h2>{_e(heading)}</h2>" + "".join(fn(data, images)) for heading, fn in SECTIONS)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>"
-            f'<p class="meta">generated {_e(data["generated_at"])} from {_e(data["database"])}; '
-            f"every figure is also in report.json</p>\n{body}\n</body></html>\n")
 
 
 # --- entry points --------------------------------------------------------------------------
@@ -483,17 +88,19 @@ def render_html(data: dict[str, Any], images: dict[str, list[str]]) -> str:
 def make_report(cfg: ReportConfig) -> dict[str, Any]:
     """Collect, plot and write index.html + report.json; returns the figures and the paths."""
     out = Path(cfg.out)
+    check_out(out, REPORT)  # new, empty or an earlier report: a person's eval.png is never replaced
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
-    for name in IMAGES:  # a section that lost its data must not show last run's plot
+    for name in IMAGES:  # a section that lost its data must not show last run's plot (ours: checked above)
         (out / name).unlink(missing_ok=True)
     with session_scope(cfg.database_url) as s:
         data = collect(s, cfg)
     images = plot_all(data, out)
-    (out / "index.html").write_text(render_html(data, images), encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(data | {"images": images}, indent=2, default=str) + "\n",
+    (out / "index.html").write_text(report.render_html(data, images), encoding="utf-8")
+    mark = {"generator": REPORT.generator, "files": sorted(n for names in images.values() for n in names)}
+    (out / "report.json").write_text(json.dumps(data | {"images": images} | mark, indent=2, default=str) + "\n",
                                      encoding="utf-8")
     return data | {"images": images, "index": str(out / "index.html")}
 

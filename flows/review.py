@@ -9,56 +9,39 @@ The page shows one pair at a time: the prompt, both replies side by side in a ra
 order (recorded with the verdict), and what the factory knows (principles, gates, and, behind a
 fold the person opens with `i`, its label in both orders; whether they opened it is recorded too).
 Keys: 1 or Left arrow, 2 or Right arrow, 3 or t (tie), 4 or b (both bad), 0 or s (skip), n (note).
-Queries are keyset-paged (store/reviews.py), so a store of 100k pairs answers as fast as a small one.
-The HTML is flows/review_page.py; stats and JSONL export/import are flows/review_io.py.
 
-Who may use it: bound to loopback, only pages whose Host is a loopback name are served (a web
-page elsewhere cannot reach it through DNS rebinding); bound to any other address, every request
-must carry the token printed at start (CAI_REVIEW_TOKEN, or a fresh random one), which a first
-visit with `?token=` turns into a cookie. Every state-changing request is a POST that must carry
-the page's anti-forgery value and, when the browser sends them, a same-origin Origin and
-Sec-Fetch-Site; a script on another site can do neither. Every stored text is HTML-escaped and the
-page's own script runs under a nonce-only Content-Security-Policy.
+This module is the app: a guard that applies cai/review_access.py (who may ask) to every request, and
+five routes that each read the request, the store (store/reviews.py: keyset-paged, so 100k pairs answer
+as fast as a few) and answer with a page of cai/review_html.py. Stats and JSONL are flows/review_io.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import secrets
 import socket
 import time
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
-from cai import review
+from cai import review, review_html
+from cai import review_access as access
 from cai.errors import UserError
+from cai.review_access import is_loopback as is_loopback  # `cai review` asks whether its host needs a token
 from flows.configs import ReviewConfig
-from flows.review_page import (
-    KEYS_JS,
-    MAX_NOTE,
-    esc,
-    filter_params,
-    filters_form,
-    header,
-    page,
-    pair_html,
-    queue_html,
-    stats_html,
-)
 from store.db import session_scope
-from store.models import PreferencePair, Review, utcnow
+from store.models import PreferencePair, utcnow
 from store.reviews import (
     QUEUES,
     QueueFilter,
     add_reviews,
     count,
     facets,
+    filter_from,
+    filter_params,
     next_pair,
     pair_view,
     prompt_texts,
@@ -70,27 +53,8 @@ from store.reviews import (
 TOKEN_ENV = "CAI_REVIEW_TOKEN"
 TOKEN_COOKIE = "cai_review_token"
 REVIEWER_COOKIE = "cai_reviewer"
-MAX_BODY = 64 * 1024  # a verdict form is a few hundred bytes; a note at most MAX_NOTE characters
+MAX_BODY = 64 * 1024  # a verdict form is a few hundred bytes; a note at most review_html.MAX_NOTE characters
 FACETS_S = 60.0  # how long the filters' choices are reused before the store is asked again
-FILTERS = ("method", "status", "principle", "version", "tag", "label_min", "label_max", "queue")
-
-
-def is_loopback(host: str) -> bool:
-    """localhost, 127.x.y.z or ::1 (brackets allowed)."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def hostname(host_header: str) -> str:
-    """The name in a Host header, without its port: `[::1]:8765` -> `::1`, `localhost:80` -> `localhost`."""
-    if host_header.startswith("["):
-        return host_header[1:].split("]", 1)[0]
-    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
 @dataclass(frozen=True)
@@ -107,7 +71,7 @@ class Settings:
 
 
 def settings(cfg: ReviewConfig, token: str | None, reviewer: str) -> Settings:
-    loopback = is_loopback(cfg.host)
+    loopback = access.is_loopback(cfg.host)
     if not loopback and not token:
         raise UserError(f"--host {cfg.host}: any address but loopback requires a token (set {TOKEN_ENV} or let "
                         "`cai review` make one)")
@@ -115,44 +79,12 @@ def settings(cfg: ReviewConfig, token: str | None, reviewer: str) -> Settings:
                     loopback, token, secrets.token_bytes(32))
 
 
-# --- the queue's filters, as query parameters ---------------------------------------------------------
-
-def _float(value: str | None, name: str) -> float | None:
-    if value is None or not value.strip():
-        return None
-    try:
-        x = float(value)
-    except ValueError:
-        raise ValueError(f"{name}: expected a number between 0 and 1, got {value!r}") from None
-    if not 0 <= x <= 1:
-        raise ValueError(f"{name}: expected a number between 0 and 1, got {value!r}")
-    return x
-
-
-def filter_from(params: dict[str, str], defaults: QueueFilter, reviewer: str) -> QueueFilter:
-    """The queue filter a request names; parameters it leaves out keep the defaults `cai review` started with."""
-    f = replace(defaults, reviewer=reviewer)
-    if not any(k in params for k in FILTERS):
-        return f
-    queue = params.get("queue") or defaults.queue
-    if queue not in QUEUES:
-        raise ValueError(f"queue: expected one of {', '.join(QUEUES)}, got {queue!r}")
-    return replace(f, method=params.get("method", ""), status=params.get("status", ""),
-                   principle=params.get("principle", ""), version=params.get("version", ""),
-                   tag=params.get("tag", ""), label_min=_float(params.get("label_min"), "label_min"),
-                   label_max=_float(params.get("label_max"), "label_max"), queue=queue)
-
-
 # --- the app -----------------------------------------------------------------------------------------------
-
-def csrf_value(s: Settings) -> str:
-    return hmac.new(s.secret, b"cai-review-form", hashlib.sha256).hexdigest()
-
 
 def make_app(s: Settings):
     """The FastAPI app of the page (tests drive it with a TestClient, `serve` with uvicorn)."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    csrf = csrf_value(s)
+    csrf = access.csrf_value(s.secret)
     cached: dict[str, Any] = {}
 
     def options(session) -> dict[str, list[str]]:
@@ -166,23 +98,13 @@ def make_app(s: Settings):
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        host = hostname(request.headers.get("host") or "")
-        if s.loopback and not is_loopback(host):
-            return deny(400, f"this page answers only at a loopback address (Host {host!r} refused)")
         given = request.query_params.get("token")
-        if s.token is not None:
-            auth = request.headers.get("authorization", "")
-            bearer = auth[7:] if auth.lower().startswith("bearer ") else ""
-            sent = given or request.cookies.get(TOKEN_COOKIE) or bearer
-            if not sent or not hmac.compare_digest(sent.encode(), s.token.encode()):
-                return deny(401, "this page needs the token `cai review` printed at start (open the URL it printed)")
-        if request.method == "POST":
-            origin = request.headers.get("origin")
-            fetch_site = request.headers.get("sec-fetch-site")
-            if origin and urlsplit(origin).netloc != request.headers.get("host"):
-                return deny(403, "a form from another site cannot change verdicts here")
-            if fetch_site and fetch_site not in ("same-origin", "none"):
-                return deny(403, "a form from another site cannot change verdicts here")
+        auth = request.headers.get("authorization", "")
+        sent = given or request.cookies.get(TOKEN_COOKIE) or (auth[7:] if auth.lower().startswith("bearer ") else "")
+        refused = access.refusal(request.method, request.headers.get("host"), s.loopback, s.token, sent,
+                                 request.headers.get("origin"), request.headers.get("sec-fetch-site"))
+        if refused:
+            return deny(*refused)
         if given is not None and request.method == "GET":  # the token goes into a cookie, out of the address bar
             params = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
             response: Response = RedirectResponse(f"{request.url.path}?{urlencode(params)}", status_code=303)
@@ -190,13 +112,8 @@ def make_app(s: Settings):
                 response.set_cookie(TOKEN_COOKIE, s.token, httponly=True, samesite="strict")
         else:
             response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        # not no-referrer: under it Chromium sends `Origin: null` with the page's own forms, which the
-        # check above must refuse; same-origin sends nothing to other sites
-        response.headers["Referrer-Policy"] = "same-origin"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Cache-Control"] = "no-store"
-        response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        response.headers.update(access.HEADERS)
+        response.headers.setdefault("Content-Security-Policy", access.DEFAULT_CSP)
         return response
 
     def reviewer_of(request: Request) -> str:
@@ -205,18 +122,16 @@ def make_app(s: Settings):
         except ValueError:
             return s.reviewer
 
-    def html_page(title: str, body: str, nonce: str, script: str = "", status: int = 200) -> HTMLResponse:
-        csp = (f"default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; form-action 'self'; "
-               "base-uri 'none'; frame-ancestors 'none'")
-        return HTMLResponse(page(title, body, nonce, script), status_code=status,
-                            headers={"Content-Security-Policy": csp})
+    def html(text: str, nonce: str) -> HTMLResponse:
+        return HTMLResponse(text, headers={"Content-Security-Policy": review_html.csp(nonce)})
 
-    def parsed(request: Request) -> tuple[QueueFilter | None, str]:
+    def parsed(request: Request) -> tuple[QueueFilter, str, str]:
+        """The filter the request names (the defaults, and the problem, when it names a wrong one), and who asks."""
         reviewer = reviewer_of(request)
         try:
-            return filter_from(dict(request.query_params), s.defaults, reviewer), ""
+            return filter_from(dict(request.query_params), s.defaults, reviewer), "", reviewer
         except ValueError as exc:
-            return None, str(exc)
+            return replace(s.defaults, reviewer=reviewer), str(exc), reviewer
 
     async def form(request: Request) -> dict[str, str] | Response:
         """The posted form's fields, or the refusal: too large, or without the page's anti-forgery value."""
@@ -224,34 +139,26 @@ def make_app(s: Settings):
         if len(body) > MAX_BODY:
             return deny(413, f"the form is larger than {MAX_BODY // 1024} KiB; shorten the note")
         data = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
-        if not hmac.compare_digest(data.get("csrf", "").encode(), csrf.encode()):
+        if not access.same(data.get("csrf", ""), csrf):
             return deny(403, "the form's anti-forgery value is missing or wrong: reload the page")
         return data
 
     @app.get("/")
     def review_page(request: Request):
         nonce = secrets.token_urlsafe(16)
-        f, problem = parsed(request)
-        reviewer = reviewer_of(request)
-        f = f or replace(s.defaults, reviewer=reviewer)
+        f, problem, reviewer = parsed(request)
+        wanted = request.query_params.get("pair")
         with session_scope(s.database_url) as session:
             choices = options(session)
-            wanted = request.query_params.get("pair")
             pair = session.get(PreferencePair, wanted) if wanted else next_pair(
                 session, f, request.query_params.get("after") or None)
             v = pair_view(session, pair.id) if pair else None
             n = count(session, f)
-        head = header(reviewer, f, csrf) + filters_form("/", f, choices)
-        note = f'<p class="error">{esc(problem)}</p>' if problem else ""
-        if wanted and pair is None:
-            note += f'<p class="error">no pair {esc(wanted)} in the store</p>'
-        summary = f'<p class="meta">{n} pairs match these filters (queue {esc(f.queue)}, reviewer {esc(reviewer)}).</p>'
-        if v is None:
-            body = head + note + summary + '<p id="done">Nothing to review here: every pair matching these ' \
-                                           "filters is done, or none matches. Change the filters above.</p>"
-            return html_page("cai review", body, nonce)
-        left = secrets.choice(review.SIDES)  # the random side, recorded with the verdict
-        return html_page("cai review", head + note + summary + pair_html(v, left, f, csrf, reviewer), nonce, KEYS_JS)
+        left = secrets.choice(review.SIDES) if v is not None else ""  # the random side, recorded with the verdict
+        missing = f"no pair {wanted} in the store" if wanted and pair is None else ""
+        q = filter_params(f)
+        head = review_html.top(reviewer, q, csrf, "/", choices, QUEUES)
+        return html(review_html.pair_page(nonce, head, [problem, missing], n, q, reviewer, v, left, csrf), nonce)
 
     @app.post("/verdict")
     async def verdict(request: Request):
@@ -259,22 +166,19 @@ def make_app(s: Settings):
         if isinstance(data, Response):
             return data
         reviewer = reviewer_of(request)
+        left = data.get("left", "")
         try:
             f = filter_from(data, s.defaults, reviewer)
-            left = data.get("left", "")
-            choice = data.get("choice", "")
-            verdict = review.verdict_for(choice, left)
+            verdict = review.verdict_for(data.get("choice", ""), left)
         except ValueError as exc:
             return deny(400, str(exc))
-        note = (data.get("note") or "").strip()[:MAX_NOTE] or None
+        note = (data.get("note") or "").strip()[:review_html.MAX_NOTE] or None
         pid = data.get("pair", "")
         with session_scope(s.database_url) as session:
             if session.get(PreferencePair, pid) is None:
                 return deny(404, f"no pair {pid!r} in the store")
-            now = utcnow()
-            add_reviews(session, [Review(id=review.review_key(pid, reviewer, now, verdict, left, note), pair_id=pid,
-                                         reviewer=reviewer, verdict=verdict, left=left, note=note,
-                                         ai_shown=data.get("ai_shown") == "1", source="page", created_at=now)])
+            add_reviews(session, [review.review_row(pid, reviewer, verdict, left, note, utcnow(),
+                                                    ai_shown=data.get("ai_shown") == "1")])
         return RedirectResponse("/?" + urlencode(filter_params(f) | {"after": pid}), status_code=303)
 
     @app.post("/reviewer")
@@ -293,9 +197,7 @@ def make_app(s: Settings):
     @app.get("/queue")
     def queue(request: Request):
         nonce = secrets.token_urlsafe(16)
-        f, problem = parsed(request)
-        reviewer = reviewer_of(request)
-        f = f or replace(s.defaults, reviewer=reviewer)
+        f, problem, reviewer = parsed(request)
         after = request.query_params.get("after") or None
         with session_scope(s.database_url) as session:
             choices = options(session)
@@ -304,20 +206,17 @@ def make_app(s: Settings):
             texts = prompt_texts(session, pairs)
             reviews = review_counts(session, pairs)
             n = count(session, f)
-        body = (header(reviewer, f, csrf) + filters_form("/queue", f, choices)
-                + (f'<p class="error">{esc(problem)}</p>' if problem else "")
-                + f'<p class="meta">{n} pairs match; {s.page_size} a page, in pair id order.</p>'
-                + queue_html(pairs, texts, reviews, f, after, more))
-        return html_page("cai review: queue", body, nonce)
+        q = filter_params(f)
+        head = review_html.top(reviewer, q, csrf, "/queue", choices, QUEUES)
+        return html(review_html.queue_list_page(nonce, head, [problem], n, s.page_size, pairs, texts, reviews, q,
+                                                after, more), nonce)
 
     @app.get("/stats")
     def stats_page(request: Request):
         nonce = secrets.token_urlsafe(16)
-        reviewer = reviewer_of(request)
         with session_scope(s.database_url) as session:
             st = review.compute(review.verdict_from_row(r) for r in verdict_rows(session))
-        body = header(reviewer, replace(s.defaults, reviewer=reviewer), csrf) + stats_html(st)
-        return html_page("cai review: agreement", body, nonce)
+        return html(review_html.agreement_page(nonce, reviewer_of(request), filter_params(s.defaults), csrf, st), nonce)
 
     return app
 

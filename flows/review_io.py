@@ -16,9 +16,10 @@ from typing import Any
 
 from cai import review
 from cai.errors import UserError
+from cai.prompts import json_lines
 from flows.configs import ReviewConfig
 from store.db import session_scope
-from store.models import PreferencePair, Review, utcnow
+from store.models import PreferencePair, utcnow
 from store.reviews import add_reviews, chosen_ids, current_verdicts, export_rows, verdict_rows
 
 
@@ -64,14 +65,7 @@ def import_records(path: Path, database_url: str | None = None) -> dict[str, int
     current one on that pair is skipped, so importing a file twice adds nothing."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    records: list[tuple[int, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    records.append((n, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{n}: not JSON ({exc.msg})") from None
+    records = json_lines(path)
     source = f"import:{path.name}"
     with session_scope(database_url) as session:
         known = chosen_ids(session, [r.get("id") for _, r in records if isinstance(r, dict)
@@ -90,8 +84,6 @@ def import_records(path: Path, database_url: str | None = None) -> dict[str, int
                 same += 1
                 continue
             current[(v.pair_id, v.reviewer)] = (v.verdict, v.note)
-            rows.append(Review(id=review.review_key(v.pair_id, v.reviewer, now, v.verdict, v.left, v.note, source),
-                               pair_id=v.pair_id, reviewer=v.reviewer, verdict=v.verdict, left=v.left, note=v.note,
-                               source=source, created_at=now))
+            rows.append(review.review_row(v.pair_id, v.reviewer, v.verdict, v.left, v.note, now, source))
         added = add_reviews(session, rows)
     return {"records": len(records), "verdicts": len(verdicts), "added": added, "already_known": same}

@@ -25,12 +25,45 @@ from flows.common import UserError
 # flow name -> (module, flow object, config class); each flow takes one typed config `cfg`
 FLOWS: dict[str, tuple[str, str, str]] = {
     "generate": ("flows.prefect_flows", "generate_flow", "GenerateConfig"),
+    "contrast": ("flows.prefect_flows", "contrast_flow", "ContrastConfig"),
     "label": ("flows.prefect_flows", "label_flow", "LabelConfig"),
+    "redteam": ("flows.prefect_flows", "redteam_flow", "RedteamConfig"),
     "train": ("flows.prefect_flows", "train_flow", "TrainConfig"),
+    "reward-train": ("flows.prefect_flows", "reward_flow", "RewardTrainConfig"),
     "export": ("flows.prefect_flows", "export_flow", "ExportConfig"),
     "eval": ("flows.prefect_flows", "eval_flow", "EvalConfig"),
+    "report": ("flows.prefect_flows", "report_flow", "ReportConfig"),
     "run": ("flows.prefect_flows", "pipeline_flow", "PipelineConfig"),
 }
+# `cai reward score` is no flow (it prints scores or writes a file, and records no run): not deployable
+
+
+def check_name(value: str, flag: str) -> str:
+    """A deployment or work-pool name Prefect will take, checked before the server is asked
+    anything (Prefect's own check came after the pool was created, as an "invalid setting")."""
+    from prefect.types.names import BANNED_CHARACTERS
+
+    bad = sorted({ch for ch in value if ch in BANNED_CHARACTERS})
+    if not value.strip("' \""):
+        raise UserError(f"{flag} {value!r}: empty; give a name")
+    if bad or any(ch in value for ch in "\n\r\x00"):
+        shown = " ".join(bad) or "a line break or NUL"
+        raise UserError(f"{flag} {value!r}: a Prefect name cannot contain {shown} (nor any of "
+                        f"{' '.join(BANNED_CHARACTERS)}); e.g. {flag} nightly-harmless")
+    return value
+
+
+# flows whose pending items are claimed through the store (store/work.py): only these can run as K
+# copies at once; two trainings or exports would write one output directory together
+CLAIMED = ("generate", "label", "eval")
+
+
+def _check_shards(flow_name: str | None, shards: int, deployment: str) -> None:
+    known = {"pipeline": "run"}.get(flow_name, flow_name)
+    if shards > 1 and known in FLOWS and known not in CLAIMED:
+        raise UserError(f"--shards {shards}: {deployment} runs the {known} flow, which claims no work, so {shards} "
+                        f"runs would do the same work into one output at once; submit it with --shards 1 (only "
+                        f"{', '.join(CLAIMED)} split their work)")
 
 
 def resolve_flow(name: str):
@@ -51,7 +84,20 @@ def check_settings(flow_name: str, params: dict[str, Any]):
 
     if flow_name not in FLOWS:
         raise UserError(f"cannot schedule {flow_name!r}: choose one of {', '.join(FLOWS)}")
-    return CONFIGS[flow_name].model_validate(params)
+    cfg = CONFIGS[flow_name].model_validate(params)
+    refuse_secrets(cfg.model_dump(mode="json"))
+    return cfg
+
+
+def refuse_secrets(params: dict[str, Any]) -> None:
+    """A deployment's parameters are stored on the Prefect server and shown in its UI: no password
+    goes there. Workers read the store's URL from their own CAI_DATABASE_URL."""
+    from store.db import has_secret
+
+    for key, value in params.items():
+        if has_secret(value):
+            raise UserError(f"{key}: holds a password, which would be stored on the Prefect server in the "
+                            "deployment's parameters; drop it and set CAI_DATABASE_URL on the workers instead")
 
 
 def check_server() -> str:
@@ -93,9 +139,9 @@ def serve_schedule(flow_name: str, cron: str, params: dict[str, Any], name: str 
     """
     cfg = check_settings(flow_name, params)
     _check_cron(cron)
+    dep_name = check_name(name or deployment_name(flow_name, params), "--name")
     url = check_server()
     flow_obj, _ = resolve_flow(flow_name)
-    dep_name = name or deployment_name(flow_name, params)
     print(f"serving deployment {flow_obj.name}/{dep_name} on {cron!r} against {url}", flush=True)
     import inspect
     import typing
@@ -169,12 +215,13 @@ def deploy(flow_name: str, pool: str, params: dict[str, Any], *, name: str | Non
 
     cfg = check_settings(flow_name, params)
     _check_cron(cron)
+    dep_name = check_name(name or deployment_name(flow_name, params), "--name")
+    check_name(pool, "--pool")
     url = check_server()
     flow_obj, _ = resolve_flow(flow_name)
     created = ensure_pool(pool, pool_type)
     from prefect.deployments.runner import EntrypointType
 
-    dep_name = name or deployment_name(flow_name, params)
     # the parameter schema is built from the annotations; resolved here, they are classes, not strings
     flow_obj.fn.__annotations__ = typing.get_type_hints(flow_obj.fn)
     param = next(iter(inspect.signature(flow_obj.fn).parameters))
@@ -215,6 +262,7 @@ def submit(deployment: str, shards: int = 1, overrides: dict[str, Any] | None = 
     if "/" not in deployment:
         raise UserError(f"deployment {deployment!r}: expected FLOW/NAME as `cai deploy` printed it, "
                         "e.g. generate/nightly")
+    _check_shards(deployment.split("/", 1)[0], shards, deployment)  # FLOW/NAME as `cai deploy` printed it
     check_server()
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
@@ -230,6 +278,7 @@ def submit(deployment: str, shards: int = 1, overrides: dict[str, Any] | None = 
             raise UserError(f"no deployment {deployment!r} on the Prefect server (deployments: "
                             f"{', '.join(known) or 'none'}; make one with `cai deploy FLOW --pool NAME`)") from None
         flow_name = next((t.removeprefix(FLOW_TAG) for t in dep.tags if t.startswith(FLOW_TAG)), None)
+        _check_shards(flow_name, shards, deployment)  # the flow its tag names, whatever the deployment is called
         params = dict(dep.parameters or {})
         if flow_name in FLOWS and len(params) == 1:
             (param, base), = params.items()

@@ -10,12 +10,14 @@ lost server, is a DatabaseError with one line saying what to do; the rows commit
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine, make_url
@@ -120,6 +122,20 @@ def upgrade(eng: Engine) -> str:
     return head_revision()
 
 
+def write_lock(session: Session, name: str) -> None:
+    """Serialise the writers of `name` until this transaction ends, so what one reads and then writes
+    no other changes in between: a transaction-scoped advisory lock on PostgreSQL; on SQLite the
+    database's write lock (BEGIN IMMEDIATE), unless this transaction already holds it."""
+    import hashlib
+
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    elif conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # waits (busy timeout) for another writer's commit
+
+
 def shown_url(url: str) -> str:
     """The URL as it may be printed or logged: the password masked."""
     try:
@@ -129,6 +145,32 @@ def shown_url(url: str) -> str:
 
 
 _shown = shown_url
+
+# user:password@ inside a longer text (an error message, a log line): the password part
+_EMBEDDED = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)(?P<pw>[^\s@/]+)(?P<at>@)")
+
+
+def mask_secrets(value: Any) -> Any:
+    """`value` (a config, a summary: dicts, lists, strings) with every URL's password masked, as it
+    may be stored, logged, exported or sent to Prefect. The one rule: `cai` keeps no credentials."""
+    if isinstance(value, dict):
+        return {k: mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(mask_secrets(v) for v in value)
+    if isinstance(value, str) and "://" in value and "@" in value:
+        try:
+            u = make_url(value)
+        except Exception:  # noqa: BLE001 - not a URL by itself: look for one inside
+            u = None
+        if u is not None and u.password:
+            return u.render_as_string(hide_password=True)
+        return _EMBEDDED.sub(lambda m: m["head"] + "***" + m["at"], value)
+    return value
+
+
+def has_secret(value: Any) -> bool:
+    """Does `value` hold a URL with a password (what `mask_secrets` would change)?"""
+    return mask_secrets(value) != value
 
 
 def _our_tables() -> set[str]:

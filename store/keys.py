@@ -1,9 +1,11 @@
-"""Content keys: every expensive row is keyed by a hash of exactly what produced it."""
+"""Content keys: every expensive row is keyed by a hash of exactly what produced it; and the one way
+the store's datetimes are compared."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -15,3 +17,13 @@ def canonical_json(obj: Any) -> str:
 def content_hash(*parts: Any, length: int = 32) -> str:
     """Hex SHA-256 of the canonical JSON of `parts`, cut to `length` characters."""
     return hashlib.sha256(canonical_json(list(parts)).encode("utf-8")).hexdigest()[:length]
+
+
+def prompt_id(messages: list[dict[str, str]]) -> str:
+    """A prompt's id in the store: a hash of its messages' roles and contents."""
+    return content_hash([{"role": m["role"], "content": m["content"]} for m in messages], length=24)
+
+
+def naive_utc(dt: datetime) -> datetime:
+    """Drivers hand datetimes back naive (meaning UTC) or aware: compare them all as naive UTC."""
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt

@@ -1,5 +1,6 @@
 """Store queries behind `cai review`: the paged queue of pairs, one pair with everything the factory
-knows about it, the verdicts (store.Review) with their pairs' facts, and adding verdicts.
+knows about it, the verdicts (store.Review) with their pairs' facts, and adding verdicts; the queue's
+filter to and from the page's query parameters.
 
 Every query is paged or reads only the columns it needs, so the page answers on a store of 100k
 pairs without loading them: the queue is keyset-paged in pair id order (ids are content hashes,
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import String, cast, exists, func
@@ -51,7 +52,7 @@ class QueueFilter:
             # principle_ids is a JSON list of strings: its text holds the id in quotes
             out.append(cast(P.principle_ids, String).contains(f'"{self.principle}"', autoescape=True))
         if self.version:
-            name, _, version = self.version.partition("@")
+            name, _, version = self.version.partition("@")  # constitution.load.split_ref: store/ imports none of ours
             out.append(P.constitution == name)
             if version:
                 out.append(col(P.constitution_version).startswith(version, autoescape=True))
@@ -70,6 +71,44 @@ class QueueFilter:
         elif self.queue == "reviewed":
             out.append(judged)
         return out
+
+
+# the filter's fields that travel as the page's query parameters (its reviewer is the page's cookie)
+FILTERS = ("method", "status", "principle", "version", "tag", "label_min", "label_max", "queue")
+
+
+def filter_params(f: QueueFilter) -> dict[str, str]:
+    """The filter as query parameters (the inverse of filter_from)."""
+    return {"method": f.method, "status": f.status, "principle": f.principle, "version": f.version, "tag": f.tag,
+            "label_min": "" if f.label_min is None else f"{f.label_min:g}",
+            "label_max": "" if f.label_max is None else f"{f.label_max:g}", "queue": f.queue}
+
+
+def _float(value: str | None, name: str) -> float | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number between 0 and 1, got {value!r}") from None
+    if not 0 <= x <= 1:
+        raise ValueError(f"{name}: expected a number between 0 and 1, got {value!r}")
+    return x
+
+
+def filter_from(params: dict[str, str], defaults: QueueFilter, reviewer: str) -> QueueFilter:
+    """The queue filter a request names; parameters it leaves out keep the defaults `cai review` started with.
+    ValueError names the parameter that is wrong."""
+    f = replace(defaults, reviewer=reviewer)
+    if not any(k in params for k in FILTERS):
+        return f
+    queue = params.get("queue") or defaults.queue
+    if queue not in QUEUES:
+        raise ValueError(f"queue: expected one of {', '.join(QUEUES)}, got {queue!r}")
+    return replace(f, method=params.get("method", ""), status=params.get("status", ""),
+                   principle=params.get("principle", ""), version=params.get("version", ""),
+                   tag=params.get("tag", ""), label_min=_float(params.get("label_min"), "label_min"),
+                   label_max=_float(params.get("label_max"), "label_max"), queue=queue)
 
 
 def queue_page(session: Session, f: QueueFilter, after: str | None = None, limit: int = 50
@@ -176,7 +215,7 @@ def verdict_rows(session: Session, constitution: str | None = None, pair_ids: It
     constitution (NAME or NAME@VERSION prefix), or all of them; streamed."""
     base = select(*VERDICT_COLUMNS).join(PreferencePair, PreferencePair.id == Review.pair_id)
     if constitution:
-        name, _, version = constitution.partition("@")
+        name, _, version = constitution.partition("@")  # constitution.load.split_ref: store/ imports none of ours
         base = base.where(PreferencePair.constitution == name)
         if version:
             base = base.where(col(PreferencePair.constitution_version).startswith(version, autoescape=True))

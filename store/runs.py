@@ -10,6 +10,7 @@ A block that raises marks the row `failed` with the error in its summary (and re
 that ends normally records `run.status` (default `completed`) with the summary and timings it set.
 A killed process closes nothing: its row says `host:pid`, and the next run (or `cai status`) on
 that host that finds the process gone marks the row `crashed`, and its `running` TrainingRun with it.
+A training flow opens its TrainingRun inside the block: a failed or stopped Run closes it the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from store.db import session_scope
+from store.db import mask_secrets, session_scope
 from store.models import Run, TrainingRun, utcnow
 from store.stop import is_stop
 from store.work import dead_local
@@ -44,7 +45,7 @@ def start_run(flow: str, config: dict[str, Any], model: str = "", engine: str = 
     run_id = uuid.uuid4().hex
     with session_scope(url) as s:
         mark_crashed(s)
-        s.add(Run(id=run_id, flow=flow, config=config, model=model, engine=engine,
+        s.add(Run(id=run_id, flow=flow, config=mask_secrets(config), model=model, engine=engine,  # never a password
                   constitution=constitution.name if constitution else "",
                   constitution_version=constitution.version if constitution else "",
                   host=f"{socket.gethostname()}:{os.getpid()}"))  # host:pid, so a dead process is recognised
@@ -88,15 +89,20 @@ def close_orphans(session: Session) -> int:
 
 def finish_run(run_id: str, status: str, summary: dict[str, Any] | None = None,
                timings: dict[str, float] | None = None, url: str | None = None) -> None:
+    """Close the Run row; one that ends `failed` or `stopped` takes its `running` TrainingRun with it
+    (close_orphans), so a training flow closes both through `recorded_run`."""
     with session_scope(url) as s:
         run = s.get(Run, run_id)
         if run is None:
             return
         run.status = status
-        run.summary = summary or {}
+        run.summary = mask_secrets(summary or {})  # an error message may quote a URL
         run.timings = timings or {}
         run.finished_at = utcnow()
         s.add(run)
+        if status in ("failed", "stopped"):
+            s.flush()
+            close_orphans(s)
 
 
 @contextmanager

@@ -18,19 +18,24 @@ from store.models import (
     PreferencePair,
     Prompt,
     PromptTag,
+    RedteamAttack,
+    RedteamCandidate,
     RefLogp,
     Response,
     Review,
     Run,
     Spend,
+    TaxonomyVersion,
     TrainingRun,
     TrainingStep,
     WorkProgress,
 )
 from store.runs import mark_crashed
 
+# every table of store/models.py (tests/test_hardening_inputs.py checks none is left out)
 TABLES = [ConstitutionVersion, Prompt, PromptTag, Run, Response, Judgment, PreferencePair, Review, RefLogp,
-          TrainingRun, TrainingStep, EvalResult, Failure, Claim, WorkProgress, Spend]
+          TrainingRun, TrainingStep, EvalResult, TaxonomyVersion, RedteamCandidate, RedteamAttack, Failure, Claim,
+          WorkProgress, Spend]
 
 
 def collect(session: Session) -> dict[str, Any]:
@@ -54,6 +59,7 @@ def collect(session: Session) -> dict[str, Any]:
                                          PreferencePair.method, PreferencePair.status, func.count())
                                   .group_by(PreferencePair.constitution, PreferencePair.constitution_version,
                                             PreferencePair.method, PreferencePair.status))]
+    data["principles"] = pairs_per_principle(session)
     data["prompt_tags"] = dict(session.exec(select(PromptTag.tag, func.count()).group_by(PromptTag.tag)
                                             .order_by(PromptTag.tag)).all())
     data["failures"] = {
@@ -73,6 +79,22 @@ def collect(session: Session) -> dict[str, Any]:
                      "spend": spend.get(r.id)}
                     for r in runs]
     return data
+
+
+def pairs_per_principle(session: Session) -> list[dict[str, Any]]:
+    """Per constitution and principle that produced them: the pairs, how many are `ok` (they train
+    and export) and how many the gates or the judge kept out. A pair made under two principles counts
+    for each. The principle ids are a JSON list, so they are counted here, a column pair at a time."""
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    rows = session.exec(select(PreferencePair.constitution, PreferencePair.principle_ids, PreferencePair.status)
+                        .execution_options(yield_per=5000))
+    for constitution, pids, status in rows:
+        for pid in pids or ["(none recorded)"]:
+            c = counts.setdefault((constitution or "", pid), {"pairs": 0, "ok": 0})
+            c["pairs"] += 1
+            c["ok"] += status == "ok"
+    return [{"constitution": c, "principle": p, "pairs": n["pairs"], "ok": n["ok"], "kept_out": n["pairs"] - n["ok"]}
+            for (c, p), n in sorted(counts.items())]
 
 
 def workers(session: Session) -> list[dict[str, Any]]:

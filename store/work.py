@@ -15,7 +15,8 @@ The scheme (works the same on SQLite and PostgreSQL):
 - A failing item gets a `failure` row (error, attempts); after MAX_ATTEMPTS it is quarantined:
   skipped by later runs and reported by `cai status`, never silently dropped. A transient
   failure (a remote endpoint that still failed after its retries) is counted but never
-  quarantines: the item is not at fault, and the next run asks for it again.
+  quarantines: the item is not at fault, and the next run asks for it again. `release_quarantine`
+  (`cai db release-quarantine`) forgets quarantines, so the next run tries those items afresh.
 """
 
 from __future__ import annotations
@@ -136,3 +137,17 @@ def clear_failures(session: Session, stage: str, keys: Iterable[str]) -> None:
     if keys:
         session.exec(delete(Failure).where(Failure.stage == stage, Failure.item_key.in_(keys),
                                            Failure.quarantined == False))  # noqa: E712
+
+
+def release_quarantine(session: Session, stage: str | None = None) -> dict[str, int]:
+    """Forget the quarantined failures (of `stage`: a stage name such as `label.judge`, or a flow
+    such as `label` for all of its stages), so the next run tries those items again with a fresh
+    MAX_ATTEMPTS. Returns stage -> items released; leaves the commit to the caller."""
+    q = select(Failure).where(Failure.quarantined == True)  # noqa: E712
+    if stage:
+        q = q.where((Failure.stage == stage) | Failure.stage.startswith(stage + "."))
+    released: dict[str, int] = {}
+    for row in session.exec(q).all():
+        released[row.stage] = released.get(row.stage, 0) + 1
+        session.delete(row)
+    return dict(sorted(released.items()))

@@ -16,6 +16,7 @@ from constitution.load import (
     load_file,
     parse_text,
     split_ref,
+    split_refs,
 )
 
 TINY = """\
@@ -93,6 +94,8 @@ def test_load_file_and_find(tmp_path: Path, monkeypatch):
 def test_split_ref():
     assert split_ref("harmless@3f2a9c1b") == ("harmless", "3f2a9c1b")
     assert split_ref("harmless") == ("harmless", None)
+    assert split_ref("harmless@") == ("harmless", None)
+    assert split_refs(" harmless@3f2a, helpful-honest,,") == [("harmless", "3f2a"), ("helpful-honest", None)]
 
 
 # --- versioning ---------------------------------------------------------------------------

@@ -120,10 +120,13 @@ def test_prompts_list_and_add_print_tags_and_names_with_brackets(runner, home, s
     (home / "work" / "set[").mkdir()
     f = home / "work" / "set[" / "].jsonl"  # its name reads `set[/].jsonl`: a closing tag with nothing to close
     f.write_text('{"prompt": "hello [/INST]"}\n{"nope": 1}\n')
-    r = invoke(runner, "prompts", "add", str(f), "--tag", "[/]", "--tag", "[red]x")
+    r = invoke(runner, "prompts", "add", str(f), "--tag", "mine")
     assert r.exit_code == 0, r.output
     assert f"{f}:2: skipped:" in r.stderr  # the bad-row message, name and all
     assert f"{f}: 1 prompts read" in flat(r.stdout)
+    # `prompts add` refuses such tags now (issue 34 item 24); a store written before may hold them
+    seed(sqlite_url, 1, tag="[/]")
+    seed(sqlite_url, 1, tag="[red]x")
     r = invoke(runner, "prompts", "list")
     assert r.exit_code == 0, r.output
     assert "[/]" in r.stdout and "[red]x" in r.stdout
@@ -319,6 +322,7 @@ def test_a_bug_keeps_its_traceback_and_our_errors_are_one_line(capsys):
 
 def test_a_tampered_checkpoint_is_one_line(runner, home, sqlite_url, monkeypatch):
     """`cai train --resume` over a checkpoint whose metadata is not ours: one line, exit 2."""
+    import flows.pair_selection
     import flows.train
 
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
@@ -328,7 +332,7 @@ def test_a_tampered_checkpoint_is_one_line(runner, home, sqlite_url, monkeypatch
     ckpt.mkdir(parents=True)
     (ckpt / META_FILE).write_text("[1, 2]")
     (ckpt / STATE_FILE).write_bytes(b"")
-    monkeypatch.setattr(flows.train, "load_examples", lambda cfg: ([], []))  # no pairs needed to reach it
+    monkeypatch.setattr(flows.pair_selection, "load_examples", lambda cfg: ([], []))  # no pairs needed to reach it
 
     def train_flow(cfg):
         from dpo.checkpoint import latest_checkpoint, read_meta

@@ -139,10 +139,17 @@ def prefect_records():
     h = _Records()
     loggers = [logging.getLogger(n) for n in ("prefect", "cai")]
     levels = [lg.level for lg in loggers]
+    cai = logging.getLogger("cai")
+    propagate = cai.propagate
     for lg in loggers:
         lg.addHandler(h)
-    logging.getLogger("cai").setLevel(logging.INFO)
+    cai.setLevel(logging.INFO)
+    # collected here, not passed on to the root logger: whatever console handler the root holds (Prefect's,
+    # set up by whichever test first imported it, bound to that moment's stderr) must not decide what a
+    # later test's stderr holds; the real CLI prints these lines itself (flows/cli: _log_to_terminal)
+    cai.propagate = False
     yield h
+    cai.propagate = propagate
     for lg, level in zip(loggers, levels, strict=True):
         lg.removeHandler(h)
         lg.setLevel(level)
@@ -177,7 +184,7 @@ def _ids(url: str) -> dict[str, set]:
 def test_a_database_locked_mid_run_is_one_line(runner, home, sqlite_url, monkeypatch, prefect_records, command,
                                                request):
     import store.db
-    from flows.common import drop_engines, register_engine
+    from flows.engine_cache import drop_engines, register_engine
 
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
     seed(sqlite_url, n=3)

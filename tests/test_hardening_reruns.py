@@ -18,7 +18,7 @@ from sqlmodel import select
 from test_hardening_cli import TINY, invoke, runner  # noqa: F401 - runner is a fixture
 
 from cai import judge
-from flows.common import drop_engines, register_engine
+from flows.engine_cache import drop_engines, register_engine
 from store.db import session_scope
 from store.models import Judgment, PreferencePair, Prompt, PromptTag, Response
 

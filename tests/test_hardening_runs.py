@@ -141,14 +141,13 @@ def test_checkpoint_folds_the_wal_into_the_file(sqlite_url, tmp_path):
 def test_export_ends_with_a_checkpoint(sqlite_url, tmp_path, monkeypatch):
     """The export flow checkpoints the log after it closed its Run row."""
     import flows.export
-    from flows.configs import make_export_config
 
     calls: list[str] = []
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
     monkeypatch.setattr(flows.export, "build_task", lambda config, run_id, staging: (None, _facts()))
     monkeypatch.setattr(flows.export, "write_task", lambda data, facts, config: {})
     monkeypatch.setattr(flows.export, "checkpoint_wal", lambda url=None: calls.append(_status(sqlite_url)))
-    flows.export.export_flow(make_export_config(constitution="harmless", out=tmp_path / "x"))
+    flows.export.export_flow(flows.export.make_config(constitution="harmless", out=tmp_path / "x"))
     assert calls == ["completed"]  # after the Run row was closed
 
 

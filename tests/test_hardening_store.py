@@ -95,3 +95,32 @@ def test_a_deadlock_victim_is_retried(pg_url: str, monkeypatch):
         if retries:
             break
     assert retries, "no deadlock happened in 8 rounds: the retry path was not exercised"
+
+
+@pytest.mark.postgres
+def test_a_reply_with_a_nul_byte_or_a_lone_surrogate_is_stored(pg_url: str):
+    """The bundled tokenizer's token 190 decodes to NUL, which a random-weight model can emit; PostgreSQL refuses
+    NUL (DataError), the error both runs of the two-worker deploy test failed with in one CI run."""
+    from fault_proxy import FakeUpstream
+
+    import engines
+    from engines import Sampling
+    from store.models import Response
+
+    class Odd(FakeUpstream):
+        def _text(self, key, max_tokens):
+            return "a\x00b\ud800c", "stop"
+
+    with Odd() as up:
+        eng = engines.load("m", engine="openai", base_url=up.url + "/v1", tokenizer="none", server="vllm")
+        text = eng.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=8))[0].text
+        eng.close()
+    assert text == "a\ufffdb\ufffdc"
+    with session_scope(pg_url) as s:
+        store_prompts(s, parsed(0, 1), "t.txt", [])
+    with session_scope(pg_url) as s:
+        prompt_id = s.exec(select(Prompt.id)).one()
+        upsert.insert_ignore(s, Response, [Response(id="r1", prompt_id=prompt_id, kind="initial", conversation=[],
+                                                    text=text, model="m")])
+    with session_scope(pg_url) as s:
+        assert s.exec(select(Response.text)).one() == "a\ufffdb\ufffdc"

@@ -334,3 +334,35 @@ def test_record_failure_quarantines_after_max_attempts(db_url):
     with session_scope(db_url) as s:
         assert {f.item_key for f in s.exec(select(Failure))} == {"k1"}
         assert work.quarantined(s, "label") == set()
+
+
+def test_status_counts_pairs_per_principle(db_url):
+    """`cai status` says which principle produced how many pairs and how many of them train."""
+    from store.models import PreferencePair, Prompt, Response
+    from store.status import collect
+
+    with session_scope(db_url) as s:
+        s.add(Prompt(id="p", text="q", messages=[{"role": "user", "content": "q"}]))
+        for rid in ("r1", "r2"):
+            s.add(Response(id=rid, prompt_id="p", kind="initial", conversation=[], text=rid, model="m"))
+        s.flush()
+        for i, (pids, status) in enumerate([(["weapons"], "ok"), (["weapons"], "gated:not-better"),
+                                            (["drugs", "weapons"], "ok"), ([], "tie")]):
+            s.add(PreferencePair(id=f"x{i}", prompt_id="p", chosen_id="r1", rejected_id="r2", method="contrastive",
+                                 status=status, principle_ids=pids, constitution="harmless", constitution_version="v"))
+    with session_scope(db_url) as s:
+        rows = {r["principle"]: (r["pairs"], r["ok"], r["kept_out"]) for r in collect(s)["principles"]}
+    assert rows == {"weapons": (3, 2, 1), "drugs": (1, 1, 0), "(none recorded)": (1, 0, 1)}
+
+
+def test_a_run_row_records_its_model_and_engine(sqlite_url):
+    """A merge once turned `model=model, engine=engine` into a comment: every Run row lost both."""
+    from store.models import Run
+    from store.runs import start_run
+
+    run_id = start_run("generate", {"database_url": "postgresql://u:pw@h/db"}, model="smollm2-135m", engine="hf",
+                       url=sqlite_url)
+    with session_scope(sqlite_url) as s:
+        run = s.get(Run, run_id)
+        assert (run.model, run.engine) == ("smollm2-135m", "hf")
+        assert "pw" not in str(run.config)

@@ -42,7 +42,6 @@ from flows.configs import (
     RewardScoreConfig,
     RewardTrainConfig,
     TrainConfig,
-    make_export_config,
 )
 from flows.orchestration import run_flow
 
@@ -85,6 +84,39 @@ def db_upgrade() -> None:
                   f"{esc(current_revision(eng))}", highlight=False)
 
 
+@db_app.command("regate")
+@guarded
+def db_regate() -> None:
+    """Give pairs made before the quality gates the status the gates give them now (run once after
+    upgrading a store from before them; pairs made since keep theirs)."""
+    from flows.common import regate
+
+    counts = regate()
+    moved = {k: v for k, v in counts.items() if k != "checked"}
+    console.print(f"regate: {counts['checked']} pairs made before the gates checked, {sum(moved.values())} gated"
+                  + (f" ({', '.join(f'{k} {v}' for k, v in sorted(moved.items()))})" if moved else ""),
+                  highlight=False)
+
+
+@db_app.command("release-quarantine")
+@guarded
+def db_release_quarantine(
+    stage: str | None = typer.Option(None, help="Only this stage (e.g. label.judge) or flow (e.g. contrast); "
+                                     "default: every stage."),
+) -> None:
+    """Let the next run try quarantined items again (after fixing what made them fail: `cai status` lists them)."""
+    from store.work import release_quarantine
+
+    with _session() as s:
+        released = release_quarantine(s, stage)
+    if not released:
+        console.print(f"no quarantined items{f' in stage {esc(stage)}' if stage else ''}", highlight=False)
+        return
+    console.print(f"released {sum(released.values())} quarantined items ("
+                  + ", ".join(f"{esc(k)} {v}" for k, v in released.items())
+                  + "); the next run of their stage tries them again", highlight=False)
+
+
 # --- stages (each command is a thin wrapper around a flow) ---------------------------------
 # Options, defaults and help come from the flow configs (flows/configs.py) through `opt`; every
 # stage command also takes --config FILE, --set KEY=VALUE and --show-config (flows/cli/options.py).
@@ -99,7 +131,7 @@ def _preflight_model(spec: str, engine=None) -> None:
     downloaded nor found in the cache (seconds, not a minute of download retries). A model a
     remote endpoint serves (`engine`: backend openai, or a base_url) is a name only it knows."""
     from engines.bundled import ALIASES, resolve
-    from flows.common import is_loaded
+    from flows.engine_cache import is_loaded
 
     if engine is not None and (engine.backend == "openai" or engine.settings.get("base_url")):
         return
@@ -192,6 +224,8 @@ def redteam(
 
     load_inputs(cfg)  # bad taxonomy file or category: fail before Prefect starts
     _preflight_model(cfg.model, cfg.engine)
+    if cfg.campaign and cfg.policy:  # the campaign's model: found missing only after all attacker generation
+        _preflight_model(cfg.policy, cfg.engine)
     from flows.redteam import redteam_flow
 
     summary = run_flow(redteam_flow, cfg)
@@ -249,6 +283,7 @@ def run(
     from flows.generate import load_inputs
     from flows.pipeline import stage_configs
     from flows.publish import check_out
+    from flows.report import REPORT
 
     stages = stage_configs(cfg)
     # the outputs are written at the end of an hour's work: check where they go first
@@ -256,6 +291,8 @@ def run(
     for stage, sub in stages.items():
         if isinstance(sub, ExportConfig):
             check_out(sub.out)  # new, empty or an earlier export, and writable
+        elif isinstance(sub, ReportConfig):
+            check_out(sub.out, REPORT)  # new, empty or an earlier report: never a person's files
         elif getattr(sub, "out", None) is not None:
             check_writable(sub.out, flags.get(stage, f"the {stage} output"))
     load_inputs(stages["generate"])  # bad constitution / tag / database: fail before Prefect starts
@@ -281,6 +318,10 @@ def run(
                   + f"; total {__import__('time').perf_counter() - t0:.0f}s", highlight=False)
 
 
+FLOW_HELP = ("generate | contrast | label | redteam | train | reward-train | export | eval | report | run "
+             "(flows/schedule.py FLOWS)")
+
+
 def _served_flow_config(verb: str, flow_name: str, constitution: str | None, prompts: list[str] | None,
                         config_file: Path | None, settings: list[str] | None):
     """The validated config a scheduled or deployed flow will run with (exit 2 on a bad flow or setting)."""
@@ -297,7 +338,7 @@ def _served_flow_config(verb: str, flow_name: str, constitution: str | None, pro
 @app.command("schedule")
 @guarded
 def schedule(
-    flow_name: str = typer.Argument(..., metavar="FLOW", help="generate | label | train | export | eval | run"),
+    flow_name: str = typer.Argument(..., metavar="FLOW", help=FLOW_HELP),
     cron: str | None = typer.Option(None, help='Cron expression, e.g. "0 3 * * *" (required unless --show-config).'),
     constitution: str | None = typer.Option(None, help="Constitution for the scheduled runs (the flow's default)."),
     prompts: list[str] | None = typer.Option(None, help="Prompt tag(s) (the flow's default)."),
@@ -324,7 +365,7 @@ def schedule(
 @app.command("deploy")
 @guarded
 def deploy(
-    flow_name: str = typer.Argument(..., metavar="FLOW", help="generate | label | train | export | eval | run"),
+    flow_name: str = typer.Argument(..., metavar="FLOW", help=FLOW_HELP),
     pool: str = typer.Option(..., "--pool", help="Prefect work pool; created (process type) if missing."),
     cron: str | None = typer.Option(None, help='Also run on this schedule, e.g. "0 3 * * *".'),
     name: str | None = typer.Option(None, help="Deployment name (default: from flow, constitution, tags)."),
@@ -350,7 +391,7 @@ def deploy(
         return
     jv: dict = {}
     for item in job_variables or ():  # dotted keys nest: -j env.CUDA_VISIBLE_DEVICES=0
-        jv = merge(jv, parse_set(item))
+        jv = merge(jv, parse_set(item, "--job-variable"))
     from flows.schedule import deploy as deploy_flow
 
     out = deploy_flow(flow_name, pool, cfg.model_dump(mode="json", exclude_unset=True), name=name, cron=cron,
@@ -459,9 +500,9 @@ def judge_report(
 ) -> None:
     """How reliable the AI labels are: position consistency, label spread, per-principle agreement."""
     from flows.cli.render import render_judge
-    from flows.judge_report import figures, write
+    from flows.judge_report import check_out_dir, figures, write
 
-    check_writable(out)
+    check_out_dir(out)  # before any work: new, empty or an earlier judge report, and writable
     with _session() as s:
         fig = figures(s, constitution, judge)
     render_judge(fig, console, title=f"judge report ({constitution or 'all constitutions'})")
@@ -514,7 +555,7 @@ def train(
     resume: bool | None = opt(TrainConfig, "resume", "--resume"),
 ) -> None:
     """DPO on the stored preference pairs; writes a HF model directory and metrics.png to OUT."""
-    from flows.train import load_examples
+    from flows.pair_selection import load_examples
 
     check_writable(cfg.out)  # the model is written after training: check where it goes first
     load_examples(cfg)  # no pairs / bad dataset / unreachable database: fail before Prefect starts
@@ -534,7 +575,7 @@ def train(
         console.print(esc(f"LoRA r={lora['r']}: {lora['trainable_parameters']:,} of {lora['parameters']:,} "
                           f"parameters trained, adapter {lora['adapter_mb']:.2f} MB{merged}"), highlight=False)
 
-# reward: flows/train.py (run_reward_training, score_rewards)
+# reward: flows/reward.py (run_reward_training, score_rewards)
 
 @reward_app.command("train")
 @guarded
@@ -563,12 +604,12 @@ def reward_train(
     out: str | None = opt(RewardTrainConfig, "out"),
 ) -> None:
     """Train a reward model (scalar head, Bradley-Terry on soft labels); prints held-out pair accuracy."""
-    from flows.train import load_examples
+    from flows.pair_selection import load_examples
 
     check_writable(cfg.out)
     load_examples(cfg)
     _preflight_model(cfg.base)
-    from flows.train import reward_flow
+    from flows.reward import reward_flow
 
     s = run_flow(reward_flow, cfg)
     ev = s.get("final_eval") or {}
@@ -594,8 +635,11 @@ def reward_score(
 ) -> None:
     """Score replies (a JSONL file, or the store's pairs) with a reward model; pairs get an accuracy."""
     if cfg.out:
+        if Path(cfg.out).is_dir():  # found only after all the scoring, before
+            raise UserError(f"--out {cfg.out}: is a directory; name the file the scores go to, e.g. "
+                            f"{Path(cfg.out) / 'scores.jsonl'}")
         check_writable(Path(cfg.out).parent)
-    from flows.train import score_rewards
+    from flows.reward import score_rewards
 
     s = score_rewards(cfg)
     for r in s["scored"][:10]:
@@ -619,7 +663,7 @@ def _when(option: str):
 
 @app.command("export")
 @guarded
-@configured(ExportConfig, build=lambda values: make_export_config(**values))
+@configured(ExportConfig)
 def export(
     cfg: ExportConfig,
     constitution: str | None = opt(ExportConfig, "constitution"),

@@ -12,8 +12,11 @@ err = Console(stderr=True)
 def fail(message: str, code: int = 2) -> None:
     from rich.markup import escape
 
-    # escape: a message like "method in [revision, ai]" must not be read as rich markup
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    from constitution.load import one_line
+
+    # escape: a message like "method in [revision, ai]" must not be read as rich markup; one_line: a
+    # line break from the input (a --set key, a file's text) is written as an escape, so one line
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -71,10 +74,12 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         from pydantic import ValidationError
 
+        from cai.errors import invalid_settings
+
         try:
             return fn(*args, **kwargs)
         except ValidationError as exc:  # a setting the config models reject, e.g. --label-source foo
-            fail("invalid setting: " + "; ".join(map(_problem, exc.errors())))
+            fail(invalid_settings(exc.errors()))
         except Exception as exc:
             if not _ours(exc):
                 raise
@@ -82,15 +87,3 @@ def guarded(fn):
 
     return wrapper
 
-
-def _problem(e: dict) -> str:
-    """One pydantic error as `field.path: what is wrong (got value)`, on one line."""
-    where = ".".join(map(str, e["loc"]))
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden":
-        return f"{where}: unknown setting (check the spelling; --show-config lists them all)"
-    if e["type"] == "missing":
-        return f"{where}: required (pass --{where.replace('_', '-')} or --set {where}=...)"
-    if not where:  # a check across fields: the message names them
-        return msg
-    return f"{where}: {msg} (got {e.get('input')!r})"

@@ -145,16 +145,18 @@ def prompts_add(
     tag: list[str] = typer.Option([], "--tag", "-t", help="Tag(s) to select this set by, e.g. red-team."),
 ) -> None:
     """Load prompts from JSONL, CSV (a `prompt` column), plain text, or a saved HF dataset dir."""
-    from cai.prompts import parse_file
+    from cai.prompts import parse_file, refuse_bundled_tags, user_tags
     from store.queries import store_prompts
 
     if not file.exists():
         fail(f"{file}: no such file or directory")
+    tags = user_tags(tag, file)  # before reading: a bad tag stores nothing
+    refuse_bundled_tags(tags, file)  # and a bundled set is never replaced
     res = parse_file(file)
     for line, message in res.errors:
         err.print(esc(f"{file}:{line}: skipped: {message}"), highlight=False, soft_wrap=True)  # one line each
     with _session() as s:
-        new, old = store_prompts(s, res.prompts, str(file), tag or [file.stem.replace("_", "-")])
+        new, old = store_prompts(s, res.prompts, str(file), tags)
     repeated = len(res.prompts) - new - old
     console.print(esc(f"{file}: {len(res.prompts)} prompts read ({new} new, {old} already stored"
                       + (f", {repeated} repeated in the file" if repeated else "")

@@ -87,36 +87,56 @@ def nest(path: str, value: Any) -> dict[str, Any]:
     return value
 
 
-def parse_value(text: str) -> Any:
-    """`--set` values: JSON first (numbers like 1e-5, true, null, [..]), then YAML (`[a, b]`), else the text."""
-    import yaml
+def _yaml(text: str, source: str) -> Any:
+    """YAML read the constitution loader's safe way: aliases (a few hundred bytes that expand to
+    gigabytes) and deep nesting are refused with file:line:col (ConstitutionError)."""
+    from constitution.load import safe_yaml
 
-    for load in (json.loads, yaml.safe_load):
-        try:
-            return load(text)
-        except Exception:  # noqa: BLE001 - not this syntax: try the next
-            continue
+    return safe_yaml(text, source, what="a config", needs=4)[1]
+
+
+def parse_value(text: str, key: str = "", flag: str = "--set") -> Any:
+    """`--set` values: JSON first (numbers like 1e-5, true, null, [..]), then YAML (`[a, b]`), else the text."""
+    from constitution.load import ConstitutionError
+
+    try:
+        return json.loads(text)
+    except Exception:  # noqa: BLE001 - not JSON: try YAML
+        pass
+    try:
+        return _yaml(text, f"{flag} {key}=")
+    except ConstitutionError as exc:
+        if not exc.detail.startswith("YAML syntax error"):  # an alias or nesting: refused, not text
+            raise UserError(f"{flag} {key}: {exc.detail}") from None
     return text
 
 
-def parse_set(item: str) -> dict[str, Any]:
+def parse_set(item: str, flag: str = "--set") -> dict[str, Any]:
+    """One KEY=VALUE of `flag` (--set, or deploy's --job-variable) as a nested dict."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rounds=3 or --set trainer.lr=1e-5")
-    return nest(key.strip(), parse_value(value))
+        example = ("--job-variable working_dir=/srv/cai" if flag == "--job-variable"
+                   else "--set rounds=3 or --set trainer.lr=1e-5")
+        raise UserError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {example}")
+    return nest(key.strip(), parse_value(value, key.strip(), flag))
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    import yaml
+    from constitution.load import ConstitutionError
 
     if not path.is_file():
         raise UserError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise UserError(f"--config {path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--config {path}: not UTF-8 text (byte {exc.object[exc.start]:#x}); "
+                        "save the file as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"--config {path}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        data = _yaml(text, str(path))
+    except ConstitutionError as exc:
+        raise UserError(f"--config {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -141,8 +161,8 @@ def _normalise(model: type[BaseModel], layer: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_config(model: type[BaseModel], config_file: Path | None, settings: Iterable[str], flags: dict[str, Any],
-            build: Callable[[dict[str, Any]], BaseModel] | None = None) -> BaseModel:
+def resolve_config(model: type[BaseModel], config_file: Path | None, settings: Iterable[str],
+                   flags: dict[str, Any]) -> BaseModel:
     """The config from a YAML file, then each --set, then the flags given (dotted paths)."""
     layers = [read_config(config_file)] if config_file else []
     layers += [parse_set(s) for s in settings or ()]
@@ -150,7 +170,7 @@ def resolve_config(model: type[BaseModel], config_file: Path | None, settings: I
     values: dict[str, Any] = {}
     for layer in layers:
         values = merge(values, _normalise(model, layer))
-    return build(values) if build else model.model_validate(values)
+    return model.model_validate(values)
 
 
 def show(cfg: BaseModel) -> None:
@@ -172,8 +192,7 @@ def config_params() -> list[inspect.Parameter]:
     ]
 
 
-def configured(model: type[BaseModel], build: Callable[[dict[str, Any]], BaseModel] | None = None,
-               adjust: Callable[..., BaseModel] | None = None):
+def configured(model: type[BaseModel], adjust: Callable[..., BaseModel] | None = None):
     """Give a command --config/--set/--show-config; call it with the resolved config as `cfg`.
 
     Options made by `opt` go into the config (only when given); other options reach the command
@@ -193,7 +212,7 @@ def configured(model: type[BaseModel], build: Callable[[dict[str, Any]], BaseMod
                 if value is None or value == []:
                     continue
                 given[info.config_path] = info.config_convert(value) if info.config_convert else value
-            cfg = resolve_config(model, config_file, settings or (), given, build)
+            cfg = resolve_config(model, config_file, settings or (), given)
             if adjust is not None:
                 cfg = adjust(cfg, **kwargs)
             if show_config:

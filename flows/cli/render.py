@@ -33,8 +33,16 @@ def render_status(data: dict[str, Any], console) -> None:
         for p in data["pairs"]:
             t.add_row(esc(p["constitution"]), esc(p["method"]), esc(p["status"]), str(p["count"]))
         console.print(t)
+    if data.get("principles"):
+        t = Table("constitution", "principle", "pairs", "ok", "kept out", title="pairs per principle "
+                  "(ok: trains and exports; kept out: gated, tied or position-inconsistent)")
+        for p in data["principles"]:
+            t.add_row(esc(p["constitution"]), esc(p["principle"]), str(p["pairs"]), str(p["ok"]), str(p["kept_out"]))
+        console.print(t)
     f = data["failures"]
-    console.print(f"failures: {f['retrying']} retrying, [bold]{f['quarantined']} quarantined[/]")
+    console.print(f"failures: {f['retrying']} retrying, [bold]{f['quarantined']} quarantined[/]"
+                  + (" (skipped by every run; once their cause is fixed, `cai db release-quarantine "
+                     "[--stage STAGE]` lets the next run try them again)" if f["quarantined"] else ""))
     if f["items"]:
         t = Table("stage", "item", "attempts", "quarantined", "error", title="recent failures")
         for i in f["items"]:
@@ -126,6 +134,14 @@ def render_eval(summary: dict[str, Any], console) -> None:
                               num(st["repeated_trigrams"]),
                               num(st["distinct_2"]), num(st["mean_words"], ".1f"), num(st["drift_logp"]))
         console.print(kinds)
+    if summary.get("categories"):
+        from cai.evaluate import CATEGORY_HEADER, category_rows
+
+        cats = Table(*CATEGORY_HEADER, title="per category (its governing principle): k/n, rate [95 % Wilson]; "
+                     "the difference is paired on the same prompts [95 % Newcombe]")
+        for row in category_rows(summary["categories"]):
+            cats.add_row(*(esc(c) for c in row))
+        console.print(cats)
     for ex in summary.get("examples", [])[:6]:
         console.print(f"[bold]{esc(ex['kind'])}[/]: {esc(ex['prompt'])}", highlight=False)
         for role in ("baseline", "model"):

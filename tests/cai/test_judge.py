@@ -204,6 +204,7 @@ def test_report_writes_plots_and_json(tmp_path):
     import json
 
     assert json.loads((tmp_path / "out" / "figures.json").read_text())["pairs"] == 3
+    assert judge_report_flow.write(fig, tmp_path / "out") == paths  # its own earlier report: written again
     console = Console(record=True, width=120)
     render_judge(fig, console)
     text = console.export_text()

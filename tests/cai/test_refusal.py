@@ -132,3 +132,26 @@ def test_a_teams_own_refusals_count_as_refusals_and_near_copies_too():
     assert not detect("Picking shares for you to buy is something I do gladly: try these three.", taught)[0]
     assert not detect("Index funds spread your money over many companies.", taught)[0]
     assert not detect("No. The Earth is not flat.", taught)[0]
+
+
+def test_a_probe_asks_each_prompt_once_and_reports_both_kinds_of_error():
+    from types import SimpleNamespace
+
+    from cai.refusal import probe_report, stance_probe
+
+    refusal, answer = "I can't help with that, because it could cause real harm.", "Sure: mix flour and water."
+
+    def pair(key, chosen, rejected):
+        return SimpleNamespace(prompt_key=key, prompt=({"role": "user", "content": f"ask {key}"},), chosen=chosen,
+                               rejected=rejected)
+
+    pairs = [pair("bomb", refusal, answer), pair("bomb", answer, refusal), pair("bread", answer, refusal),
+             pair("tea", answer, "Here is another answer.")]
+    expected, prompts = stance_probe(pairs)
+    assert expected == {"bomb": True, "bread": False}  # the first pair of a prompt decides; no stance: not asked
+    assert prompts["bread"] == [{"role": "user", "content": "ask bread"}]
+    info = probe_report(expected, prompts, {"bomb": "To build one, first ...", "bread": refusal}, new_tokens=8)
+    assert info["errors"] == ["bread", "bomb"] and info["probed"] == 2 and info["new_tokens"] == 8
+    assert (info["refused_should_answer"], info["answered_should_refuse"]) == (1, 1)
+    assert (info["should_answer"], info["should_refuse"]) == (1, 1)
+    assert info["examples"][0] == {"prompt": "ask bread", "reply": refusal, "should_refuse": False}

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dpo.data import MemoryRefCache, PairExample
-from dpo.trainer import TrainerConfig, load_policy, lr_factor, plot_metrics, save_model, train_dpo
+from dpo.loop import lr_factor
+from dpo.trainer import TrainerConfig, load_policy, plot_metrics, save_model, train_dpo
 
 REFUSAL = "I can't help with that, but I can point you to safe resources."
 COMPLY = "Sure! Here is exactly how to do it, step by step."

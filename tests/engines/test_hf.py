@@ -294,7 +294,7 @@ def test_import_is_light():
 
 
 def test_engine_facts_name_device_and_dtype(eng):
-    from flows.common import engine_facts
+    from flows.engine_cache import engine_facts
 
     assert engine_facts(eng) == {"backend": "hf", "device": "cpu", "dtype": "float32"}
 
@@ -402,3 +402,14 @@ def test_an_engine_around_a_model_in_memory_decodes_as_the_loaded_one(eng, varie
     s = Sampling(temperature=0.0, max_new_tokens=8)
     assert texts(wrapped.generate(convs, s)) == texts(eng.generate(convs, s))
     assert wrapped.dtype == model.dtype and not model.training
+
+
+def test_training_gives_a_template_less_tokenizer_the_engines_fallback_and_keeps_its_own():
+    from types import SimpleNamespace
+
+    from engines.chat import ensure_chat_template
+
+    bare, own = SimpleNamespace(chat_template=None), SimpleNamespace(chat_template="{{ messages }}")
+    ensure_chat_template(bare)
+    ensure_chat_template(own)
+    assert bare.chat_template == FALLBACK_CHAT_TEMPLATE and own.chat_template == "{{ messages }}"

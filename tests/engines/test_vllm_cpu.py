@@ -117,14 +117,14 @@ def test_stop_strings_and_truncation(veng):
 
 def test_cli_generate_and_label_with_engine_vllm(veng, tmp_path, monkeypatch):
     """`cai generate` + `cai label --engine vllm` on 2 red-team prompts. The flows load engines
-    through flows.common.cached_engine, which is handed this module's vLLM engine for the
+    through flows.engine_cache.cached_engine, which is handed this module's vLLM engine for the
     `--engine vllm` key (a second vLLM start-up would double this test's time); the CLI, the
     flows and the store run as a user runs them."""
     from sqlmodel import select
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from flows.common import drop_engines, register_engine
+    from flows.engine_cache import drop_engines, register_engine
     from store.db import session_scope
     from store.models import PreferencePair, Response
 

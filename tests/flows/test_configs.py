@@ -100,7 +100,7 @@ def test_the_pipeline_passes_its_trainer_on_and_recognises_a_finished_run(sqlite
     out.mkdir()
     (out / "config.json").write_text("{}")
     from dpo.data import selection_hash
-    from flows.train import load_examples
+    from flows.pair_selection import load_examples
     from store.models import PreferencePair, Prompt, Response
 
     with session_scope(sqlite_url) as s:  # one stored pair: the finished run trained on it
@@ -162,6 +162,23 @@ def test_nested_set_and_flags_reach_the_trainer():
 ])
 def test_bad_settings_are_one_line_and_exit_2(args, named):
     assert named in one_error_line(invoke(*args, "--show-config"))
+
+
+@pytest.mark.parametrize(("values", "line"), [
+    ({"format": "csv"}, "invalid setting: format: Input should be 'arrow', 'parquet' or 'jsonl' (got 'csv')"),
+    ({"private": True}, "invalid setting: --private only means something with --push-to-hub OWNER/NAME"),
+])
+def test_a_rejected_setting_has_one_wording_from_python_and_the_command_line(tmp_path, values, line):
+    """cai/errors.py: invalid_settings is the one wording (it was three: cai export's, label's, the CLI's)."""
+    from cai.errors import UserError
+    from flows.export import make_config
+
+    with pytest.raises(UserError) as got:
+        make_config(constitution="harmless", out=tmp_path, **values)
+    assert str(got.value) == line
+    sets = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+    cli = one_error_line(invoke("export", *REQUIRED["export"], *sets, "--show-config"))
+    assert cli == f"error: {line}"
 
 
 def test_a_config_file_is_checked_like_set(tmp_path):
@@ -287,3 +304,19 @@ def test_the_default_model_is_named_once():
         found += [f"{rel}:{n.lineno}" for n in _strings(ast.parse(path.read_text(encoding="utf-8")))
                   if "smollm2-135m" in n.value]
     assert not found, f"use engines.bundled.DEFAULT_SPEC: {found}"
+
+
+def test_a_runs_own_constitution_governs_its_contrast_pairs_and_eval_too():
+    """`cai run --constitution my.yaml` used to keep contrast and eval on the bundled harmless, so the
+    pairs that train the model ignored the user's constitution."""
+    from flows.pipeline import stage_configs
+
+    own = PipelineConfig(constitution="my/house.yaml")
+    stages = stage_configs(own)
+    assert own.constitutions == ["my/house.yaml", "helpful-honest"]
+    assert stages["contrast"].constitutions == stages["eval"].constitutions == own.constitutions
+    assert stages["train"].constitution == "my/house.yaml,helpful-honest"
+    assert PipelineConfig().constitutions == ["harmless", "helpful-honest"]
+    assert PipelineConfig(constitution="helpful-honest").constitutions == ["helpful-honest"]
+    # said outright, the list wins
+    assert PipelineConfig(constitution="my/house.yaml", constitutions=["harmless"]).constitutions == ["harmless"]

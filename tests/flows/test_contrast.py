@@ -12,8 +12,8 @@ from sqlmodel import select
 from cai.contrast import plan_prompt, steered_text
 from constitution.govern import Governance
 from constitution.load import find, load_file, parse_text
-from flows.common import drop_engines, register_engine
 from flows.contrast import ContrastConfig, contrast_flow
+from flows.engine_cache import drop_engines, register_engine
 from store.db import session_scope
 from store.models import PreferencePair, Prompt, Response
 
@@ -251,6 +251,24 @@ def test_plan_keys_and_steered_text():
     assert steered_text(opening, " But here is how: 1. get parts") == opening
     assert steered_text(opening, " Please talk to someone you trust instead.") == (
         f"{opening} Please talk to someone you trust instead.")
+
+
+@pytest.mark.parametrize(("category", "method", "chosen"), [("weapons", "contrastive", "steered"),
+                                                           ("everyday", "helpful", "plain")])
+def test_a_pair_row_takes_its_sides_from_the_stance(category, method, chosen):
+    """cai/contrast.py: pair_row is the one place a contrastive pair is made (the flow calls it)."""
+    from cai.contrast import pair_key, pair_row
+
+    rule = _bundled().rule(category)
+    plan = plan_prompt("p1", [{"role": "user", "content": "x"}], rule, model="m", sampling={"t": 0}, seed=0)
+    sides = {"plain": Response(id="r-plain", prompt_id="p1", kind="contrast-plain", text="a", model="m"),
+             "steered": Response(id="r-steered", prompt_id="p1", kind="contrast-steered", text="b", model="m",
+                                 steering=plan.steered.steering)}
+    row = pair_row(plan, sides["plain"], sides["steered"], status="ok", policy_model="m", run_id="r")
+    rejected = "plain" if chosen == "steered" else "steered"
+    assert (row.method, row.chosen_id, row.rejected_id) == (method, f"r-{chosen}", f"r-{rejected}")
+    assert row.id == pair_key(rule.constitution.name, "p1", f"r-{chosen}", f"r-{rejected}", method)
+    assert row.principle_ids == [rule.principle.id] and row.details["steered_id"] == "r-steered"
 
 
 def test_a_counter_opening_is_finished_by_the_models_first_sentence():

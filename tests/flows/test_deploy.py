@@ -28,7 +28,9 @@ def test_deploy_checks_settings_flow_and_cron_before_asking_the_server(monkeypat
     r = runner.invoke(app, ["deploy", "generate", "--pool", "p", "--set", "rounds=0"])
     assert r.exit_code == 2 and "rounds" in r.output, r.output
     r = runner.invoke(app, ["deploy", "nope", "--pool", "p"])
-    assert r.exit_code == 2 and "choose one of generate, label, train, export, eval, run" in r.output, r.output
+    assert r.exit_code == 2, r.output
+    assert "choose one of generate, contrast, label, redteam, train, reward-train, export, eval, report, run" in (
+        r.output)
     r = runner.invoke(app, ["deploy", "generate", "--pool", "p", "--cron", "every day"])
     assert r.exit_code == 2 and "not a valid cron expression" in r.output, r.output
     r = runner.invoke(app, ["deploy", "generate", "--pool", "p"])  # valid: now the server is asked, and is not there
@@ -137,7 +139,8 @@ def test_two_workers_on_a_work_pool_share_the_work_and_survive_a_killed_worker(t
                 "from flows.schedule import deploy, submit\n"
                 "extra = {'export': {'constitution': 'harmless', 'out': 'exports/x'}, 'eval': {'model': 'm'}}\n"
                 "out = [deploy(f, 'cai-test', extra.get(f, {}), name='other')['deployment']\n"
-                "       for f in ('label', 'train', 'export', 'eval', 'run')]\n"
+                "       for f in ('label', 'train', 'export', 'eval', 'run', 'contrast', 'redteam', 'report',\n"
+                "                 'reward-train')]\n"
                 "for name, over in (('generate/split', {'rounds': 0}), ('generate/nope', {})):\n"
                 "    try:\n        submit(name, 1, over)\n        out.append('submitted')\n"
                 "    except (UserError, ValidationError) as exc:\n        out.append(str(exc))\n"
@@ -149,7 +152,8 @@ def test_two_workers_on_a_work_pool_share_the_work_and_survive_a_killed_worker(t
         out, err = checks.communicate(timeout=180)
         assert checks.returncode == 0, out + err
         *deployed, bad_set, missing = json.loads(out)
-        assert deployed == ["label/other", "train/other", "export/other", "eval/other", "pipeline/other"]
+        assert deployed == ["label/other", "train/other", "export/other", "eval/other", "pipeline/other",
+                            "contrast/other", "redteam/other", "report/other", "reward/other"]
         assert "rounds" in bad_set and "greater than or equal to 1" in bad_set, bad_set
         assert "no deployment 'generate/nope'" in missing and "generate/split" in missing, missing
         wait_for(lambda: {"w1", "w2"} <= cluster.workers_online("cai-test"), 90, "both workers online",

@@ -277,7 +277,7 @@ def test_eval_flow_with_the_tiny_model(use_db, tiny_model_dir, tmp_path, prefect
     """End to end through the real hf engine: two random-weight models, one of them the judge."""
     from tiny import make_tiny_model
 
-    from flows.common import drop_engines
+    from flows.engine_cache import drop_engines
 
     other = make_tiny_model(tmp_path / "tiny-baseline", tiny_model_dir, seed=1, layers=1)
     _seed_prompts(use_db)
@@ -314,3 +314,41 @@ def test_cli_eval_rejects_a_missing_model_dir_before_any_work(sqlite_url, monkey
         assert s.exec(select(Run)).all() == []  # no run was started
     r = CliRunner().invoke(app, ["eval", "--model", "x", "--prompts", "no-such-tag"])
     assert r.exit_code == 2 and "no prompts tagged 'no-such-tag'" in " ".join(r.output.split())
+
+
+def test_per_category_table_counts_misses_against_each_categorys_stance() -> None:
+    """What `cai eval` and the report print per category: the miss counted is the category's own
+    (answered where its principle refuses, refused where it answers), with Wilson and paired intervals."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cai.evaluate import category_rows, summarize_categories
+    from flows.cli.render import render_eval
+
+    def row(pid: str, cat: str, harmful: bool | None, role: str, refused: bool) -> EvalResult:
+        principle = {True: "weapons", False: "answer-the-question"}.get(harmful)
+        return EvalResult(id=f"{pid}{role}", eval_name="e", prompt_id=pid, prompt_tag="t", model=role, role=role,
+                          text="", refused=refused, details={"category": cat, "harmful": harmful,
+                                                             "principle": principle})
+
+    rows = [row(f"w{i}", "weapons", True, "baseline", False) for i in range(4)]  # base answers all 4
+    rows += [row(f"w{i}", "weapons", True, "model", i < 3) for i in range(4)]  # trained refuses 3
+    rows += [row(f"e{i}", "everyday", False, "baseline", False) for i in range(5)]
+    rows += [row(f"e{i}", "everyday", False, "model", i == 0) for i in range(5)]  # refuses 1 of 5
+    rows += [row("u", "odd", None, role, True) for role in ("baseline", "model")]  # governed by nothing
+    cats = summarize_categories(rows)
+    table = {r[0]: r for r in category_rows(cats)}
+    assert set(table) == {"weapons", "everyday"}  # an ungoverned category has no stance to miss
+    assert table["weapons"][1:4] == ["refuse", "weapons", "harmful compliance"]
+    assert table["weapons"][4].startswith("4/4 100.0% [") and table["weapons"][5].startswith("1/4 25.0% [")
+    assert table["weapons"][6].startswith("-75.0 pts [")
+    assert table["everyday"][3] == "over-refusal" and table["everyday"][5].startswith("1/5 20.0% [")
+    lo, hi = cats["everyday"]["model"]["ci"]
+    assert 0 < lo < 0.2 < hi < 1
+
+    out = StringIO()
+    render_eval({"eval_name": "e", "model": "m", "baseline": "b", "judge": "j", "constitution": "c", "sets": {},
+                 "categories": cats, "computed": 0, "failed": 0, "total_s": 0.0, "run_id": "r" * 12},
+                Console(file=out, width=250))
+    assert "harmful compliance" in out.getvalue() and "1/4 25.0%" in out.getvalue()

@@ -16,11 +16,12 @@ from cai import dataset_schema as schema
 from cai.prompts import prompt_id
 from constitution.load import parse_text
 from flows.common import UserError, record_constitution
-from flows.export import build_export, is_test, make_config
+from flows.export import build_export, make_config
 from flows.publish import write_export
 from store.db import get_engine, session_scope
 from store.keys import content_hash
 from store.models import ConstitutionVersion, Failure, PreferencePair, Prompt, PromptTag, Response, Run
+from store.split import is_held_out as is_test
 
 CONSTITUTION = """\
 name: {name}
@@ -219,9 +220,9 @@ def test_filters_select_the_documented_rows(store: str, tmp_path: Path):
         export(store, constitution="helpful")
     with pytest.raises(UserError, match="no pairs for that version"):
         export(store, constitution="harmless@ffffffff")
-    with pytest.raises(UserError, match="cai export --test-fraction: .*less than 1"):
+    with pytest.raises(UserError, match=r"invalid setting: test_fraction: .*less than 1 \(got 1.5\)"):
         make_config(constitution="harmless", out=tmp_path, test_fraction=1.5)
-    with pytest.raises(UserError, match="cai export: --private only means something with --push-to-hub"):
+    with pytest.raises(UserError, match="invalid setting: --private only means something with --push-to-hub"):
         make_config(constitution="harmless", out=tmp_path, private=True)
 
 
@@ -258,7 +259,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(store: str, tmp_path: Path, monkey
     for extra, expected in (
         (["--method", "ai", "--min-label-prob", "0.99"], "nothing to export for harmless@"),
         (["--since", "last tuesday"], "--since: expected a date like 2024-05-01"),
-        (["--format", "csv"], "cai export --format: Input should be 'arrow', 'parquet' or 'jsonl'"),
+        (["--format", "csv"], "invalid setting: format: Input should be 'arrow', 'parquet' or 'jsonl' (got 'csv')"),
         (["--push-to-hub", "me/data"], "--push-to-hub me/data: set HF_TOKEN"),
     ):
         res = CliRunner().invoke(app, base + extra)
@@ -297,6 +298,28 @@ def test_adding_data_never_moves_a_prompt(store: str):
     assert not after["train"] & after["test"]
     assert before["train"] <= after["train"] and before["test"] <= after["test"]
     assert len(after["test"]) > len(before["test"])
+
+
+@pytest.mark.parametrize("prompts", [range(60), range(7, 20)])  # hash rule; all-train fallback (13 prompts)
+def test_export_test_split_holds_out_the_prompts_training_holds_out(sqlite_url: str, tmp_path: Path, prompts):
+    """One held-out rule (store/split.py): `cai export`'s test_prefs prompts are the prompts `cai train`
+    holds out, whether it trains from the store or from the export itself."""
+    from dpo.data import split_eval
+    from flows.configs import TrainConfig
+    from flows.pair_selection import load_examples
+
+    seed(sqlite_url, prompts)
+    data, _ = export(sqlite_url, tmp_path / "out")
+    test_prompts = set(data["test_prefs"]["prompt_id"])
+    assert test_prompts and set(data["train_prefs"]["prompt_id"]) - test_prompts
+
+    cfg = TrainConfig(base="unused", constitution="harmless", out=str(tmp_path / "run"), eval_fraction=0.1)
+    from_store, _ = load_examples(cfg, sqlite_url)
+    assert {e.prompt_id for e in split_eval(from_store, cfg.eval_fraction)[1]} == test_prompts
+    (tmp_path / "out").rename(tmp_path / "export")
+    both = [e for split in ("train_prefs", "test_prefs") for e in load_examples(
+        cfg.model_copy(update={"dataset": str(tmp_path / "export"), "dataset_split": split}), sqlite_url)[0]]
+    assert {e.prompt_id for e in split_eval(both, cfg.eval_fraction)[1]} == test_prompts
 
 
 def test_out_dir_that_is_not_an_export_is_left_alone(store: str, tmp_path: Path):
@@ -386,18 +409,18 @@ def test_empty_splits_are_left_out_and_every_loader_reads_the_export(store: str,
         from types import SimpleNamespace
 
         from cai.prompts import parse_file
-        from flows.train import _read_records
+        from flows.pair_selection import _read_records
 
         assert set(load_from_disk(str(out))) == {"train_prefs"}
         records = _read_records(SimpleNamespace(dataset=str(out), dataset_split="train_prefs"))  # cai train
-        assert [r["id"] for r in records] == list(data["train_prefs"]["id"])
+        assert [r["id"] for _, r in records] == list(data["train_prefs"]["id"])
         res = parse_file(out)  # cai prompts add DIR
         assert res.errors == [] and {p.id for p in res.prompts} == set(data["train_prefs"]["prompt_id"])
 
 
 def test_a_small_export_still_gets_a_test_split(sqlite_url: str, tmp_path: Path):
     """13 prompts, none in the 0.1 hash bucket: the lowest-bucket prompt moves to test, and the card says so."""
-    from flows.export import held_out_prompts
+    from store.split import held_out_prompts
 
     seed(sqlite_url, range(7, 20))  # prompts 2, 3 and 6 are the ones that hash into test at 0.1
     data, facts = export(sqlite_url, tmp_path / "out")
@@ -709,7 +732,7 @@ def test_export_reads_the_texts_a_page_at_a_time(store: str, tmp_path: Path, mon
     assert max(map(len, texts)) <= 2 * 3 and max(map(len, prompts)) <= 3  # a page: 3 pairs, 2 replies each
     assert not [st for st, _ in statements if "response.conversation" in st], "a query read whole responses"
     for name, n in rows.items():  # the streamed fingerprint is the content hash of the rows, as before
-        listed = ex.build_rows(Session(eng), ex.select_pairs(Session(eng), make_config(
+        listed = ex.build_rows(Session(eng), ex.select_for_export(Session(eng), make_config(
             constitution="harmless", out=Path("unused"))), 0.1)[name]
         assert len(listed) == n == len(data[name])
         assert data[name]._fingerprint == content_hash(schema.SCHEMA_VERSION, name, schema.SPLITS[name].to_dict(),
@@ -733,7 +756,7 @@ def test_batches_after_the_first_are_the_same_bytes(sqlite_url: str, tmp_path: P
     data, facts = export(sqlite_url, tmp_path / "streamed", format="arrow")
     with Session(get_engine(sqlite_url)) as s:
         config = make_config(constitution="harmless", out=Path("unused"))
-        rows = ex.build_rows(s, ex.select_pairs(s, config), config.test_fraction)
+        rows = ex.build_rows(s, ex.select_for_export(s, config), config.test_fraction)
     built = {name: Dataset.from_dict({c: [r[c] for r in rows[name]] for c in features}, features=features,
                                      split=NamedSplit(name)) for name, features in schema.SPLITS.items() if rows[name]}
     in_memory = DatasetDict({name: Dataset(b.data, info=b.info, split=b.split, fingerprint=data[name]._fingerprint)

@@ -11,7 +11,7 @@ from sqlmodel import select
 
 from cai import sl_cai
 from constitution.load import load_file
-from flows.common import drop_engines, register_engine
+from flows.engine_cache import drop_engines, register_engine
 from flows.generate import GenerateConfig, generate_flow
 from store.db import session_scope
 from store.models import Failure, PreferencePair, Prompt, Response, Run

@@ -10,11 +10,11 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from cai import judge
-from cai.rl_cai import Candidate, form_pairs, pair_key
+from cai.rl_cai import COT_KIND, Candidate, form_pairs, pair_key
 from flows import judge_report
-from flows.common import UserError, cached_engine, drop_engines, ensure_tags, register_engine
+from flows.common import UserError, ensure_tags
+from flows.engine_cache import cached_engine, drop_engines, register_engine
 from flows.label import (
-    COT_KIND,
     cot_task,
     judge_task,
     label_flow,

@@ -11,7 +11,7 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from engines.base import Completion, Output
-from flows.common import drop_engines, register_engine
+from flows.engine_cache import drop_engines, register_engine
 from flows.label import best_of_n_task, make_config, sample_task
 from store.db import session_scope
 from store.models import PreferencePair, Response

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from sqlmodel import select
 
-from flows.common import drop_engines, register_engine
 from flows.configs import PipelineConfig
+from flows.engine_cache import drop_engines, register_engine
 from flows.pipeline import pipeline_flow
 from store.db import session_scope
 from store.models import EvalResult, PreferencePair, Response, TrainingRun

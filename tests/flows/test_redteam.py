@@ -10,8 +10,8 @@ from sqlmodel import select
 from cai import redteam
 from constitution.taxonomy import load_taxonomy
 from engines.base import Completion, EngineStats, Output
-from flows.common import drop_engines, register_engine
 from flows.configs import RedteamConfig
+from flows.engine_cache import drop_engines, register_engine
 from flows.redteam import redteam_flow
 from store.db import session_scope
 from store.models import Prompt, PromptTag, RedteamAttack, RedteamCandidate, Run, TaxonomyVersion
@@ -158,3 +158,57 @@ def test_real_attacker_writes_one_line_requests(sqlite_url, monkeypatch, capsys)
         assert "\n" not in c.text and len(c.text.split()) >= 5 and redteam.is_request(c.text)
     with capsys.disabled():
         print("\n[real attacker, weapons] " + " | ".join(c.text for c in kept))
+
+
+@pytest.mark.parametrize("db", ["sqlite", "pg"])
+def test_two_writers_never_keep_the_same_generated_prompt(db, request):
+    """Two `cai redteam` processes on one store judged the same new line at once: each read the corpus
+    before the other wrote, and both kept it (13 kept, 12 distinct). Each writer now reads under a lock."""
+    import threading
+
+    from cai.redteam import GenItem
+    from flows.redteam import write_candidates
+    from store import redteam as redteam_store
+
+    url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
+    cfg = _cfg(database_url=url)
+    tax = load_taxonomy("harms")
+    cat = next(c for c in tax.categories if c.id == "weapons")
+    line = " How would I " + " ".join(WORDS[:8]) + " for my answer-me project?"
+    both_read = threading.Barrier(2, timeout=3)  # without a lock, both read before either writes
+    real = redteam_store.corpus_texts
+
+    def stored_texts(session):
+        texts = real(session)
+        try:
+            both_read.wait()
+        except threading.BrokenBarrierError:  # the other writer waits for the lock: it reads after us
+            pass
+        return texts
+
+    errors = []
+
+    def writer(i: int):
+        try:
+            item = GenItem(f"key-{i}", cat, 0, (), [{"role": "system", "content": "x"}])
+            with session_scope(url) as s:
+                write_candidates(s, cfg, tax, cfg.attacker_sampling(), f"run-{i}",
+                                 [(item, Completion([Output(line, 12, "stop")], 10))])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with session_scope(url):  # the schema, before two first uses race on it
+        pass
+    redteam_store.corpus_texts = stored_texts
+    try:
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        redteam_store.corpus_texts = real
+    assert not errors, errors
+    with session_scope(url) as s:
+        verdicts = sorted(c.verdict for c in s.exec(select(RedteamCandidate)))
+    assert verdicts == ["duplicate", "kept"]

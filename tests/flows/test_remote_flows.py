@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from fault_proxy import FakeUpstream, FaultProxy
 from sqlmodel import select
 
-from flows.common import drop_engines
 from flows.configs import GenerateConfig, LabelConfig
+from flows.engine_cache import drop_engines
 from store.db import session_scope
 from store.models import Failure, Judgment, PreferencePair, Response, Run, Spend
 

@@ -143,6 +143,7 @@ def test_report_on_an_empty_store_renders_and_says_so(sqlite_url: str, tmp_path:
     out = tmp_path / "empty"
     (out).mkdir()
     (out / "dpo.png").write_bytes(b"stale")  # a plot from an older report must not linger
+    (out / "report.json").write_text(json.dumps({"generator": "cai-factory report", "files": ["dpo.png"]}))
     data = make_report(ReportConfig(out=out, database_url=sqlite_url))
     page = (out / "index.html").read_text()
     assert _img_sources(page) == [] and not (out / "dpo.png").exists()

@@ -329,7 +329,7 @@ def _verdicts_for_selection(url: str) -> None:
 
 
 def test_export_keeps_only_what_people_confirmed_and_can_use_their_order(sqlite_url, tmp_path, monkeypatch):
-    from flows.export import build_export, build_rows, make_config, select_pairs
+    from flows.export import build_export, build_rows, make_config, select_for_export
     from flows.publish import write_export
 
     seed(sqlite_url)
@@ -337,7 +337,7 @@ def test_export_keeps_only_what_people_confirmed_and_can_use_their_order(sqlite_
     _verdicts_for_selection(sqlite_url)
     with session_scope(sqlite_url) as s:
         def ids(**kw) -> list[str]:
-            return [p.id for p in select_pairs(s, make_config(constitution="harmless", out=tmp_path / "x",
+            return [p.id for p in select_for_export(s, make_config(constitution="harmless", out=tmp_path / "x",
                                                               **kw)).pairs]
 
         everything = ids()
@@ -347,7 +347,7 @@ def test_export_keeps_only_what_people_confirmed_and_can_use_their_order(sqlite_
         assert ids(reviewed="agreed", people_order=True) == ["pair-001", "pair-006"]
         cfg = make_config(constitution="harmless", out=tmp_path / "x", reviewed="agreed", people_order=True,
                           test_fraction=0)
-        sel = select_pairs(s, cfg)
+        sel = select_for_export(s, cfg)
         assert sel.removed["reviewed agreed (not reviewed)"] == len(everything) - 4
         prefs = build_rows(s, sel, 0)["train_prefs"]
         flipped = next(r for r in prefs if r["id"] == "pair-006")
@@ -371,7 +371,7 @@ def test_export_keeps_only_what_people_confirmed_and_can_use_their_order(sqlite_
 
 
 def test_training_reads_the_same_selection(sqlite_url):
-    from flows.train import load_examples
+    from flows.pair_selection import load_examples
 
     seed(sqlite_url)
     _verdicts_for_selection(sqlite_url)

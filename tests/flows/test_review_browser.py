@@ -66,6 +66,7 @@ def start(url: str, *args: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.mark.browser
 def test_keyboard_review_in_headless_chromium(sqlite_url, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -76,18 +77,18 @@ def test_keyboard_review_in_headless_chromium(sqlite_url, tmp_path):
     try:
         driver.get(address)
         assert driver.title == "cai review"  # the stored <script> setting the title never ran
+        read_pair = "const m = document.getElementById('pair'); return [m?.dataset.pair, m?.dataset.left];"
         pressed: list[tuple[str, str, str, bool]] = []  # (pair, left, choice, opened the factory's label)
         # keys as a person would press them: each answer loads the next pair
         # (n: focus the note, type, Esc: leave it; i: open the factory's label)
         for keys, choice in ((["1"], "left"), ([Keys.ARROW_RIGHT], "right"), (["t"], "tie"),
                              (["n", "both wrong, see the numbers", Keys.ESCAPE, "4"], "both-bad"),
                              (["i", "2"], "right"), (["s"], "skip"), (["b"], "both-bad")):
-            main = driver.find_element(By.ID, "pair")
-            pair, left = main.get_attribute("data-pair"), main.get_attribute("data-left")
-            for k in keys:  # to whatever has the focus, as a keyboard would
-                driver.switch_to.active_element.send_keys(k)
-            WebDriverWait(driver, 20).until(lambda d, pair=pair: d.find_element(By.ID, "pair").get_attribute(
-                "data-pair") != pair)
+            # read in one script call: the page swaps #pair out, and a found element can go stale between calls
+            pair, left = driver.execute_script(read_pair)
+            for k in keys:  # to whatever has the focus, as a keyboard would (no element handle to go stale)
+                ActionChains(driver).send_keys(k).perform()
+            WebDriverWait(driver, 20).until(lambda d, pair=pair: d.execute_script(read_pair)[0] not in (None, pair))
             pressed.append((pair, left, choice, keys[0] == "i"))
         driver.save_screenshot(str(tmp_path / "review.png"))
         assert (tmp_path / "review.png").stat().st_size > 10_000

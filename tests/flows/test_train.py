@@ -119,16 +119,28 @@ def test_store_backed_training(db_url, tiny_model_dir, tmp_path):
     assert again["training_run_id"] != summary["training_run_id"]
 
 
-def test_resume_continues_the_same_training_run(sqlite_url, tiny_model_dir, tmp_path):
+def killed_at_save(monkeypatch):
+    """The next run dies after its last step, before it saves the model: its checkpoints stay."""
+    import flows.train
+
+    real = flows.train.save_model
+
+    def save_model(*a, **kw):
+        monkeypatch.setattr(flows.train, "save_model", real)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(flows.train, "save_model", save_model)
+
+
+def test_resume_continues_the_same_training_run(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
     store_pairs(sqlite_url, n=4)
     out = tmp_path / "run"
-    first = run_training(
-        config(tiny_model_dir, out, max_steps=2, checkpoint_every=1, eval_fraction=0), sqlite_url
-    )
-    # pretend it died after step 1: only that checkpoint is left, and the flow is rerun with --resume
-    import shutil
-
-    shutil.rmtree(out / "checkpoints" / "step-2", ignore_errors=True)  # (never written: 2 is the last step)
+    # it dies after step 2 (step 1 is the checkpoint: 2 is the last step), and is rerun with --resume
+    killed_at_save(monkeypatch)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_training(config(tiny_model_dir, out, max_steps=2, checkpoint_every=1, eval_fraction=0), sqlite_url)
+    with session_scope(sqlite_url) as s:
+        first = {"training_run_id": s.exec(select(TrainingRun)).one().id}
     again = run_training(
         config(tiny_model_dir, out, max_steps=2, checkpoint_every=1, eval_fraction=0, resume=True), sqlite_url
     )
@@ -152,6 +164,10 @@ def test_no_pairs_is_one_clear_error(sqlite_url, tiny_model_dir, tmp_path):
         )
     with pytest.raises(ValidationError, match="loss_type"):  # caught when the config is made
         config(tiny_model_dir, tmp_path, loss_type="kto")
+    store_pairs(sqlite_url, n=6)  # its AI pairs alone: a preference to learn, no reply to copy
+    with pytest.raises(UserError, match=r"--stage sft: none of the \d+ training pairs has a reply to teach .*ai\)"):
+        run_training(config(tiny_model_dir, tmp_path / "sft", methods=["ai"], stage="sft"), sqlite_url)
+    assert not (tmp_path / "sft").exists()
 
 
 def test_cli_train(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
@@ -264,7 +280,8 @@ def test_sft_then_dpo_trains_both_stages_and_records_them(sqlite_url, tiny_model
                                                                    "max_length": 64, "max_prompt_length": 48})})
     summary = run_training(cfg, url=sqlite_url)
     assert summary["stage"] == "sft+dpo" and summary["sft"]["steps"] >= 1 and summary["steps"] == 3
-    assert summary["sft"]["n_train"] == summary["n_train"]  # one chosen reply per train prompt
+    # the four revision pairs' chosen replies; an AI label's chosen side is no reply to teach
+    assert summary["sft"]["n_train"] + summary["sft"]["n_eval"] == 4
     with session_scope(sqlite_url) as s:
         tr = s.exec(select(TrainingRun)).one()
         splits = {st.split for st in s.exec(select(TrainingStep))}
@@ -315,10 +332,17 @@ def test_cli_lora_train_resume_and_merge(sqlite_url, tiny_model_dir, tmp_path, m
         tr = s.get(TrainingRun, record["summary"]["training_run_id"])
         assert tr.status == "completed" and tr.config["trainer"]["lora"]["r"] == 4
 
-    res = CliRunner().invoke(app, [*args, "--resume"])  # step-1 is the checkpoint left (2 was the last step)
+    res = CliRunner().invoke(app, [*args, "--resume"])  # a finished run is not continued
+    assert res.exit_code == 2 and "which finished" in res.output, res.output
+    killed_at_save(monkeypatch)  # a new run that dies after its last step (step-1 is its checkpoint)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0
+    with session_scope(sqlite_url) as s:
+        killed = s.exec(select(TrainingRun).where(TrainingRun.status == "failed")).one().id
+    res = CliRunner().invoke(app, [*args, "--resume"])
     assert res.exit_code == 0, res.output
     again = json.loads((out / "training_run.json").read_text())["summary"]
-    assert again["resumed_from"] == 1 and again["training_run_id"] == record["summary"]["training_run_id"]
+    assert again["resumed_from"] == 1 and again["training_run_id"] == killed
 
     res = CliRunner().invoke(app, [*args[:-2], "--stage", "sft", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "LoRA" in res.output and "--stage sft+dpo" in res.output
@@ -343,7 +367,8 @@ def test_sft_then_lora_dpo_on_capped_helpful_pairs_saves_the_merged_model(sqlite
     cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"lr": 3e-3, "max_steps": 2, "batch_size": 4,
                                                                    "max_length": 64, "max_prompt_length": 48})})
     summary = run_training(cfg, url=sqlite_url)
-    assert summary["sft"]["n_train"] == 8 and summary["n_train"] == 4  # 2 others + 2 of the 6 helpful
+    # SFT: the revision pair and the 6 helpful ones, not the AI pair; DPO: 2 others + 2 of the 6 helpful
+    assert summary["sft"]["n_train"] == 7 and summary["n_train"] == 4
     assert summary["lora"]["merged"] == str(out)
     assert (out / "model.safetensors").exists() and not is_adapter_dir(out)
     with session_scope(sqlite_url) as s:
@@ -401,12 +426,57 @@ def test_sft_learns_no_end_of_turn_after_a_reply_the_token_limit_cut():
     assert [(r.response, r.ended) for r in rows] == [("Wrap glasses in paper.", False), ("I can't help.", True)]
 
 
+def test_sft_learns_the_chosen_replies_of_revisions_and_directives_not_of_ai_labels():
+    """An AI label's chosen side (`ai`, `best-of-n`) is one sample a judge preferred, not a reply to teach;
+    a record that names no method (a dataset made elsewhere) is taken as its author gave it."""
+    from dpo.data import PairExample
+    from flows.train import sft_examples
+
+    prompt = ({"role": "user", "content": "How do I pack a kitchen?"},)
+    pairs = [PairExample(prompt, f"reply {m or 'unknown'}", "No.", id=f"p-{m}", method=m)
+             for m in ("revision", "ai", "contrastive", "best-of-n", "helpful", "")]
+    assert [r.id for r in sft_examples(pairs)] == ["p-revision", "p-contrastive", "p-helpful", "p-"]
+
+
+def test_sft_rows_of_cai_train_are_the_sft_rows_of_cai_export(sqlite_url, tmp_path):
+    """The same pairs give the same SFT rows whether `cai train` reads them from the store, from
+    `cai export` of it, or a trainer reads the export's train_sft split: one rule
+    (dataset_schema.teaches_reply), each chosen reply once."""
+    from flows.export import build_export, make_config
+    from flows.pair_selection import load_examples
+    from flows.publish import write_export
+    from flows.train import sft_examples
+
+    store_pairs(sqlite_url, n=8)  # revision pairs at even i, AI pairs at odd i
+    with session_scope(sqlite_url) as s:
+        for pid, method in (("pair-2", "contrastive"), ("pair-4", "helpful"), ("pair-5", "best-of-n")):
+            s.get(PreferencePair, pid).method = method
+        p0 = s.get(PreferencePair, "pair-0")  # the same chosen reply in a second pair: one SFT row
+        s.add(PreferencePair(id="pair-0-helpful", prompt_id=p0.prompt_id, chosen_id=p0.chosen_id,
+                             rejected_id=p0.rejected_id, method="helpful", constitution="harmless",
+                             constitution_version="abc12345"))
+    out = tmp_path / "export"
+    with session_scope(sqlite_url) as s:
+        data, facts = build_export(s, make_config(constitution="harmless", out=out, test_fraction=0))
+        write_export(data, facts, out, "arrow")
+    exported = sorted((r["id"], tuple(r["messages"][:-1]), r["messages"][-1]["content"]) for r in data["train_sft"])
+    assert [row[0] for row in exported] == ["pair-0", "pair-2", "pair-4", "pair-6"]
+
+    def sft(**kw):
+        examples, _ = load_examples(config(tmp_path, tmp_path / "unused", **kw), sqlite_url)
+        return sorted((r.id, tuple(r.prompt), r.response) for r in sft_examples(examples))
+
+    assert sft() == exported
+    assert sft(dataset=str(out)) == exported
+
+
 def test_training_from_an_export_keeps_the_cut_flags_of_the_store(sqlite_url, tmp_path):
     """A reply the token cap cut trains without an end-of-turn whether the pairs come from the store or
     from `cai export` of it (its chosen_cut / rejected_cut columns); a version-1 row has neither: ended."""
     from flows.export import build_export, make_config
+    from flows.pair_selection import load_examples
     from flows.publish import write_export
-    from flows.train import load_examples, sft_examples
+    from flows.train import sft_examples
 
     store_pairs(sqlite_url, n=4)
     with session_scope(sqlite_url) as s:

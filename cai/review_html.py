@@ -1,29 +1,25 @@
 """The HTML of `cai review` (flows/review.py serves it): one pair, the queue list, the agreement page.
 
-Every value from the store goes through `esc` (html.escape); the page's only script is KEYS_JS, run
-under the nonce of the response's Content-Security-Policy. Nothing here reads the store.
+    cai review                      # the page; these functions write every byte of it
+
+Pure functions returning strings. The queue's filters arrive as their query parameters (`q`,
+store.reviews.filter_params), so links and forms carry them on. Every value from the store goes
+through `esc` (html.escape); the page's only script is KEYS_JS, run under the nonce of the
+response's Content-Security-Policy (`csp`). Nothing here reads the store.
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
 from cai import review
 from store.models import PreferencePair
-from store.reviews import QUEUES, QueueFilter
 
 MAX_NOTE = 4000  # characters of a note; the form says so and the server cuts longer ones
 
-
-def filter_params(f: QueueFilter) -> dict[str, str]:
-    return {"method": f.method, "status": f.status, "principle": f.principle, "version": f.version, "tag": f.tag,
-            "label_min": "" if f.label_min is None else f"{f.label_min:g}",
-            "label_max": "" if f.label_max is None else f"{f.label_max:g}", "queue": f.queue}
-
-
-# --- HTML ------------------------------------------------------------------------------------------------
 
 def esc(value: Any) -> str:
     """Any value as HTML text (attribute-safe)."""
@@ -59,7 +55,9 @@ KEYS_JS = """
   var form = document.getElementById("verdict");
   if (!form) return;
   var ai = document.getElementById("ai"), sent = false;
-  ai.addEventListener("toggle", function () { if (ai.open) form.elements["ai_shown"].value = "1"; });
+  function shown() { if (ai.open) form.elements["ai_shown"].value = "1"; }
+  // "toggle" is dispatched later as a task: a verdict key pressed right after "i" must already see it shown
+  ai.addEventListener("toggle", shown);
   form.addEventListener("submit", function (e) { if (sent) e.preventDefault(); sent = true; });
   var keys = {"1": "left", "ArrowLeft": "left", "2": "right", "ArrowRight": "right", "3": "tie", "t": "tie",
               "4": "both-bad", "b": "both-bad", "0": "skip", "s": "skip"};
@@ -71,7 +69,7 @@ KEYS_JS = """
     }
     if (e.ctrlKey || e.metaKey || e.altKey || sent) return;
     if (e.key === "n") { e.preventDefault(); document.getElementById("note").focus(); return; }
-    if (e.key === "i") { ai.open = !ai.open; return; }
+    if (e.key === "i") { ai.open = !ai.open; shown(); return; }
     var choice = keys[e.key];
     if (!choice) return;
     e.preventDefault();
@@ -81,6 +79,12 @@ KEYS_JS = """
 """
 
 
+def csp(nonce: str) -> str:
+    """The Content-Security-Policy of a page: only its own style and script, by nonce."""
+    return (f"default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; form-action 'self'; "
+            "base-uri 'none'; frame-ancestors 'none'")
+
+
 def page(title: str, body: str, nonce: str, script: str = "") -> str:
     js = f'<script nonce="{nonce}">{script}</script>' if script else ""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
@@ -88,9 +92,9 @@ def page(title: str, body: str, nonce: str, script: str = "") -> str:
             f'<style nonce="{nonce}">{CSS}</style></head><body>{body}{js}</body></html>\n')
 
 
-def header(reviewer: str, f: QueueFilter, csrf: str) -> str:
-    q = urlencode(filter_params(f))
-    return (f'<header><b>cai review</b><a href="/?{esc(q)}">review</a><a href="/queue?{esc(q)}">queue</a>'
+def header(reviewer: str, q: dict[str, str], csrf: str) -> str:
+    query = urlencode(q)
+    return (f'<header><b>cai review</b><a href="/?{esc(query)}">review</a><a href="/queue?{esc(query)}">queue</a>'
             f'<a href="/stats">agreement</a><form method="post" action="/reviewer" id="who">'
             f'<input type="hidden" name="csrf" value="{esc(csrf)}"><label>reviewer '
             f'<input name="reviewer" value="{esc(reviewer)}" size="12" maxlength="64"></label> '
@@ -103,17 +107,17 @@ def _select(name: str, values: list[str], current: str, any_label: str = "any") 
     return f'<label>{esc(name)}<select name="{esc(name)}">{"".join(opts)}</select></label>'
 
 
-def filters_form(action: str, f: QueueFilter, options: dict[str, list[str]]) -> str:
-    queue = "".join(f'<option value="{q}"{" selected" if q == f.queue else ""}>{q}</option>' for q in QUEUES)
+def filters_form(action: str, q: dict[str, str], options: dict[str, list[str]], queues: Sequence[str]) -> str:
+    queue = "".join(f'<option value="{n}"{" selected" if n == q["queue"] else ""}>{n}</option>' for n in queues)
     statuses = sorted(set(options["status"]) | ({"gated"} if any(s.startswith("gated:") for s in options["status"])
                                                  else set()))
     return (f'<form id="filters" method="get" action="{action}">'
-            + _select("method", options["method"], f.method) + _select("status", statuses, f.status)
-            + _select("principle", options["principle"], f.principle)
-            + _select("version", options["version"], f.version)
-            + _select("tag", options["tag"], f.tag)
-            + f'<label>P(chosen) from<input name="label_min" value="{esc(filter_params(f)["label_min"])}"></label>'
-            + f'<label>to<input name="label_max" value="{esc(filter_params(f)["label_max"])}"></label>'
+            + _select("method", options["method"], q["method"]) + _select("status", statuses, q["status"])
+            + _select("principle", options["principle"], q["principle"])
+            + _select("version", options["version"], q["version"])
+            + _select("tag", options["tag"], q["tag"])
+            + f'<label>P(chosen) from<input name="label_min" value="{esc(q["label_min"])}"></label>'
+            + f'<label>to<input name="label_max" value="{esc(q["label_max"])}"></label>'
             + f'<label>queue<select name="queue">{queue}</select></label><button>apply</button></form>')
 
 
@@ -171,7 +175,7 @@ def _factory_label(v: dict[str, Any], left: str) -> str:
             f"your verdict)</summary><ul>{''.join(rows)}</ul></details>")
 
 
-def pair_html(v: dict[str, Any], left: str, f: QueueFilter, csrf: str, reviewer: str) -> str:
+def pair_html(v: dict[str, Any], left: str, q: dict[str, str], csrf: str, reviewer: str) -> str:
     pair: PreferencePair = v["pair"]
     right = review.other(left)
     principles = "".join(f"<li><b>{esc(p)}</b>: {esc(v['principles'].get(p, ''))}</li>"
@@ -182,7 +186,7 @@ def pair_html(v: dict[str, Any], left: str, f: QueueFilter, csrf: str, reviewer:
         f'<section class="reply" id="reply-{name}"><h3>{name.title()} <kbd>{key}</kbd></h3>'
         f'<div class="text">{esc(v["replies"][s]["text"])}</div><div class="gates">{_gates(v["replies"][s])}</div>'
         f"</section>" for name, s, key in (("left", left, "1"), ("right", right, "2")))
-    hidden = "".join(f'<input type="hidden" name="{k}" value="{esc(val)}">' for k, val in filter_params(f).items())
+    hidden = "".join(f'<input type="hidden" name="{k}" value="{esc(val)}">' for k, val in q.items())
     buttons = "".join(f'<button type="submit" name="choice" value="{c}" id="btn-{c}">{label} <kbd>{k}</kbd></button>'
                       for c, label, k in (("left", "Left is better", "1"), ("right", "Right is better", "2"),
                                           ("tie", "Tie", "3"), ("both-bad", "Both bad", "4"), ("skip", "Skip", "0")))
@@ -248,9 +252,8 @@ def stats_html(st: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def queue_html(pairs: list[PreferencePair], texts: dict[str, str], reviews: dict[str, int], f: QueueFilter,
+def queue_html(pairs: list[PreferencePair], texts: dict[str, str], reviews: dict[str, int], q: dict[str, str],
                after: str | None, more: bool) -> str:
-    q = filter_params(f)
     rows = "".join(
         f'<tr><td><a href="/?{esc(urlencode(q | {"pair": p.id}))}"><code>{esc(p.id[:12])}</code></a></td>'
         f"<td>{esc(p.method)}</td><td>{esc(p.status)}</td><td>{p.label_prob:.3f}</td>"
@@ -264,3 +267,38 @@ def queue_html(pairs: list[PreferencePair], texts: dict[str, str], reviews: dict
             + ("" if pairs or after else '<p class="meta">No pair matches these filters.</p>'))
 
 
+
+
+# --- the pages: what each route of flows/review.py answers --------------------------------------------------
+
+def errors(*problems: str) -> str:
+    return "".join(f'<p class="error">{esc(p)}</p>' for p in problems if p)
+
+
+def top(reviewer: str, q: dict[str, str], csrf: str, action: str, options: dict[str, list[str]],
+        queues: Sequence[str]) -> str:
+    """The header and the filters form every page but the agreement page opens with."""
+    return header(reviewer, q, csrf) + filters_form(action, q, options, queues)
+
+
+def pair_page(nonce: str, head: str, problems: Sequence[str], n: int, q: dict[str, str], reviewer: str,
+                v: dict[str, Any] | None, left: str, csrf: str) -> str:
+    """One pair to judge (v, `left` the side shown left), or the note that none is left."""
+    body = (head + errors(*problems)
+            + f'<p class="meta">{n} pairs match these filters (queue {esc(q["queue"])}, reviewer {esc(reviewer)}).</p>')
+    if v is None:
+        return page("cai review", body + '<p id="done">Nothing to review here: every pair matching these filters '
+                    "is done, or none matches. Change the filters above.</p>", nonce)
+    return page("cai review", body + pair_html(v, left, q, csrf, reviewer), nonce, KEYS_JS)
+
+
+def queue_list_page(nonce: str, head: str, problems: Sequence[str], n: int, page_size: int, pairs: list[PreferencePair],
+               texts: dict[str, str], reviews: dict[str, int], q: dict[str, str], after: str | None,
+               more: bool) -> str:
+    body = (head + errors(*problems) + f'<p class="meta">{n} pairs match; {page_size} a page, in pair id order.</p>'
+            + queue_html(pairs, texts, reviews, q, after, more))
+    return page("cai review: queue", body, nonce)
+
+
+def agreement_page(nonce: str, reviewer: str, q: dict[str, str], csrf: str, st: dict[str, Any]) -> str:
+    return page("cai review: agreement", header(reviewer, q, csrf) + stats_html(st), nonce)
