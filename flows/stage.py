@@ -320,12 +320,9 @@ def run_stage(stage: Stage[T, R], items: list[T], *, worker: str, run_id: str | 
                     if stopped:
                         break
                 with session_scope(url) as s:
-                    mine = work.claim(s, stage.name, chunk_keys, worker, lease_s)
-                    # another worker may have finished some since we looked
-                    finished = stage.done(s, mine)
-                    if finished:
-                        work.release(s, stage.name, finished, worker)
-                    mine = [k for k in mine if k not in finished]
+                    # another worker may have finished some since we looked: those stay unclaimed
+                    mine = work.claim(s, stage.name, chunk_keys, worker, lease_s,
+                                      done=lambda ks, s=s: stage.done(s, ks))
                     if mine and run_id:
                         work.tally(s, run_id, stage.name, **who, claimed=len(mine))
                 if not mine:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import timedelta
 
 from sqlalchemy import delete, update
@@ -58,17 +58,20 @@ def quarantined(session: Session, stage: str) -> set[str]:
     return set(rows)
 
 
-def claim(session: Session, stage: str, keys: list[str], worker: str, lease_s: float = 900) -> list[str]:
+def claim(session: Session, stage: str, keys: list[str], worker: str, lease_s: float = 900,
+          done: Callable[[list[str]], Collection[str]] | None = None) -> list[str]:
     """Claim as many of `keys` as nobody else holds; returns the ones this worker now holds.
 
-    Commits, so other workers see the claims at once.
+    `done(keys)` names the keys whose output is already stored (another worker may have finished
+    them since the caller looked): those are left unclaimed in the same transaction, so a worker
+    that dies right after claiming never leaves a claim on finished work that nobody would release.
+    Commits once, so other workers see the claims at once.
     """
     if not keys:
         return []
     now = utcnow()
     expires = now + timedelta(seconds=lease_s)
     insert_ignore(session, Claim, [Claim(stage=stage, item_key=k, worker=worker, expires_at=expires) for k in keys])
-    session.commit()
     held = session.exec(select(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys))).all()
     stale = [c.item_key for c in held if c.worker != worker and (c.expires_at <= now or dead_local(c.worker))]
     if stale:
@@ -76,10 +79,14 @@ def claim(session: Session, stage: str, keys: list[str], worker: str, lease_s: f
         session.exec(update(Claim).where(Claim.stage == stage, Claim.item_key.in_(stale),
                                          Claim.worker.in_({c.worker for c in held if c.item_key in stale}))
                      .values(worker=worker, expires_at=expires))
-        session.commit()
-        held = session.exec(select(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys))).all()
+        held = session.exec(select(Claim).where(Claim.stage == stage, Claim.item_key.in_(keys))
+                            .execution_options(populate_existing=True)).all()
     mine = {c.item_key for c in held if c.worker == worker}
-    return [k for k in keys if k in mine]
+    finished = set(done([k for k in keys if k in mine])) if done is not None and mine else set()
+    if finished:
+        release(session, stage, finished, worker)
+    session.commit()
+    return [k for k in keys if k in mine and k not in finished]
 
 
 def renew(session: Session, stage: str, keys: Iterable[str], worker: str, lease_s: float = 900) -> int:

@@ -239,6 +239,19 @@ def test_two_workers_get_disjoint_claims(db_url):
         assert work.claim(s, "label", keys[:3], "host-b:1:1") == keys[:3]
 
 
+def test_a_claim_commits_no_claim_on_work_another_worker_finished(db_url):
+    """A worker can be killed right after `claim` returns: what it committed must be exactly what it
+    holds, never a claim on an item whose output is already stored (nobody would ever release it)."""
+    get_engine(db_url)
+    with session_scope(db_url) as s:  # a dead worker's lapsed claim on an item that was finished since
+        assert work.claim(s, "gen", ["d"], "host-b:1:1", lease_s=-1) == ["d"]
+    with session_scope(db_url) as s:
+        got = work.claim(s, "gen", ["a", "b", "c", "d"], "host-a:1:1", done=lambda ks: {"b", "d"} & set(ks))
+    # the worker dies here, before it computes or releases anything
+    assert got == ["a", "c"]
+    assert _claims(db_url) == {"a": "host-a:1:1", "c": "host-a:1:1"}
+
+
 def test_concurrent_workers_claim_disjoint_sets(db_url):
     """Four threads race for the same 200 keys; every key ends up with exactly one worker."""
     keys = [f"k{i:03d}" for i in range(200)]
