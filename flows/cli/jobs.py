@@ -2,7 +2,7 @@
 `cai submit` (flows/pipeline.py, flows/schedule.py).
 
     cai run --constitution harmless --prompts red-team --rounds 1 --stage sft
-    cai deploy generate --pool gpu --set engine.backend=vllm && cai submit generate/NAME --shards 4
+    cai deploy generate --pool cai --name harmless && cai submit generate/harmless --shards 4
 
 Options, defaults and help come from the flow configs through `opt` (flows/cli/options.py).
 flows/cli/__init__.py registers the commands, in the order `cai --help` lists them.
