@@ -357,15 +357,15 @@ class EvalConfig(StoreSettings):
         return Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=0)
 
 
-# --- train (flows/train.py) ------------------------------------------------------------------
+# --- which pairs a training or scoring run reads (flows/pair_selection.py) -------------------
 
 Reviewed = Literal["any", "not-rejected", "agreed"]  # cai.review.REVIEWED_MODES
 
 
-class TrainConfig(StoreSettings):
-    """What to train on and where it goes; how to train is `trainer` (dpo/config.py)."""
+class PairSelection(StoreSettings):
+    """Which preference pairs a run reads, from the store or a dataset (flows/pair_selection.py): what
+    `cai train`, `cai reward train` and `cai reward score` share, the base of their configs."""
 
-    base: str = Field(DEFAULT_SPEC, description="start and reference model: bundled alias, HF directory, hub id")
     constitution: str | None = Field(None, description="only pairs of NAME (any version) or NAME@VERSION (made "
                                      "under it, or unchanged in it), several comma-separated; None: any")
     methods: list[str] = Field(default_factory=lambda: ["revision", "ai", "contrastive", "helpful", "best-of-n"],
@@ -379,6 +379,14 @@ class TrainConfig(StoreSettings):
     dataset: str | None = Field(None, description="a saved HF dataset dir (cai export) or .jsonl instead of the store")
     dataset_split: str = Field("train_prefs", description="the split of `dataset` to read")
     limit: int | None = Field(None, ge=1, description="only the first N selected pairs (by id)")
+
+
+# --- train (flows/train.py) ------------------------------------------------------------------
+
+class TrainConfig(PairSelection):
+    """What to train on and where it goes; how to train is `trainer` (dpo/config.py)."""
+
+    base: str = Field(DEFAULT_SPEC, description="start and reference model: bundled alias, HF directory, hub id")
     stage: Literal["sft", "dpo", "sft+dpo"] = Field("dpo", description="sft: fine-tune on the chosen replies; dpo: "
                                                     "preference training; sft+dpo: the CAI recipe, SFT then DPO")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="the supervised stage (dpo/sft.py)")
@@ -415,19 +423,10 @@ class TrainConfig(StoreSettings):
 
 # --- reward model (flows/reward.py: run_reward_training, score_rewards) ---------------------
 
-class RewardTrainConfig(StoreSettings):
+class RewardTrainConfig(PairSelection):
     """A Bradley-Terry reward model on the same pair selection `cai train` reads."""
 
     base: str = same_as(TrainConfig, "base", "the body of the reward model: bundled alias, HF directory, hub id")
-    constitution: str | None = same_as(TrainConfig, "constitution")
-    methods: list[str] = same_as(TrainConfig, "methods")
-    statuses: list[str] = same_as(TrainConfig, "statuses")
-    min_label_prob: float | None = same_as(TrainConfig, "min_label_prob")
-    reviewed: Reviewed = same_as(TrainConfig, "reviewed")
-    people_order: bool = same_as(TrainConfig, "people_order")
-    dataset: str | None = same_as(TrainConfig, "dataset")
-    dataset_split: str = same_as(TrainConfig, "dataset_split")
-    limit: int | None = same_as(TrainConfig, "limit")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="held-out share of prompts (by prompt hash): the "
                                  "accuracy printed is on these")
     device: str = same_as(TrainConfig, "device")
@@ -435,21 +434,12 @@ class RewardTrainConfig(StoreSettings):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="the Bradley-Terry loop (dpo/reward.py)")
 
 
-class RewardScoreConfig(StoreSettings):
+class RewardScoreConfig(PairSelection):
     """Score replies with a trained reward model: a JSONL file, or the store's pairs."""
 
     model: str = Field("runs/reward", description="a directory written by `cai reward train`")
     input: str | None = Field(None, description="JSONL of {prompt, response} or {prompt, chosen, rejected} (prompt: "
                               "text or chat messages); None: the store's pairs under the filters below")
-    constitution: str | None = same_as(TrainConfig, "constitution")
-    methods: list[str] = same_as(TrainConfig, "methods")
-    statuses: list[str] = same_as(TrainConfig, "statuses")
-    min_label_prob: float | None = same_as(TrainConfig, "min_label_prob")
-    reviewed: Reviewed = same_as(TrainConfig, "reviewed")
-    people_order: bool = same_as(TrainConfig, "people_order")
-    dataset: str | None = same_as(TrainConfig, "dataset")
-    dataset_split: str = same_as(TrainConfig, "dataset_split")
-    limit: int | None = same_as(TrainConfig, "limit")
     out: str | None = Field(None, description="write one JSON line per scored row here")
     device: str = same_as(TrainConfig, "device")
     max_length: int = same_as(RewardConfig, "max_length")
@@ -484,8 +474,8 @@ class ExportConfig(Config):
     include_ties: bool = Field(False, description="also ties: they carry no preference, DPO on them adds noise")
     include_inconsistent: bool = Field(False, description="also pairs whose label flipped with the order")
     include_quarantined: bool = Field(False, description="also pairs touching items that failed repeatedly")
-    reviewed: Reviewed = same_as(TrainConfig, "reviewed")
-    people_order: bool = same_as(TrainConfig, "people_order")
+    reviewed: Reviewed = same_as(PairSelection, "reviewed")
+    people_order: bool = same_as(PairSelection, "people_order")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts (by hash bucket) in the test splits")
     license: str = Field("other", description="card license, e.g. cc-by-4.0; text inherits its models' terms")
     push_to_hub: str | None = Field(None, description="then push to this hub dataset (OWNER/NAME; HF_TOKEN)")

@@ -1,5 +1,5 @@
-"""The preference pairs a training config selects: what `cai train`, `cai reward train`,
-`cai reward score` and the pipeline's "already trained?" check read.
+"""The preference pairs a config's PairSelection fields (flows/configs.py) select: what `cai train`,
+`cai reward train`, `cai reward score` and the pipeline's "already trained?" check read.
 
     examples, refs = load_examples(cfg)   # PairExamples, and the name@version they were made under
 
@@ -19,12 +19,12 @@ from cai.prompts import json_lines, load_saved_dataset, saved_dataset_error
 from constitution.load import split_refs
 from dpo.data import PairExample, PairFilter, constitution_versions, examples_from_records, label_prob, select_pairs
 from flows.common import UserError
-from flows.configs import RewardScoreConfig, RewardTrainConfig, TrainConfig
+from flows.configs import PairSelection
 from store.db import session_scope
 from store.reviews import verdict_rows
 
 
-def _read_records(cfg: TrainConfig) -> list[tuple[str, Any]]:
+def _read_records(cfg: PairSelection) -> list[tuple[str, Any]]:
     """(where, record) for each row of cfg.dataset: `file:line` for JSONL, `--dataset DIR: record i`."""
     path = Path(cfg.dataset or "")
     if not path.exists():
@@ -47,7 +47,7 @@ def _read_records(cfg: TrainConfig) -> list[tuple[str, Any]]:
     return [(f"{path}:{n}", row) for n, row in json_lines(path)]
 
 
-def _record_matches(r: dict[str, Any], cfg: TrainConfig, where: str) -> bool:
+def _record_matches(r: dict[str, Any], cfg: PairSelection, where: str) -> bool:
     """The store filters, applied to exported rows (which carry the same provenance columns)."""
     if not isinstance(r, dict):
         raise UserError(f"{where}: expected an object with prompt, chosen, rejected, got "
@@ -69,14 +69,14 @@ def _record_matches(r: dict[str, Any], cfg: TrainConfig, where: str) -> bool:
     return True
 
 
-def pair_filter(cfg: TrainConfig | RewardTrainConfig | RewardScoreConfig) -> PairFilter:
+def pair_filter(cfg: PairSelection) -> PairFilter:
     """The stored pairs a training (or scoring) config selects: `cai train`, `cai reward train` and
     `cai reward score` share these four settings."""
     return PairFilter(constitution=cfg.constitution, methods=tuple(cfg.methods), statuses=tuple(cfg.statuses),
                       min_label_prob=cfg.min_label_prob)
 
 
-def load_examples(cfg: TrainConfig, url: str | None = None) -> tuple[list[PairExample], list[str]]:
+def load_examples(cfg: PairSelection, url: str | None = None) -> tuple[list[PairExample], list[str]]:
     """The selected pairs (from the store, or cfg.dataset) and the constitution versions
     (name@version) they were made under; a one-line UserError if nothing matches."""
     if cfg.dataset:
@@ -103,8 +103,8 @@ def load_examples(cfg: TrainConfig, url: str | None = None) -> tuple[list[PairEx
     return examples, refs
 
 
-def reviewed_examples(examples: list[PairExample], cfg: TrainConfig | RewardTrainConfig | RewardScoreConfig,
-                      url: str | None = None, session=None) -> list[PairExample]:
+def reviewed_examples(examples: list[PairExample], cfg: PairSelection, url: str | None = None,
+                      session=None) -> list[PairExample]:
     """The pairs `--reviewed` keeps, by their pair ids' verdicts in the store (cai review); a pair
     people flipped, with `--people-order`, swapped, its label the share of people preferring it."""
     if cfg.reviewed == "any" and not cfg.people_order:

@@ -340,7 +340,7 @@ def test_a_tampered_checkpoint_is_one_line(runner, home, sqlite_url, monkeypatch
         return read_meta(latest_checkpoint(Path(cfg.out) / "checkpoints")[0])
 
     monkeypatch.setattr(flows.train, "train_flow", train_flow)
-    monkeypatch.setattr("flows.cli._preflight_model", lambda spec: None)
+    monkeypatch.setattr("flows.cli.training.preflight_model", lambda spec: None)
     one_line_exit_2(invoke(runner, "train", "--out", "runs/x", "--resume"), f"{META_FILE}: not checkpoint metadata")
 
 

@@ -146,7 +146,7 @@ def prefect_records():
     cai.setLevel(logging.INFO)
     # collected here, not passed on to the root logger: whatever console handler the root holds (Prefect's,
     # set up by whichever test first imported it, bound to that moment's stderr) must not decide what a
-    # later test's stderr holds; the real CLI prints these lines itself (flows/cli: _log_to_terminal)
+    # later test's stderr holds; the real CLI prints these lines itself (flows/cli/entry.py: _log_to_terminal)
     cai.propagate = False
     yield h
     cai.propagate = propagate

@@ -315,7 +315,7 @@ def test_every_deployable_flow_builds_a_deployment_offline():
 # --- item 21: cai redteam --policy is checked first; cai status counts the red-team tables -------
 
 def test_redteam_policy_is_checked_before_attacker_generation(tmp_path, sqlite_url, monkeypatch):
-    import flows.cli
+    import flows.cli.pairs
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
@@ -323,7 +323,7 @@ def test_redteam_policy_is_checked_before_attacker_generation(tmp_path, sqlite_u
     def started(*a, **kw):
         raise AssertionError("the red-team flow started (attacker generation) with a policy that is not there")
 
-    monkeypatch.setattr(flows.cli, "run_flow", started)
+    monkeypatch.setattr(flows.cli.pairs, "run_flow", started)
     one_line_exit_2(invoke("redteam", "--policy", str(tmp_path / "no-such-policy"), "--per-category", "1"),
                     "no-such-policy")
 

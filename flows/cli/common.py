@@ -1,4 +1,5 @@
-"""What every `cai` command shares: the consoles, one-line errors with exit code 2, sessions."""
+"""What every `cai` command shares: the consoles, one-line errors with exit code 2, sessions,
+comma-separated lists and the model check before any work."""
 
 from __future__ import annotations
 
@@ -46,6 +47,24 @@ def check_writable(path, flag: str = "--out") -> None:
     except OSError as exc:
         raise UserError(f"{flag} {path}: cannot write in {base} ({exc.strerror or exc.__class__.__name__}); "
                         "choose another directory") from None
+
+
+def split_commas(values: list[str]) -> list[str]:
+    """`--prompts a,b --prompts c` -> [a, b, c]."""
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def preflight_model(spec: str, engine=None) -> None:
+    """Fail before any work when a local model path is wrong, or a hub id can be neither
+    downloaded nor found in the cache (seconds, not a minute of download retries). A model a
+    remote endpoint serves (`engine`: backend openai, or a base_url) is a name only it knows."""
+    from engines.bundled import ALIASES, resolve
+    from flows.engine_cache import is_loaded
+
+    if engine is not None and (engine.backend == "openai" or engine.settings.get("base_url")):
+        return
+    if spec.lower() not in ALIASES and not is_loaded(spec):
+        resolve(spec)
 
 
 def _session():

@@ -192,15 +192,20 @@ def config_params() -> list[inspect.Parameter]:
     ]
 
 
-def configured(model: type[BaseModel], adjust: Callable[..., BaseModel] | None = None):
+def configured(model: type[BaseModel], adjust: Callable[..., BaseModel] | None = None,
+               fields: dict[str, type] | None = None):
     """Give a command --config/--set/--show-config; call it with the resolved config as `cfg`.
 
     Options made by `opt` go into the config (only when given); other options reach the command
     as they are, and also `adjust(cfg, **them)` when set (for flags that are no single field).
+    `fields` (field name -> the flag's value type) adds an `opt` for each after the command's own
+    options: a set of options several commands share, written once.
     """
     def decorate(fn):
         sig = inspect.signature(fn, eval_str=True)
         first, *rest = sig.parameters.values()
+        rest += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind | None,
+                                   default=opt(model, name)) for name, kind in (fields or {}).items()]
         mapped = {p.name: p.default for p in rest if hasattr(p.default, "config_path")}
 
         @functools.wraps(fn)

@@ -104,6 +104,24 @@ def render_budget_stop(summary: dict[str, Any], console) -> None:
                       "resumes from it", highlight=False)
 
 
+def render_summary(flow_name: str, summary: dict[str, Any], console) -> None:
+    """A stage flow's summary: per stage, items done before, computed, failed, time; or its dry-run plan."""
+    from rich.table import Table
+
+    if summary.get("dry_run"):
+        render_plan(flow_name, summary, console)
+        return
+    table = Table("stage", "items", "already done", "computed", "failed", "quarantined", "tokens", "engine s",
+                  "total s", title=f"{flow_name} summary (run {esc(summary.get('run_id', '')[:12])})")
+    for name, st in summary.get("stages", {}).items():
+        table.add_row(esc(name), str(st["items"]), str(st["done_before"]), str(st["computed"]), str(st["failed"]),
+                      str(st["quarantined"]), str(st["tokens"]), f"{st['engine_s']:.1f}", f"{st['total_s']:.1f}")
+    console.print(table)
+    extras = {k: v for k, v in summary.items() if k not in ("stages", "budget_stopped")}
+    console.print(esc(" ".join(f"{k}={v}" for k, v in extras.items())), highlight=False)
+    render_budget_stop(summary, console)
+
+
 def render_eval(summary: dict[str, Any], console) -> None:
     """The summary as a rich table: per prompt set x model, n, refusal rate, win rate."""
     from rich.table import Table

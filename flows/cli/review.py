@@ -20,6 +20,10 @@ from flows.cli.options import configured, opt
 from flows.cli.render import esc
 from flows.configs import ReviewConfig
 
+# the options that pick the pairs: the page opens its queue on them, `review export` writes what they pick
+QUEUE_FILTERS = {"method": str, "status": str, "principle": str, "constitution": str, "tag": str,
+                 "label_min": float, "label_max": float, "queue": str}
+
 review_app = typer.Typer(help="People check the factory's pairs: a local review page (the default), agreement "
                               "figures, JSONL records in and out.")
 
@@ -37,21 +41,13 @@ def _reviewer(cfg: ReviewConfig) -> str:
 
 @review_app.callback(invoke_without_command=True)
 @guarded
-@configured(ReviewConfig)
+@configured(ReviewConfig, fields=QUEUE_FILTERS)
 def review(
     cfg: ReviewConfig,
     ctx: typer.Context,
     host: str | None = opt(ReviewConfig, "host"),
     port: int | None = opt(ReviewConfig, "port"),
     reviewer: str | None = opt(ReviewConfig, "reviewer"),
-    method: str | None = opt(ReviewConfig, "method"),
-    status: str | None = opt(ReviewConfig, "status"),
-    principle: str | None = opt(ReviewConfig, "principle"),
-    constitution: str | None = opt(ReviewConfig, "constitution"),
-    tag: str | None = opt(ReviewConfig, "tag"),
-    label_min: float | None = opt(ReviewConfig, "label_min"),
-    label_max: float | None = opt(ReviewConfig, "label_max"),
-    queue: str | None = opt(ReviewConfig, "queue"),
 ) -> None:
     """Serve the review page (127.0.0.1 by default); any other address needs the token it prints."""
     if ctx.invoked_subcommand is not None:
@@ -142,19 +138,11 @@ def render_stats(st: dict[str, Any]) -> None:
 
 @review_app.command("export")
 @guarded
-@configured(ReviewConfig)
+@configured(ReviewConfig, fields=QUEUE_FILTERS)
 def review_export(
     cfg: ReviewConfig,
     out: Path = typer.Option(..., "--out", help="JSONL file of records (written whole, then moved into place)."),
     limit: int | None = typer.Option(None, min=1, help="At most this many pairs."),
-    method: str | None = opt(ReviewConfig, "method"),
-    status: str | None = opt(ReviewConfig, "status"),
-    principle: str | None = opt(ReviewConfig, "principle"),
-    constitution: str | None = opt(ReviewConfig, "constitution"),
-    tag: str | None = opt(ReviewConfig, "tag"),
-    label_min: float | None = opt(ReviewConfig, "label_min"),
-    label_max: float | None = opt(ReviewConfig, "label_max"),
-    queue: str | None = opt(ReviewConfig, "queue"),
 ) -> None:
     """Pairs as JSONL records another review tool can load: prompt and two replies as fields, the factory's
     label as a suggestion (value, score, agent), people's verdicts as responses (queue: all pairs by default)."""
