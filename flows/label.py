@@ -24,16 +24,18 @@ from sqlmodel import Session
 
 from cai import best_of_n, judge, rl_cai
 from cai import label_rows as rows_of
+from cai.budget import chat_estimate, choice_estimate
 from cai.errors import validated
 from cai.quality import pair_status
 from cai.rl_cai import Candidate, JudgmentItem, Pair, PairItem, cot_key
+from cai.stage_stats import StageStats, stage_totals
 from constitution.load import Constitution
 from engines.base import Completion
 from flows.common import UserError, load_prompts, resolve_constitution, run_logger, taught, worker_id
 from flows.configs import LabelConfig
 from flows.engine_cache import cached_engine, loaded_engine_facts
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, chat_estimate, choice_estimate, run_stage, stage_totals
+from flows.stage import Stage, run_stage
 from store import label_queries as q
 from store.db import session_scope
 from store.models import Judgment, PreferencePair, Prompt, Response
