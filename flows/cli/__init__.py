@@ -281,8 +281,8 @@ def run(
         fail("cai run has no dry run (it would go on to export and train on what is stored); dry-run its "
              "model stages one by one: cai generate / contrast / label / eval --dry-run")
     from flows.generate import load_inputs
+    from flows.output_dir import check_out
     from flows.pipeline import stage_configs
-    from flows.publish import check_out
     from flows.report import REPORT
 
     stages = stage_configs(cfg)
