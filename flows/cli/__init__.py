@@ -420,8 +420,8 @@ def submit(
 ) -> None:
     """Create K flow runs of a deployment; workers of its pool pick them up."""
     from flows.cli.options import merge, parse_set
+    from flows.prefect_server import wait_runs
     from flows.schedule import submit as submit_runs
-    from flows.schedule import wait_runs
 
     overrides: dict = {}
     for item in settings or ():
