@@ -118,7 +118,6 @@ def form_pairs(prompt_id: str, prompt: list[Message], candidates: list[Candidate
             for x, y in itertools.combinations(unique, 2) if x.text.strip() != y.text.strip()]
 
 
-
 def candidates(prompts: list[Prompt], rows: list[Response], stand_ins: list[tuple[str, Prompt]], model: str,
                max_new_tokens: int) -> dict[str, list[Candidate]]:
     """prompt id -> the replies to compare: the stored `rows`, then a dry run's stand-ins (key,
@@ -134,6 +133,7 @@ def candidates(prompts: list[Prompt], rows: list[Response], stand_ins: list[tupl
 def prompt_pairs(prompts: list[Prompt], cands: dict[str, list[Candidate]]) -> list[Pair]:
     """Every prompt's pairs of candidates, prompt by prompt (form_pairs)."""
     return [pair for p in prompts for pair in form_pairs(p.id, p.messages, cands[p.id])]
+
 
 @dataclass(frozen=True)
 class JudgmentItem:
@@ -168,11 +168,11 @@ def judge_items(c: Constitution, pairs: list[Pair], *, judge_model: str, setting
             for order in judge.ORDERS]
 
 
-
 def judgment_plan(cfg: Any, c: Constitution, pairs: list[Pair]) -> list[JudgmentItem]:
     """The judgments `cfg` asks of these pairs (judge_items with its settings)."""
     return judge_items(c, pairs, judge_model=cfg.judge, settings=cfg.judge_settings(), seed=cfg.seed,
                        principles_per_pair=cfg.principles_per_pair, max_chars=cfg.max_chars, cot=cfg.cot)
+
 
 @dataclass(frozen=True)
 class PairItem:
