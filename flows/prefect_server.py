@@ -5,8 +5,9 @@ whether one is reachable, the names and cron expressions it takes, its work pool
     created = ensure_pool("cai")              # a process work pool, made when missing
     states = wait_runs(run_ids, timeout_s=600)
 
-Everything a person can get wrong is checked here before the server is asked anything, and
-becomes one line (exit 2) instead of a Prefect traceback or a setting Prefect rejects later.
+Names and cron expressions are checked before the server is asked anything (`check_name`,
+`check_cron`); what a person can get wrong becomes one line (exit 2), not a Prefect traceback or
+a setting Prefect rejects later.
 """
 
 from __future__ import annotations
