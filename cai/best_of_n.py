@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cai.rl_cai import Candidate
 from store.keys import content_hash
+from store.models import Prompt
 
 
 @dataclass(frozen=True)
@@ -41,3 +43,10 @@ def pick(scores: dict[str, float], min_margin: float = 0.0) -> Picked:
 def pair_id(prompt_id: str, response_ids: list[str], reward_model: str, min_margin: float) -> str:
     """One best-of-n pair per (prompt, set of samples, reward model): a rerun finds it done."""
     return content_hash("best-of-n", prompt_id, sorted(response_ids), reward_model, min_margin)
+
+
+def plan(prompts: list[Prompt], cands: dict[str, list[Candidate]], reward_model: str,
+         min_margin: float) -> list[tuple[str, Prompt, list[Candidate]]]:
+    """(pair id, prompt, its sampled replies) for every prompt with at least two non-empty samples."""
+    return [(pair_id(p.id, [x.id for x in cands[p.id]], reward_model, min_margin), p, cands[p.id])
+            for p in prompts if len(cands[p.id]) >= 2]

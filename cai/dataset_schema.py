@@ -111,6 +111,13 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
+def data_files(fmt: str) -> dict[str, str]:
+    """Split -> path (glob) inside the export directory, for the card's `configs`."""
+    if fmt == "arrow":
+        return {s: f"{s}/data-*.arrow" for s in SPLITS}
+    return {s: f"data/{s}.{fmt}" for s in SPLITS}
+
+
 # Which pairs' chosen reply is a reply to teach (an SFT row, in `cai export` and `cai train` alike): a
 # revision, or a reply written to a directive. An AI label's chosen side (`ai`, `best-of-n`) is one model
 # sample a judge preferred, at 135M a judge near chance: a preference to learn from, not a reply to copy.

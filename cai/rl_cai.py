@@ -1,6 +1,7 @@
-"""Pure pieces of RL-CAI labelling: content keys, candidate pairs, the judgment plan.
+"""Pure pieces of RL-CAI labelling: content keys, candidate pairs, the judgment plan, the job's size.
 
-`flows/label.py` reads candidates from the store and runs these plans through the engine;
+`flows/label.py` reads candidates from the store and runs these plans through the engine; the
+functions that take `cfg` read a LabelConfig's settings (flows/configs.py), as the flow has them;
 `cai/judge.py` holds the judge prompt and the probability arithmetic, `cai/label_rows.py` the rows stored.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cai import judge
 from constitution.load import Constitution, Preference
@@ -21,6 +23,22 @@ Message = dict[str, str]
 
 def sample_key(prompt_id: str, model: str, sampling: dict, seed: int, index: int) -> str:
     return content_hash("sample", prompt_id, model, sampling, seed, index)
+
+
+def sample_items(cfg: Any, prompts: list[Prompt]) -> list[tuple[str, Prompt, int]]:
+    """(key, prompt, sample index) of each of the `cfg.samples` policy samples of every prompt."""
+    return [(sample_key(p.id, cfg.policy, cfg.sampling(i).to_dict(), cfg.seed, i), p, i)
+            for p in prompts for i in range(cfg.samples)]
+
+
+def job_size(cfg: Any, n_prompts: int) -> dict[str, int]:
+    """New tokens (samples, CoT arguments) and choice scorings the run needs at most."""
+    pairs = n_prompts * (cfg.samples * (cfg.samples - 1) // 2 if cfg.source == "samples" else 1)
+    judgments = pairs * cfg.principles_per_pair * 2  # both orders
+    tokens = n_prompts * cfg.samples * cfg.max_new_tokens if cfg.source in ("samples", "best-of-n") else 0
+    if cfg.cot:
+        tokens += judgments * cfg.cot_max_new_tokens
+    return {"job_tokens": tokens, "job_scorings": judgments}
 
 
 COT_KIND = "judge-cot"  # CoT reasoning is its own Response row so the cot stage can resume
@@ -100,6 +118,23 @@ def form_pairs(prompt_id: str, prompt: list[Message], candidates: list[Candidate
             for x, y in itertools.combinations(unique, 2) if x.text.strip() != y.text.strip()]
 
 
+def candidates(prompts: list[Prompt], rows: list[Response], stand_ins: list[tuple[str, Prompt]], model: str,
+               max_new_tokens: int) -> dict[str, list[Candidate]]:
+    """prompt id -> the replies to compare: the stored `rows`, then a dry run's stand-ins (key,
+    prompt) for samples not made yet."""
+    out: dict[str, list[Candidate]] = {p.id: [] for p in prompts}
+    for r in rows:
+        out[r.prompt_id].append(Candidate(r.id, r.text, r.model))
+    for key, p in stand_ins:
+        out[p.id].append(dry_run_candidate(key, model, max_new_tokens))
+    return out
+
+
+def prompt_pairs(prompts: list[Prompt], cands: dict[str, list[Candidate]]) -> list[Pair]:
+    """Every prompt's pairs of candidates, prompt by prompt (form_pairs)."""
+    return [pair for p in prompts for pair in form_pairs(p.id, p.messages, cands[p.id])]
+
+
 @dataclass(frozen=True)
 class JudgmentItem:
     key: str  # the judgment id
@@ -133,6 +168,12 @@ def judge_items(c: Constitution, pairs: list[Pair], *, judge_model: str, setting
             for order in judge.ORDERS]
 
 
+def judgment_plan(cfg: Any, c: Constitution, pairs: list[Pair]) -> list[JudgmentItem]:
+    """The judgments `cfg` asks of these pairs (judge_items with its settings)."""
+    return judge_items(c, pairs, judge_model=cfg.judge, settings=cfg.judge_settings(), seed=cfg.seed,
+                       principles_per_pair=cfg.principles_per_pair, max_chars=cfg.max_chars, cot=cfg.cot)
+
+
 @dataclass(frozen=True)
 class PairItem:
     id: str
@@ -152,3 +193,8 @@ def pair_items(c: Constitution, pairs: list[Pair], items: list[JudgmentItem], ju
                      tuple(it.key for it in by_pair[p.key]),
                      tuple(it.principle.id for it in by_pair[p.key] if it.order == "xy"),
                      {f"pref:{it.principle.id}": it.principle.hash for it in by_pair[p.key]}) for p in pairs]
+
+
+def pair_plan(cfg: Any, c: Constitution, pairs: list[Pair]) -> list[PairItem]:
+    """The pair rows `cfg` makes of these pairs, each naming the judgments of judgment_plan it averages."""
+    return pair_items(c, pairs, judgment_plan(cfg, c, pairs), cfg.judge, cfg.pair_settings())

@@ -22,14 +22,16 @@ from typing import Any
 from sqlmodel import Session
 
 from cai import contrast
+from cai.budget import chat_estimate
 from cai.errors import UserError
 from cai.quality import finish, pair_status
+from cai.stage_stats import StageStats, stage_totals
 from engines.base import Completion
 from flows.common import governance, load_prompts, run_logger, taught, worker_id
 from flows.configs import ContrastConfig
 from flows.engine_cache import cached_engine, engine_facts
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, chat_estimate, run_stage, stage_totals
+from flows.stage import Stage, run_stage
 from store.db import session_scope
 from store.models import PreferencePair, Response
 from store.queries import existing_ids, note_rederived, rows_by_id, tags_of

@@ -22,7 +22,9 @@ from typing import Any
 from sqlmodel import Session
 
 from cai import evaluate as rules
+from cai.budget import Estimate, chat_estimate, choice_estimate, placeholder
 from cai.evaluate import ROLES, GenItem, JudgeItem, JudgeOutcome, result_key
+from cai.stage_stats import StageStats, stage_summary
 from constitution.load import Constitution
 from engines import gpu_available
 from engines.base import Completion
@@ -31,16 +33,7 @@ from flows.common import UserError, ensure_tags, governance, resolve_constitutio
 from flows.configs import EvalConfig
 from flows.engine_cache import cached_engine, drop_engines, engine_facts, machine_facts
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import (
-    Estimate,
-    Stage,
-    StageStats,
-    chat_estimate,
-    choice_estimate,
-    placeholder,
-    run_stage,
-    stage_summary,
-)
+from flows.stage import Stage, run_stage
 from store import eval_queries as q
 from store.db import session_scope
 from store.models import EvalResult, Prompt

@@ -46,7 +46,8 @@ from constitution.load import split_ref
 from flows.common import Timer, UserError, run_logger
 from flows.configs import ExportConfig
 from flows.orchestration import stage_flow, stage_task
-from flows.publish import check_out, hub_token, push_export, staging_dir, to_dataset_dict, write_export
+from flows.output_dir import check_out
+from flows.publish import hub_token, push_export, staging_dir, to_dataset_dict, write_export
 from store import export_queries as q
 from store.db import checkpoint_wal, mask_secrets, session_scope
 from store.models import PreferencePair, Prompt, Response, Run

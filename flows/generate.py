@@ -16,9 +16,11 @@ from typing import Any
 from sqlmodel import Session
 
 from cai import sl_cai
+from cai.budget import chat_estimate, placeholder
 from cai.errors import UserError
 from cai.quality import pair_status
 from cai.refusal import Taught
+from cai.stage_stats import StageStats, stage_totals
 from constitution.govern import Governance
 from constitution.load import Constitution
 from engines.base import Completion, Sampling
@@ -27,7 +29,7 @@ from flows.configs import GenerateConfig
 from flows.configs import SamplingConfig as SamplingConfig  # re-exported for callers of flows.generate
 from flows.engine_cache import cached_engine, engine_facts
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, chat_estimate, placeholder, run_stage, stage_totals
+from flows.stage import Stage, run_stage
 from store.db import session_scope
 from store.models import PreferencePair, Prompt, Response
 from store.queries import existing_ids, tags_of

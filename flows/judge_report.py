@@ -17,8 +17,8 @@ from sqlmodel import Session
 from cai.errors import UserError
 from cai.judge_stats import JudgmentRecord, PairRecord, compute, records
 from constitution.load import split_ref
+from flows.output_dir import Owner, check_out
 from flows.plots import plot_judge
-from flows.publish import Owner, check_out
 from store.models import Judgment
 from store.queries import ai_pairs, rows_by_id
 

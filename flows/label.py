@@ -24,16 +24,18 @@ from sqlmodel import Session
 
 from cai import best_of_n, judge, rl_cai
 from cai import label_rows as rows_of
+from cai.budget import chat_estimate, choice_estimate
 from cai.errors import validated
 from cai.quality import pair_status
 from cai.rl_cai import Candidate, JudgmentItem, Pair, PairItem, cot_key
+from cai.stage_stats import StageStats, stage_totals
 from constitution.load import Constitution
 from engines.base import Completion
 from flows.common import UserError, load_prompts, resolve_constitution, run_logger, taught, worker_id
 from flows.configs import LabelConfig
 from flows.engine_cache import cached_engine, loaded_engine_facts
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, chat_estimate, choice_estimate, run_stage, stage_totals
+from flows.stage import Stage, run_stage
 from store import label_queries as q
 from store.db import session_scope
 from store.models import Judgment, PreferencePair, Prompt, Response
@@ -94,52 +96,32 @@ def reward_model_dir(cfg: LabelConfig):
     return path
 
 
-def sample_items(cfg: LabelConfig, prompts: list[Prompt]) -> list[tuple[str, Prompt, int]]:
-    return [(rl_cai.sample_key(p.id, cfg.policy, cfg.sampling(i).to_dict(), cfg.seed, i), p, i)
-            for p in prompts for i in range(cfg.samples)]
-
-
 def candidates(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str, list[Candidate]]:
     """prompt id -> the responses to compare: this config's samples, or stored rows of `kinds`."""
-    out: dict[str, list[Candidate]] = {p.id: [] for p in prompts}
+    ids = [p.id for p in prompts]
     sampled = cfg.source in ("samples", "best-of-n")
-    items = sample_items(cfg, prompts) if sampled else []
+    items = rl_cai.sample_items(cfg, prompts) if sampled else []
     with session_scope(cfg.database_url) as s:
         if sampled:
             rows = list(rows_by_id(s, Response, [k for k, _, _ in items]).values())
         else:
-            rows = q.responses_for(s, list(out), cfg.policy,
+            rows = q.responses_for(s, ids, cfg.policy,
                                    [k for k in cfg.kinds if k not in ("revision", "final-revision")])
             if "revision" in cfg.kinds or "final-revision" in cfg.kinds:
                 # revisions belong to a constitution: only those made under this one's name
-                revs = q.responses_for(s, list(out), cfg.policy, ["revision"], constitution=c.name)
+                revs = q.responses_for(s, ids, cfg.policy, ["revision"], constitution=c.name)
                 rows += revs if "revision" in cfg.kinds else rl_cai.final_revisions(revs)
-        for r in rows:
-            out[r.prompt_id].append(Candidate(r.id, r.text, r.model))
-    if sampled and cfg.runner.dry_run:  # samples not made yet count as made, as long as they may be
-        have = {r.id for r in rows}
-        for key, p, _ in items:
-            if key not in have:
-                out[p.id].append(rl_cai.dry_run_candidate(key, cfg.policy, cfg.max_new_tokens))
-    if not sampled and not any(out.values()):
+    if not sampled and not rows:
         raise UserError(f"no stored responses of kind {','.join(cfg.kinds)} from model {cfg.policy!r} for "
                         f"prompts tagged {','.join(cfg.prompts)}; run `cai generate` first, or use "
                         "--source samples")
-    return out
+    have = {r.id for r in rows}  # a dry run counts samples not made yet as made, as long as they may be
+    stand_ins = [(key, p) for key, p, _ in items if key not in have] if cfg.runner.dry_run else []
+    return rl_cai.candidates(prompts, rows, stand_ins, cfg.policy, cfg.max_new_tokens)
 
 
 def plan_pairs(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> list[Pair]:
-    cands = candidates(cfg, c, prompts)
-    return [pair for p in prompts for pair in rl_cai.form_pairs(p.id, p.messages, cands[p.id])]
-
-
-def plan_judgments(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> list[JudgmentItem]:
-    return rl_cai.judge_items(c, pairs, judge_model=cfg.judge, settings=cfg.judge_settings(), seed=cfg.seed,
-                              principles_per_pair=cfg.principles_per_pair, max_chars=cfg.max_chars, cot=cfg.cot)
-
-
-def plan_pair_items(cfg: LabelConfig, c: Constitution, pairs: list[Pair]) -> list[PairItem]:
-    return rl_cai.pair_items(c, pairs, plan_judgments(cfg, c, pairs), cfg.judge, cfg.pair_settings())
+    return rl_cai.prompt_pairs(prompts, candidates(cfg, c, prompts))
 
 
 def plan_best_of_n(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]
@@ -148,24 +130,12 @@ def plan_best_of_n(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]
     from engines.bundled import model_fingerprint
 
     rm = model_fingerprint(reward_model_dir(cfg))
-    cands = candidates(cfg, c, prompts)
-    return [(best_of_n.pair_id(p.id, [x.id for x in cands[p.id]], rm, cfg.min_margin), p, cands[p.id])
-            for p in prompts if len(cands[p.id]) >= 2]
+    return best_of_n.plan(prompts, candidates(cfg, c, prompts), rm, cfg.min_margin)
 
 
 # --- engines and stages --------------------------------------------------------------------
 
-_JOB: dict[str, Any] = {}  # the running flow's job size (job_size), for `engine: auto`'s choice
-
-
-def job_size(cfg: LabelConfig, n_prompts: int) -> dict[str, int]:
-    """New tokens (samples, CoT arguments) and choice scorings the run needs at most."""
-    pairs = n_prompts * (cfg.samples * (cfg.samples - 1) // 2 if cfg.source == "samples" else 1)
-    judgments = pairs * cfg.principles_per_pair * 2  # both orders
-    tokens = n_prompts * cfg.samples * cfg.max_new_tokens if cfg.source in ("samples", "best-of-n") else 0
-    if cfg.cot:
-        tokens += judgments * cfg.cot_max_new_tokens
-    return {"job_tokens": tokens, "job_scorings": judgments}
+_JOB: dict[str, Any] = {}  # the running flow's job size (rl_cai.job_size), for `engine: auto`'s choice
 
 
 def _engine(cfg: LabelConfig, spec: str):
@@ -210,13 +180,13 @@ def sample_task(cfg: LabelConfig, run_id: str) -> StageStats:
                   compute=lambda items: rl_cai.generate_samples(_engine(cfg, cfg.policy), items, cfg.sampling),
                   size=lambda it: sum(len(m["content"]) for m in it[1].messages),
                   estimate=lambda it: chat_estimate(it[1].messages, cfg.max_new_tokens))
-    return _run(cfg, run_id, stage, sample_items(cfg, prompts))
+    return _run(cfg, run_id, stage, rl_cai.sample_items(cfg, prompts))
 
 
 @stage_task(name="cot")
 def cot_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
-    items = plan_judgments(cfg, c, plan_pairs(cfg, c, prompts))
+    items = rl_cai.judgment_plan(cfg, c, plan_pairs(cfg, c, prompts))
     sampling = cfg.cot_sampling()
 
     def compute(chunk: list[JudgmentItem]) -> list[Completion | Exception]:
@@ -236,7 +206,7 @@ def cot_task(cfg: LabelConfig, run_id: str) -> StageStats:
 @stage_task(name="judge")
 def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
-    items = plan_judgments(cfg, c, plan_pairs(cfg, c, prompts))
+    items = rl_cai.judgment_plan(cfg, c, plan_pairs(cfg, c, prompts))
     reasoning: dict[str, str] = {}
     if cfg.cot:  # judgments whose reasoning is missing (quarantined) wait for a later run
         with session_scope(cfg.database_url) as s:
@@ -269,7 +239,7 @@ def judge_task(cfg: LabelConfig, run_id: str) -> StageStats:
 @stage_task(name="pair")
 def pair_task(cfg: LabelConfig, run_id: str) -> StageStats:
     c, prompts = load_inputs(cfg)
-    items = plan_pair_items(cfg, c, plan_pairs(cfg, c, prompts))
+    items = rl_cai.pair_plan(cfg, c, plan_pairs(cfg, c, prompts))
     with session_scope(cfg.database_url) as s:  # a pair waits until every judgment of it exists
         have = q.judgments_done(s, [k for it in items for k in it.judgments])
     items = [it for it in items if all(k in have for k in it.judgments)]
@@ -334,7 +304,7 @@ def counts(cfg: LabelConfig, c: Constitution, prompts: list[Prompt]) -> dict[str
     if cfg.source == "best-of-n":
         ids, judgments = [k for k, _, _ in plan_best_of_n(cfg, c, prompts)], None
     else:
-        items = plan_pair_items(cfg, c, plan_pairs(cfg, c, prompts))
+        items = rl_cai.pair_plan(cfg, c, plan_pairs(cfg, c, prompts))
         ids, judgments = [it.id for it in items], [k for it in items for k in it.judgments]
     with session_scope(cfg.database_url) as s:
         return q.pair_counts(s, ids, judgments)
@@ -354,7 +324,7 @@ def label_flow(cfg: LabelConfig) -> dict[str, Any]:
         logger.info("label %s on %d prompts (%s), source %s, judge %s, run %s", c.ref, len(prompts),
                     ",".join(cfg.prompts), cfg.source, cfg.judge, run.id)
         _JOB.clear()
-        _JOB.update(job_size(cfg, len(prompts)))
+        _JOB.update(rl_cai.job_size(cfg, len(prompts)))
         try:
             stages = [sample_task(cfg, run.id)] if cfg.source in ("samples", "best-of-n") else []
             if cfg.source == "best-of-n":

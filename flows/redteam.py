@@ -24,17 +24,19 @@ from typing import Any
 from sqlmodel import Session
 
 from cai import redteam
+from cai.budget import chat_estimate
 from cai.errors import UserError
 from cai.evaluate import short_name
 from cai.prompts import ParsedPrompt
 from cai.redteam import AttackItem, GenItem
+from cai.stage_stats import StageStats, stage_totals
 from constitution.taxonomy import Category, Taxonomy, TaxonomyError, load_taxonomy
 from engines.base import Completion
 from flows.common import run_logger, worker_id
 from flows.configs import RedteamConfig
 from flows.engine_cache import cached_engine, drop_engines, engine_facts
 from flows.orchestration import stage_flow, stage_task
-from flows.stage import Stage, StageStats, chat_estimate, run_stage, stage_totals
+from flows.stage import Stage, run_stage
 from store import redteam as redteam_store
 from store.db import session_scope, write_lock
 from store.keys import content_hash

@@ -28,8 +28,8 @@ from cai.review import verdict_from_row
 from constitution.load import split_ref
 from flows.configs import ReportConfig
 from flows.orchestration import stage_flow
+from flows.output_dir import Owner, check_out
 from flows.plots import DPO_PANELS, plot_all
-from flows.publish import Owner, check_out
 from store import report_queries as q
 from store.db import session_scope
 from store.models import Judgment

@@ -12,15 +12,17 @@
 flow by module path (`flows.prefect_flows.generate_flow`), so a `prefect worker` on any machine where
 the project is installed imports it; the K runs of `cai submit` are identical and share the
 pending items through the store's claims (store/work.py). Watch them in the UI under Deployments.
+What the server is asked besides (is it there, its names, cron, pools, run states) is
+flows/prefect_server.py.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
 from flows.common import UserError
+from flows.prefect_server import check_cron, check_name, check_server, ensure_pool
 
 # flow name -> (module, flow object, config class); each flow takes one typed config `cfg`
 FLOWS: dict[str, tuple[str, str, str]] = {
@@ -36,21 +38,6 @@ FLOWS: dict[str, tuple[str, str, str]] = {
     "run": ("flows.prefect_flows", "pipeline_flow", "PipelineConfig"),
 }
 # `cai reward score` is no flow (it prints scores or writes a file, and records no run): not deployable
-
-
-def check_name(value: str, flag: str) -> str:
-    """A deployment or work-pool name Prefect will take, checked before the server is asked
-    anything (Prefect's own check came after the pool was created, as an "invalid setting")."""
-    from prefect.types.names import BANNED_CHARACTERS
-
-    bad = sorted({ch for ch in value if ch in BANNED_CHARACTERS})
-    if not value.strip("' \""):
-        raise UserError(f"{flag} {value!r}: empty; give a name")
-    if bad or any(ch in value for ch in "\n\r\x00"):
-        shown = " ".join(bad) or "a line break or NUL"
-        raise UserError(f"{flag} {value!r}: a Prefect name cannot contain {shown} (nor any of "
-                        f"{' '.join(BANNED_CHARACTERS)}); e.g. {flag} nightly-harmless")
-    return value
 
 
 # flows whose pending items are claimed through the store (store/work.py): only these can run as K
@@ -100,31 +87,6 @@ def refuse_secrets(params: dict[str, Any]) -> None:
                             "deployment's parameters; drop it and set CAI_DATABASE_URL on the workers instead")
 
 
-def check_server() -> str:
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        try:
-            from prefect.settings import PREFECT_API_URL
-
-            url = PREFECT_API_URL.value()
-        except Exception:  # noqa: BLE001
-            url = None
-    if not url:
-        raise UserError("schedules need a running Prefect server: start one with `prefect server start` "
-                        "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-    import httpx
-
-    try:
-        # any HTTP answer means a server is there (Prefect Cloud may answer 401/404 on /health);
-        # only a connection that fails is "unreachable"
-        httpx.get(url.rstrip("/") + "/health", timeout=10)
-    except httpx.TransportError as exc:
-        detail = (str(exc).strip().splitlines() or [""])[0]
-        raise UserError(f"cannot reach the Prefect server at PREFECT_API_URL={url} ({exc.__class__.__name__}: "
-                        f"{detail}); start one with `prefect server start`, or fix PREFECT_API_URL") from None
-    return url
-
-
 def deployment_name(flow_name: str, params: dict[str, Any]) -> str:
     bits = [flow_name, str(params.get("constitution", "")), ",".join(params.get("prompts", []) or [])]
     return "-".join(b for b in bits if b).replace("@", "-").replace("/", "-")[:60]
@@ -138,7 +100,7 @@ def serve_schedule(flow_name: str, cron: str, params: dict[str, Any], name: str 
     typo fails here with exit 2 rather than in the first scheduled run.
     """
     cfg = check_settings(flow_name, params)
-    _check_cron(cron)
+    check_cron(cron)
     dep_name = check_name(name or deployment_name(flow_name, params), "--name")
     url = check_server()
     flow_obj, _ = resolve_flow(flow_name)
@@ -162,44 +124,6 @@ def serve_schedule(flow_name: str, cron: str, params: dict[str, Any], name: str 
 FLOW_TAG = "cai-flow:"  # a deployment's tag naming its cai flow, so `cai submit` can check settings
 
 
-def _check_cron(cron: str | None) -> None:
-    if cron is None:
-        return
-    try:
-        from prefect.client.schemas.schedules import construct_schedule
-
-        construct_schedule(cron=cron)
-    except Exception as exc:  # noqa: BLE001
-        errors = getattr(exc, "errors", None)
-        why = errors()[0]["msg"].removeprefix("Value error, ") if callable(errors) else str(exc).splitlines()[0]
-        raise UserError(f"--cron {cron!r} is not a valid cron expression ({why})") from None
-
-
-def ensure_pool(pool: str, pool_type: str = "process") -> bool:
-    """Create the work pool with its type's default job template if it is missing; True if created."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-    from prefect.workers.base import BaseWorker
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(pool)
-            return False
-        except ObjectNotFound:
-            pass
-        worker_cls = BaseWorker.get_worker_class_from_type(pool_type)
-        if worker_cls is None:
-            raise UserError(f"--pool-type {pool_type!r}: no worker of that type is installed here (process is "
-                            f"built in); create the pool yourself with `prefect work-pool create {pool} --type ...`")
-        try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type,
-                                                   base_job_template=worker_cls.get_default_base_job_template()))
-        except ObjectAlreadyExists:  # another `cai deploy` made it meanwhile
-            return False
-    return True
-
-
 def deploy(flow_name: str, pool: str, params: dict[str, Any], *, name: str | None = None, cron: str | None = None,
            job_variables: dict[str, Any] | None = None, pool_type: str = "process") -> dict[str, Any]:
     """Register a deployment of `flow_name` on work pool `pool` (created if missing); returns what was made.
@@ -214,7 +138,7 @@ def deploy(flow_name: str, pool: str, params: dict[str, Any], *, name: str | Non
     from pathlib import Path
 
     cfg = check_settings(flow_name, params)
-    _check_cron(cron)
+    check_cron(cron)
     dep_name = check_name(name or deployment_name(flow_name, params), "--name")
     check_name(pool, "--pool")
     url = check_server()
@@ -293,23 +217,3 @@ def submit(deployment: str, shards: int = 1, overrides: dict[str, Any] | None = 
                                                         tags=["cai", f"shard-{i + 1}-of-{shards}"])
             runs.append({"id": str(fr.id), "name": fr.name, "state": fr.state.type.value if fr.state else None})
     return runs
-
-
-def wait_runs(run_ids: list[str], timeout_s: float | None = None, poll_s: float = 2.0) -> dict[str, str]:
-    """Poll until every run is in a final state (or timeout); returns run id -> state type."""
-    import time
-
-    from prefect import get_client
-
-    end = None if timeout_s is None else time.monotonic() + timeout_s
-    states: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
-        while True:
-            for rid in run_ids:
-                st = client.read_flow_run(rid).state
-                states[rid] = st.type.value if st else "UNKNOWN"
-            if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()):
-                return states
-            if end is not None and time.monotonic() > end:
-                return states
-            time.sleep(poll_s)

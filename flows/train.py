@@ -33,8 +33,8 @@ from flows.common import UserError, run_logger
 from flows.configs import TrainConfig
 from flows.engine_cache import machine_facts
 from flows.orchestration import stage_flow, stage_task
+from flows.output_dir import fresh_sibling, swap_in
 from flows.pair_selection import load_examples, pair_filter
-from flows.publish import fresh_sibling, swap_in
 from flows.training_record import check_out, recorded_training, resume_settings, write_record
 from store.db import mask_secrets
 from store.training_runs import complete_training_run, step_writer

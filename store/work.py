@@ -6,7 +6,8 @@ The scheme (works the same on SQLite and PostgreSQL):
   claimed by someone else is not inserted, so exactly one worker holds each item.
 - A claim is a lease. It is taken over when it has expired, or when its worker ran on this
   host and that process is gone (a SIGKILLed `cai generate` does not block its own rerun).
-  A worker renews its leases while it computes (`renew`), so a slow chunk is never taken over.
+  A worker renews its leases while it computes (`renew`, every lease/3 from a background thread
+  while a chunk computes: `renewing`), so a slow chunk is never taken over.
 - The outputs of a batch and the deletion of its claims are committed in one transaction,
   so an item is either done (its row exists) or still pending; never half-written.
 - Each run counts what it claimed, wrote and failed per stage in `work_progress`, with its
@@ -23,12 +24,16 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Collection, Iterable
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import delete, update
 from sqlmodel import Session, select
 
+from store.db import session_scope
 from store.models import MAX_ATTEMPTS, Claim, Failure, WorkProgress, utcnow
 from store.upsert import insert_ignore
 
@@ -102,6 +107,32 @@ def renew(session: Session, stage: str, keys: Iterable[str], worker: str, lease_
                           .values(expires_at=utcnow() + timedelta(seconds=lease_s)))
     session.commit()
     return result.rowcount
+
+
+@contextmanager
+def renewing(stage: str, keys: list[str], worker: str, lease_s: float, url: str | None, logger: Any) -> Iterator[None]:
+    """Keep this worker's claims on `keys` alive while the block runs (one renewal every lease_s/3)."""
+    stop = threading.Event()
+
+    def renew_loop() -> None:
+        while not stop.wait(max(lease_s / 3, 0.05)):
+            try:
+                with session_scope(url) as s:
+                    held = renew(s, stage, keys, worker, lease_s)
+            except Exception as exc:  # noqa: BLE001 - the next renewal may succeed; the lease still runs
+                logger.warning("%s: could not renew %d claims (%s)", stage, len(keys), exc)
+                continue
+            if held < len(keys):
+                logger.warning("%s: %d of %d claims were taken over by another worker while computing",
+                               stage, len(keys) - held, len(keys))
+
+    thread = threading.Thread(target=renew_loop, name=f"renew-{stage}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def tally(session: Session, run_id: str, stage: str, worker: str, host: str, *, claimed: int = 0, done: int = 0,

@@ -1,5 +1,5 @@
 """Issue 34 item 2: `cai report --out` and `cai judge-report --out` never delete or overwrite a
-person's files. Like `cai export` (flows/publish.py `check_out`, the one rule), they write only
+person's files. Like `cai export` (flows/output_dir.py `check_out`, the one rule), they write only
 into a new or empty directory or one they wrote before, and refuse anything else in one line."""
 
 from __future__ import annotations

@@ -72,7 +72,6 @@ def test_status_marks_a_killed_run_crashed(db_url, monkeypatch):
 def test_a_chunk_slower_than_its_lease_keeps_its_claims(db_url, monkeypatch):
     """Another worker tries to take the items while they compute for four leases; it gets none.
     Without the renewal (patched out below) it takes all of them: the test sees the difference."""
-    import flows.stage
     from flows.stage import Stage, run_stage
 
     def attempt(renew: bool) -> tuple[list[str], int]:
@@ -89,7 +88,7 @@ def test_a_chunk_slower_than_its_lease_keeps_its_claims(db_url, monkeypatch):
                       compute=compute, write=lambda s, pairs: written.update(pairs))
         with monkeypatch.context() as m:
             if not renew:
-                m.setattr(flows.stage, "_renewing", lambda *a, **k: contextlib.nullcontext())
+                m.setattr(work, "renewing", lambda *a, **k: contextlib.nullcontext())
             stats = run_stage(stage, ["a", "b", "c"], worker="this-machine:1:1", run_id=None, chunk_size=3,
                               lease_s=0.3, show_progress=False, url=db_url)
         return taken, stats.computed

@@ -50,8 +50,8 @@ def run(
         fail("cai run has no dry run (it would go on to export and train on what is stored); dry-run its "
              "model stages one by one: cai generate / contrast / label / eval --dry-run")
     from flows.generate import load_inputs
+    from flows.output_dir import check_out
     from flows.pipeline import stage_configs
-    from flows.publish import check_out
     from flows.report import REPORT
 
     stages = stage_configs(cfg)
@@ -187,8 +187,8 @@ def submit(
 ) -> None:
     """Create K flow runs of a deployment; workers of its pool pick them up."""
     from flows.cli.options import merge, parse_set
+    from flows.prefect_server import wait_runs
     from flows.schedule import submit as submit_runs
-    from flows.schedule import wait_runs
 
     overrides: dict = {}
     for item in settings or ():

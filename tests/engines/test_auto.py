@@ -51,9 +51,9 @@ def test_load_auto_records_and_logs_why(tiny_model_dir, caplog):
 
 
 def test_generate_and_label_job_sizes():
+    from cai.rl_cai import job_size
     from flows.configs import GenerateConfig, LabelConfig
     from flows.generate import job_tokens
-    from flows.label import job_size
 
     assert job_tokens(GenerateConfig(rounds=2), 10) == 10 * (128 + 2 * (96 + 160))
     assert job_size(LabelConfig(samples=3, principles_per_pair=4), 5) == {

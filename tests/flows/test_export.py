@@ -377,10 +377,10 @@ def test_export_never_deletes_a_persons_files(store: str, tmp_path: Path, monkey
 
 
 def test_unwritable_out_is_refused_before_any_work(store: str, tmp_path: Path, monkeypatch):
-    import flows.publish
+    import flows.output_dir
     from flows.export import preflight
 
-    monkeypatch.setattr(flows.publish.os, "access", lambda path, mode: False)  # tests run as root here
+    monkeypatch.setattr(flows.output_dir.os, "access", lambda path, mode: False)  # tests run as root here
     with pytest.raises(UserError, match=rf"--out {tmp_path}/new/out: cannot write in {tmp_path} "):
         preflight(make_config(constitution="harmless", out=tmp_path / "new" / "out"))
     (tmp_path / "file").write_text("x")

@@ -10,7 +10,7 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from cai import judge
-from cai.rl_cai import COT_KIND, Candidate, form_pairs, pair_key
+from cai.rl_cai import COT_KIND, Candidate, form_pairs, pair_key, sample_items
 from flows import judge_report
 from flows.common import UserError, ensure_tags
 from flows.engine_cache import cached_engine, drop_engines, register_engine
@@ -21,7 +21,6 @@ from flows.label import (
     load_inputs,
     make_config,
     pair_task,
-    sample_items,
     sample_task,
 )
 from store.db import session_scope
