@@ -10,9 +10,9 @@ import torch
 from dpo.config import LoraSettings
 from dpo.data import MemoryRefCache, PairExample
 from dpo.logps import ChatEncoder, pair_batch, sequence_logps
+from dpo.loop import token_split
 from dpo.lora import apply_lora
 from dpo.memory import release_freed_memory, training_memory
-from dpo.loop import token_split
 from dpo.trainer import TrainerConfig, load_policy, train_dpo
 
 PAIRS = [PairExample(({"role": "user", "content": f"Question {i}: can you do the thing?"},),
