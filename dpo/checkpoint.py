@@ -4,11 +4,13 @@
     found = latest_checkpoint(out / "checkpoints")   # -> (path, step) | None
     meta = load_checkpoint(found[0], model, optimizer, scheduler)
 
-The weights are a plain HF model directory (so a checkpoint can be evaluated or served as
-it is); optimizer, scheduler and RNG states go in `trainer_state.pt`, our own metadata (step,
-history, the ids `--resume` checks) in `trainer_meta.json`. A checkpoint is written to a temp
-sibling and renamed, so a kill mid-save leaves the previous one intact and never a half-written
-one that `--resume` would trust.
+The loops do not call these themselves: dpo/loop.py's `Checkpoints` decides when to save and what a
+resume restores. The weights are a plain HF model directory (so a checkpoint can be evaluated or
+served as it is); optimizer, scheduler and RNG states (and with keep-best, the best eval's weights)
+go in `trainer_state.pt`, our own metadata (step, history, the ids `--resume` checks) in
+`trainer_meta.json`. A finished stage's checkpoint has no optimizer or scheduler (None). A
+checkpoint is written to a temp sibling and renamed, so a kill mid-save leaves the previous one
+intact and never a half-written one that `--resume` would trust.
 
 Nothing here unpickles: `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts
 and is read with `torch.load(weights_only=True)`, so a file planted in a run directory cannot
@@ -69,15 +71,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: dict[str, Any],
-                    keep: int = 2) -> Path:
-    """Write step-`step` under `root` and drop all but the newest `keep` checkpoints."""
+                    keep: int = 2, tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write step-`step` under `root` and drop all but the newest `keep` checkpoints; `tensors` are
+    more named state dicts to keep (the best eval's weights). No optimizer: a finished stage."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / STATE_FILE)
+    state: dict[str, Any] = {"step": step, "rng": rng_state(), **(tensors or {})}
+    if optimizer is not None:
+        state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    torch.save(state, tmp / STATE_FILE)
     # JSON, not pickle; allow_nan: best_eval starts as inf, and Python reads its Infinity back
     (tmp / META_FILE).write_text(json.dumps({"step": step, "meta": meta}, sort_keys=True), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
@@ -122,7 +127,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     return _read_json(path)["meta"]
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+def _read_state(path: Path, optimizer: bool = True) -> dict[str, Any]:
     file = path / STATE_FILE
     try:
         # weights_only: tensors and plain containers only; anything else is refused, never run
@@ -131,7 +136,8 @@ def _read_state(path: Path) -> dict[str, Any]:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{file}: not a checkpoint this version loads safely "
                               f"({exc.__class__.__name__}: {first}); delete it or drop --resume") from None
-    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+    need = {"optimizer", "scheduler", "rng"} if optimizer else {"rng"}
+    if not isinstance(state, dict) or not need <= set(state):
         raise CheckpointError(f"{file}: not a trainer state (expected optimizer, scheduler, rng); "
                               "delete this checkpoint or drop --resume")
     return state
@@ -175,11 +181,13 @@ def _tied_keys(model) -> list[str]:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns {"step", "meta"}."""
+    """Restore weights, optimizer, scheduler (None: not these) and RNG from `path`; returns {"step",
+    "meta"} and the checkpoint's other saved tensors (save_checkpoint's `tensors`) by name."""
     saved = _read_json(path)
-    state = _read_state(path)  # both read before anything is changed in place
+    state = _read_state(path, optimizer is not None)  # both read before anything is changed in place
     load_weights(model, path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return saved
+    return {k: v for k, v in state.items() if k not in ("step", "rng", "optimizer", "scheduler")} | saved

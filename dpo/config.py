@@ -51,7 +51,8 @@ class LoraSettings(BaseModel):
 
 
 class LoopSettings(BaseModel):
-    """What the DPO and SFT loops share, written once: schedule, clipping, lengths, precision, seed."""
+    """What the SFT, DPO and reward-model loops share, written once: schedule, clipping, lengths,
+    precision, seed, accumulation and checkpoints (dpo/loop.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -67,6 +68,15 @@ class LoopSettings(BaseModel):
     length_grouping: int = Field(8, ge=1, description="rows of similar length batched together within windows of "
                                  "this many batches (less padding); 1: plain shuffled batches")
     ref_batch_tokens: int = Field(8192, ge=1, description="token budget of one no-grad batch (reference, eval)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches (of batch_size rows) per optimizer step: bigger "
+                            "batch, same memory")
+    train_batch_tokens: int | None = Field(None, ge=1, description="token budget of one forward with grad: a "
+                                           "micro-batch goes through in parts under it, same gradients; DPO at "
+                                           "256 on a CPU: ~15% less peak memory for ~13% more time (bench/dpo.py). "
+                                           "None: no limit")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (model, optimizer, RNG, history) "
+                                  "that --resume continues from; 0: none")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
 
     @model_validator(mode="after")
     def _lengths(self) -> Any:
@@ -93,19 +103,13 @@ class TrainerConfig(LoopSettings):
     lr: float = Field(5e-6, gt=0, description="peak learning rate; small: the reward is a log-ratio to the start")
     weight_decay: float = Field(0.0, ge=0, description="DPO is usually run without it")
     batch_size: int = Field(4, ge=1, description="pairs per forward (two sequences each); fits 135M on a laptop")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step: bigger batch, same memory")
     eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: about ten per run")
     early_stop_patience: int | None = Field(3, ge=1, description="stop after this many held-out evals without a "
                                             "lower loss (None: never); over-optimisation shows there first")
     keep_best: bool = Field(False, description="restore the weights of the best held-out eval at the end (off: "
                             "the last step's, as DPO on a fixed step count is usually run)")
     rpo_alpha: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen reply (RPO); 0: plain DPO")
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (model, optimizer, RNG); 0: none")
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
     gradient_checkpointing: bool = Field(False, description="far less activation memory for ~30% more compute")
-    train_batch_tokens: int | None = Field(None, ge=1, description="token budget of one forward with grad: a "
-                                           "batch goes through in parts under it, same gradients; 256 on a CPU: "
-                                           "~15% less peak memory for ~13% more time (bench/dpo.py). None: no limit")
     recompute_mlp: bool = Field(False, description="only the MLP blocks recompute their activations in backward: "
                                 "about half the activation memory for ~12% more time on a LoRA step")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="low-rank adapters instead of full "
@@ -118,7 +122,7 @@ class SFTConfig(LoopSettings):
     lr: float = Field(2e-5, gt=0, description="peak lr; SFT moves a 135M model at 1e-5..3e-5, DPO's 5e-6 barely does")
     epochs: int = Field(2, ge=1, description="passes over the rows; more memorises a few hundred replies")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
-    batch_size: int = Field(8, ge=1, description="rows per optimizer step")
+    batch_size: int = Field(8, ge=1, description="rows per micro-batch (grad_accum of them make an optimizer step)")
     weight_decay: float = Field(0.0, ge=0, description="off, as in most instruction tuning of small models")
     eval_every: int | None = Field(None, ge=1, description="steps between held-out evals; None: three per run")
     early_stop_patience: int | None = Field(2, ge=1, description="held-out evals without a lower loss before stopping")
@@ -134,7 +138,8 @@ class RewardConfig(LoopSettings):
     head_lr: float = Field(1e-3, gt=0, description="the new scalar head starts at random: it needs a far larger lr")
     epochs: int = Field(2, ge=1, description="passes over the pairs; reward models overfit after one or two")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
-    batch_size: int = Field(8, ge=1, description="pairs per optimizer step (two sequences each)")
+    batch_size: int = Field(8, ge=1, description="pairs per micro-batch (two sequences each; grad_accum of them "
+                            "make an optimizer step)")
     weight_decay: float = Field(0.0, ge=0, description="off: a few hundred pairs, one or two epochs")
     use_soft_labels: bool = Field(True, description="AI-labelled pairs train towards their label_prob, not 1")
     center_rewards: float = Field(0.01, ge=0, description="weight of (r_c + r_r)^2: keeps scores near 0 "

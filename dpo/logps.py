@@ -130,6 +130,11 @@ def _scored(rows: list[int], cols: list[int], targets: list[int], seq: list[int]
     seq.extend([out] * len(ids))
 
 
+def scored_tokens(s: Encoded) -> int:
+    """How many tokens of `s` collate scores: its response (less its first token without a prompt)."""
+    return len(s) - max(len(s.prompt_ids), 1)
+
+
 def collate(seqs: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """One right-padded row per sequence; output i is sequence i."""
     width = max(len(s) for s in seqs)

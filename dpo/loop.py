@@ -1,24 +1,35 @@
 """The training-loop library: what the SFT, DPO and reward-model loops share, written once.
 
     loop.start(model, cfg.seed)
+    total = loop.total_steps(len(rows), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     opt = loop.optimizer(loop.param_groups(model.parameters(), cfg.lr, cfg.weight_decay), cfg.lr)
     sched = loop.schedule(opt, total, cfg.warmup_ratio, cfg.scheduler)
     history, stop = loop.History(total, log), loop.EarlyStop(cfg.early_stop_patience, keep_best=True)
-    for idx in epoch_batches([len(e) for e in encoded], batch_size=8, seed=cfg.seed + epoch):
-        ...loss.backward(); loop.optimizer_step(params, opt, sched, cfg.max_grad_norm)
+    ckpt = loop.Checkpoints(out / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints, resume)
+    start = ckpt.restore(model, opt, sched, history, stop)          # 0 unless resuming
+    batches = loop.batch_stream(lengths, cfg.batch_size, cfg.seed, skip=start * cfg.grad_accum)
+    for step in range(start + 1, total + 1):
+        n_rows, forwards = loop.step_batches(batches, cfg.grad_accum, lengths, cfg.train_batch_tokens)
+        for idx in forwards: ...(loss summed over idx / n_rows).backward()
+        loop.optimizer_step(params, opt, sched, cfg.max_grad_norm)
+        if ckpt.due(step, total, stopped): ckpt.save(step, model, opt, sched, history, stop)
 
-Each method keeps its own short loop (dpo/sft.py, dpo/trainer.py, dpo/reward.py) built from these.
+Each method keeps its own short loop (dpo/sft.py, dpo/trainer.py, dpo/reward.py) built from these,
+so each gets accumulation under a token budget, checkpoint/resume, keep-best and early stop.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from dpo.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from dpo.memory import release_freed_memory
 
 
@@ -39,6 +50,54 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, group: int
         chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
         out += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+
+
+def batch_stream(lengths: Sequence[int], batch_size: int, seed: int, group: int = 8,
+                 skip: int = 0) -> Iterator[list[int]]:
+    """Endless stream of batches, epoch e's from epoch_batches(seed + e): any step's batch follows from
+    the seed alone, so a resumed run sees the same data order; `skip` drops what it already trained on."""
+    def epochs() -> Iterator[list[int]]:
+        for epoch in itertools.count():
+            yield from epoch_batches(lengths, batch_size, seed + epoch, group)
+
+    stream = epochs()
+    for _ in range(skip):
+        next(stream)
+    return stream
+
+
+# --- accumulation: a step's rows in micro-batches, each in forwards under a token budget --------
+
+def total_steps(rows: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of a run: `max_steps` when set, else `epochs` passes over `rows` at
+    batch_size * grad_accum rows a step."""
+    return max_steps if max_steps is not None else max(1, epochs * math.ceil(rows / (batch_size * grad_accum)))
+
+
+def token_split(idx: list[int], costs: Sequence[int], budget: int | None) -> list[list[int]]:
+    """`idx` in consecutive parts of at most `budget` tokens each (costs[i]: row i's; a longer row
+    goes alone); None: one part."""
+    if not budget:
+        return [idx]
+    parts: list[list[int]] = [[]]
+    used = 0
+    for i in idx:
+        if parts[-1] and used + costs[i] > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append(i)
+        used += costs[i]
+    return parts
+
+
+def step_batches(stream: Iterator[list[int]], grad_accum: int, costs: Sequence[int],
+                 budget: int | None) -> tuple[int, list[list[int]]]:
+    """One optimizer step's data: `grad_accum` micro-batches from `stream`, each cut by token_split
+    into forwards; returns (rows in the step, the forwards' index lists in order). A loop divides each
+    forward's summed loss by the step's rows (or target tokens) before its backward, so the gradient is
+    that of one batch of all those rows, however they went through."""
+    micro = [next(stream) for _ in range(grad_accum)]
+    return sum(len(m) for m in micro), [part for m in micro for part in token_split(m, costs, budget)]
 
 
 # --- the step: optimizer, schedule, clipping ---------------------------------------------------
@@ -170,6 +229,21 @@ class EarlyStop:
         return (f"early stop at step {step}: held-out loss has not improved on {self.best:.4f} "
                 f"(step {self.best_step}) for {self.bad} evals")
 
+    @property
+    def best_weights(self) -> dict[str, torch.Tensor] | None:
+        """The copy of the best eval's weights (keep_best), until restore() loads it."""
+        return self._state
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint records of the early stop (its metadata; the best weights go beside)."""
+        return {"best_eval": self.best, "best_step": self.best_step, "bad_evals": self.bad}
+
+    def load_state(self, saved: dict[str, Any], best_weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Continue from a checkpoint's state(), and with keep_best its copy of the best eval's weights."""
+        self.best = saved.get("best_eval", math.inf)
+        self.best_step, self.bad = saved.get("best_step"), saved.get("bad_evals", 0)
+        self._state = best_weights if self.keep_best else None
+
     def restore(self, model, last_step: int) -> str:
         """Load the best eval's weights if they are not the last step's; returns what to add to the
         stop reason ("" when nothing was restored)."""
@@ -178,3 +252,64 @@ class EarlyStop:
         model.load_state_dict(self._state)
         self._state = None
         return f"; kept the weights of step {self.best_step}"
+
+
+# --- checkpoint/resume ---------------------------------------------------------------------------
+
+class Checkpoints:
+    """A loop's checkpoints (dpo/checkpoint.py) under `root`: one every `every` steps (0 or no root:
+    none), the newest `keep` kept on disk. Each holds the weights, optimizer, schedule, RNG, the
+    history and the early stop (with keep_best, the best eval's weights too), and `meta` (the run ids
+    and settings `--resume` checks). With `resume` the loop continues from the newest one."""
+
+    def __init__(self, root: Path | None = None, every: int = 0, keep: int = 2, resume: bool = False,
+                 meta: dict[str, Any] | None = None) -> None:
+        self.root, self.every, self.keep, self.resume, self.meta = root, every, keep, resume, meta or {}
+        self.resumed_from: int | None = None  # the step the run continued from
+        self.finished: dict[str, Any] | None = None  # a finished stage's metadata (save_final), when resumed
+
+    def restore(self, model, opt, sched, history: History, stop: EarlyStop) -> int:
+        """With `resume`, load the newest checkpoint into the loop's objects (history rows, early stop);
+        returns its step, 0 when there is none. A finished stage's checkpoint (save_final) restores the
+        weights and history only and sets `finished`: the loop then trains no further."""
+        if not (self.resume and self.root is not None):
+            return 0
+        found = latest_checkpoint(self.root)
+        if not found:
+            history.logger.info("--resume: no checkpoint under %s, starting from step 0", self.root)
+            return 0
+        finished = bool(read_meta(found[0]).get("finished"))
+        state = load_checkpoint(found[0], model, None if finished else opt, None if finished else sched)
+        saved = state["meta"]
+        history.rows[:] = saved.get("history", [])
+        stop.load_state(saved, state.get("best_weights"))
+        self.resumed_from, self.finished = state["step"], saved if finished else None
+        history.logger.info("resumed from %s (step %d of %d%s)", found[0], state["step"], history.total,
+                            ", finished" if finished else "")
+        return state["step"]
+
+    def due(self, step: int, total: int, stopped: bool) -> bool:
+        """Whether to save after `step`: every `every` steps, never after the last (the caller saves the
+        model) or a stop."""
+        return bool(self.root is not None and self.every and step % self.every == 0 and step < total
+                    and not stopped)
+
+    def save(self, step: int, model, opt, sched, history: History, stop: EarlyStop) -> Path:
+        assert self.root is not None
+        best = {"best_weights": stop.best_weights} if stop.best_weights is not None else None
+        meta = {**self.meta, "history": history.rows, **stop.state(), "total_steps": history.total}
+        path = save_checkpoint(self.root, step, model, opt, sched, meta, self.keep, best)
+        history.logger.info("checkpoint %s", path)
+        return path
+
+    def save_final(self, step: int, model, history: History, stop: EarlyStop, **result: Any) -> Path | None:
+        """The finished stage's weights (kept-best already restored), history and `result` fields, no
+        optimizer: for a stage whose model is saved nowhere else (SFT before DPO), so a resumed run
+        skips it. Nothing without a root."""
+        if self.root is None:
+            return None
+        meta = {**self.meta, "history": history.rows, **stop.state(), "total_steps": history.total,
+                "finished": True, **result}
+        path = save_checkpoint(self.root, step, model, None, None, meta, self.keep)
+        history.logger.info("checkpoint %s (stage finished)", path)
+        return path

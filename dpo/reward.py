@@ -10,13 +10,14 @@ template's end of turn), read at the last real position of a right-padded row. T
 P(chosen beats rejected) = sigmoid(r_c - r_r) to the pair's label: 1 for revision pairs, the
 judge's soft label_prob for AI pairs (use_soft_labels), as binary cross-entropy on the margin;
 a small (r_c + r_r)^2 term keeps scores centred. Held-out pair accuracy (r_c > r_r) is what
-tells whether it learned anything; `cai reward train` prints it.
+tells whether it learned anything; `cai reward train` prints it. Accumulation (`grad_accum`,
+`train_batch_tokens`) and checkpoints (`checkpoint_every`, `resume=True`) work as in DPO: the loop
+library's (dpo/loop.py).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,6 @@ from dpo import loop
 from dpo.config import RewardConfig
 from dpo.data import PairExample
 from dpo.logps import ChatEncoder, Encoded, autocast_for
-from dpo.loop import epoch_batches
 from dpo.lora import apply_lora, backbone, is_peft, merge
 
 log = logging.getLogger("cai.reward")
@@ -50,6 +50,7 @@ class RewardResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     train_pairs_per_s: float = 0.0
+    resumed_from: int | None = None  # the checkpoint step this run continued from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,8 +194,11 @@ def _optimizer(model, cfg: RewardConfig) -> torch.optim.Optimizer:
 
 def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Sequence[PairExample],
                  cfg: RewardConfig, *, on_metrics: Callable[[int, str, dict[str, float]], None] | None = None,
-                 logger: logging.Logger | logging.LoggerAdapter | None = None) -> RewardResult:
-    """Fit `model` (from load_reward_model) in place to the pairs' preferences."""
+                 logger: logging.Logger | logging.LoggerAdapter | None = None, checkpoint_dir: Path | None = None,
+                 resume: bool = False, meta: dict[str, Any] | None = None) -> RewardResult:
+    """Fit `model` (from load_reward_model) in place to the pairs' preferences. Every
+    cfg.checkpoint_every steps a checkpoint goes under `checkpoint_dir` (with `meta`: run ids); with
+    `resume` the run continues from the newest."""
     if not train:
         raise ValueError("no training pairs")
     t0 = time.perf_counter()
@@ -202,7 +206,7 @@ def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Seque
     enc = ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     encoded = [(enc.encode(e.prompt, e.chosen), enc.encode(e.prompt, e.rejected)) for e in train]
     targets = _targets(train, cfg)
-    total = cfg.max_steps or max(1, cfg.epochs * math.ceil(len(train) / cfg.batch_size))
+    total = loop.total_steps(len(train), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     eval_every = cfg.eval_every or max(1, total // 4)
     model.train()
     opt = _optimizer(model, cfg)
@@ -210,29 +214,35 @@ def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Seque
     params = [p for p in model.parameters() if p.requires_grad]
     history = loop.History(total, logger or log, "reward ", on_metrics)
     stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best)
+    ckpt = loop.Checkpoints(checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, resume, meta)
+    start = ckpt.restore(model, opt, sched, history, stop)
     lengths = [len(c) + len(r) for c, r in encoded]
-    stop_reason, step, epoch, batches, train_s, pairs_seen = "max steps", 0, -1, [], 0.0, 0
-    for step in range(1, total + 1):
+    batches = loop.batch_stream(lengths, cfg.batch_size, cfg.seed, cfg.length_grouping, skip=start * cfg.grad_accum)
+    stop_reason, step, stopped, train_s, pairs_seen = "max steps", start, False, 0.0, 0
+    for step in range(start + 1, total + 1):
         t_step = time.perf_counter()
-        if not batches:
-            epoch += 1
-            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, cfg.length_grouping)
-        idx = batches.pop(0)
-        seqs = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
-        with autocast_for(model, cfg.dtype):
-            values = rewards(model, _batch(seqs, enc.pad_id))
-        r_c, r_r = values[:len(idx)], values[len(idx):]
-        losses = bt_loss(r_c, r_r, targets[idx], cfg.center_rewards)
-        losses.mean().backward()
+        n_pairs, forwards = loop.step_batches(batches, cfg.grad_accum, lengths, cfg.train_batch_tokens)
+        parts = []
+        for idx in forwards:
+            seqs = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
+            with autocast_for(model, cfg.dtype):
+                values = rewards(model, _batch(seqs, enc.pad_id))
+            r_c, r_r = values[:len(idx)], values[len(idx):]
+            losses = bt_loss(r_c, r_r, targets[idx], cfg.center_rewards)
+            (losses.mean() * (len(idx) / n_pairs)).backward()  # the step's mean over pairs, however it is split
+            parts.append((r_c.detach(), r_r.detach(), losses.detach()))
         grad_norm, lr = loop.optimizer_step(params, opt, sched, cfg.max_grad_norm)
         train_s += time.perf_counter() - t_step
-        pairs_seen += len(idx)
-        history.emit(step, "train", _metrics(r_c.detach(), r_r.detach(), losses.detach()) | {"grad_norm": grad_norm,
-                                                                                              "lr": lr})
+        pairs_seen += n_pairs
+        history.emit(step, "train", _metrics(*(torch.cat([p[i] for p in parts]) for i in range(3)))
+                     | {"grad_norm": grad_norm, "lr": lr})
         if held_out and (step % eval_every == 0 or step == total):
             if reason := stop.check(history, step, evaluate_pairs(model, tokenizer, held_out, cfg), model, "reward"):
-                stop_reason = reason
-                break
+                stop_reason, stopped = reason, True
+        if ckpt.due(step, total, stopped):
+            ckpt.save(step, model, opt, sched, history, stop)
+        if stopped:
+            break
     del opt, sched, params
     stop_reason += stop.restore(model, step)
     model.eval()
@@ -241,4 +251,5 @@ def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Seque
                         final_eval=history.last("eval", stop.best_step if cfg.keep_best else None),
                         history=history.rows,
                         timings={"train_s": round(train_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
-                        train_pairs_per_s=round(pairs_seen / train_s, 3) if train_s else 0.0)
+                        train_pairs_per_s=round(pairs_seen / train_s, 3) if train_s else 0.0,
+                        resumed_from=ckpt.resumed_from)

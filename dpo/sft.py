@@ -8,7 +8,8 @@ replies before RL. The loss is the mean negative log-likelihood of the response 
 prompt is context, not a target). Guards: a held-out slice is scored every `eval_every`
 steps; training stops when its loss has not improved for `early_stop_patience` evals, and
 with `keep_best` the weights of the best eval are restored at the end. The result records
-why training stopped.
+why training stopped. Accumulation (`grad_accum`, `train_batch_tokens`) and checkpoints
+(`checkpoint_every`, `resume=True`) work as in DPO: the loop library's (dpo/loop.py).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dpo import loop
 from dpo.config import SFTConfig
-from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_logps, collate, sequence_logps
-from dpo.loop import epoch_batches
+from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_logps, collate, scored_tokens, sequence_logps
 
 log = logging.getLogger("cai.sft")
 
@@ -52,6 +53,7 @@ class SFTResult:
     final_eval: dict[str, float] = field(default_factory=dict)  # the kept (best) eval when keep_best
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None  # the checkpoint step this run continued from
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
@@ -92,8 +94,12 @@ def eval_loss(model, seqs: Sequence[Encoded], pad_id: int, cfg: SFTConfig) -> di
 
 def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[SFTExample], cfg: SFTConfig, *,
               on_metrics: Callable[[int, str, dict[str, float]], None] | None = None,
-              logger: logging.Logger | logging.LoggerAdapter | None = None) -> SFTResult:
-    """Fine-tune `model` in place on `train`; returns what happened and why it stopped."""
+              logger: logging.Logger | logging.LoggerAdapter | None = None, checkpoint_dir: Path | None = None,
+              resume: bool = False, meta: dict[str, Any] | None = None, final_checkpoint: bool = False) -> SFTResult:
+    """Fine-tune `model` in place on `train`; returns what happened and why it stopped. Every
+    cfg.checkpoint_every steps a checkpoint goes under `checkpoint_dir` (with `meta`: run ids); with
+    `resume` the run continues from the newest. `final_checkpoint` also saves the finished stage, which
+    a resumed run loads instead of training again (SFT before DPO: its model is saved nowhere else)."""
     if not train:
         raise ValueError("no SFT rows to train on")
     t0 = time.perf_counter()
@@ -101,7 +107,7 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
     enc = ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     tr = [enc.encode(e.prompt, e.response, e.ended) for e in train]
     ev = [enc.encode(e.prompt, e.response, e.ended) for e in held_out]
-    total = cfg.max_steps or max(1, cfg.epochs * math.ceil(len(tr) / cfg.batch_size))
+    total = loop.total_steps(len(tr), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     eval_every = cfg.eval_every or max(1, total // 3)
     model.train()
     frozen = freeze_bottom(model, cfg.freeze_layers)
@@ -110,34 +116,45 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
     params = [p for p in model.parameters() if p.requires_grad]
     history = loop.History(total, logger or log, "sft ", on_metrics)
     stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best)
-    if ev:  # the start is measured; if no step beats it, the start is what keep_best keeps
+    ckpt = loop.Checkpoints(checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, resume, meta)
+    start = ckpt.restore(model, opt, sched, history, stop)
+    if ev and not start:  # the start is measured; if no step beats it, the start is what keep_best keeps
         first = eval_loss(model, ev, enc.pad_id, cfg)
         history.emit(0, "eval", first)
         stop.update(0, first["loss"], model)
-    stop_reason, step, epoch, batches = "max steps", 0, -1, []
+    stop_reason = ckpt.finished["stop_reason"] if ckpt.finished else "max steps"
+    end, step, stopped = start if ckpt.finished else total, start, False
     lengths = [len(e) for e in tr]
-    for step in range(1, total + 1):
-        if not batches:
-            epoch += 1
-            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, cfg.length_grouping)
-        idx = batches.pop(0)
-        nll, n = _nll(model, [tr[i] for i in idx], enc.pad_id, cfg.dtype)
-        (nll / max(n, 1)).backward()
+    batches = loop.batch_stream(lengths, cfg.batch_size, cfg.seed, cfg.length_grouping, skip=start * cfg.grad_accum)
+    for step in range(start + 1, end + 1):
+        _, forwards = loop.step_batches(batches, cfg.grad_accum, lengths, cfg.train_batch_tokens)
+        n = max(sum(scored_tokens(tr[i]) for idx in forwards for i in idx), 1)
+        loss = 0.0
+        for idx in forwards:
+            nll, _ = _nll(model, [tr[i] for i in idx], enc.pad_id, cfg.dtype)
+            (nll / n).backward()  # the step's mean over response tokens, however it is split
+            loss += float(nll.detach())
         norm, lr = loop.optimizer_step(params, opt, sched, cfg.max_grad_norm)
-        history.emit(step, "train", {"loss": float(nll.detach()) / max(n, 1), "grad_norm": norm, "lr": lr,
-                                     "epoch": step * cfg.batch_size / len(tr)})
+        history.emit(step, "train", {"loss": loss / n, "grad_norm": norm, "lr": lr,
+                                     "epoch": step * cfg.batch_size * cfg.grad_accum / len(tr)})
         if ev and (step % eval_every == 0 or step == total):
             if reason := stop.check(history, step, eval_loss(model, ev, enc.pad_id, cfg), model, "sft"):
-                stop_reason = reason
-                break
+                stop_reason, stopped = reason, True
+        if ckpt.due(step, total, stopped):
+            ckpt.save(step, model, opt, sched, history, stop)
+        if stopped:
+            break
     del opt, sched, params
     for p in frozen:  # what trains next (DPO, adapters) decides for itself
         p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     stop_reason += stop.restore(model, step)
+    if final_checkpoint and not ckpt.finished:
+        ckpt.save_final(step, model, history, stop, stop_reason=stop_reason)
     model.eval()
     kept = stop.best_step if cfg.keep_best else None
     return SFTResult(steps=step, total_steps=total, stop_reason=stop_reason, best_step=stop.best_step,
                      n_train=len(tr), n_eval=len(ev), truncated=sum(e.truncated for e in tr + ev),
                      final_train=history.last("train"), final_eval=history.last("eval", kept),
-                     history=history.rows, timings={"train_s": round(time.perf_counter() - t0, 3)})
+                     history=history.rows, timings={"train_s": round(time.perf_counter() - t0, 3)},
+                     resumed_from=ckpt.resumed_from)

@@ -32,17 +32,14 @@ from typing import Any
 import torch
 
 from dpo import loop
-from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dpo.config import TrainerConfig
 from dpo.data import PairExample, RefCache, RefValue, ref_key
 from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_pair_logps, pair_batch, sequence_logps
-from dpo.loop import epoch_batches
 from dpo.lora import reference
 from dpo.loss import dpo_loss, pair_metrics
 from dpo.memory import release_freed_memory, training_memory
 
 log = logging.getLogger("cai.dpo")
-
 
 
 @dataclass
@@ -166,33 +163,6 @@ def prepare_pairs(model, encoder: ChatEncoder, examples: Sequence[PairExample], 
     return pairs, len(computed), len({k for pair in keys for k in pair}) - len(computed), truncated
 
 
-def _micro_batches(lengths: Sequence[int], cfg: TrainerConfig):
-    """Endless stream of index lists: each epoch's length-grouped batches in a seeded order
-    (dpo/loop.py), so any step's batch is known from the seed alone and a resumed run sees the
-    same data order."""
-    epoch = 0
-    while True:
-        yield from epoch_batches(lengths, cfg.batch_size, cfg.seed + epoch, cfg.length_grouping)
-        epoch += 1
-
-
-def _token_split(enc: list[tuple[Encoded, Encoded]], idx: list[int], budget: int | None) -> list[list[int]]:
-    """`idx` in consecutive parts of at most `budget` packed tokens each (a longer pair alone)."""
-    if not budget:
-        return [idx]
-    parts: list[list[int]] = [[]]
-    used = 0
-    for i in idx:
-        c, r = enc[i]
-        n = len(c) + len(r.completion_ids)  # one packed row: prompt + chosen + rejected
-        if parts[-1] and used + n > budget:
-            parts.append([])
-            used = 0
-        parts[-1].append(i)
-        used += n
-    return parts
-
-
 def _pair_forward(model, pairs: _Pairs, idx: list[int], pad_id: int, cfg: TrainerConfig):
     chosen_rejected = [pairs.enc[i] for i in idx]
     with autocast_for(model, cfg.dtype):
@@ -239,8 +209,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
                 c1 + c2, r1 + r2, ref_s, tr1 + tr2)
 
     micro_per_step = cfg.grad_accum
-    steps_per_epoch = math.ceil(len(train_pairs) / (cfg.batch_size * micro_per_step))
-    total = cfg.max_steps if cfg.max_steps is not None else max(1, cfg.epochs * steps_per_epoch)
+    total = loop.total_steps(len(train_pairs), cfg.batch_size, micro_per_step, cfg.epochs, cfg.max_steps)
     eval_every = cfg.eval_every or max(1, total // 10)
 
     if cfg.gradient_checkpointing:
@@ -251,26 +220,13 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
 
     history = loop.History(total, logger, on_metrics=on_metrics)
     stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best)
-    start, resumed_from = 0, None
-    ckpt_root = out_dir / "checkpoints"
-    if resume:
-        found = latest_checkpoint(ckpt_root)
-        if found:
-            state = load_checkpoint(found[0], model, optimizer, scheduler)
-            start = resumed_from = state["step"]
-            saved = state["meta"]
-            history.rows[:] = saved.get("history", [])
-            stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best, saved.get("best_eval", math.inf),
-                                  saved.get("best_step"), saved.get("bad_evals", 0))
-            logger.info("resumed from %s (step %d of %d)", found[0], start, total)
-        else:
-            logger.info("--resume: no checkpoint under %s, starting from step 0", ckpt_root)
+    ckpt = loop.Checkpoints(out_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints, resume, meta)
+    start = ckpt.restore(model, optimizer, scheduler, history, stop)
     emit = history.emit
 
-    batches = _micro_batches([len(c) + len(r.completion_ids) for c, r in train_pairs.enc], cfg)
-    budget = cfg.train_batch_tokens
-    for _ in range(start * micro_per_step):  # skip what the checkpoint already trained on
-        next(batches)
+    costs = [len(c) + len(r.completion_ids) for c, r in train_pairs.enc]  # one packed row: prompt + both replies
+    # the batches the checkpoint already trained on are skipped: a resumed run sees the same data order
+    batches = loop.batch_stream(costs, cfg.batch_size, cfg.seed, cfg.length_grouping, skip=start * micro_per_step)
     params = [p for p in model.parameters() if p.requires_grad]
     train_s, stopped_early, step, pairs_trained = 0.0, False, start, 0
     stop_reason = "max steps"
@@ -278,11 +234,10 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
     with training_memory(model, cfg.recompute_mlp and not cfg.gradient_checkpointing):
         for step in range(start + 1, total + 1):
             t_step = time.perf_counter()
-            micro = [next(batches) for _ in range(micro_per_step)]
-            n_pairs = sum(len(m) for m in micro)
+            n_pairs, forwards = loop.step_batches(batches, micro_per_step, costs, cfg.train_batch_tokens)
             pairs_trained += n_pairs
             parts, tokens = [], 0
-            for idx in (part for m in micro for part in _token_split(train_pairs.enc, m, budget)):
+            for idx in forwards:
                 losses, rc, rr, pi_c, pi_r, n_tok = _pair_forward(model, train_pairs, idx, encoder.pad_id, cfg)
                 (losses.sum() / n_pairs).backward()  # the step's mean over pairs, however it is split
                 parts.append((losses.detach(), rc, rr, pi_c.detach(), pi_r.detach()))
@@ -298,12 +253,8 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
             if eval_pairs is not None and (step % eval_every == 0 or step == total):
                 if reason := stop.check(history, step, evaluate(model, eval_pairs, encoder.pad_id, cfg), model):
                     stopped_early, stop_reason = True, reason
-            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total and not stopped_early:
-                state_meta = {**(meta or {}), "history": history.rows, "best_eval": stop.best,
-                              "best_step": stop.best_step, "bad_evals": stop.bad, "total_steps": total}
-                path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state_meta,
-                                       cfg.keep_checkpoints)
-                logger.info("checkpoint %s", path)
+            if ckpt.due(step, total, stopped_early):
+                ckpt.save(step, model, optimizer, scheduler, history, stop)
             if stopped_early:
                 break
 
@@ -317,7 +268,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
     last = history.last
 
     return TrainResult(
-        steps=step, total_steps=total, resumed_from=resumed_from,
+        steps=step, total_steps=total, resumed_from=ckpt.resumed_from,
         stopped_early=stopped_early, stop_reason=stop_reason, ref_computed=c1 + c2, ref_reused=r1 + r2,
         truncated=tr1 + tr2,
         n_train=len(train_pairs), n_eval=len(eval_pairs) if eval_pairs is not None else 0,

@@ -394,7 +394,8 @@ class TrainConfig(PairSelection):
     device: str = Field("auto", description="auto (cuda if present) | cpu | cuda")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of prompts, chosen by prompt hash")
     out: str = Field("runs/dpo", description="the trained model (HF format), metrics.png and checkpoints go here")
-    resume: bool = Field(False, description="continue from the newest checkpoint in out/checkpoints")
+    resume: bool = Field(False, description="continue from the newest checkpoint in out/checkpoints (DPO's, "
+                         "trainer.checkpoint_every) or out/checkpoints/sft (sft.checkpoint_every)")
     merge_lora: bool = Field(False, description="with trainer.lora.r > 0: also write out/merged, the adapter "
                              "folded into the base (a plain HF model, what vLLM serves)")
     dpo_helpful_ratio: float | None = Field(None, gt=0, description="DPO stage: at most this many `helpful` pairs "
@@ -431,6 +432,8 @@ class RewardTrainConfig(PairSelection):
                                  "accuracy printed is on these")
     device: str = same_as(TrainConfig, "device")
     out: str = Field("runs/reward", description="the reward model (AutoModelForSequenceClassification) goes here")
+    resume: bool = same_as(TrainConfig, "resume", "continue from the newest checkpoint in out/checkpoints "
+                           "(reward.checkpoint_every)")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="the Bradley-Terry loop (dpo/reward.py)")
 
 

@@ -6,6 +6,7 @@
 Training reads the pairs `cai train` would (flows/pair_selection.py), holds out a split by prompt
 hash, fits a Bradley-Terry head and body (dpo/reward.py) and writes the model plus metrics.png to
 --out; the store gets a TrainingRun (stage "reward") with one TrainingStep per step and split.
+With `--checkpoint-every N` checkpoints go to out/checkpoints, and `--resume` continues from the newest.
 Scoring writes one JSON line per row and, for pairs, the share ranked as their label does.
 """
 
@@ -28,7 +29,7 @@ from flows.engine_cache import machine_facts
 from flows.orchestration import stage_flow
 from flows.output_dir import fresh_sibling, swap_in
 from flows.pair_selection import load_examples, pair_filter
-from flows.training_record import check_out, recorded_training, write_record
+from flows.training_record import check_out, checkpoint_dir, recorded_training, write_record
 from store.training_runs import complete_training_run, step_writer
 
 log = logging.getLogger("cai.train")  # the name these lines had beside `cai train`'s: filters keep matching
@@ -64,7 +65,8 @@ def run_reward_training(cfg: RewardTrainConfig, url: str | None = None) -> dict[
         compute = {"dtype": {"reward": cfg.reward.dtype}, "machine": machine_facts() | {"device": str(device)}}
         logger.info("training dtype reward %s", cfg.reward.dtype)
         result = train_reward(model, tokenizer, train, held_out, cfg.reward,
-                              on_metrics=step_writer(training_run_id, url, prefix="reward-"), logger=logger)
+                              on_metrics=step_writer(training_run_id, url, prefix="reward-"), logger=logger,
+                              checkpoint_dir=checkpoint_dir(cfg), resume=cfg.resume, meta=rec.checkpoint_meta)
         tmp = rec.partial = fresh_sibling(out)  # swapped in below: nothing of an earlier model stays beside this one
         save_reward_model(model, tokenizer, tmp)
         plot = plot_reward(result.history, tmp / "metrics.png")
@@ -74,7 +76,7 @@ def run_reward_training(cfg: RewardTrainConfig, url: str | None = None) -> dict[
                    **result.to_dict()}
         summary.pop("history")
         write_record(tmp, cfg, selection, summary)
-        swap_in(tmp, out)
+        swap_in(tmp, out, keep=("checkpoints",))  # the checkpoints of this run (--resume refuses a finished one)
         complete_training_run(training_run_id, url, selection, {
             "stage": "reward", "train": result.final_train, "eval": result.final_eval, "steps": result.steps,
             "total_steps": result.total_steps, "compute": compute})

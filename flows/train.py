@@ -8,8 +8,9 @@ probability), holds out a split by prompt hash, optionally fine-tunes on the cho
 (--stage sft+dpo), computes the reference log-probs once (cached in store.RefLogp), trains, and
 writes a HF model directory plus metrics.png to --out. The store gets a TrainingRun row (config,
 data selection, constitution versions, final metrics; flows/training_record.py) and one
-TrainingStep row per step and split. `--resume` continues from out/checkpoints/step-N. The reward
-model is flows/reward.py.
+TrainingStep row per step and split. `--resume` continues from out/checkpoints/step-N (DPO) or
+out/checkpoints/sft/step-N (SFT; under sft+dpo a finished SFT stage is loaded, not trained again).
+The reward model is flows/reward.py.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from flows.engine_cache import machine_facts
 from flows.orchestration import stage_flow, stage_task
 from flows.output_dir import fresh_sibling, swap_in
 from flows.pair_selection import load_examples, pair_filter
-from flows.training_record import check_out, recorded_training, resume_settings, write_record
+from flows.training_record import check_out, checkpoint_dir, recorded_training, write_record
 from store.db import mask_secrets
 from store.training_runs import complete_training_run, step_writer
 
@@ -110,8 +111,6 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
     url = url or cfg.database_url
     logger = run_logger(log)
     t0 = time.perf_counter()
-    if cfg.resume and cfg.stage != "dpo":
-        raise UserError(f"--resume continues a DPO checkpoint; it cannot be combined with --stage {cfg.stage}")
     examples, refs = load_examples(cfg, url)
     out = Path(cfg.out)
     check_out(out)
@@ -123,7 +122,6 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
                         f"learns the chosen side of revision, contrastive and helpful pairs; these are {methods}): "
                         "use --stage dpo, or select pairs of those methods")
     base_path = resolve_base(cfg.base)
-    cfg_settings = cfg  # as given: `auto` dtypes stay `auto` (resolved below, per machine)
     with recorded_training(cfg, examples, refs, url) as rec:
         run_id, training_run_id, selection = rec.run.id, rec.training_run_id, rec.selection
         logger.info("train %s on %d pairs (%d train, %d eval) [%s], run %s, training run %s", cfg.base,
@@ -148,8 +146,12 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
         if cfg.stage in ("sft", "sft+dpo"):
             sft_held = sft_examples(held_out)
             logger.info("sft on %d chosen replies (%d held out)", len(sft_train), len(sft_held))
+            # under sft+dpo its model exists nowhere else: with checkpoints on, the finished stage is one too
+            final = cfg.stage == "sft+dpo" and bool(cfg.sft.checkpoint_every or cfg.trainer.checkpoint_every)
             sft = train_sft(model, tokenizer, sft_train, sft_held, cfg.sft,
-                            on_metrics=step_writer(training_run_id, url, prefix="sft-"), logger=logger)
+                            on_metrics=step_writer(training_run_id, url, prefix="sft-"), logger=logger,
+                            checkpoint_dir=checkpoint_dir(cfg, "sft"), resume=cfg.resume,
+                            meta=rec.checkpoint_meta, final_checkpoint=final)
             # DPO's reference is the model it starts from: the fine-tuned weights, not the base; keyed by
             # those weights themselves (its rows depend on the split, eval_fraction, the seed, ...)
             ref_id += "+sft:" + weights_fingerprint(model)
@@ -176,9 +178,8 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
             result = train_dpo(
                 model, tokenizer, dpo_train, dpo_held, cfg.trainer, out_dir=out,
                 ref_model_id=ref_id, ref_cache=StoreRefCache(url),
-                on_metrics=step_writer(training_run_id, url), resume=cfg.resume,
-                meta={"training_run_id": training_run_id, "pairs_hash": selection["pairs_hash"],
-                      "settings": resume_settings(cfg_settings)}, logger=logger)
+                on_metrics=step_writer(training_run_id, url), resume=cfg.resume, meta=rec.checkpoint_meta,
+                logger=logger)
         t_save = time.perf_counter()
         if lora.enabled and sft is not None:
             # the adapters' base is the SFT model, which exists only here: save the two merged

@@ -2,6 +2,7 @@
 
     check_out(out)                                   # before any work: never a person's directory
     with recorded_training(cfg, examples, refs, url) as rec:   # Run + TrainingRun rows, --resume checked
+        train_reward(..., checkpoint_dir=checkpoint_dir(cfg), resume=cfg.resume, meta=rec.checkpoint_meta)
         tmp = rec.partial = fresh_sibling(out)       # removed if the block raises
         ...
         write_record(tmp, cfg, rec.selection, summary)   # training_run.json beside the weights
@@ -54,7 +55,15 @@ class Training:
     run: OpenRun
     training_run_id: str  # this run's id, or the resumed run's
     selection: dict[str, Any]  # what was trained on: the TrainingRun's data_selection
+    checkpoint_meta: dict[str, Any]  # what every checkpoint records for --resume to check (run, pairs, settings)
     partial: Path | None = None  # the fresh directory the model is written to: removed if the run fails
+
+
+def checkpoint_dir(cfg: TrainConfig | RewardTrainConfig, stage: str = "") -> Path:
+    """Where a loop's checkpoints go: out/checkpoints (DPO, the reward model), out/checkpoints/sft for
+    the SFT stage (beside DPO's under --stage sft+dpo). A new run clears the folder, --resume reads it."""
+    root = Path(cfg.out) / "checkpoints"
+    return root / "sft" if stage == "sft" else root
 
 
 @contextmanager
@@ -70,8 +79,10 @@ def recorded_training(cfg: TrainConfig | RewardTrainConfig, examples: list[PairE
                     else ",".join(names) or None)
     pairs_hash = selection_hash(examples)
     resumed_id = None
-    ckpt_root = Path(cfg.out) / "checkpoints"
-    found = latest_checkpoint(ckpt_root) if getattr(cfg, "resume", False) else None
+    ckpt_root = checkpoint_dir(cfg)
+    # the later stage's newest checkpoint first: under sft+dpo, DPO's (SFT's are done by then)
+    found = next(filter(None, (latest_checkpoint(checkpoint_dir(cfg, s)) for s in ("", "sft"))), None) \
+        if cfg.resume else None
     if found:
         meta = read_meta(found[0])
         if meta.get("pairs_hash") not in (None, pairs_hash):
@@ -79,7 +90,7 @@ def recorded_training(cfg: TrainConfig | RewardTrainConfig, examples: list[PairE
                             f"({pair_filter(cfg).describe()}); drop --resume or pick another --out")
         resumed_id = meta.get("training_run_id")
         _check_resumable(cfg, found[0], meta, resumed_id, url)
-    elif flow == "train" and not getattr(cfg, "resume", False):
+    elif not cfg.resume:
         # a new run: an earlier run's checkpoints would outnumber (and rotate away) this one's, and
         # a later --resume would continue them
         shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -99,7 +110,8 @@ def recorded_training(cfg: TrainConfig | RewardTrainConfig, examples: list[PairE
             id=training_run_id, base_model=cfg.base, out_dir=str(Path(cfg.out).resolve()),
             config=mask_secrets(cfg.model_dump()), data_selection=selection, constitution=constitution,
             constitution_version=",".join(versions) or None, run_id=run.id))
-        rec = Training(run, training_run_id, selection)
+        rec = Training(run, training_run_id, selection, {"training_run_id": training_run_id,
+                                                          "pairs_hash": pairs_hash, "settings": resume_settings(cfg)})
         try:
             yield rec
         except BaseException:
@@ -118,7 +130,7 @@ def write_record(out: Path, cfg: TrainConfig | RewardTrainConfig, selection: dic
 _NOT_SETTINGS = ("resume", "database_url")  # what a resumed run may change: neither changes what is trained
 
 
-def resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+def resume_settings(cfg: TrainConfig | RewardTrainConfig) -> dict[str, Any]:
     """The settings a checkpoint records and `--resume` compares, flattened to dotted keys."""
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -129,7 +141,8 @@ def resume_settings(cfg: TrainConfig) -> dict[str, Any]:
     return flat({k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_SETTINGS})
 
 
-def _check_resumable(cfg: TrainConfig, path: Path, meta: dict[str, Any], run_id: str | None, url: str | None) -> None:
+def _check_resumable(cfg: TrainConfig | RewardTrainConfig, path: Path, meta: dict[str, Any], run_id: str | None,
+                     url: str | None) -> None:
     """A UserError unless the checkpoint belongs to an unfinished run with these same settings."""
     status, stored = training_run_state(url, run_id)
     record = Path(cfg.out) / "training_run.json"
@@ -143,13 +156,16 @@ def _check_resumable(cfg: TrainConfig, path: Path, meta: dict[str, Any], run_id:
     saved = meta.get("settings")
     if not isinstance(saved, dict):  # a checkpoint from before settings were recorded: the run's row
         try:
-            saved = resume_settings(TrainConfig.model_validate(stored)) if stored else None
+            saved = resume_settings(type(cfg).model_validate(stored)) if stored else None
         except ValueError:  # a row this version cannot read: the pairs hash was all there was to check
             saved = None
     if saved is None:
         return
     now = resume_settings(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    # a setting newer than the checkpoint is as the version that wrote it behaved: at its default
+    default = resume_settings(type(cfg).model_validate({}))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+                  and not (k not in saved and now.get(k) == default.get(k)))
     if diff:
         k = diff[0]
         raise UserError(f"--resume: {path} was trained with {k}={saved.get(k)!r}, this run has {k}={now.get(k)!r}"

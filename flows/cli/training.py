@@ -106,13 +106,16 @@ def reward_train(
     lr: float | None = opt(RewardTrainConfig, "reward.lr", "--lr"),
     head_lr: float | None = opt(RewardTrainConfig, "reward.head_lr", "--head-lr"),
     batch_size: int | None = opt(RewardTrainConfig, "reward.batch_size", "--batch-size"),
+    grad_accum: int | None = opt(RewardTrainConfig, "reward.grad_accum", "--grad-accum"),
     max_length: int | None = opt(RewardTrainConfig, "reward.max_length", "--max-length"),
     max_prompt_length: int | None = opt(RewardTrainConfig, "reward.max_prompt_length", "--max-prompt-length"),
     soft_labels: bool | None = opt(RewardTrainConfig, "reward.use_soft_labels", "--soft-labels/--hard-labels"),
     lora_r: int | None = opt(RewardTrainConfig, "reward.lora.r", "--lora-r"),
     lora_alpha: float | None = opt(RewardTrainConfig, "reward.lora.alpha", "--lora-alpha"),
     seed: int | None = opt(RewardTrainConfig, "reward.seed", "--seed"),
+    checkpoint_every: int | None = opt(RewardTrainConfig, "reward.checkpoint_every", "--checkpoint-every"),
     out: str | None = opt(RewardTrainConfig, "out"),
+    resume: bool | None = opt(RewardTrainConfig, "resume", "--resume"),
 ) -> None:
     """Train a reward model (scalar head, Bradley-Terry on soft labels); prints held-out pair accuracy."""
     from flows.pair_selection import load_examples

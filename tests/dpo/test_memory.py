@@ -10,9 +10,10 @@ import torch
 from dpo.config import LoraSettings
 from dpo.data import MemoryRefCache, PairExample
 from dpo.logps import ChatEncoder, pair_batch, sequence_logps
+from dpo.loop import token_split
 from dpo.lora import apply_lora
 from dpo.memory import release_freed_memory, training_memory
-from dpo.trainer import TrainerConfig, _token_split, load_policy, train_dpo
+from dpo.trainer import TrainerConfig, load_policy, train_dpo
 
 PAIRS = [PairExample(({"role": "user", "content": f"Question {i}: can you do the thing?"},),
                      "I can't help with that, but I can point you to safe resources." + " Truly." * (i % 3),
@@ -73,11 +74,11 @@ def test_a_batch_split_under_the_token_budget_trains_the_same_weights(tiny_model
     encoded = [(enc.encode(p.prompt, p.chosen), enc.encode(p.prompt, p.rejected)) for p in PAIRS]
     sizes = [len(c) + len(r.completion_ids) for c, r in encoded]
     budget = sizes[0] + sizes[1]  # two pairs a forward
-    parts = _token_split(encoded, [0, 1, 2, 3], budget)
+    parts = token_split([0, 1, 2, 3], sizes, budget)
     assert [i for p in parts for i in p] == [0, 1, 2, 3] and len(parts) >= 2
     assert all(sum(sizes[i] for i in p) <= budget or len(p) == 1 for p in parts)
-    assert _token_split(encoded, [0, 1, 2, 3], 1) == [[0], [1], [2], [3]]  # a longer pair goes alone
-    assert _token_split(encoded, [0, 1, 2, 3], None) == [[0, 1, 2, 3]]  # the default: no limit
+    assert token_split([0, 1, 2, 3], sizes, 1) == [[0], [1], [2], [3]]  # a longer pair goes alone
+    assert token_split([0, 1, 2, 3], sizes, None) == [[0, 1, 2, 3]]  # the default: no limit
 
     weights = []
     for tokens in (None, budget):
