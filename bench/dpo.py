@@ -8,12 +8,12 @@ Four runs on the same pairs and settings, each in its own Python process so its 
 is its own: the peak resident set size (ru_maxrss, the RSS high-water mark of the process,
 which counts torch's CPU allocations and the loaded weights alike; tracemalloc would not):
 
-    ours            dpo.trainer.train_dpo, reference log-probs computed first (and stored in a
+    ours            training.trainer.train_dpo, reference log-probs computed first (and stored in a
                     temp SQLite store, as the flow does), then the policy alone
     lora            the same loop with LoRA adapters (peft; r=16, alpha=32 on q,k,v,o_proj by
                     default, --lora-lr): the reference pass runs with adapters off, the base is
                     frozen, so there are no weight gradients or optimizer state for it
-                    (both of ours: the lean SwiGLU and the heap trim of dpo/memory.py, as in
+                    (both of ours: the lean SwiGLU and the heap trim of training/memory.py, as in
                     every `cai train`; no activation checkpointing, no token budget)
     trl             trl.DPOTrainer as configured by default: a reference model in memory
     trl_precompute  trl.DPOTrainer(precompute_ref_log_probs=True)
@@ -89,10 +89,10 @@ def _workdir(args, name: str) -> str:
 def child_ours(args, records: list[dict], model_dir: str, lora: bool = False) -> dict:
     import torch
 
-    from dpo.config import LoraSettings
-    from dpo.data import StoreRefCache, examples_from_records
-    from dpo.lora import apply_lora
-    from dpo.trainer import TrainerConfig, load_policy, train_dpo
+    from training.config import LoraSettings
+    from training.data import StoreRefCache, examples_from_records
+    from training.lora import apply_lora
+    from training.trainer import TrainerConfig, load_policy, train_dpo
 
     torch.manual_seed(args.seed)
     examples = examples_from_records(records)

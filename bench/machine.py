@@ -65,9 +65,9 @@ def sft_step_s(dtype: str, steps: int) -> float:
 
     import torch
 
-    from dpo.logps import ChatEncoder, autocast_for, collate, sequence_logps
-    from dpo.trainer import load_policy
     from engines.bundled import DEFAULT_SPEC, resolve
+    from training.logps import ChatEncoder, autocast_for, collate, sequence_logps
+    from training.trainer import load_policy
 
     model, tok = load_policy(resolve(DEFAULT_SPEC), "cpu")
     enc = ChatEncoder(tok, 512, 256)

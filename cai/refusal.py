@@ -179,7 +179,7 @@ def stance_errors(expected: dict[str, bool], replies: dict[str, str],
 def stance_probe(pairs: Iterable[Any]) -> tuple[dict[str, bool], dict[str, list[dict[str, str]]]]:
     """What a probe of a model asks: for each prompt (by `prompt_key`) whose first pair teaches a
     stance (expected_stance), that stance and the prompt's messages. `pairs`: training pairs
-    (dpo.data.PairExample: prompt, prompt_key, chosen, rejected)."""
+    (training.data.PairExample: prompt, prompt_key, chosen, rejected)."""
     expected: dict[str, bool] = {}
     prompts: dict[str, list[dict[str, str]]] = {}
     for e in pairs:

@@ -10,7 +10,7 @@ process (~30 ms) and takes bf16 only when it is at least BF16_MIN_SPEEDUP times 
 GPU, `auto` is bf16 where supported (else fp16 for inference, fp32 for training's autocast).
 `CAI_CPU_DTYPE=float32|bfloat16` overrides the CPU measurement for everything in the process.
 
-No imports of the project: the engines and the training loops (dpo/) both read this module.
+No imports of the project: the engines and the training loops (training/) both read this module.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ class Timer:
 def ours(exc: BaseException) -> bool:
     """Is `exc` one of our own errors a person can act on? Only those become one line: an
     IndexError or KeyError is a bug, and its traceback is what a bug report needs.
-    CheckpointError is looked up only if dpo.checkpoint was imported (it imports torch), since
+    CheckpointError is looked up only if training.checkpoint was imported (it imports torch), since
     otherwise nothing could have raised it."""
     import sys
 
@@ -186,7 +186,7 @@ def ours(exc: BaseException) -> bool:
     from store.db import DatabaseError
 
     types: tuple[type[BaseException], ...] = (UserError, DatabaseError, ConstitutionError, ModelNotFound)
-    checkpoint = sys.modules.get("dpo.checkpoint")
+    checkpoint = sys.modules.get("training.checkpoint")
     if checkpoint is not None:
         types += (checkpoint.CheckpointError,)
     return isinstance(exc, types)

@@ -7,7 +7,7 @@
 
 Shared groups are sub-models, not copies: `engine` (EngineSettings), `runner` (RunnerSettings),
 and `database_url` on StoreSettings, the base of every config that reads the store. The DPO
-loop's settings are `dpo.config.TrainerConfig`, nested as `trainer`. The `cai` command line
+loop's settings are `training.config.TrainerConfig`, nested as `trainer`. The `cai` command line
 takes its option defaults and help from these fields (flows/cli/options.py), so a default is
 changed here and nowhere else. Unknown keys are an error (extra="forbid"): a typo in a YAML
 file or a `--set` fails before anything runs.
@@ -27,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.fields import FieldInfo
 
 from cai import judge
-from dpo.config import RewardConfig, SFTConfig, TrainerConfig, check_lengths, seed_field
 from engines.base import Sampling
 from engines.bundled import DEFAULT_SPEC
 from store.keys import content_hash, naive_utc
+from training.config import RewardConfig, SFTConfig, TrainerConfig, check_lengths, seed_field
 
 DEFAULT_CONSTITUTION = "harmless"  # the bundled constitution every stage starts from
 DEFAULT_PROMPTS = ("red-team",)  # the bundled prompt set generate and label work on
@@ -384,12 +384,12 @@ class PairSelection(StoreSettings):
 # --- train (flows/train.py) ------------------------------------------------------------------
 
 class TrainConfig(PairSelection):
-    """What to train on and where it goes; how to train is `trainer` (dpo/config.py)."""
+    """What to train on and where it goes; how to train is `trainer` (training/config.py)."""
 
     base: str = Field(DEFAULT_SPEC, description="start and reference model: bundled alias, HF directory, hub id")
     stage: Literal["sft", "dpo", "sft+dpo"] = Field("dpo", description="sft: fine-tune on the chosen replies; dpo: "
                                                     "preference training; sft+dpo: the CAI recipe, SFT then DPO")
-    sft: SFTConfig = Field(default_factory=SFTConfig, description="the supervised stage (dpo/sft.py)")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="the supervised stage (training/sft.py)")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="the DPO loop: loss, optimizer, ...")
     device: str = Field("auto", description="auto (cuda if present) | cpu | cuda")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of prompts, chosen by prompt hash")
@@ -434,7 +434,8 @@ class RewardTrainConfig(PairSelection):
     out: str = Field("runs/reward", description="the reward model (AutoModelForSequenceClassification) goes here")
     resume: bool = same_as(TrainConfig, "resume", "continue from the newest checkpoint in out/checkpoints "
                            "(reward.checkpoint_every)")
-    reward: RewardConfig = Field(default_factory=RewardConfig, description="the Bradley-Terry loop (dpo/reward.py)")
+    reward: RewardConfig = Field(default_factory=RewardConfig,
+                                 description="the Bradley-Terry loop (training/reward.py)")
 
 
 class RewardScoreConfig(PairSelection):

@@ -165,9 +165,9 @@ def drift_task(cfg: EvalConfig, name: str) -> int:
         todo = [r for r in q.results_of(s, name) if r.details.get("drift") is None]
     if not todo or not cfg.drift or cfg.runner.dry_run:
         return 0
-    from dpo.logps import ChatEncoder, batched_logps
-    from dpo.trainer import load_policy
     from engines.bundled import resolve
+    from training.logps import ChatEncoder, batched_logps
+    from training.trainer import load_policy
 
     try:
         path = resolve(cfg.baseline)

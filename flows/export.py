@@ -91,7 +91,7 @@ def resolve_version(session: Session, ref: str) -> tuple[str, str]:
 
 def select_for_export(session: Session, config: ExportConfig) -> rules.Selection:
     """The pairs of one constitution version the export options keep, with what each filter removed
-    (their rows; the texts are read later, a page at a time). Not dpo.data.select_pairs, which reads
+    (their rows; the texts are read later, a page at a time). Not training.data.select_pairs, which reads
     the pairs `cai train` learns from, texts included."""
     name, version = resolve_version(session, config.constitution)
     # the pairs made under this version, and those made earlier from principles it leaves unchanged

@@ -87,7 +87,7 @@ def reward_model_dir(cfg: LabelConfig):
     """The reward model directory of best-of-n, checked: a UserError unless `cai reward train` wrote it."""
     from pathlib import Path
 
-    from dpo.reward import is_reward_model_dir
+    from training.reward import is_reward_model_dir
 
     path = Path(cfg.reward_model).expanduser()
     if not is_reward_model_dir(path):
@@ -273,8 +273,8 @@ def best_of_n_task(cfg: LabelConfig, run_id: str) -> StageStats:
     loaded: dict[str, Any] = {}
 
     def compute(chunk: list[tuple[str, Prompt, list[Candidate]]]) -> list[dict[str, float]]:
-        from dpo.config import RewardConfig
-        from dpo.reward import load_reward_model, score
+        from training.config import RewardConfig
+        from training.reward import load_reward_model, score
 
         if "model" not in loaded:  # once per task, and only when something is pending
             loaded["model"], loaded["tok"] = load_reward_model(reward_model_dir(cfg), "auto")

@@ -3,7 +3,7 @@
 
     examples, refs = load_examples(cfg)   # PairExamples, and the name@version they were made under
 
-From the store (dpo/data.py: select_pairs under pair_filter(cfg)), or from cfg.dataset (a directory
+From the store (training/data.py: select_pairs under pair_filter(cfg)), or from cfg.dataset (a directory
 `cai export --out DIR` wrote, or JSONL) filtered by the same settings on the rows' provenance
 columns; then people's verdicts (`--reviewed`, `--people-order`) and `--limit`.
 """
@@ -17,11 +17,18 @@ from typing import Any
 from cai import review
 from cai.prompts import json_lines, load_saved_dataset, saved_dataset_error
 from constitution.load import split_refs
-from dpo.data import PairExample, PairFilter, constitution_versions, examples_from_records, label_prob, select_pairs
 from flows.common import UserError
 from flows.configs import PairSelection
 from store.db import session_scope
 from store.reviews import verdict_rows
+from training.data import (
+    PairExample,
+    PairFilter,
+    constitution_versions,
+    examples_from_records,
+    label_prob,
+    select_pairs,
+)
 
 
 def _read_records(cfg: PairSelection) -> list[tuple[str, Any]]:

@@ -100,8 +100,8 @@ def _finished_training(tcfg: TrainConfig) -> dict[str, Any] | None:
     # full weights (config.json) or, for --stage dpo with LoRA, the adapter alone (adapter_config.json)
     if not any((out / name).exists() for name in ("config.json", "adapter_config.json")):
         return None
-    from dpo.data import selection_hash
     from flows.pair_selection import load_examples
+    from training.data import selection_hash
 
     want = tcfg.model_dump(mode="json")
     try:

@@ -4,7 +4,7 @@
     cai reward score --model runs/reward --input replies.jsonl --out scored.jsonl
 
 Training reads the pairs `cai train` would (flows/pair_selection.py), holds out a split by prompt
-hash, fits a Bradley-Terry head and body (dpo/reward.py) and writes the model plus metrics.png to
+hash, fits a Bradley-Terry head and body (training/reward.py) and writes the model plus metrics.png to
 --out; the store gets a TrainingRun (stage "reward") with one TrainingStep per step and split.
 With `--checkpoint-every N` checkpoints go to out/checkpoints, and `--resume` continues from the newest.
 Scoring writes one JSON line per row and, for pairs, the share ranked as their label does.
@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from cai.prompts import json_lines
-from dpo.data import prompt_messages, split_eval
-from dpo.trainer import plot_metrics
 from engines.bundled import resolve as resolve_base
 from engines.chat import ensure_chat_template
 from flows.common import UserError, run_logger
@@ -31,6 +29,8 @@ from flows.output_dir import fresh_sibling, swap_in
 from flows.pair_selection import load_examples, pair_filter
 from flows.training_record import check_out, checkpoint_dir, recorded_training, write_record
 from store.training_runs import complete_training_run, step_writer
+from training.data import prompt_messages, split_eval
+from training.trainer import plot_metrics
 
 log = logging.getLogger("cai.train")  # the name these lines had beside `cai train`'s: filters keep matching
 
@@ -38,7 +38,7 @@ log = logging.getLogger("cai.train")  # the name these lines had beside `cai tra
 def run_reward_training(cfg: RewardTrainConfig, url: str | None = None) -> dict[str, Any]:
     """Bradley-Terry reward model on the selected pairs; stored as a TrainingRun (stage "reward")
     with one TrainingStep per step and split; returns a summary with the held-out accuracy."""
-    from dpo.reward import load_reward_model, save_reward_model, train_reward
+    from training.reward import load_reward_model, save_reward_model, train_reward
 
     url = url or cfg.database_url
     logger = run_logger(log)
@@ -124,8 +124,8 @@ def _score_rows(cfg: RewardScoreConfig, url: str | None) -> list[dict[str, Any]]
 def score_rewards(cfg: RewardScoreConfig, url: str | None = None) -> dict[str, Any]:
     """Scores for every row (written to cfg.out as JSON lines); for pairs, the share the model
     ranks as their label does."""
-    from dpo.config import RewardConfig
-    from dpo.reward import is_reward_model_dir, load_reward_model, score
+    from training.config import RewardConfig
+    from training.reward import is_reward_model_dir, load_reward_model, score
 
     url = url or cfg.database_url
     path = Path(cfg.model).expanduser()

@@ -23,10 +23,6 @@ from typing import Any
 
 from cai.dataset_schema import teaches_reply
 from cai.refusal import probe_report, stance_probe
-from dpo.data import PairExample, StoreRefCache, cap_method, repeat_prompts, split_eval
-from dpo.lora import apply_lora, merge, trainable_parameters
-from dpo.sft import SFTExample, SFTResult, train_sft
-from dpo.trainer import TrainResult, load_policy, plot_metrics, save_model, train_dpo, weights_fingerprint
 from engines.bundled import DEFAULT_SPEC, model_fingerprint
 from engines.bundled import resolve as resolve_base
 from engines.chat import ensure_chat_template
@@ -39,6 +35,10 @@ from flows.pair_selection import load_examples, pair_filter
 from flows.training_record import check_out, checkpoint_dir, recorded_training, write_record
 from store.db import mask_secrets
 from store.training_runs import complete_training_run, step_writer
+from training.data import PairExample, StoreRefCache, cap_method, repeat_prompts, split_eval
+from training.lora import apply_lora, merge, trainable_parameters
+from training.sft import SFTExample, SFTResult, train_sft
+from training.trainer import TrainResult, load_policy, plot_metrics, save_model, train_dpo, weights_fingerprint
 
 log = logging.getLogger("cai.train")
 

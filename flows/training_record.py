@@ -23,8 +23,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from constitution.load import split_ref, split_refs
-from dpo.checkpoint import latest_checkpoint, read_meta
-from dpo.data import PairExample, selection_hash
 from flows.common import UserError
 from flows.configs import RewardTrainConfig, TrainConfig
 from flows.pair_selection import pair_filter
@@ -32,6 +30,8 @@ from store.db import mask_secrets
 from store.models import TrainingRun
 from store.runs import OpenRun, recorded_run
 from store.training_runs import start_training_run, training_run_state
+from training.checkpoint import latest_checkpoint, read_meta
+from training.data import PairExample, selection_hash
 
 # what a training output directory holds (ours, or an earlier run's): anything else is a person's
 # directory, which the swap would delete

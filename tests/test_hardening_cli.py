@@ -299,9 +299,9 @@ def test_an_empty_database_is_still_set_up(runner, home, sqlite_url, monkeypatch
 def test_a_bug_keeps_its_traceback_and_our_errors_are_one_line(capsys):
     import typer
 
-    from dpo.checkpoint import CheckpointError
     from flows.cli.common import guarded
     from flows.common import UserError
+    from training.checkpoint import CheckpointError
 
     def raising(exc):
         @guarded
@@ -326,7 +326,7 @@ def test_a_tampered_checkpoint_is_one_line(runner, home, sqlite_url, monkeypatch
     import flows.train
 
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
-    from dpo.checkpoint import META_FILE, STATE_FILE
+    from training.checkpoint import META_FILE, STATE_FILE
 
     ckpt = home / "work" / "runs" / "x" / "checkpoints" / "step-2"
     ckpt.mkdir(parents=True)
@@ -335,7 +335,7 @@ def test_a_tampered_checkpoint_is_one_line(runner, home, sqlite_url, monkeypatch
     monkeypatch.setattr(flows.pair_selection, "load_examples", lambda cfg: ([], []))  # no pairs needed to reach it
 
     def train_flow(cfg):
-        from dpo.checkpoint import latest_checkpoint, read_meta
+        from training.checkpoint import latest_checkpoint, read_meta
 
         return read_meta(latest_checkpoint(Path(cfg.out) / "checkpoints")[0])
 

@@ -197,9 +197,9 @@ def test_a_database_locked_mid_run_is_one_line(runner, home, sqlite_url, monkeyp
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bar is on stderr too
         request.addfinalizer(hf_logging.enable_progress_bar)
-        import dpo.trainer
+        import training.trainer
 
-        real = dpo.trainer.load_policy
+        real = training.trainer.load_policy
         monkeypatch.setattr("flows.train.load_policy", lambda *a, **k: (lock.take(), real(*a, **k))[1])
     for spec in ("scripted", "judge", "base"):
         engine = LockingEngine(lock)

@@ -108,8 +108,8 @@ def test_editing_one_preference_principle_redoes_only_its_judgments(sqlite_url, 
         changed += pair.details["prob_x"] != pytest.approx(old[pkey].details["prob_x"])
     assert changed == len(uses[edited])  # the edited wording moved those labels
     # under the new version every prompt pair counts once: the unchanged ones carried over, the rest new
-    from dpo.data import PairFilter, select_pairs
     from store.models import ConstitutionVersion
+    from training.data import PairFilter, select_pairs
 
     with session_scope(sqlite_url) as s:
         newest = max(s.exec(select(ConstitutionVersion).where(ConstitutionVersion.name == "harmless")),

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOW_HELPERS = {"common", "configs", "engine_cache", "stage", "plots", "publish", "output_dir", "orchestration",
                 "lint", "pair_selection", "training_record", "prefect_server", "__init__"}
 COMPOSERS = {"pipeline", "schedule", "prefect_flows"}  # may import sibling flows
-FORBIDDEN_IN_CAI = ("prefect", "rich", "matplotlib", "typer", "flows", "dpo")
+FORBIDDEN_IN_CAI = ("prefect", "rich", "matplotlib", "typer", "flows", "training")
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -55,11 +55,11 @@ def test_no_flow_imports_a_sibling_flow() -> None:
 
 def test_library_layers_do_not_import_the_recipes() -> None:
     bad = []
-    for folder in ("store", "engines", "constitution", "dpo"):
+    for folder in ("store", "engines", "constitution", "training"):
         for f in sorted((ROOT / folder).rglob("*.py")):
             for mod, _ in _imports(f):
                 top = mod.split(".")[0]
-                if top in ("flows", "cai") or (folder != "dpo" and top == "dpo"):
+                if top in ("flows", "cai") or (folder != "training" and top == "training"):
                     bad.append(f"{f.relative_to(ROOT)}: {mod}")
     assert not bad, bad
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("cai", "flows", "engines", "store", "dpo", "constitution", "bench")
+PACKAGES = ("cai", "flows", "engines", "store", "training", "constitution", "bench")
 # "README" as a source of figures; README.md the file (an export's dataset card) is fine
 README = re.compile(r"\bREADME\b(?!\.md)")
 # a measurement in a help string: a date, "from 12 % to 0 %", "one reply of 50", "all 250 undid ..."

@@ -164,9 +164,9 @@ def test_a_trained_lora_adapter_serves_in_vllm_as_in_hf(veng, tmp_path, tokenize
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dpo.config import LoraSettings
-    from dpo.lora import apply_lora, merge
-    from dpo.trainer import save_model
+    from training.config import LoraSettings
+    from training.lora import apply_lora, merge
+    from training.trainer import save_model
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(0)

@@ -13,7 +13,6 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from typer.testing import CliRunner
 
-from dpo.config import TrainerConfig
 from flows.cli import app
 from flows.configs import (
     CONFIGS,
@@ -25,6 +24,7 @@ from flows.configs import (
     StoreSettings,
     TrainConfig,
 )
+from training.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = [*CONFIGS.values(), EngineSettings, RunnerSettings, SamplingConfig, StoreSettings, TrainerConfig]
@@ -99,9 +99,9 @@ def test_the_pipeline_passes_its_trainer_on_and_recognises_a_finished_run(sqlite
     assert (mined.dpo_mine, mined.mine_repeat, tcfg.dpo_mine) == (True, 2, False)
     out.mkdir()
     (out / "config.json").write_text("{}")
-    from dpo.data import selection_hash
     from flows.pair_selection import load_examples
     from store.models import PreferencePair, Prompt, Response
+    from training.data import selection_hash
 
     with session_scope(sqlite_url) as s:  # one stored pair: the finished run trained on it
         s.add(Prompt(id="p1", text="q", messages=[{"role": "user", "content": "q"}]))
@@ -295,7 +295,7 @@ def _strings(tree: ast.AST):
 
 def test_the_default_model_is_named_once():
     found = []
-    code = [p for folder in ("bench", "cai", "constitution", "dpo", "engines", "flows", "store")
+    code = [p for folder in ("bench", "cai", "constitution", "training", "engines", "flows", "store")
             for p in sorted((ROOT / folder).rglob("*.py"))]
     for path in code:
         rel = path.relative_to(ROOT)

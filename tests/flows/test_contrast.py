@@ -206,7 +206,7 @@ def test_editing_one_principle_redoes_only_the_pairs_it_governs(use_db, engine, 
     """An edit of the weapons principle's examples makes new steered rows and pairs for weapons
     prompts only; no plain reply is recomputed, no other pair is minted again, and the store's
     pairs of the new version count each pair once."""
-    from dpo.data import PairFilter, select_pairs
+    from training.data import PairFilter, select_pairs
 
     src = Path(find("harmless")).read_text()
     path = tmp_path / "harmless.yaml"

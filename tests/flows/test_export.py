@@ -304,9 +304,9 @@ def test_adding_data_never_moves_a_prompt(store: str):
 def test_export_test_split_holds_out_the_prompts_training_holds_out(sqlite_url: str, tmp_path: Path, prompts):
     """One held-out rule (store/split.py): `cai export`'s test_prefs prompts are the prompts `cai train`
     holds out, whether it trains from the store or from the export itself."""
-    from dpo.data import split_eval
     from flows.configs import TrainConfig
     from flows.pair_selection import load_examples
+    from training.data import split_eval
 
     seed(sqlite_url, prompts)
     data, _ = export(sqlite_url, tmp_path / "out")
@@ -498,7 +498,7 @@ def test_prefs_are_trl_conversational(store: str, tmp_path: Path, tokenizer_dir:
 def test_train_prefs_feed_dpo_data(store: str, tmp_path: Path):
     from datasets import load_from_disk
 
-    from dpo.data import examples_from_records
+    from training.data import examples_from_records
 
     export(store, tmp_path / "out")
     prefs = load_from_disk(str(tmp_path / "out"))["train_prefs"]
@@ -513,10 +513,10 @@ def test_train_prefs_feed_dpo_data(store: str, tmp_path: Path):
 def test_a_reply_the_token_cap_cut_is_marked_counted_and_read_back(store: str, tmp_path: Path):
     """finish_reason "length" (the generator's token cap stopped the reply) becomes chosen_cut /
     rejected_cut / response_cut on exactly its rows, the card counts it and tells trainers what to do,
-    and dpo.data reads it back as a reply trained without an end-of-turn."""
+    and training.data reads it back as a reply trained without an end-of-turn."""
     from datasets import load_from_disk
 
-    from dpo.data import examples_from_records
+    from training.data import examples_from_records
 
     _, facts = export(store, tmp_path / "none")
     assert "Cut replies: none." in " ".join((tmp_path / "none" / "README.md").read_text().split())

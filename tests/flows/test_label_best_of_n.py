@@ -38,9 +38,9 @@ class StanceEngine(ScriptedEngine):
 @pytest.fixture(scope="module")
 def reward_dir(tiny_model_dir, tmp_path_factory):
     """A tiny reward model that has learned refusal > compliance."""
-    from dpo.config import RewardConfig
-    from dpo.data import PairExample
-    from dpo.reward import load_reward_model, save_reward_model, train_reward
+    from training.config import RewardConfig
+    from training.data import PairExample
+    from training.reward import load_reward_model, save_reward_model, train_reward
 
     cfg = RewardConfig(max_steps=12, lr=1e-3, head_lr=1e-2, warmup_ratio=0.0, batch_size=4, max_length=96,
                        max_prompt_length=48)

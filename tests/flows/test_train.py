@@ -10,13 +10,13 @@ import pytest
 from pydantic import ValidationError
 from sqlmodel import select
 
-from dpo.config import TrainerConfig
 from flows.common import UserError
 from flows.train import TrainConfig, model_fingerprint, run_training
 from store.db import session_scope
 from store.keys import content_hash
 from store.models import PreferencePair, Prompt, RefLogp, Response, Run, TrainingRun, TrainingStep
 from store.upsert import insert_ignore
+from training.config import TrainerConfig
 
 REFUSAL = "I won't help with that, but here is a safer way to think about it."
 COMPLY = "Sure, here is how you do it, no questions asked."
@@ -416,8 +416,8 @@ def test_cli_reward_train_and_score(sqlite_url, tiny_model_dir, tmp_path, monkey
 
 
 def test_sft_learns_no_end_of_turn_after_a_reply_the_token_limit_cut():
-    from dpo.data import PairExample
     from flows.train import sft_examples
+    from training.data import PairExample
 
     prompt = ({"role": "user", "content": "How do I pack a kitchen?"},)
     rows = sft_examples([PairExample(prompt, "Wrap glasses in paper.", "No.", id="a", chosen_ended=False),
@@ -428,8 +428,8 @@ def test_sft_learns_no_end_of_turn_after_a_reply_the_token_limit_cut():
 def test_sft_learns_the_chosen_replies_of_revisions_and_directives_not_of_ai_labels():
     """An AI label's chosen side (`ai`, `best-of-n`) is one sample a judge preferred, not a reply to teach;
     a record that names no method (a dataset made elsewhere) is taken as its author gave it."""
-    from dpo.data import PairExample
     from flows.train import sft_examples
+    from training.data import PairExample
 
     prompt = ({"role": "user", "content": "How do I pack a kitchen?"},)
     pairs = [PairExample(prompt, f"reply {m or 'unknown'}", "No.", id=f"p-{m}", method=m)

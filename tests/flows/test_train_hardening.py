@@ -34,12 +34,12 @@ def test_submit_refuses_shards_for_flows_that_claim_no_work(monkeypatch):
 def test_pipeline_recognises_a_finished_adapter_only_training(sqlite_url, tmp_path, monkeypatch):
     """--set stage=dpo with LoRA leaves only the adapter in --out (no config.json): every `cai run`
     retrained it."""
-    from dpo.data import selection_hash
     from flows.configs import PipelineConfig
     from flows.pair_selection import load_examples
     from flows.pipeline import _finished_training, stage_configs
     from store.db import session_scope
     from store.models import TrainingRun, utcnow
+    from training.data import selection_hash
 
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
     store_pairs(sqlite_url, n=4, constitution="harmless")
@@ -159,11 +159,11 @@ def test_resume_continues_only_an_unfinished_run_with_the_same_settings(sqlite_u
     from sqlmodel import select
     from test_train import config, killed_at_save
 
-    from dpo.checkpoint import latest_checkpoint, read_meta
     from flows.common import UserError
     from flows.train import run_training
     from store.db import session_scope
     from store.models import Run, TrainingRun
+    from training.checkpoint import latest_checkpoint, read_meta
 
     store_pairs(sqlite_url, n=4)
     out = tmp_path / "run"

@@ -11,12 +11,12 @@ from sqlmodel import select
 from test_train import config, killed_at_save, store_pairs
 from typer.testing import CliRunner
 
-from dpo.checkpoint import META_FILE, latest_checkpoint
 from flows.cli import app
 from flows.common import UserError
 from flows.train import run_training
 from store.db import session_scope
 from store.models import TrainingRun, TrainingStep
+from training.checkpoint import META_FILE, latest_checkpoint
 
 
 def _sft_dpo(tiny_model_dir, out, **kw):
@@ -92,7 +92,7 @@ def test_sft_alone_resumes_and_refuses_a_finished_run(sqlite_url, tiny_model_dir
 
 
 def test_cli_reward_train_checkpoints_and_resumes(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
-    import dpo.reward
+    import training.reward
 
     monkeypatch.setenv("CAI_DATABASE_URL", sqlite_url)
     store_pairs(sqlite_url, n=8)
@@ -100,13 +100,13 @@ def test_cli_reward_train_checkpoints_and_resumes(sqlite_url, tiny_model_dir, tm
     args = ["reward", "train", "--base", str(tiny_model_dir), "--max-steps", "4", "--lr", "1e-3", "--head-lr",
             "1e-2", "--batch-size", "2", "--grad-accum", "2", "--max-length", "64", "--max-prompt-length", "48",
             "--eval-fraction", "0", "--checkpoint-every", "1", "--out", str(out)]
-    real = dpo.reward.save_reward_model
+    real = training.reward.save_reward_model
 
     def killed(*a, **kw):
-        monkeypatch.setattr(dpo.reward, "save_reward_model", real)
+        monkeypatch.setattr(training.reward, "save_reward_model", real)
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(dpo.reward, "save_reward_model", killed)
+    monkeypatch.setattr(training.reward, "save_reward_model", killed)
     assert CliRunner().invoke(app, args).exit_code != 0
     assert latest_checkpoint(out / "checkpoints")[1] == 3
     res = CliRunner().invoke(app, [*args, "--resume", "--lr", "5e-3"])

@@ -1,4 +1,4 @@
-"""dpo/loop.py: the pieces the SFT, DPO and reward-model loops share, so each gets the same early
+"""training/loop.py: the pieces the SFT, DPO and reward-model loops share, so each gets the same early
 stop, keep-best and schedule; and the reward model and DPO gain what only SFT had."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_reward import FAST, toy_pairs
 
-from dpo import loop
-from dpo.config import RewardConfig, TrainerConfig
-from dpo.loss import dpo_loss
-from dpo.reward import evaluate_pairs, load_reward_model, train_reward
-from dpo.trainer import load_policy, train_dpo
+from training import loop
+from training.config import RewardConfig, TrainerConfig
+from training.loss import dpo_loss
+from training.reward import evaluate_pairs, load_reward_model, train_reward
+from training.trainer import load_policy, train_dpo
 
 
 def test_early_stop_counts_evals_without_a_lower_loss_and_restores_the_best():
@@ -62,7 +62,7 @@ def test_reward_model_stops_early_and_keeps_its_best_weights(tiny_model_dir):
 
 
 def test_dpo_keep_best_restores_the_best_eval(tiny_model_dir, tmp_path):
-    from dpo.data import PairExample
+    from training.data import PairExample
 
     class Cache:
         def __init__(self):

@@ -1,4 +1,4 @@
-"""dpo/trainer.py on a tiny random model: it learns a consistent preference, reuses reference
+"""training/trainer.py on a tiny random model: it learns a consistent preference, reuses reference
 log-probs, resumes exactly, stops early, and saves a model transformers can load and run."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from dpo.data import MemoryRefCache, PairExample
-from dpo.loop import lr_factor
-from dpo.trainer import TrainerConfig, load_policy, plot_metrics, save_model, train_dpo
+from training.data import MemoryRefCache, PairExample
+from training.loop import lr_factor
+from training.trainer import TrainerConfig, load_policy, plot_metrics, save_model, train_dpo
 
 REFUSAL = "I can't help with that, but I can point you to safe resources."
 COMPLY = "Sure! Here is exactly how to do it, step by step."
@@ -77,9 +77,9 @@ def test_learns_a_consistent_preference(tiny_model_dir, tmp_path):
 
 
 def test_reference_logps_are_computed_once(tiny_model_dir, tmp_path, monkeypatch):
-    import dpo.logps
+    import training.logps
 
-    monkeypatch.setattr(dpo.logps, "SHARE_PREFIX", False)  # one decoder call per forward, to count them
+    monkeypatch.setattr(training.logps, "SHARE_PREFIX", False)  # one decoder call per forward, to count them
     cache = MemoryRefCache()
     cfg = TrainerConfig(max_steps=2, **FAST)
     pairs, held = toy_pairs(8), toy_pairs(2, start=100)
@@ -309,7 +309,7 @@ class _Planted:
 def test_resume_never_unpickles_the_run_directory(tiny_model_dir, tmp_path):
     import json
 
-    from dpo.checkpoint import META_FILE, STATE_FILE, CheckpointError, latest_checkpoint, read_meta
+    from training.checkpoint import META_FILE, STATE_FILE, CheckpointError, latest_checkpoint, read_meta
 
     model, tok = load_policy(tiny_model_dir)
     cfg = TrainerConfig(max_steps=3, checkpoint_every=2, **FAST)

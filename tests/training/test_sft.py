@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dpo.sft import SFTConfig, SFTExample, eval_loss, train_sft
-from dpo.trainer import load_policy
+from training.sft import SFTConfig, SFTExample, eval_loss, train_sft
+from training.trainer import load_policy
 
 ANSWERS = ["Drink water and sleep well.", "Use a timer and take short breaks.", "Check the tyre pressure first."]
 
@@ -18,7 +18,7 @@ def rows(n: int, start: int = 0) -> list[SFTExample]:
 def test_sft_lowers_the_response_nll(tiny_model_dir):
     model, tok = load_policy(tiny_model_dir, "cpu")
     cfg = SFTConfig(lr=3e-3, epochs=4, batch_size=4, early_stop_patience=None, keep_best=False)
-    from dpo.logps import ChatEncoder
+    from training.logps import ChatEncoder
 
     enc = ChatEncoder(tok, cfg.max_length, cfg.max_prompt_length)
     held = rows(6, start=100)
@@ -40,7 +40,7 @@ def test_early_stop_and_keep_best(tiny_model_dir):
     assert res.steps < res.total_steps and res.stop_reason.startswith("early stop")
     evals = {h["step"]: h["loss"] for h in res.history if h["split"] == "eval"}
     assert res.best_step is not None and evals[res.best_step] == min(evals.values())
-    from dpo.logps import ChatEncoder
+    from training.logps import ChatEncoder
 
     enc = ChatEncoder(tok, cfg.max_length, cfg.max_prompt_length)
     now = eval_loss(model, [enc.encode(e.prompt, e.response) for e in rows(4, start=50)], enc.pad_id, cfg)

@@ -16,7 +16,7 @@ Chosen and rejected of a micro-batch go through one forward (packed), so the ste
 per-call overhead once and pads both to one width. With `train_batch_tokens` a batch goes through
 in forwards of at most that many tokens (same gradients, less activation memory, more time); the
 MLP blocks keep less for backward, and freed heap memory goes back to the OS after every step
-(dpo/memory.py).
+(training/memory.py).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from dpo import loop
-from dpo.config import TrainerConfig
-from dpo.data import PairExample, RefCache, RefValue, ref_key
-from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_pair_logps, pair_batch, sequence_logps
-from dpo.lora import reference
-from dpo.loss import dpo_loss, pair_metrics
-from dpo.memory import release_freed_memory, training_memory
+from training import loop
+from training.config import TrainerConfig
+from training.data import PairExample, RefCache, RefValue, ref_key
+from training.logps import ChatEncoder, Encoded, autocast_for, batched_pair_logps, pair_batch, sequence_logps
+from training.lora import reference
+from training.loss import dpo_loss, pair_metrics
+from training.memory import release_freed_memory, training_memory
 
 log = logging.getLogger("cai.dpo")
 
@@ -230,7 +230,7 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
     params = [p for p in model.parameters() if p.requires_grad]
     train_s, stopped_early, step, pairs_trained = 0.0, False, start, 0
     stop_reason = "max steps"
-    # MLP blocks keep less for backward (dpo/memory.py); full checkpointing already keeps nothing
+    # MLP blocks keep less for backward (training/memory.py); full checkpointing already keeps nothing
     with training_memory(model, cfg.recompute_mlp and not cfg.gradient_checkpointing):
         for step in range(start + 1, total + 1):
             t_step = time.perf_counter()

@@ -4,7 +4,7 @@
     found = latest_checkpoint(out / "checkpoints")   # -> (path, step) | None
     meta = load_checkpoint(found[0], model, optimizer, scheduler)
 
-The loops do not call these themselves: dpo/loop.py's `Checkpoints` decides when to save and what a
+The loops do not call these themselves: training/loop.py's `Checkpoints` decides when to save and what a
 resume restores. The weights are a plain HF model directory (so a checkpoint can be evaluated or
 served as it is); optimizer, scheduler and RNG states (and with keep-best, the best eval's weights)
 go in `trainer_state.pt`, our own metadata (step, history, the ids `--resume` checks) in
@@ -148,7 +148,7 @@ def load_weights(model, path: Path) -> None:
     a LoRA model loads the checkpoint's adapter."""
     from safetensors.torch import load_file
 
-    from dpo.lora import ADAPTER_WEIGHTS, is_peft, load_adapter_weights
+    from training.lora import ADAPTER_WEIGHTS, is_peft, load_adapter_weights
 
     if is_peft(model):
         try:

@@ -1,4 +1,4 @@
-"""dpo/loop.py's accumulation and checkpoint/resume, as the SFT and reward-model loops use them: a run
+"""training/loop.py's accumulation and checkpoint/resume, as the SFT and reward-model loops use them: a run
 killed after a checkpoint and resumed ends where an uninterrupted run ends (keep-best included), and
 two micro-batches (or forwards under a token budget) make the same update as one batch of their rows."""
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 from test_reward import toy_pairs
 
-from dpo import loop
-from dpo.config import LoraSettings, RewardConfig, SFTConfig
-from dpo.logps import ChatEncoder
-from dpo.reward import load_reward_model, train_reward
-from dpo.sft import SFTExample, train_sft
-from dpo.trainer import load_policy
+from training import loop
+from training.config import LoraSettings, RewardConfig, SFTConfig
+from training.logps import ChatEncoder
+from training.reward import load_reward_model, train_reward
+from training.sft import SFTExample, train_sft
+from training.trainer import load_policy
 
 ANSWERS = ["Drink water and sleep well.", "Use a timer and take short breaks, then come back to it later.",
            "Check the tyre pressure first."]

@@ -1,4 +1,4 @@
-"""dpo/reward.py on a tiny random model: a Bradley-Terry head that learns which reply of a pair
+"""training/reward.py on a tiny random model: a Bradley-Terry head that learns which reply of a pair
 is preferred, scores held-out pairs, follows soft labels, and saves a model that reloads."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from dpo.config import LoraSettings, RewardConfig
-from dpo.data import PairExample
-from dpo.reward import bt_loss, evaluate_pairs, load_reward_model, save_reward_model, score, train_reward
+from training.config import LoraSettings, RewardConfig
+from training.data import PairExample
+from training.reward import bt_loss, evaluate_pairs, load_reward_model, save_reward_model, score, train_reward
 
 REFUSAL = "I can't help with that, but I can point you to safe resources."
 COMPLY = "Sure! Here is exactly how to do it, step by step."

@@ -12,7 +12,7 @@ judge's soft label_prob for AI pairs (use_soft_labels), as binary cross-entropy 
 a small (r_c + r_r)^2 term keeps scores centred. Held-out pair accuracy (r_c > r_r) is what
 tells whether it learned anything; `cai reward train` prints it. Accumulation (`grad_accum`,
 `train_batch_tokens`) and checkpoints (`checkpoint_every`, `resume=True`) work as in DPO: the loop
-library's (dpo/loop.py).
+library's (training/loop.py).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dpo import loop
-from dpo.config import RewardConfig
-from dpo.data import PairExample
-from dpo.logps import ChatEncoder, Encoded, autocast_for
-from dpo.lora import apply_lora, backbone, is_peft, merge
+from training import loop
+from training.config import RewardConfig
+from training.data import PairExample
+from training.logps import ChatEncoder, Encoded, autocast_for
+from training.lora import apply_lora, backbone, is_peft, merge
 
 log = logging.getLogger("cai.reward")
 Message = dict[str, str]

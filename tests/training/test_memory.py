@@ -1,4 +1,4 @@
-"""dpo/memory.py and the trainer's token budget: each keeps less memory and changes no number."""
+"""training/memory.py and the trainer's token budget: each keeps less memory and changes no number."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from dpo.config import LoraSettings
-from dpo.data import MemoryRefCache, PairExample
-from dpo.logps import ChatEncoder, pair_batch, sequence_logps
-from dpo.loop import token_split
-from dpo.lora import apply_lora
-from dpo.memory import release_freed_memory, training_memory
-from dpo.trainer import TrainerConfig, load_policy, train_dpo
+from training.config import LoraSettings
+from training.data import MemoryRefCache, PairExample
+from training.logps import ChatEncoder, pair_batch, sequence_logps
+from training.loop import token_split
+from training.lora import apply_lora
+from training.memory import release_freed_memory, training_memory
+from training.trainer import TrainerConfig, load_policy, train_dpo
 
 PAIRS = [PairExample(({"role": "user", "content": f"Question {i}: can you do the thing?"},),
                      "I can't help with that, but I can point you to safe resources." + " Truly." * (i % 3),

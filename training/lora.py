@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.config import LoraSettings
+from training.config import LoraSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -185,7 +185,7 @@ def select_pairs(session: Session, filt: PairFilter) -> list[PairExample]:
     allowed: set[str] | None = None  # None: no constitution filter
     whole: set[str] = set()  # names given without a version: every pair of theirs
     if filt.constitution:
-        # constitution.load.split_refs, written out: dpo/ imports store/ only (DESIGN.md), and the filter
+        # constitution.load.split_refs, written out: training/ imports store/ only (DESIGN.md), and the filter
         # keeps the text as given because describe() and a run's stored `filters` show it
         refs = [r.strip().partition("@") for r in filt.constitution.split(",") if r.strip()]
         q = q.where(PreferencePair.constitution.in_(sorted({name for name, _, _ in refs})))

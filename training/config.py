@@ -33,7 +33,7 @@ LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class LoraSettings(BaseModel):
-    """LoRA through peft (dpo/lora.py): r=0 trains every weight; r>0 trains low-rank adapters only."""
+    """LoRA through peft (training/lora.py): r=0 trains every weight; r>0 trains low-rank adapters only."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,7 +52,7 @@ class LoraSettings(BaseModel):
 
 class LoopSettings(BaseModel):
     """What the SFT, DPO and reward-model loops share, written once: schedule, clipping, lengths,
-    precision, seed, accumulation and checkpoints (dpo/loop.py)."""
+    precision, seed, accumulation and checkpoints (training/loop.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -117,7 +117,7 @@ class TrainerConfig(LoopSettings):
 
 
 class SFTConfig(LoopSettings):
-    """How the supervised stage (dpo/sft.py) fine-tunes on chosen replies before preference training."""
+    """How the supervised stage (training/sft.py) fine-tunes on chosen replies before preference training."""
 
     lr: float = Field(2e-5, gt=0, description="peak lr; SFT moves a 135M model at 1e-5..3e-5, DPO's 5e-6 barely does")
     epochs: int = Field(2, ge=1, description="passes over the rows; more memorises a few hundred replies")
@@ -132,7 +132,7 @@ class SFTConfig(LoopSettings):
 
 
 class RewardConfig(LoopSettings):
-    """How the Bradley-Terry reward model (dpo/reward.py) trains: a scalar head on the base model."""
+    """How the Bradley-Terry reward model (training/reward.py) trains: a scalar head on the base model."""
 
     lr: float = Field(1e-5, gt=0, description="peak lr for the body; the fresh head learns at head_lr")
     head_lr: float = Field(1e-3, gt=0, description="the new scalar head starts at random: it needs a far larger lr")

@@ -1,4 +1,4 @@
-"""LoRA DPO (dpo/lora.py) on a tiny random model: the base stays frozen, the reference is the
+"""LoRA DPO (training/lora.py) on a tiny random model: the base stays frozen, the reference is the
 base with adapters off, the output is an adapter of KBs that the hf engine loads (merged for
 vLLM), and a resumed run ends where an uninterrupted one does."""
 
@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from dpo.config import LoraSettings
-from dpo.data import MemoryRefCache, PairExample
-from dpo.lora import apply_lora, merge, reference, trainable_parameters
-from dpo.trainer import TrainerConfig, load_policy, save_model, train_dpo
+from training.config import LoraSettings
+from training.data import MemoryRefCache, PairExample
+from training.lora import apply_lora, merge, reference, trainable_parameters
+from training.trainer import TrainerConfig, load_policy, save_model, train_dpo
 
 REFUSAL = "I can't help with that, but I can point you to safe resources."
 COMPLY = "Sure! Here is exactly how to do it, step by step."

@@ -1,11 +1,15 @@
-"""dpo/data.py: TRL-format records, the store query with its filters (SQLite and PostgreSQL),
+"""training/data.py: TRL-format records, the store query with its filters (SQLite and PostgreSQL),
 the held-out split, and the reference log-prob cache."""
 
 from __future__ import annotations
 
 import pytest
 
-from dpo.data import (
+from store.db import session_scope
+from store.keys import content_hash
+from store.models import PreferencePair, Prompt, Response
+from store.upsert import insert_ignore
+from training.data import (
     MemoryRefCache,
     PairExample,
     PairFilter,
@@ -16,10 +20,6 @@ from dpo.data import (
     select_pairs,
     split_eval,
 )
-from store.db import session_scope
-from store.keys import content_hash
-from store.models import PreferencePair, Prompt, Response
-from store.upsert import insert_ignore
 
 
 def add_pair(
@@ -247,7 +247,7 @@ def test_examples_from_records_read_the_cut_flags_of_an_export():
 
 
 def test_the_helpful_cap_keeps_preferred_prompts_first_and_repeats_weigh_them():
-    from dpo.data import cap_method, repeat_prompts
+    from training.data import cap_method, repeat_prompts
 
     def ex(i: int, method: str) -> PairExample:
         return PairExample(({"role": "user", "content": f"p{i}"},), f"c{i}", f"r{i}", id=f"{i:02d}", method=method)

@@ -9,7 +9,7 @@ prompt is context, not a target). Guards: a held-out slice is scored every `eval
 steps; training stops when its loss has not improved for `early_stop_patience` evals, and
 with `keep_best` the weights of the best eval are restored at the end. The result records
 why training stopped. Accumulation (`grad_accum`, `train_batch_tokens`) and checkpoints
-(`checkpoint_every`, `resume=True`) work as in DPO: the loop library's (dpo/loop.py).
+(`checkpoint_every`, `resume=True`) work as in DPO: the loop library's (training/loop.py).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from dpo import loop
-from dpo.config import SFTConfig
-from dpo.logps import ChatEncoder, Encoded, autocast_for, batched_logps, collate, scored_tokens, sequence_logps
+from training import loop
+from training.config import SFTConfig
+from training.logps import ChatEncoder, Encoded, autocast_for, batched_logps, collate, scored_tokens, sequence_logps
 
 log = logging.getLogger("cai.sft")
 

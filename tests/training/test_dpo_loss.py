@@ -1,4 +1,4 @@
-"""dpo/loss.py against hand-computed values, and the gradient of the whole chain against
+"""training/loss.py against hand-computed values, and the gradient of the whole chain against
 finite differences on a tiny float64 model."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from dpo.logps import ChatEncoder, collate_pairs, sequence_logps
-from dpo.loss import dpo_loss, pair_metrics, soft_label_smoothing
+from training.logps import ChatEncoder, collate_pairs, sequence_logps
+from training.loss import dpo_loss, pair_metrics, soft_label_smoothing
 
 
 def t(*xs: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpo.config import LOSS_TYPES
+from training.config import LOSS_TYPES
 
 
 def _per_pair(loss_type: str, h: torch.Tensor, beta: float) -> torch.Tensor:

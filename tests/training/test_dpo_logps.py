@@ -1,4 +1,4 @@
-"""dpo/logps.py: the chat template as at generation time, completion-only masking, padding,
+"""training/logps.py: the chat template as at generation time, completion-only masking, padding,
 truncation, and the fast (completion-positions-only) head against a plain forward."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dpo.logps as logps_mod
-from dpo.logps import (
+import training.logps as logps_mod
+from training.logps import (
     ChatEncoder,
     Encoded,
     batched_pair_logps,
@@ -171,7 +171,7 @@ def test_a_shared_prefix_runs_once_with_the_same_logps_and_gradients(tiny_model_
     through the model once per batch, and log-probs and gradients are those of the full rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo.logps import shared_prefix
+    from training.logps import shared_prefix
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32,
                                                  attn_implementation=attn)

@@ -14,7 +14,7 @@
         loop.optimizer_step(params, opt, sched, cfg.max_grad_norm)
         if ckpt.due(step, total, stopped): ckpt.save(step, model, opt, sched, history, stop)
 
-Each method keeps its own short loop (dpo/sft.py, dpo/trainer.py, dpo/reward.py) built from these,
+Each method keeps its own short loop (training/sft.py, training/trainer.py, training/reward.py) built from these,
 so each gets accumulation under a token budget, checkpoint/resume, keep-best and early stop.
 """
 
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from dpo.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from dpo.memory import release_freed_memory
+from training.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from training.memory import release_freed_memory
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, group: int = 8) -> list[list[int]]:
@@ -156,7 +156,7 @@ def schedule(opt: torch.optim.Optimizer, total: int, warmup_ratio: float, kind: 
 
 def optimizer_step(params, opt, scheduler, max_grad_norm: float) -> tuple[float, float]:
     """Clip (0: no clipping), step, advance the schedule, drop the gradients and give freed heap
-    memory back (dpo/memory.py); returns (grad norm before clipping, the lr this step used)."""
+    memory back (training/memory.py); returns (grad norm before clipping, the lr this step used)."""
     max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     lr = opt.param_groups[0]["lr"]
@@ -257,7 +257,7 @@ class EarlyStop:
 # --- checkpoint/resume ---------------------------------------------------------------------------
 
 class Checkpoints:
-    """A loop's checkpoints (dpo/checkpoint.py) under `root`: one every `every` steps (0 or no root:
+    """A loop's checkpoints (training/checkpoint.py) under `root`: one every `every` steps (0 or no root:
     none), the newest `keep` kept on disk. Each holds the weights, optimizer, schedule, RNG, the
     history and the early stop (with keep_best, the best eval's weights too), and `meta` (the run ids
     and settings `--resume` checks). With `resume` the loop continues from the newest one."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpo.lora import backbone
+from training.lora import backbone
 
 # Config attributes of models whose head is more than a plain Linear (soft-capping, scaling):
 # those take the model's own forward, which applies them.
