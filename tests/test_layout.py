@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # flows/ modules that are helpers, not stage flows: any flow may import them
 FLOW_HELPERS = {"common", "configs", "engine_cache", "stage", "plots", "publish", "output_dir", "orchestration",
-                "lint", "pair_selection", "training_record", "prefect_server", "__init__"}
+                "lint", "pair_selection", "training_record", "prefect_server", "label_inputs", "__init__"}
 COMPOSERS = {"pipeline", "schedule", "prefect_flows"}  # may import sibling flows
 FORBIDDEN_IN_CAI = ("prefect", "rich", "matplotlib", "typer", "flows", "training")
 

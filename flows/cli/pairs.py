@@ -147,7 +147,8 @@ def label(
     budget: str | None = opt(LabelConfig, "runner.budget", "--budget", metavar="TOKENS|$"),
 ) -> None:
     """RL-CAI: the judge labels pairs of responses by (A)/(B) log-probs; stores soft-labelled pairs."""
-    from flows.label import label_flow, preflight
+    from flows.label import label_flow
+    from flows.label_inputs import preflight
 
     preflight(cfg)  # unknown constitution / tag, nothing stored to pair: fail before Prefect starts
     if cfg.source in ("samples", "best-of-n"):
