@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
@@ -71,10 +70,10 @@ def main() -> None:
     ap.add_argument("--python", default=None, help="the interpreter with vllm for the server (default: this one)")
     args = ap.parse_args()
 
-    import torch
 
     import engines
     from engines.serve import VLLMServer
+    from flows.engine_cache import machine_facts
 
     prompts, _ = load_prompts(args.prompts)
     hf = engines.load(args.model, engine="hf", dtype="float32")
@@ -98,15 +97,9 @@ def main() -> None:
     diff = max(abs(x[c] - y[c]) for x, y in zip(res_hf["_scores"], res_remote["_scores"], strict=True) for c in x)
     for r in (res_hf, res_remote):
         del r["_texts"], r["_scores"]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     out = {"bench": "remote", "model": args.model, "dtype": "float32", "prompts": len(prompts),
-           "max_new_tokens": args.max_new_tokens, "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "cores": len(os.sched_getaffinity(0)), "hf": res_hf, "remote_vllm_serve": res_remote,
+           "max_new_tokens": args.max_new_tokens, **machine_facts(), "cores": len(os.sched_getaffinity(0)),
+           "hf": res_hf, "remote_vllm_serve": res_remote,
            "ratio_remote_over_hf": {k: round(res_remote[k] / res_hf[k], 2) for k in ("tok_s", "scorings_s", "items_s")},
            "greedy_agreement": f"{agree}/{2 * len(prompts)}", "max_abs_logprob_diff": float(f"{diff:.2e}")}
     print(json.dumps(out))

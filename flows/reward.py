@@ -27,9 +27,9 @@ from flows.engine_cache import machine_facts
 from flows.orchestration import stage_flow
 from flows.output_dir import fresh_sibling, swap_in
 from flows.pair_selection import load_examples, pair_filter
-from flows.training_record import check_out, checkpoint_dir, recorded_training, write_record
+from flows.training_record import checkpoint_dir, recorded_training, training_inputs, write_record
 from store.training_runs import complete_training_run, step_writer
-from training.data import prompt_messages, split_eval
+from training.data import prompt_messages
 from training.trainer import plot_metrics
 
 log = logging.getLogger("cai.train")  # the name these lines had beside `cai train`'s: filters keep matching
@@ -43,10 +43,8 @@ def run_reward_training(cfg: RewardTrainConfig, url: str | None = None) -> dict[
     url = url or cfg.database_url
     logger = run_logger(log)
     t0 = time.perf_counter()
-    examples, refs = load_examples(cfg, url)
+    examples, refs, train, held_out = training_inputs(cfg, url)
     out = Path(cfg.out)
-    check_out(out)
-    train, held_out = split_eval(examples, cfg.eval_fraction)
     base_path = resolve_base(cfg.base)
     with recorded_training(cfg, examples, refs, url, flow="reward") as rec:
         run_id, training_run_id, selection = rec.run.id, rec.training_run_id, rec.selection

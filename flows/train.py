@@ -31,11 +31,11 @@ from flows.configs import TrainConfig
 from flows.engine_cache import machine_facts
 from flows.orchestration import stage_flow, stage_task
 from flows.output_dir import fresh_sibling, swap_in
-from flows.pair_selection import load_examples, pair_filter
-from flows.training_record import check_out, checkpoint_dir, recorded_training, write_record
+from flows.pair_selection import pair_filter
+from flows.training_record import checkpoint_dir, recorded_training, training_inputs, write_record
 from store.db import mask_secrets
 from store.training_runs import complete_training_run, step_writer
-from training.data import PairExample, StoreRefCache, cap_method, repeat_prompts, split_eval
+from training.data import PairExample, StoreRefCache, cap_method, repeat_prompts
 from training.lora import apply_lora, merge, trainable_parameters
 from training.sft import SFTExample, SFTResult, train_sft
 from training.trainer import TrainResult, load_policy, plot_metrics, save_model, train_dpo, weights_fingerprint
@@ -111,10 +111,8 @@ def run_training(cfg: TrainConfig, url: str | None = None) -> dict[str, Any]:
     url = url or cfg.database_url
     logger = run_logger(log)
     t0 = time.perf_counter()
-    examples, refs = load_examples(cfg, url)
+    examples, refs, train, held_out = training_inputs(cfg, url)
     out = Path(cfg.out)
-    check_out(out)
-    train, held_out = split_eval(examples, cfg.eval_fraction)
     sft_train = sft_examples(train) if cfg.stage != "dpo" else []
     if cfg.stage != "dpo" and not sft_train:
         methods = ", ".join(sorted({e.method or "(none)" for e in train}))

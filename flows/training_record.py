@@ -25,13 +25,13 @@ from typing import Any
 from constitution.load import split_ref, split_refs
 from flows.common import UserError
 from flows.configs import RewardTrainConfig, TrainConfig
-from flows.pair_selection import pair_filter
+from flows.pair_selection import load_examples, pair_filter
 from store.db import mask_secrets
 from store.models import TrainingRun
 from store.runs import OpenRun, recorded_run
 from store.training_runs import start_training_run, training_run_state
 from training.checkpoint import latest_checkpoint, read_meta
-from training.data import PairExample, selection_hash
+from training.data import PairExample, selection_hash, split_eval
 
 # what a training output directory holds (ours, or an earlier run's): anything else is a person's
 # directory, which the swap would delete
@@ -46,6 +46,16 @@ def check_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in _OUTPUT_MARKS):
         raise UserError(f"--out {out}: holds files that are not a training output (no "
                         f"{', '.join(_OUTPUT_MARKS)}); pick another --out or empty it")
+
+
+def training_inputs(cfg: TrainConfig | RewardTrainConfig, url: str | None
+                    ) -> tuple[list[PairExample], list[str], list[PairExample], list[PairExample]]:
+    """The selected pairs and their pair ids, then the same split into training and held-out prompts
+    (store/split.py, as the export's test splits), once `cfg.out` is known to be writable."""
+    examples, refs = load_examples(cfg, url)
+    check_out(Path(cfg.out))
+    train, held_out = split_eval(examples, cfg.eval_fraction)
+    return examples, refs, train, held_out
 
 
 @dataclass

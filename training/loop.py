@@ -3,10 +3,8 @@
     loop.start(model, cfg.seed)
     total = loop.total_steps(len(rows), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     opt = loop.optimizer(loop.param_groups(model.parameters(), cfg.lr, cfg.weight_decay), cfg.lr)
-    sched = loop.schedule(opt, total, cfg.warmup_ratio, cfg.scheduler)
-    history, stop = loop.History(total, log), loop.EarlyStop(cfg.early_stop_patience, keep_best=True)
-    ckpt = loop.Checkpoints(out / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints, resume)
-    start = ckpt.restore(model, opt, sched, history, stop)          # 0 unless resuming
+    sched, params, history, stop, ckpt, start = loop.begin(        # start: 0 unless resuming
+        model, opt, total, cfg, log, checkpoint_dir=out / "checkpoints", resume=resume)
     batches = loop.batch_stream(lengths, cfg.batch_size, cfg.seed, skip=start * cfg.grad_accum)
     for step in range(start + 1, total + 1):
         n_rows, forwards = loop.step_batches(batches, cfg.grad_accum, lengths, cfg.train_batch_tokens)
@@ -25,7 +23,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -313,3 +311,29 @@ class Checkpoints:
         path = save_checkpoint(self.root, step, model, None, None, meta, self.keep)
         history.logger.info("checkpoint %s (stage finished)", path)
         return path
+
+
+class Loop(NamedTuple):
+    """What every loop sets up the same way before its first step (`begin`)."""
+
+    sched: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]  # the trainable ones, for clipping
+    history: History
+    stop: EarlyStop
+    ckpt: Checkpoints
+    start: int  # the last step already done: 0, or the resumed checkpoint's step
+
+
+def begin(model, opt: torch.optim.Optimizer, total: int, cfg: Any,
+          logger: logging.Logger | logging.LoggerAdapter, prefix: str = "",
+          on_metrics: Callable[[int, str, dict[str, float]], None] | None = None, *,
+          checkpoint_dir: Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None) -> Loop:
+    """The schedule, history, early stop and checkpoints of a loop of `total` steps from its settings
+    (`cfg`: warmup_ratio, scheduler, early_stop_patience, keep_best, checkpoint_every,
+    keep_checkpoints), restored from the newest checkpoint when resuming."""
+    sched = schedule(opt, total, cfg.warmup_ratio, cfg.scheduler)
+    history = History(total, logger, prefix, on_metrics)
+    stop = EarlyStop(cfg.early_stop_patience, cfg.keep_best)
+    ckpt = Checkpoints(checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, resume, meta)
+    start = ckpt.restore(model, opt, sched, history, stop)
+    return Loop(sched, [p for p in model.parameters() if p.requires_grad], history, stop, ckpt, start)

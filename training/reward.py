@@ -210,12 +210,9 @@ def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Seque
     eval_every = cfg.eval_every or max(1, total // 4)
     model.train()
     opt = _optimizer(model, cfg)
-    sched = loop.schedule(opt, total, cfg.warmup_ratio, cfg.scheduler)
-    params = [p for p in model.parameters() if p.requires_grad]
-    history = loop.History(total, logger or log, "reward ", on_metrics)
-    stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best)
-    ckpt = loop.Checkpoints(checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, resume, meta)
-    start = ckpt.restore(model, opt, sched, history, stop)
+    sched, params, history, stop, ckpt, start = loop.begin(model, opt, total, cfg, logger or log, "reward ",
+                                                           on_metrics, checkpoint_dir=checkpoint_dir, resume=resume,
+                                                           meta=meta)
     lengths = [len(c) + len(r) for c, r in encoded]
     batches = loop.batch_stream(lengths, cfg.batch_size, cfg.seed, cfg.length_grouping, skip=start * cfg.grad_accum)
     stop_reason, step, stopped, train_s, pairs_seen = "max steps", start, False, 0.0, 0

@@ -112,12 +112,8 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
     model.train()
     frozen = freeze_bottom(model, cfg.freeze_layers)
     opt = loop.optimizer(loop.param_groups(model.parameters(), cfg.lr, cfg.weight_decay), cfg.lr)
-    sched = loop.schedule(opt, total, cfg.warmup_ratio, cfg.scheduler)
-    params = [p for p in model.parameters() if p.requires_grad]
-    history = loop.History(total, logger or log, "sft ", on_metrics)
-    stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best)
-    ckpt = loop.Checkpoints(checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, resume, meta)
-    start = ckpt.restore(model, opt, sched, history, stop)
+    sched, params, history, stop, ckpt, start = loop.begin(model, opt, total, cfg, logger or log, "sft ", on_metrics,
+                                                           checkpoint_dir=checkpoint_dir, resume=resume, meta=meta)
     if ev and not start:  # the start is measured; if no step beats it, the start is what keep_best keeps
         first = eval_loss(model, ev, enc.pad_id, cfg)
         history.emit(0, "eval", first)

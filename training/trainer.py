@@ -216,18 +216,14 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
         _activation_checkpointing(model, True)
     model.train()
     optimizer = loop.optimizer(loop.param_groups(model.parameters(), cfg.lr, cfg.weight_decay), cfg.lr)
-    scheduler = loop.schedule(optimizer, total, cfg.warmup_ratio, cfg.scheduler)
-
-    history = loop.History(total, logger, on_metrics=on_metrics)
-    stop = loop.EarlyStop(cfg.early_stop_patience, cfg.keep_best)
-    ckpt = loop.Checkpoints(out_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints, resume, meta)
-    start = ckpt.restore(model, optimizer, scheduler, history, stop)
+    scheduler, params, history, stop, ckpt, start = loop.begin(
+        model, optimizer, total, cfg, logger, on_metrics=on_metrics, checkpoint_dir=out_dir / "checkpoints",
+        resume=resume, meta=meta)
     emit = history.emit
 
     costs = [len(c) + len(r.completion_ids) for c, r in train_pairs.enc]  # one packed row: prompt + both replies
     # the batches the checkpoint already trained on are skipped: a resumed run sees the same data order
     batches = loop.batch_stream(costs, cfg.batch_size, cfg.seed, cfg.length_grouping, skip=start * micro_per_step)
-    params = [p for p in model.parameters() if p.requires_grad]
     train_s, stopped_early, step, pairs_trained = 0.0, False, start, 0
     stop_reason = "max steps"
     # MLP blocks keep less for backward (training/memory.py); full checkpointing already keeps nothing
