@@ -3,14 +3,14 @@
     loop.start(model, cfg.seed)
     total = loop.total_steps(len(rows), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     opt = loop.optimizer(loop.param_groups(model.parameters(), cfg.lr, cfg.weight_decay), cfg.lr)
-    sched, params, history, stop, ckpt, start = loop.begin(        # start: 0 unless resuming
-        model, opt, total, cfg, log, checkpoint_dir=out / "checkpoints", resume=resume)
+    run = loop.begin(model, opt, total, cfg, log, checkpoint_dir=out / "checkpoints", resume=resume)
+    sched, params, history, stop, ckpt, start = run                 # start: 0 unless resuming
     batches = loop.batch_stream(lengths, cfg.batch_size, cfg.seed, skip=start * cfg.grad_accum)
     for step in range(start + 1, total + 1):
         n_rows, forwards = loop.step_batches(batches, cfg.grad_accum, lengths, cfg.train_batch_tokens)
         for idx in forwards: ...(loss summed over idx / n_rows).backward()
         loop.optimizer_step(params, opt, sched, cfg.max_grad_norm)
-        if ckpt.due(step, total, stopped): ckpt.save(step, model, opt, sched, history, stop)
+        if reason := run.after_step(step, total, eval_every, model, opt, evaluate): break
 
 Each method keeps its own short loop (training/sft.py, training/trainer.py, training/reward.py) built from these,
 so each gets accumulation under a token budget, checkpoint/resume, keep-best and early stop.
@@ -322,6 +322,17 @@ class Loop(NamedTuple):
     stop: EarlyStop
     ckpt: Checkpoints
     start: int  # the last step already done: 0, or the resumed checkpoint's step
+
+    def after_step(self, step: int, total: int, every: int, model, opt: torch.optim.Optimizer,
+                   evaluate: Callable[[], dict[str, float]] | None, name: str = "") -> str | None:
+        """End of `step`: evaluate when due (every `every` steps and the last; early stop may end the
+        loop here), then checkpoint when due. Returns the stop reason, None to go on."""
+        reason = None
+        if evaluate is not None and (step % every == 0 or step == total):
+            reason = self.stop.check(self.history, step, evaluate(), model, name)
+        if self.ckpt.due(step, total, reason is not None):
+            self.ckpt.save(step, model, opt, self.sched, self.history, self.stop)
+        return reason
 
 
 def begin(model, opt: torch.optim.Optimizer, total: int, cfg: Any,

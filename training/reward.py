@@ -210,12 +210,12 @@ def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Seque
     eval_every = cfg.eval_every or max(1, total // 4)
     model.train()
     opt = _optimizer(model, cfg)
-    sched, params, history, stop, ckpt, start = loop.begin(model, opt, total, cfg, logger or log, "reward ",
-                                                           on_metrics, checkpoint_dir=checkpoint_dir, resume=resume,
-                                                           meta=meta)
+    run = loop.begin(model, opt, total, cfg, logger or log, "reward ", on_metrics, checkpoint_dir=checkpoint_dir,
+                     resume=resume, meta=meta)
+    sched, params, history, stop, ckpt, start = run
     lengths = [len(c) + len(r) for c, r in encoded]
     batches = loop.batch_stream(lengths, cfg.batch_size, cfg.seed, cfg.length_grouping, skip=start * cfg.grad_accum)
-    stop_reason, step, stopped, train_s, pairs_seen = "max steps", start, False, 0.0, 0
+    stop_reason, step, train_s, pairs_seen = "max steps", start, 0.0, 0
     for step in range(start + 1, total + 1):
         t_step = time.perf_counter()
         n_pairs, forwards = loop.step_batches(batches, cfg.grad_accum, lengths, cfg.train_batch_tokens)
@@ -233,14 +233,12 @@ def train_reward(model, tokenizer, train: Sequence[PairExample], held_out: Seque
         pairs_seen += n_pairs
         history.emit(step, "train", _metrics(*(torch.cat([p[i] for p in parts]) for i in range(3)))
                      | {"grad_norm": grad_norm, "lr": lr})
-        if held_out and (step % eval_every == 0 or step == total):
-            if reason := stop.check(history, step, evaluate_pairs(model, tokenizer, held_out, cfg), model, "reward"):
-                stop_reason, stopped = reason, True
-        if ckpt.due(step, total, stopped):
-            ckpt.save(step, model, opt, sched, history, stop)
-        if stopped:
+        if reason := run.after_step(step, total, eval_every, model, opt,
+                                    (lambda: evaluate_pairs(model, tokenizer, held_out, cfg)) if held_out else None,
+                                    "reward"):
+            stop_reason = reason
             break
-    del opt, sched, params
+    del opt, sched, params, run  # run holds the schedule, which holds the optimizer
     stop_reason += stop.restore(model, step)
     model.eval()
     return RewardResult(steps=step, total_steps=total, n_train=len(train), n_eval=len(held_out),

@@ -112,14 +112,15 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
     model.train()
     frozen = freeze_bottom(model, cfg.freeze_layers)
     opt = loop.optimizer(loop.param_groups(model.parameters(), cfg.lr, cfg.weight_decay), cfg.lr)
-    sched, params, history, stop, ckpt, start = loop.begin(model, opt, total, cfg, logger or log, "sft ", on_metrics,
-                                                           checkpoint_dir=checkpoint_dir, resume=resume, meta=meta)
+    run = loop.begin(model, opt, total, cfg, logger or log, "sft ", on_metrics, checkpoint_dir=checkpoint_dir,
+                     resume=resume, meta=meta)
+    sched, params, history, stop, ckpt, start = run
     if ev and not start:  # the start is measured; if no step beats it, the start is what keep_best keeps
         first = eval_loss(model, ev, enc.pad_id, cfg)
         history.emit(0, "eval", first)
         stop.update(0, first["loss"], model)
     stop_reason = ckpt.finished["stop_reason"] if ckpt.finished else "max steps"
-    end, step, stopped = start if ckpt.finished else total, start, False
+    end, step = start if ckpt.finished else total, start
     lengths = [len(e) for e in tr]
     batches = loop.batch_stream(lengths, cfg.batch_size, cfg.seed, cfg.length_grouping, skip=start * cfg.grad_accum)
     for step in range(start + 1, end + 1):
@@ -133,14 +134,11 @@ def train_sft(model, tokenizer, train: Sequence[SFTExample], held_out: Sequence[
         norm, lr = loop.optimizer_step(params, opt, sched, cfg.max_grad_norm)
         history.emit(step, "train", {"loss": loss / n, "grad_norm": norm, "lr": lr,
                                      "epoch": step * cfg.batch_size * cfg.grad_accum / len(tr)})
-        if ev and (step % eval_every == 0 or step == total):
-            if reason := stop.check(history, step, eval_loss(model, ev, enc.pad_id, cfg), model, "sft"):
-                stop_reason, stopped = reason, True
-        if ckpt.due(step, total, stopped):
-            ckpt.save(step, model, opt, sched, history, stop)
-        if stopped:
+        if reason := run.after_step(step, total, eval_every, model, opt,
+                                    (lambda: eval_loss(model, ev, enc.pad_id, cfg)) if ev else None, "sft"):
+            stop_reason = reason
             break
-    del opt, sched, params
+    del opt, sched, params, run  # run holds the schedule, which holds the optimizer
     for p in frozen:  # what trains next (DPO, adapters) decides for itself
         p.requires_grad_(True)
     model.zero_grad(set_to_none=True)

@@ -216,9 +216,9 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
         _activation_checkpointing(model, True)
     model.train()
     optimizer = loop.optimizer(loop.param_groups(model.parameters(), cfg.lr, cfg.weight_decay), cfg.lr)
-    scheduler, params, history, stop, ckpt, start = loop.begin(
-        model, optimizer, total, cfg, logger, on_metrics=on_metrics, checkpoint_dir=out_dir / "checkpoints",
-        resume=resume, meta=meta)
+    run = loop.begin(model, optimizer, total, cfg, logger, on_metrics=on_metrics,
+                     checkpoint_dir=out_dir / "checkpoints", resume=resume, meta=meta)
+    scheduler, params, history, stop, ckpt, start = run
     emit = history.emit
 
     costs = [len(c) + len(r.completion_ids) for c, r in train_pairs.enc]  # one packed row: prompt + both replies
@@ -246,16 +246,13 @@ def train_dpo(model, tokenizer, train: Sequence[PairExample], held_out: Sequence
                             "epoch": step * cfg.batch_size * micro_per_step / len(train_pairs)})
             emit(step, "train", metrics)
 
-            if eval_pairs is not None and (step % eval_every == 0 or step == total):
-                if reason := stop.check(history, step, evaluate(model, eval_pairs, encoder.pad_id, cfg), model):
-                    stopped_early, stop_reason = True, reason
-            if ckpt.due(step, total, stopped_early):
-                ckpt.save(step, model, optimizer, scheduler, history, stop)
-            if stopped_early:
+            held = (lambda: evaluate(model, eval_pairs, encoder.pad_id, cfg)) if eval_pairs is not None else None
+            if reason := run.after_step(step, total, eval_every, model, optimizer, held):
+                stopped_early, stop_reason = True, reason
                 break
 
     # the optimizer state is twice the model: free it before the caller saves the weights
-    del optimizer, scheduler, params
+    del optimizer, scheduler, params, run
     model.zero_grad(set_to_none=True)
     if cfg.gradient_checkpointing:
         _activation_checkpointing(model, False)
