@@ -99,14 +99,12 @@ def group_of(tag: str, category: str | None) -> str | None:
 
 def refusals(url: str, name: str) -> dict[str, dict[str, bool]]:
     """group -> prompt id -> refused, for one eval's model replies."""
-    from sqlmodel import select
-
     from store.db import session_scope
-    from store.models import EvalResult
+    from store.eval_queries import results_of
 
     out: dict[str, dict[str, bool]] = {}
     with session_scope(url) as s:
-        for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name)):
+        for r in results_of(s, name):
             g = group_of(r.prompt_tag, r.details.get("category"))
             if g and r.role == "model":
                 out.setdefault(g, {})[r.prompt_id] = bool(r.refused)
@@ -220,15 +218,13 @@ def main() -> None:
 
 def write_replies(url: str, names: dict[str, str], path: Path, per_group: int = 12) -> None:
     """A dozen prompts per affected group with every model's reply, side by side, for reading."""
-    from sqlmodel import select
-
     from store.db import session_scope
-    from store.models import EvalResult
+    from store.eval_queries import results_of
 
     table: dict[str, dict[str, dict[str, Any]]] = {}
     with session_scope(url) as s:
         for case, name in names.items():
-            for r in s.exec(select(EvalResult).where(EvalResult.eval_name == name)):
+            for r in results_of(s, name):
                 g = group_of(r.prompt_tag, r.details.get("category"))
                 if not g:
                     continue

@@ -14,6 +14,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from store import ledger
+from store.eval_queries import results_of
 from store.models import (
     EvalResult,
     PreferencePair,
@@ -91,7 +92,7 @@ def latest_eval(s: Session, name: str | None, version: str | None) -> tuple[str,
     latest = s.exec(stmt.limit(1)).first()
     if latest is None:
         return None
-    rows = list(s.exec(select(EvalResult).where(EvalResult.eval_name == latest)).all())
+    rows = results_of(s, latest)
     return latest, rows, s.get(Run, rows[0].run_id) if rows[0].run_id else None
 
 
