@@ -246,8 +246,7 @@ def _label_probs(facts: dict[str, Any]) -> list[str]:
             q = st["quantiles"]
             rows.append([key, st["count"], st["mean"], st["min"], q["p10"], q["p25"], q["p50"], q["p75"],
                          q["p90"], st["max"]])
-    out = ["## Label probability", "", "`label_prob` is P(chosen is better): 1.0 for revision pairs, the "
-           "feedback model's probability for `ai` pairs.", "",
+    out = ["## Label probability", "", f"`label_prob`: {schema.DESCRIPTIONS['label_prob']}.", "",
            _table(["pairs", "n", "mean", "min", "p10", "p25", "p50", "p75", "p90", "max"], rows), ""]
     if facts["label_prob"]["all"]["count"]:
         out += [_fence(_histogram(facts["label_prob"]["all"]), "text"), ""]

@@ -85,28 +85,36 @@ CUT_ADVICE = ("Score a cut reply without an end-of-turn/EOS token after it, or a
 
 # One line per column for the dataset card.
 DESCRIPTIONS: dict[str, str] = {
-    "messages": "prompt turns followed by the final revision as the assistant turn",
+    "messages": "prompt turns followed by the reply to teach as the assistant turn: the chosen reply of a "
+                "revision pair (the final revision), a contrastive pair (the refusal its governing principle "
+                "supplies) or a helpful pair (the model's plain answer); never an AI-labelled pair's",
     "prompt": "the prompt's turns, list of {role, content}",
     "chosen": "one assistant turn: the preferred response",
     "rejected": "one assistant turn: the dispreferred response",
-    "response_id": "store id of the final revision (store.Response.id)",
+    "response_id": "store id of the taught reply (store.Response.id)",
     "chosen_id": "store id of the chosen response",
     "rejected_id": "store id of the rejected response",
-    "response_cut": "true when the token cap stopped the final revision (see `chosen_cut`)",
+    "response_cut": "true when the token cap stopped the taught reply (see `chosen_cut`)",
     "chosen_cut": "true when the generator's token cap stopped the chosen response (finish_reason "
                   "`length`): the model had not finished, though the text may end at a trimmed sentence. "
                   + CUT_ADVICE,
     "rejected_cut": "true when the token cap stopped the rejected response (see `chosen_cut`)",
     "id": "store id of the preference pair the row comes from (store.PreferencePair.id)",
     "prompt_id": "store id of the prompt; the train/test split is a hash of it",
-    "method": "`revision` (SL-CAI: final revision over initial answer) or `ai` (RL-CAI: feedback model)",
+    "method": "`revision` (SL-CAI: final revision over initial answer), `contrastive` (the governing "
+              "principle's refusal over the model's plain reply), `helpful` (the model's plain answer over a "
+              "needless refusal the principle supplies), `ai` (RL-CAI: the feedback model's label) or "
+              "`best-of-n` (a reward model's best over its worst of N samples)",
     "status": "`ok`, or `tie` / `position-inconsistent` when exported with the flags that include them",
-    "label_prob": "P(chosen is better); 1.0 for revision pairs",
-    "principle_ids": "constitution principles used (one per critique round, or the judging principles)",
+    "label_prob": "P(chosen is better): 1.0 for revision, contrastive and helpful pairs; the judge's averaged "
+                  "soft label for `ai`, sigmoid of the reward margin for `best-of-n`",
+    "principle_ids": "constitution principles used (one per critique round, the governing principle of a "
+                     "contrastive or helpful pair, or the judging principles; none for best-of-n)",
     "constitution": "constitution name",
     "constitution_version": "constitution version (short SHA-256 of its canonical content)",
     "policy_model": "model that wrote the responses",
-    "judge_model": "feedback model that labelled the pair (null for revision pairs)",
+    "judge_model": "feedback model that labelled the pair, or the reward model of best-of-n (null for revision, "
+                   "contrastive and helpful pairs)",
     "run_id": "store id of the flow run that made the pair (store.Run.id)",
 }
 

@@ -443,7 +443,7 @@ class RewardScoreConfig(PairSelection):
 
     model: str = Field("runs/reward", description="a directory written by `cai reward train`")
     input: str | None = Field(None, description="JSONL of {prompt, response} or {prompt, chosen, rejected} (prompt: "
-                              "text or chat messages); None: the store's pairs under the filters below")
+                              "text or chat messages); None: the store's pairs under this config's pair filters")
     out: str | None = Field(None, description="write one JSON line per scored row here")
     device: str = same_as(TrainConfig, "device")
     max_length: int = same_as(RewardConfig, "max_length")
