@@ -264,12 +264,14 @@ class FaultProxy(_Server):
         super().__init__()
 
     def fault_for(self, key: str, raw: bytes) -> str | None:
+        if self.always_fail is not None and self.always_fail(raw):
+            # before ranking: a request that always fails takes no place in `cycle`, whose faults then
+            # reach the other requests whatever order concurrent requests arrive in
+            return "500"
         with self.lock:
             attempt = self.seen[key]
             self.seen[key] += 1
             rank = self.order.setdefault(key, len(self.order))
-        if self.always_fail is not None and self.always_fail(raw):
-            return "500"
         if self.cycle:
             return self.cycle[rank % len(self.cycle)] if attempt < self.times else None
         u = (int(key[:8], 16) % 10_000) / 10_000
